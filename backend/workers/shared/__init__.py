@@ -1,0 +1,79 @@
+"""Shared infrastructure for lightweight Celery workers that reach the backend over HTTP.
+
+Public names load lazily: ``from backend.workers.shared import retry`` imports the retry
+module only, so a worker pays at start-up for what it uses. Nothing here imports Django.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Public name -> the module (in this package) that defines it. One section per module.
+_EXPORTS: dict[str, str] = {
+    # config.py
+    "WorkerConfig": "config",
+    "ConfigurationError": "config",
+    # retry_utils.py
+    "retry": "retry_utils",
+    "circuit_breaker": "retry_utils",
+    "CircuitBreaker": "retry_utils",
+    "CircuitBreakerOpenError": "retry_utils",
+    "CircuitState": "retry_utils",
+    "ResilientExecutor": "retry_utils",
+    "RetryBudget": "retry_utils",
+    "BackoffStrategy": "retry_utils",
+    # api_client.py
+    "InternalAPIClient": "api_client",
+    "InternalAPIError": "api_client",
+    "WorkflowExecution": "api_client",
+    "WebhookDelivery": "api_client",
+    "WebhookResult": "api_client",
+    # logging_utils.py
+    "WorkerLogger": "logging_utils",
+    "log_context": "logging_utils",
+    "monitor_performance": "logging_utils",
+    # health.py
+    "HealthChecker": "health",
+    "HealthServer": "health",
+    "HealthCheckResult": "health",
+    "HealthStatus": "health",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module_name}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from .api_client import (
+        InternalAPIClient,
+        InternalAPIError,
+        WebhookDelivery,
+        WebhookResult,
+        WorkflowExecution,
+    )
+    from .config import ConfigurationError, WorkerConfig
+    from .health import HealthChecker, HealthCheckResult, HealthServer, HealthStatus
+    from .logging_utils import WorkerLogger, log_context, monitor_performance
+    from .retry_utils import (
+        BackoffStrategy,
+        CircuitBreaker,
+        CircuitBreakerOpenError,
+        CircuitState,
+        ResilientExecutor,
+        RetryBudget,
+        circuit_breaker,
+        retry,
+    )
