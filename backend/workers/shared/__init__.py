@@ -56,24 +56,36 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-if TYPE_CHECKING:
-    from .api_client import (
-        InternalAPIClient,
-        InternalAPIError,
-        WebhookDelivery,
-        WebhookResult,
-        WorkflowExecution,
+if TYPE_CHECKING:  # the same names, eagerly, for type checkers
+    from .config import (
+        ConfigurationError as ConfigurationError,
+        WorkerConfig as WorkerConfig,
     )
-    from .config import ConfigurationError, WorkerConfig
-    from .health import HealthChecker, HealthCheckResult, HealthServer, HealthStatus
-    from .logging_utils import WorkerLogger, log_context, monitor_performance
     from .retry_utils import (
-        BackoffStrategy,
-        CircuitBreaker,
-        CircuitBreakerOpenError,
-        CircuitState,
-        ResilientExecutor,
-        RetryBudget,
-        circuit_breaker,
-        retry,
+        BackoffStrategy as BackoffStrategy,
+        CircuitBreaker as CircuitBreaker,
+        CircuitBreakerOpenError as CircuitBreakerOpenError,
+        CircuitState as CircuitState,
+        ResilientExecutor as ResilientExecutor,
+        RetryBudget as RetryBudget,
+        circuit_breaker as circuit_breaker,
+        retry as retry,
+    )
+    from .api_client import (
+        InternalAPIClient as InternalAPIClient,
+        InternalAPIError as InternalAPIError,
+        WebhookDelivery as WebhookDelivery,
+        WebhookResult as WebhookResult,
+        WorkflowExecution as WorkflowExecution,
+    )
+    from .logging_utils import (
+        WorkerLogger as WorkerLogger,
+        log_context as log_context,
+        monitor_performance as monitor_performance,
+    )
+    from .health import (
+        HealthCheckResult as HealthCheckResult,
+        HealthChecker as HealthChecker,
+        HealthServer as HealthServer,
+        HealthStatus as HealthStatus,
     )

@@ -96,7 +96,7 @@ class WorkerConfig(BaseSettings):
         default_factory=list, description="Hosts exempt from the private-network block"
     )
     webhook_timeout: float = Field(10.0, gt=0, description="Webhook request timeout (s)")
-    health_host: str = Field("0.0.0.0", description="Health server bind address")  # noqa: S104
+    health_host: str = Field("0.0.0.0", description="Health server bind address")
 
     def __init__(self, **values: Any) -> None:
         values.setdefault("_env_file", os.environ.get("ENV_FILE", ".env"))

@@ -1,0 +1,49 @@
+"""Fixtures shared by every test directory. Must import in the worker-only venv (no Django)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+SERVICES = {
+    "postgres": ("127.0.0.1", 5432),
+    "redis": ("127.0.0.1", 6379),
+    "rabbitmq": ("127.0.0.1", 5672),
+}
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def service_up(name: str) -> bool:
+    """True when the named local service accepts TCP connections."""
+    try:
+        with socket.create_connection(SERVICES[name], timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str) -> None:
+    """Skip when the service is down, except with CI=true, where it is a failure."""
+    if service_up(name):
+        return
+    if IN_CI:
+        pytest.fail(f"{name} is required with CI=true but {SERVICES[name]} refuses connections")
+    pytest.skip(f"{name} not running on {SERVICES[name]}")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for name in SERVICES:
+        if item.get_closest_marker(name) is not None:
+            require_service(name)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
