@@ -57,9 +57,27 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # the same names, eagerly, for type checkers
+    from .api_client import (
+        InternalAPIClient as InternalAPIClient,
+        InternalAPIError as InternalAPIError,
+        WebhookDelivery as WebhookDelivery,
+        WebhookResult as WebhookResult,
+        WorkflowExecution as WorkflowExecution,
+    )
     from .config import (
         ConfigurationError as ConfigurationError,
         WorkerConfig as WorkerConfig,
+    )
+    from .health import (
+        HealthChecker as HealthChecker,
+        HealthCheckResult as HealthCheckResult,
+        HealthServer as HealthServer,
+        HealthStatus as HealthStatus,
+    )
+    from .logging_utils import (
+        WorkerLogger as WorkerLogger,
+        log_context as log_context,
+        monitor_performance as monitor_performance,
     )
     from .retry_utils import (
         BackoffStrategy as BackoffStrategy,
@@ -70,22 +88,4 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers
         RetryBudget as RetryBudget,
         circuit_breaker as circuit_breaker,
         retry as retry,
-    )
-    from .api_client import (
-        InternalAPIClient as InternalAPIClient,
-        InternalAPIError as InternalAPIError,
-        WebhookDelivery as WebhookDelivery,
-        WebhookResult as WebhookResult,
-        WorkflowExecution as WorkflowExecution,
-    )
-    from .logging_utils import (
-        WorkerLogger as WorkerLogger,
-        log_context as log_context,
-        monitor_performance as monitor_performance,
-    )
-    from .health import (
-        HealthCheckResult as HealthCheckResult,
-        HealthChecker as HealthChecker,
-        HealthServer as HealthServer,
-        HealthStatus as HealthStatus,
     )
