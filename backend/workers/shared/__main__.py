@@ -9,8 +9,11 @@ import sys
 from .config import ConfigurationError, WorkerConfig
 
 
-def check() -> int:
-    """Print the effective configuration (secrets masked); 0 when valid, 2 when not."""
+def check(*, backend: bool = True) -> int:
+    """Print the effective configuration (secrets masked); 0 when valid, 2 when not.
+
+    ``backend=False`` (``--no-backend``) validates the configuration only.
+    """
     try:
         config = WorkerConfig()
     except ConfigurationError as exc:
@@ -25,10 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch the sub-command named on the command line."""
     parser = argparse.ArgumentParser(prog="python -m backend.workers.shared")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("check", help="validate the configuration and print it, secrets masked")
+    check_parser = sub.add_parser(
+        "check", help="validate the configuration and print it, secrets masked"
+    )
+    check_parser.add_argument(
+        "--no-backend", action="store_true", help="skip the backend connectivity check"
+    )
     args = parser.parse_args(argv)
     if args.command == "check":
-        return check()
+        return check(backend=not args.no_backend)
     return 2
 
 
