@@ -1,0 +1,275 @@
+"""The complete example worker: every feature of the shared infrastructure in one module.
+
+Its task ``example_worker.process_execution`` takes a workflow execution's id, moves the
+execution to ``IN_PROGRESS``, does simulated work (its length and failure rates set by the
+environment), records the result, finishes the execution ``COMPLETED`` (or ``ERROR`` on a
+permanent failure), and announces completion with a signed webhook.
+
+Run it as a prefork worker with its health server on ``METRICS_PORT``::
+
+    python -m backend.workers.shared.example_worker        # Ctrl-C or SIGTERM stops it
+    celery -A backend.workers.shared.example_worker worker -Q "$WORKER_NAME"
+
+Importing the module starts nothing: the health server starts with the worker
+(``worker_init``) and stops with it (``worker_shutdown``).
+
+Settings of the simulated work (beyond :class:`WorkerConfig`'s):
+
+``EXAMPLE_WORK_SECONDS`` (0.2)  time one execution's work takes, spread over its files;
+``EXAMPLE_FILES`` (3)  files per execution;
+``EXAMPLE_FAILURE_RATE`` (0.0)  chance that an execution's input is invalid (a permanent
+failure: the execution ends ``ERROR``);
+``EXAMPLE_FLAKE_RATE`` (0.0)  chance that one step hits a passing hiccup (retried in place);
+``EXAMPLE_WEBHOOK_URL`` (unset)  where the completion webhook goes (none when unset).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery, signals
+
+from . import (
+    CircuitBreaker,
+    ConfigurationError,
+    HealthChecker,
+    HealthCheckResult,
+    HealthServer,
+    HealthStatus,
+    InternalAPIClient,
+    InternalAPIError,
+    ResilientExecutor,
+    WorkerConfig,
+    WorkerLogger,
+    log_context,
+    monitor_performance,
+    retry,
+)
+from .tasks import ExecutionTask
+
+TASK_NAME = "example_worker.process_execution"
+TERMINAL_STATUSES = frozenset({"COMPLETED", "ERROR", "STOPPED"})
+
+
+@dataclass(frozen=True)
+class WorkSettings:
+    """The simulated work's knobs, read from ``EXAMPLE_*`` environment variables."""
+
+    work_seconds: float = 0.2
+    files: int = 3
+    failure_rate: float = 0.0
+    flake_rate: float = 0.0
+    webhook_url: str | None = None
+
+    @classmethod
+    def from_env(cls) -> WorkSettings:
+        """Read and check the ``EXAMPLE_*`` variables; one error names every bad one."""
+        problems: dict[str, str] = {}
+
+        def number(name: str, default: float, low: float, high: float) -> float:
+            raw = os.environ.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                problems[name] = f"must be a number (got {raw!r})"
+                return default
+            if not low <= value <= high:
+                problems[name] = f"must be between {low:g} and {high:g} (got {raw!r})"
+            return value
+
+        settings = cls(
+            work_seconds=number("EXAMPLE_WORK_SECONDS", cls.work_seconds, 0.0, 3600.0),
+            files=int(number("EXAMPLE_FILES", cls.files, 1, 1000)),
+            failure_rate=number("EXAMPLE_FAILURE_RATE", cls.failure_rate, 0.0, 1.0),
+            flake_rate=number("EXAMPLE_FLAKE_RATE", cls.flake_rate, 0.0, 1.0),
+            webhook_url=os.environ.get("EXAMPLE_WEBHOOK_URL", "").strip() or None,
+        )
+        if problems:
+            raise ConfigurationError(problems)
+        return settings
+
+
+class InvalidInputError(Exception):
+    """The execution's input cannot be processed: a permanent failure (execution ``ERROR``)."""
+
+
+class InputUnavailableError(Exception):
+    """Reading the input hit a passing hiccup; retried in place, then re-queued."""
+
+    transient = True
+
+
+class EngineBusyError(Exception):
+    """The processing engine refused a file for now; retried, counted by its breaker."""
+
+    transient = True
+
+
+config = WorkerConfig()
+settings = WorkSettings.from_env()
+
+WorkerLogger.configure(
+    log_level=config.log_level, log_format=config.log_format, worker_name=config.worker_name
+)
+logger = WorkerLogger.get_logger(__name__)
+
+app = Celery("example_worker")
+app.config_from_object(config.get_celery_config())
+
+# The processing engine is guarded by a breaker (shared through Redis when
+# CIRCUIT_BREAKER_REDIS_URL is set): after repeated failures tasks stop hammering it, and
+# the open breaker's remaining time becomes the re-queued task's countdown.
+engine_breaker = CircuitBreaker(
+    "example-engine",
+    failure_threshold=config.circuit_breaker_failure_threshold,
+    recovery_timeout=config.circuit_breaker_recovery_timeout,
+    expected_exception=EngineBusyError,
+    redis_url=config.circuit_breaker_redis_url,
+)
+engine = ResilientExecutor(
+    retry_config={"max_attempts": 3, "base_delay": 0.05, "max_delay": 0.5,
+                  "exceptions": (EngineBusyError,)},
+    circuit_breaker=engine_breaker,
+)
+
+
+def _hiccup(rate: float) -> bool:
+    return rate > 0 and random.random() < rate
+
+
+@retry(max_attempts=3, base_delay=0.05, max_delay=0.5, exceptions=(InputUnavailableError,))
+def read_input(execution_id: str) -> dict[str, Any]:
+    """Fetch the execution's input (simulated); fails now and then with a passing hiccup."""
+    if _hiccup(settings.flake_rate):
+        raise InputUnavailableError(f"input store busy for execution {execution_id}")
+    if _hiccup(settings.failure_rate):
+        raise InvalidInputError(f"execution {execution_id}: input is not a valid document")
+    return {"execution_id": execution_id, "files": [f"file-{i}" for i in range(settings.files)]}
+
+
+@engine
+def process_file(name: str) -> dict[str, Any]:
+    """Process one file (simulated) through the engine guarded by ``engine_breaker``."""
+    time.sleep(settings.work_seconds / settings.files)
+    if _hiccup(settings.flake_rate):
+        raise EngineBusyError(f"engine busy while processing {name}")
+    return {"file": name, "pages": random.randint(1, 20)}
+
+
+@monitor_performance
+def do_work(execution_id: str) -> dict[str, Any]:
+    """The execution's whole work: read its input, process each file."""
+    document = read_input(execution_id)
+    return {"files": [process_file(name) for name in document["files"]]}
+
+
+@app.task(bind=True, base=ExecutionTask, name=TASK_NAME, worker_config=config)
+def process_execution(
+    self: ExecutionTask, execution_id: str, organization_id: str | None = None
+) -> dict[str, Any]:
+    """Process one workflow execution from its current status to ``COMPLETED``.
+
+    Safe to run again for the same execution (a redelivered message): an execution that is
+    already finished is left alone, and setting ``IN_PROGRESS`` twice is a no-op.
+    """
+    started = time.monotonic()
+    with log_context(execution_id=execution_id), InternalAPIClient(config) as client:
+        if organization_id:
+            client.set_organization_context(organization_id)
+        execution = client.get_workflow_execution(execution_id)
+        if execution.status in TERMINAL_STATUSES:
+            logger.info(f"execution already {execution.status}, nothing to do")
+            return {"execution_id": execution_id, "status": execution.status}
+        client.update_workflow_execution_status(
+            execution_id, "IN_PROGRESS", attempts=self.request.retries + 1
+        )
+        logger.info("processing execution", workflow_id=execution.workflow_id)
+        result = do_work(execution_id)
+        client.update_workflow_execution(
+            execution_id,
+            result=result,
+            total_files=len(result["files"]),
+            successful_files=len(result["files"]),
+            failed_files=0,
+        )
+        elapsed = time.monotonic() - started
+        client.update_workflow_execution_status(
+            execution_id, "COMPLETED", execution_time=round(elapsed, 6)
+        )
+        logger.info("execution completed", execution_time=round(elapsed, 6))
+        if settings.webhook_url:
+            notify(client, execution_id, elapsed)
+    return {"execution_id": execution_id, "status": "COMPLETED"}
+
+
+def notify(client: InternalAPIClient, execution_id: str, elapsed: float) -> None:
+    """Send the completion webhook; its failure is logged, never undoes the completion."""
+    assert settings.webhook_url is not None
+    payload = {
+        "type": "workflow_execution.completed",
+        "execution_id": execution_id,
+        "status": "COMPLETED",
+        "execution_time": round(elapsed, 6),
+        "worker": config.worker_name,
+    }
+    try:
+        outcome = client.send_webhook(settings.webhook_url, payload, execution_id=execution_id)
+    except (InternalAPIError, ValueError) as exc:
+        logger.error(f"completion webhook not sent: {exc}")
+        return
+    logger.info("completion webhook sent", outcome=outcome.outcome, attempts=outcome.attempts)
+
+
+def engine_check() -> HealthCheckResult:
+    """Health of the processing engine, as its breaker sees it."""
+    state = engine_breaker.state.value
+    status = HealthStatus.HEALTHY if state == "closed" else HealthStatus.DEGRADED
+    return HealthCheckResult("processing_engine", status, f"engine breaker {state}")
+
+
+_health_server: HealthServer | None = None
+
+
+@signals.worker_init.connect
+def start_health_server(**_: Any) -> None:
+    """Start the health server in the worker's main process when the worker starts."""
+    global _health_server
+    checker = HealthChecker(config)
+    checker.add_custom_check("processing_engine", engine_check)
+    _health_server = HealthServer(checker, port=config.metrics_port, host=config.health_host)
+    _health_server.start()
+    logger.info("health server started", port=config.metrics_port)
+
+
+@signals.worker_shutdown.connect
+def stop_health_server(**_: Any) -> None:
+    """Stop the health server when the worker shuts down."""
+    if _health_server is not None:
+        _health_server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a prefork worker on the ``WORKER_NAME`` queue; extra arguments go to Celery."""
+    app.worker_main(
+        [
+            "worker",
+            f"--queues={config.worker_name}",
+            "--pool=prefork",
+            f"--concurrency={config.max_concurrent_tasks}",
+            f"--loglevel={config.log_level}",
+            f"--hostname={config.worker_name}@%h",
+            *(sys.argv[1:] if argv is None else argv),
+        ]
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

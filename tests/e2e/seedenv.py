@@ -1,0 +1,143 @@
+"""What the seed's snippets need around them: its code blocks, a path-mapping proxy, TLS.
+
+- :func:`code_blocks` reads the seed's fenced blocks at test time (nothing is copied).
+- :class:`PlaceholderProxy` is a loopback reverse proxy to the real backend that maps the
+  seed's placeholder execution id (the literal ``execution-id``) in request paths to a real
+  execution's id; everything else passes through untouched.
+- :func:`self_signed_certificate` makes a certificate for a host name (``example.com``) with
+  the ``openssl`` command, so a local HTTPS receiver can stand in for that host.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import subprocess
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from tests.e2e.harness import REPO_ROOT
+
+SEED = REPO_ROOT.parent / "shared" / "seed" / "000_c1692ca2f3b27064.txt"
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "host", "content-length"}
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced code block of the seed: its language, text and first line number."""
+
+    language: str
+    text: str
+    line: int
+
+
+def code_blocks(path: Path = SEED) -> list[Block]:
+    """Every fenced code block of the seed, in order."""
+    text = path.read_text()
+    blocks = []
+    for match in re.finditer(r"^([ \t]*)```(\w*)\n(.*?)^\1```", text, re.S | re.M):
+        indent = match.group(1)
+        body = "\n".join(
+            line[len(indent):] if line.startswith(indent) else line
+            for line in match.group(3).splitlines()
+        )
+        line = text.count("\n", 0, match.start()) + 1
+        blocks.append(Block(match.group(2), body + "\n", line))
+    return blocks
+
+
+def env_assignments(block: Block) -> dict[str, str]:
+    """The ``NAME=value`` lines of a shell block (comments and blanks skipped)."""
+    pairs = {}
+    for line in block.text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            name, value = line.split("=", 1)
+            pairs[name.strip()] = value.strip()
+    return pairs
+
+
+class PlaceholderProxy:
+    """Reverse proxy on 127.0.0.1 to ``upstream`` that rewrites placeholder path segments."""
+
+    def __init__(self, upstream: str, mapping: dict[str, str]) -> None:
+        parts = urlsplit(upstream)
+        self.upstream_host = parts.hostname or "127.0.0.1"
+        self.upstream_port = parts.port or 80
+        self.mapping = mapping
+        self.requests: list[tuple[str, str]] = []
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the proxy (use it as ``DJANGO_APP_BACKEND_URL``)."""
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def rewrite(self, path: str) -> str:
+        """``path`` with every mapped placeholder segment replaced."""
+        segments = path.split("/")
+        return "/".join(self.mapping.get(s, s) for s in segments)
+
+    def start(self) -> PlaceholderProxy:
+        """Serve in a background thread."""
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                path = proxy.rewrite(self.path)
+                proxy.requests.append((self.command, self.path))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+                upstream = http.client.HTTPConnection(
+                    proxy.upstream_host, proxy.upstream_port, timeout=60
+                )
+                try:
+                    upstream.request(self.command, path, body=body or None, headers=headers)
+                    response = upstream.getresponse()
+                    payload = response.read()
+                    self.send_response(response.status)
+                    for name, value in response.getheaders():
+                        if name.lower() not in HOP_HEADERS:
+                            self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                finally:
+                    upstream.close()
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        self._server = server
+        threading.Thread(target=server.serve_forever, daemon=True, name="proxy").start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def self_signed_certificate(host: str, folder: Path) -> tuple[Path, Path]:
+    """A certificate and key for ``host`` (its own CA), made by ``openssl``."""
+    cert, key = folder / f"{host}.crt", folder / f"{host}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={host}",
+         "-addext", f"subjectAltName=DNS:{host}"],
+        check=True, capture_output=True,
+    )
+    return cert, key
