@@ -1,0 +1,192 @@
+"""Celery signal wiring for observability; :func:`install` connects it once per process.
+
+It runs automatically when a worker follows the seed's Quick Start: from
+``WorkerConfig.get_celery_config()``, from ``WorkerLogger.configure()`` and from
+``HealthServer.start()`` (the last two when Celery is imported). What it connects:
+
+- ``setup_logging``: Celery leaves the root logger, its handlers and ``sys.stdout`` alone
+  (our handler stays the only one); if nothing configured logging yet, it is configured
+  from ``LOG_LEVEL``/``LOG_FORMAT``/``WORKER_NAME`` (``--loglevel`` when given).
+- ``celeryd_after_setup``: in ``structured`` format the ASCII banner becomes one JSON line;
+  ``print`` output is redirected into the log when ``worker_redirect_stdouts`` is on.
+- ``worker_init`` / ``worker_ready`` / ``worker_shutdown`` (main process): the run directory,
+  prometheus-client multiprocess mode (cleaned before the pool forks), consumer state.
+- ``worker_process_init`` / ``worker_process_shutdown`` (prefork child): heartbeat thread,
+  last heartbeat, dead child's live gauges dropped.
+- ``task_prerun`` / ``task_postrun``: ``task_id``, ``task_name``, and ``execution_id`` /
+  ``organization_id`` when the task receives them, bound to the log context for the task
+  (any pool: prefork, threads, solo); task count and duration recorded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from contextvars import Token
+from typing import Any
+
+from . import _heartbeat, _metrics, _stats, logging_utils
+
+TASK_ARGUMENTS = ("execution_id", "organization_id")
+_UID = "backend.workers.shared._celery."
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_installed = False
+_running: dict[str, tuple[Token[Mapping[str, Any]], Mapping[str, Any], float]] = {}
+_positional: dict[str, tuple[str, ...]] = {}
+
+
+def install() -> None:
+    """Connect the observability signal handlers (idempotent, cheap after the first call)."""
+    global _installed
+    if _installed:
+        return
+    with _lock:
+        if _installed:
+            return
+        from celery import signals
+
+        handlers = {
+            signals.setup_logging: _on_setup_logging,
+            signals.celeryd_after_setup: _on_after_setup,
+            signals.worker_init: _on_worker_init,
+            signals.worker_ready: _on_worker_ready,
+            signals.worker_shutdown: _on_worker_shutdown,
+            signals.worker_process_init: _on_child_init,
+            signals.worker_process_shutdown: _on_child_shutdown,
+            signals.task_prerun: _on_task_prerun,
+            signals.task_postrun: _on_task_postrun,
+        }
+        for signal, handler in handlers.items():
+            signal.connect(handler, weak=False, dispatch_uid=_UID + handler.__name__)
+        _installed = True
+
+
+def install_if_celery_loaded() -> None:
+    """:func:`install` when Celery is already imported (never imports it just for this)."""
+    import sys
+
+    if "celery" in sys.modules:
+        install()
+
+
+# --- logging --------------------------------------------------------------------------
+
+
+def _on_setup_logging(loglevel: Any = None, **_: Any) -> None:
+    if logging_utils.WorkerLogger.is_configured():
+        return
+    level = os.environ.get("LOG_LEVEL") or "INFO"
+    if isinstance(loglevel, int) and loglevel:
+        level = logging.getLevelName(loglevel)
+    logging_utils.WorkerLogger.configure(
+        log_level=level, log_format=os.environ.get("LOG_FORMAT") or "structured"
+    )
+
+
+def _on_after_setup(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    if instance is None:
+        return
+    if logging_utils.WorkerLogger.settings()["log_format"] == "structured":
+        instance.quiet = True  # the banner is printed raw: log it as one JSON line instead
+        app = instance.app
+        pool = getattr(instance, "pool_cls", None)
+        log.info(
+            "celery worker %s starting", sender,
+            extra={
+                "hostname": str(sender),
+                "app": app.main,
+                "pool": getattr(pool, "__module__", str(pool)).rsplit(".", 1)[-1],
+                "concurrency": instance.concurrency,
+                "queues": sorted(app.amqp.queues.keys()),
+                "broker": app.connection_for_read().as_uri(),  # password masked
+                "tasks": sorted(n for n in app.tasks if not n.startswith("celery.")),
+            },
+        )
+    if getattr(instance, "redirect_stdouts", False):
+        # Celery skips this when a setup_logging handler exists; print() joins the log.
+        instance.app.log.redirect_stdouts(instance.redirect_stdouts_level)
+
+
+# --- worker and children ------------------------------------------------------------
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    _heartbeat.start_main(sender)
+
+
+def _on_worker_ready(**_: Any) -> None:
+    _heartbeat.set_ready(True)
+
+
+def _on_worker_shutdown(**_: Any) -> None:
+    _heartbeat.stop_main()
+
+
+def _on_child_init(**_: Any) -> None:
+    _heartbeat.start_child()
+
+
+def _on_child_shutdown(**_: Any) -> None:
+    _heartbeat.child_exiting()
+
+
+# --- tasks ----------------------------------------------------------------------------
+
+
+def _positional_names(task: Any) -> tuple[str, ...]:
+    names = _positional.get(task.name)
+    if names is None:
+        try:
+            params = inspect.signature(task.run).parameters.values()
+        except (TypeError, ValueError):
+            params = []  # type: ignore[assignment]
+        ordered = []
+        for param in params:
+            if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+                break
+            ordered.append(param.name)
+        names = _positional[task.name] = tuple(ordered)
+    return names
+
+
+def task_fields(task: Any, args: Any, kwargs: Any) -> dict[str, Any]:
+    """The log fields of a task run: id and name are added by the caller; arguments here."""
+    found: dict[str, Any] = {}
+    if isinstance(kwargs, Mapping):
+        for key in TASK_ARGUMENTS:
+            if key in kwargs and kwargs[key] is not None:
+                found[key] = kwargs[key]
+    if len(found) < len(TASK_ARGUMENTS) and args:
+        for name, value in zip(_positional_names(task), args, strict=False):
+            if name in TASK_ARGUMENTS and name not in found and value is not None:
+                found[name] = value
+    return {k: v if isinstance(v, str | int) else str(v) for k, v in found.items()}
+
+
+def _on_task_prerun(task_id: str | None = None, task: Any = None, args: Any = None,
+                    kwargs: Any = None, **_: Any) -> None:
+    if task is None or task_id is None:
+        return
+    fields = {"task_id": task_id, "task_name": task.name, **task_fields(task, args, kwargs)}
+    token, previous = logging_utils.bind_context(fields)
+    _running[task_id] = (token, previous, time.perf_counter())
+
+
+def _on_task_postrun(task_id: str | None = None, task: Any = None, state: str | None = None,
+                     **_: Any) -> None:
+    entry = _running.pop(task_id, None) if task_id is not None else None
+    if entry is None or task is None:
+        return
+    token, previous, started = entry
+    seconds = time.perf_counter() - started
+    outcome = (state or "unknown").lower()
+    _metrics.task_finished(task.name, outcome, seconds)
+    _stats.TASKS.record(task.name, seconds, outcome == "success")
+    _heartbeat.task_done()
+    logging_utils.restore_context(token, previous)

@@ -1,0 +1,214 @@
+"""What the main process of a Celery worker knows about itself and its prefork children.
+
+The main process registers its ``WorkController`` here at start-up and gets a private run
+directory (multiprocess metrics, child heartbeats). Every prefork child runs a daemon thread
+that rewrites ``heartbeats/<pid>.json`` every :data:`BEAT_INTERVAL` seconds (and soon after
+each task) with its call statistics. The health checks read it all from the main process:
+which children are alive and fresh, whether the consumer holds a broker connection, and the
+statistics merged over all children, those that exited included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from . import _metrics, _stats
+
+BEAT_INTERVAL = 2.0  # seconds between two heartbeats of a child
+_MIN_SPACING = 0.25  # at most four extra heartbeats per second after tasks
+
+log = logging.getLogger(__name__)
+
+
+class _MainState:
+    """The worker of this (main) process, its run directory, and exited children's stats."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.worker: Any = None
+        self.ready = False
+        self.run_dir: Path | None = None
+        self.heartbeat_dir: Path | None = None
+        self.retired_functions: dict[str, dict[str, Any]] = {}
+        self.retired_tasks: dict[str, dict[str, Any]] = {}
+
+
+STATE = _MainState()
+
+
+class _ChildBeat:
+    """The heartbeat thread of a prefork child."""
+
+    def __init__(self) -> None:
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.path: Path | None = None
+
+    def start(self, directory: Path) -> None:
+        self.path = directory / f"{os.getpid()}.json"
+        self.wake = threading.Event()
+        self.write()
+        self.thread = threading.Thread(target=self._run, name="worker-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait(BEAT_INTERVAL)
+            self.wake.clear()
+            self.write()
+            time.sleep(_MIN_SPACING)
+
+    def write(self) -> None:
+        path = self.path
+        if path is None:
+            return
+        body = json.dumps({
+            "pid": os.getpid(),
+            "time": time.time(),
+            "functions": _stats.FUNCTIONS.snapshot(),
+            "tasks": _stats.TASKS.snapshot(),
+        })
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(body, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:  # the main process removed the directory: it is shutting down
+            log.debug("heartbeat not written to %s: %s", path, exc)
+
+
+_child = _ChildBeat()
+
+
+def start_main(worker: Any) -> None:
+    """In the main process at worker start: run directory, multiprocess metrics (cleaned)."""
+    with STATE.lock:
+        STATE.worker = worker
+        if STATE.run_dir is not None:
+            return
+        run_dir = Path(tempfile.mkdtemp(prefix=f"worker-{os.getpid()}-"))
+        metrics_dir = os.environ.get(_metrics.ENV_DIR) or str(run_dir / "metrics")
+        _metrics.enable_multiprocess(metrics_dir)
+        heartbeat_dir = run_dir / "heartbeats"
+        heartbeat_dir.mkdir()
+        STATE.run_dir, STATE.heartbeat_dir = run_dir, heartbeat_dir
+
+
+def set_ready(ready: bool) -> None:
+    """The consumer started (or the worker is stopping)."""
+    STATE.ready = ready
+
+
+def stop_main() -> None:
+    """In the main process at worker shutdown: remove the run directory."""
+    with STATE.lock:
+        run_dir, STATE.run_dir, STATE.heartbeat_dir = STATE.run_dir, None, None
+        STATE.ready = False
+        STATE.worker = None
+    if run_dir is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def start_child() -> None:
+    """In a prefork child after fork: start the heartbeat thread."""
+    if STATE.heartbeat_dir is not None:
+        _child.start(STATE.heartbeat_dir)
+
+
+def child_exiting() -> None:
+    """In a prefork child about to exit: last heartbeat, drop its live gauges."""
+    _child.write()
+    _metrics.mark_process_dead(os.getpid())
+
+
+def task_done() -> None:
+    """Ask the heartbeat thread for an early beat, so statistics show up promptly."""
+    _child.wake.set()
+
+
+def worker_attached() -> bool:
+    """True when a Celery worker runs in this process."""
+    return STATE.worker is not None
+
+
+def consumer_connected() -> bool:
+    """True when the worker's consumer holds a live broker connection."""
+    worker = STATE.worker
+    consumer = getattr(worker, "consumer", None)
+    connection = getattr(consumer, "connection", None)
+    if connection is None:
+        return False
+    return bool(connection.connected)
+
+
+def pool_pids() -> list[int]:
+    """Process ids of the prefork pool's children (empty for solo or thread pools)."""
+    pool = getattr(getattr(STATE.worker, "pool", None), "_pool", None)
+    processes = getattr(pool, "_pool", None)
+    if not isinstance(processes, list):
+        return []
+    return [int(p.pid) for p in list(processes) if getattr(p, "pid", None)]
+
+
+def child_heartbeats(timeout: float) -> list[dict[str, Any]]:
+    """Each pool child: its pid, seconds since its last heartbeat, and whether that is fresh."""
+    directory = STATE.heartbeat_dir
+    now = time.time()
+    out = []
+    for pid in pool_pids():
+        age: float | None = None
+        if directory is not None:
+            try:
+                age = max(0.0, now - (directory / f"{pid}.json").stat().st_mtime)
+            except FileNotFoundError:
+                age = None
+        if age is None:
+            started = _process_age(pid)
+            fresh = started is not None and started < timeout  # still starting up
+        else:
+            fresh = age <= timeout
+        out.append({"pid": pid, "heartbeat_age_seconds": None if age is None else round(age, 3),
+                    "fresh": fresh})
+    return out
+
+
+def _process_age(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return time.time() - psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def merged_stats() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Function and task statistics of this process, its children and exited children."""
+    functions = [_stats.FUNCTIONS.snapshot()]
+    tasks = [_stats.TASKS.snapshot()]
+    directory = STATE.heartbeat_dir
+    if directory is not None:
+        with STATE.lock:
+            for path in directory.glob("*.json"):
+                try:
+                    beat = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue  # replaced or removed while we read it
+                pid = int(beat.get("pid", 0))
+                if pid and not _metrics.pid_alive(pid):
+                    STATE.retired_functions = _stats.merge(
+                        [STATE.retired_functions, beat["functions"]])
+                    STATE.retired_tasks = _stats.merge([STATE.retired_tasks, beat["tasks"]])
+                    path.unlink(missing_ok=True)
+                    continue
+                functions.append(beat["functions"])
+                tasks.append(beat["tasks"])
+            functions.append(STATE.retired_functions)
+            tasks.append(STATE.retired_tasks)
+    return _stats.merge(functions), _stats.merge(tasks)

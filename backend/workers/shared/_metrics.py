@@ -1,0 +1,222 @@
+"""Prometheus metrics of a worker: one set of metric objects, recorded by every module.
+
+``prometheus_client`` is imported on first use. Under Celery's prefork pool the main process
+calls :func:`enable_multiprocess` before the pool forks: every child then writes its values
+to memory-mapped files in one directory and :func:`render` (in the main process, where the
+health server lives) aggregates them, so ``/metrics`` counts what all children did, also
+children that have since exited. Without it, values live in this process's registry.
+
+Metric names and labels (base units, ``_total`` counters):
+
+- ``worker_api_requests_total{method,endpoint,status}``
+- ``worker_api_request_duration_seconds{method,endpoint}``
+- ``worker_api_retries_total{method,endpoint,reason}``
+- ``worker_circuit_breaker_state{breaker}`` (0 closed, 1 half_open, 2 open; the worst
+  state among live processes)
+- ``worker_tasks_total{task,outcome}`` and ``worker_task_duration_seconds{task}``
+- ``worker_function_duration_seconds{function,outcome}`` (``monitor_performance``)
+- ``worker_retries_total{function}`` (every retry made by ``retry_utils``)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
+BREAKER_STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+# Seconds: from a fast loopback call (1 ms) to a long task (10 min).
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0, 60.0, 120.0, 300.0, 600.0, float("inf"))
+
+
+class _Metrics:
+    """The metric objects, built lazily and rebuilt when the value storage changes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.built = False
+        self.multiprocess_dir: str | None = None
+        self.registry: CollectorRegistry | None = None
+        self.children: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self.families: dict[str, Any] = {}
+
+    def build(self) -> CollectorRegistry:
+        with self.lock:
+            if self.registry is not None:
+                return self.registry
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+            # Multiprocess values are read from files, so the objects need no registry there.
+            registry = CollectorRegistry(auto_describe=True)
+            self.registry = registry
+            f = self.families
+            f["api_requests"] = Counter(
+                "worker_api_requests", "Internal API requests by method, endpoint and status",
+                ["method", "endpoint", "status"], registry=registry)
+            f["api_duration"] = Histogram(
+                "worker_api_request_duration_seconds", "Internal API request duration",
+                ["method", "endpoint"], registry=registry, buckets=_BUCKETS)
+            f["api_retries"] = Counter(
+                "worker_api_retries", "Internal API requests retried, by reason",
+                ["method", "endpoint", "reason"], registry=registry)
+            f["breaker"] = Gauge(
+                "worker_circuit_breaker_state",
+                "Circuit breaker state: 0 closed, 1 half_open, 2 open",
+                ["breaker"], registry=registry, multiprocess_mode="livemax")
+            f["tasks"] = Counter(
+                "worker_tasks", "Celery tasks finished, by outcome",
+                ["task", "outcome"], registry=registry)
+            f["task_duration"] = Histogram(
+                "worker_task_duration_seconds", "Celery task run time",
+                ["task"], registry=registry, buckets=_BUCKETS)
+            f["function"] = Histogram(
+                "worker_function_duration_seconds", "Run time of monitored functions",
+                ["function", "outcome"], registry=registry, buckets=_BUCKETS)
+            f["retries"] = Counter(
+                "worker_retries", "Retries made by the retry engine, by function",
+                ["function"], registry=registry)
+            self.built = True
+            return registry
+
+    def child(self, family: str, labels: tuple[str, ...]) -> Any:
+        key = (family, labels)
+        found = self.children.get(key)
+        if found is None:
+            if not self.built:
+                self.build()
+            found = self.families[family].labels(*labels)
+            self.children[key] = found
+        return found
+
+    def reset(self) -> None:
+        with self.lock:
+            self.built = False
+            self.children = {}
+            self.families = {}
+            self.registry = None
+
+
+_state = _Metrics()
+
+
+def api_request(method: str, endpoint: str, status: int | str, seconds: float) -> None:
+    """Count one internal API request (``status`` is the HTTP code or an error kind)."""
+    _state.child("api_requests", (method, endpoint, str(status))).inc()
+    _state.child("api_duration", (method, endpoint)).observe(seconds)
+
+
+def api_retry(method: str, endpoint: str, reason: str) -> None:
+    """Count one retry of an internal API request and why it was retried."""
+    _state.child("api_retries", (method, endpoint, reason)).inc()
+
+
+def breaker_state(name: str, state_value: str) -> None:
+    """Publish a circuit breaker's state (``closed``, ``half_open`` or ``open``)."""
+    try:
+        value = BREAKER_STATES[state_value]
+    except KeyError:
+        raise ValueError(
+            f"unknown circuit breaker state {state_value!r}; "
+            f"expected one of {', '.join(BREAKER_STATES)}"
+        ) from None
+    _state.child("breaker", (name,)).set(value)
+
+
+def task_finished(task_name: str, outcome: str, seconds: float) -> None:
+    """Count a finished Celery task (``outcome`` e.g. ``success``/``failure``) and its time."""
+    _state.child("tasks", (task_name, outcome)).inc()
+    _state.child("task_duration", (task_name,)).observe(seconds)
+
+
+def function_call(name: str, seconds: float, ok: bool) -> None:
+    """Record one call of a monitored function."""
+    _state.child("function", (name, "success" if ok else "failure")).observe(seconds)
+
+
+def retry_made(function: str) -> None:
+    """Count one retry made by the retry engine for ``function``."""
+    _state.child("retries", (function,)).inc()
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of multiprocess values, or None in single-process mode."""
+    return _state.multiprocess_dir
+
+
+def enable_multiprocess(directory: str | os.PathLike[str]) -> None:
+    """Switch to multiprocess values in ``directory`` (emptied first); call before forking.
+
+    Must run in the process that will fork the pool, before any child exists.
+    """
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{ENV_DIR}={str(path)!r} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    os.environ[ENV_DIR] = str(path)
+    import prometheus_client.values as values
+
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        # prometheus_client chose its value class at import, before the variable was set.
+        values.ValueClass = values.MultiProcessValue()
+    _state.reset()
+    _state.multiprocess_dir = str(path)
+
+
+def remove_multiprocess_dir() -> None:
+    """Delete the multiprocess directory (at the end of the main process)."""
+    directory = _state.multiprocess_dir
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop the live gauges of a process that has exited (its counters are kept)."""
+    directory = _state.multiprocess_dir
+    if directory is None:
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, directory)
+
+
+def _reap_dead_gauges(directory: str) -> None:
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        pid_text = path.rsplit("_", 1)[-1].removesuffix(".db")
+        if pid_text.isdigit() and not pid_alive(int(pid_text)):
+            mark_process_dead(int(pid_text))
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this id exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def render() -> tuple[bytes, str]:
+    """The Prometheus text exposition of every metric and its content type."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    directory = _state.multiprocess_dir
+    if directory is not None:
+        from prometheus_client import multiprocess
+
+        _reap_dead_gauges(directory)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(_state.build()), CONTENT_TYPE_LATEST

@@ -1,0 +1,98 @@
+"""What must never be printed: sensitive field names and the configured secret values.
+
+Kept free of heavy imports so that ``WorkerConfig`` can register its secrets here on
+construction. The log pipeline masks fields whose name looks sensitive and scrubs every
+registered secret value from the text it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+MASK = "**********"
+# Environment variables whose values are secrets even when no WorkerConfig was built.
+SECRET_ENV_VARS = ("INTERNAL_SERVICE_API_KEY", "WEBHOOK_SIGNING_SECRET")
+# Shorter values are too likely to occur by chance in ordinary text to be scrubbed.
+MIN_SECRET_LENGTH = 4
+_SENSITIVE_WORDS = frozenset({
+    "authorization", "auth", "token", "secret", "password", "passwd", "pwd", "apikey",
+    "cookie", "credential", "credentials", "signature",
+})
+_SENSITIVE_PAIRS = ("api_key", "access_key", "private_key", "secret_key", "client_secret")
+_WORD_SPLIT = re.compile(r"[_\-.\s]+")
+
+_lock = threading.Lock()
+_secrets: tuple[str, ...] = ()
+_key_cache: dict[str, bool] = {}
+
+
+def is_sensitive_key(key: str) -> bool:
+    """True for a field name like ``authorization``, ``api_key``, ``x-auth-token``, ``password``."""
+    cached = _key_cache.get(key)
+    if cached is None:
+        norm = _WORD_SPLIT.sub("_", key.lower()).strip("_")
+        cached = any(pair in norm for pair in _SENSITIVE_PAIRS) or any(
+            word in _SENSITIVE_WORDS for word in norm.split("_")
+        )
+        if len(_key_cache) < 4096:
+            _key_cache[key] = cached
+    return cached
+
+
+def register_secrets(values: Iterable[str | None]) -> None:
+    """Add secret values to scrub from every log line (comma-separated keys count one by one)."""
+    global _secrets
+    found: set[str] = set()
+    for value in values:
+        if not value:
+            continue
+        for candidate in (value, *value.split(",")):
+            candidate = candidate.strip()
+            if len(candidate) >= MIN_SECRET_LENGTH:
+                found.add(candidate)
+                escaped = json.dumps(candidate)[1:-1]
+                if escaped != candidate:
+                    found.add(escaped)
+    with _lock:
+        merged = set(_secrets) | found
+        # Longest first, so a key that contains another is replaced whole.
+        _secrets = tuple(sorted(merged, key=len, reverse=True))
+
+
+def register_from_environment() -> None:
+    """Register the secrets found in the process environment."""
+    register_secrets(os.environ.get(name) for name in SECRET_ENV_VARS)
+
+
+def scrub(text: str) -> str:
+    """``text`` with every registered secret value replaced by the mask."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def redact_fields(fields: dict[str, Any], depth: int = 0) -> dict[str, Any]:
+    """A copy of ``fields`` with sensitive names masked, nested mappings included."""
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if isinstance(key, str) and is_sensitive_key(key):
+            out[key] = MASK if value is not None else None
+        elif isinstance(value, dict) and depth < 4:
+            out[key] = redact_fields(value, depth + 1)
+        else:
+            out[key] = value
+    return out
+
+
+def needs_redaction(fields: dict[str, Any]) -> bool:
+    """Cheap pre-check: does any name, or any nested mapping, call for :func:`redact_fields`?"""
+    for key, value in fields.items():
+        if isinstance(value, dict) or (isinstance(key, str) and is_sensitive_key(key)):
+            return True
+    return False

@@ -1,0 +1,115 @@
+"""Per-process call statistics (count, errors, total, mean, max, p95) and their merging.
+
+``monitor_performance`` records function calls in :data:`FUNCTIONS`, the Celery wiring records
+tasks in :data:`TASKS`. A prefork child publishes :func:`snapshot` through its heartbeat file;
+the main process merges the snapshots of every child with its own for ``/health/metrics``.
+A forked child starts from empty statistics, so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+SAMPLES = 256  # recent durations kept per name for the p95
+
+
+class _Entry:
+    __slots__ = ("count", "errors", "max", "samples", "total")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.errors = 0
+        self.total = 0.0
+        self.max = 0.0
+        self.samples: deque[float] = deque(maxlen=SAMPLES)
+
+
+class CallStats:
+    """Thread-safe statistics of named calls in this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+
+    def record(self, name: str, seconds: float, ok: bool) -> None:
+        """Add one call of ``name`` that took ``seconds`` and succeeded or not."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                entry = self._entries[name] = _Entry()
+            entry.count += 1
+            entry.total += seconds
+            if seconds > entry.max:
+                entry.max = seconds
+            if not ok:
+                entry.errors += 1
+            entry.samples.append(seconds)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Raw figures per name, JSON-serialisable, for merging across processes."""
+        with self._lock:
+            return {
+                name: {"count": e.count, "errors": e.errors, "total": e.total, "max": e.max,
+                       "samples": list(e.samples)}
+                for name, e in self._entries.items()
+            }
+
+    def clear(self) -> None:
+        """Forget everything."""
+        with self._lock:
+            self._entries = {}
+
+    def reset_after_fork(self) -> None:
+        """Start empty in a forked child, with a fresh lock (the parent's may be held)."""
+        self._lock = threading.Lock()
+        self._entries = {}
+
+
+def merge(snapshots: Iterable[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Sum raw snapshots of several processes into one raw snapshot."""
+    out: dict[str, dict[str, Any]] = {}
+    for snap in snapshots:
+        for name, fig in snap.items():
+            acc = out.setdefault(name, {"count": 0, "errors": 0, "total": 0.0, "max": 0.0,
+                                        "samples": []})
+            acc["count"] += int(fig["count"])
+            acc["errors"] += int(fig["errors"])
+            acc["total"] += float(fig["total"])
+            acc["max"] = max(acc["max"], float(fig["max"]))
+            acc["samples"] = (acc["samples"] + list(fig["samples"]))[-4 * SAMPLES:]
+    return out
+
+
+def summarize(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Readable figures per name: count, errors, and times in milliseconds."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, fig in sorted(raw.items()):
+        count = int(fig["count"])
+        samples = sorted(fig["samples"])
+        p95 = samples[max(0, math.ceil(0.95 * len(samples)) - 1)] if samples else 0.0
+        out[name] = {
+            "count": count,
+            "errors": int(fig["errors"]),
+            "total_ms": round(float(fig["total"]) * 1000, 3),
+            "mean_ms": round(float(fig["total"]) / count * 1000, 3) if count else 0.0,
+            "max_ms": round(float(fig["max"]) * 1000, 3),
+            "p95_ms": round(p95 * 1000, 3),
+        }
+    return out
+
+
+FUNCTIONS = CallStats()
+TASKS = CallStats()
+
+
+def _after_fork() -> None:
+    FUNCTIONS.reset_after_fork()
+    TASKS.reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork)
