@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from contextvars import Token
 from typing import Any
 
-from . import _heartbeat, _metrics, _stats, logging_utils
+from . import _heartbeat, _metrics, _stats
 
 TASK_ARGUMENTS = ("execution_id", "organization_id")
 _UID = "backend.workers.shared._celery."
@@ -65,6 +65,7 @@ def install() -> None:
         for signal, handler in handlers.items():
             signal.connect(handler, weak=False, dispatch_uid=_UID + handler.__name__)
         _installed = True
+    _metrics.subscribe_resilience()
 
 
 def install_if_celery_loaded() -> None:
@@ -79,6 +80,8 @@ def install_if_celery_loaded() -> None:
 
 
 def _on_setup_logging(loglevel: Any = None, **_: Any) -> None:
+    from . import logging_utils
+
     if logging_utils.WorkerLogger.is_configured():
         return
     level = os.environ.get("LOG_LEVEL") or "INFO"
@@ -92,6 +95,8 @@ def _on_setup_logging(loglevel: Any = None, **_: Any) -> None:
 def _on_after_setup(sender: Any = None, instance: Any = None, **_: Any) -> None:
     if instance is None:
         return
+    from . import logging_utils
+
     if logging_utils.WorkerLogger.settings()["log_format"] == "structured":
         instance.quiet = True  # the banner is printed raw: log it as one JSON line instead
         app = instance.app
@@ -173,6 +178,8 @@ def _on_task_prerun(task_id: str | None = None, task: Any = None, args: Any = No
                     kwargs: Any = None, **_: Any) -> None:
     if task is None or task_id is None:
         return
+    from . import logging_utils
+
     fields = {"task_id": task_id, "task_name": task.name, **task_fields(task, args, kwargs)}
     token, previous = logging_utils.bind_context(fields)
     _running[task_id] = (token, previous, time.perf_counter())
@@ -189,4 +196,6 @@ def _on_task_postrun(task_id: str | None = None, task: Any = None, state: str | 
     _metrics.task_finished(task.name, outcome, seconds)
     _stats.TASKS.record(task.name, seconds, outcome == "success")
     _heartbeat.task_done()
+    from . import logging_utils
+
     logging_utils.restore_context(token, previous)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,7 +85,9 @@ class _Metrics:
                 "worker_retries", "Retries made by the retry engine, by function",
                 ["function"], registry=registry)
             self.built = True
-            return registry
+        if "backend.workers.shared.retry_utils" in sys.modules:
+            subscribe_resilience()
+        return registry
 
     def child(self, family: str, labels: tuple[str, ...]) -> Any:
         key = (family, labels)
@@ -144,6 +147,34 @@ def function_call(name: str, seconds: float, ok: bool) -> None:
 def retry_made(function: str) -> None:
     """Count one retry made by the retry engine for ``function``."""
     _state.child("retries", (function,)).inc()
+
+
+_subscribed = False
+
+
+def subscribe_resilience() -> None:
+    """Record every breaker state change and every retry of ``retry_utils`` (idempotent)."""
+    global _subscribed
+    if _subscribed:
+        return
+    from . import retry_utils
+
+    with _state.lock:
+        if _subscribed:
+            return
+        retry_utils.add_state_listener(_on_breaker_change)
+        retry_utils.add_retry_listener(_on_retry)
+        _subscribed = True
+    for breaker in retry_utils.all_breakers():
+        breaker_state(breaker.name, breaker.state.value)
+
+
+def _on_breaker_change(breaker: Any, _old: Any, new: Any) -> None:
+    breaker_state(breaker.name, str(getattr(new, "value", new)))
+
+
+def _on_retry(event: Any) -> None:
+    retry_made(event.function)
 
 
 def multiprocess_dir() -> str | None:

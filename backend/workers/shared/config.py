@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from . import _celery, _redact
+
 MASK = "**********"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("structured", "simple")
@@ -97,6 +99,18 @@ class WorkerConfig(BaseSettings):
     )
     webhook_timeout: float = Field(10.0, gt=0, description="Webhook request timeout (s)")
     health_host: str = Field("0.0.0.0", description="Health server bind address")
+    health_check_timeout: float = Field(5.0, gt=0, description="Time bound of one health check")
+    health_heartbeat_timeout: float = Field(
+        30.0, gt=0, description="Pool process heartbeat age (s) counted as hung"
+    )
+    health_memory_degraded_percent: float = Field(85.0, gt=0, le=100, description="Memory %")
+    health_memory_unhealthy_percent: float = Field(95.0, gt=0, le=100, description="Memory %")
+    health_disk_degraded_percent: float = Field(85.0, gt=0, le=100, description="Disk %")
+    health_disk_unhealthy_percent: float = Field(95.0, gt=0, le=100, description="Disk %")
+    health_cpu_degraded_percent: float = Field(95.0, gt=0, le=100, description="CPU %")
+    health_cpu_unhealthy_percent: float = Field(
+        100.0, gt=0, le=100, description="CPU % (100: a busy CPU alone is never unhealthy)"
+    )
 
     def __init__(self, **values: Any) -> None:
         values.setdefault("_env_file", os.environ.get("ENV_FILE", ".env"))
@@ -104,6 +118,7 @@ class WorkerConfig(BaseSettings):
             super().__init__(**values)
         except ValidationError as exc:
             raise _configuration_error(exc) from None
+        _redact.register_secrets(self.secret_values())  # scrubbed from every log line
 
     # --- validators ---------------------------------------------------------------------
     @field_validator("internal_service_api_key")
@@ -201,6 +216,7 @@ class WorkerConfig(BaseSettings):
 
     def get_celery_config(self) -> dict[str, Any]:
         """Production Celery settings for a worker built on this configuration."""
+        _celery.install()  # task log context, child heartbeats, multiprocess metrics
         conf: dict[str, Any] = {
             "broker_url": self.broker_url,
             # JSON only: no pickle payloads from the broker, ever.
