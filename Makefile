@@ -44,8 +44,7 @@ bench: $(STAMP)
 
 backend: $(STAMP)
 	$(PY) manage.py migrate --noinput
-	$(VENV)/bin/gunicorn backend.wsgi:application --worker-class gthread --workers 2 --threads 8 \
-		--bind $${BIND:-127.0.0.1:8000} --keep-alive 75 --access-logfile - 
+	$(VENV)/bin/gunicorn -c python:backend.internal_api.gunicorn_conf --bind $${BIND:-127.0.0.1:8000}
 
 clean:
 	rm -rf $(VENV) $(WORKER_VENV) .data

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.live_backend import LiveBackend
 
 SERVICES = {
     "postgres": ("127.0.0.1", 5432),
@@ -47,3 +52,31 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# --- live backend (tests/live_backend.py runs it as a subprocess; no Django imported here) ---
+
+
+@pytest.fixture(scope="session")
+def live_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBackend]:
+    """The real backend (gunicorn, SQLite) for the whole session, with ``org_id`` created."""
+    from tests.live_backend import LiveBackend
+
+    backend = LiveBackend(data_dir=tmp_path_factory.mktemp("live_backend"))
+    try:
+        yield backend.start()
+    finally:
+        backend.close()
+
+
+@pytest.fixture(scope="session")
+def live_backend_pg() -> Iterator[LiveBackend]:
+    """The real backend on its own fresh PostgreSQL database, dropped at the end."""
+    require_service("postgres")
+    from tests.live_backend import LiveBackend
+
+    backend = LiveBackend.postgres()
+    try:
+        yield backend.start()
+    finally:
+        backend.close()

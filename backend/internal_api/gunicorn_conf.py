@@ -1,0 +1,26 @@
+"""gunicorn settings of the backend: ``gunicorn -c python:backend.internal_api.gunicorn_conf``.
+
+``gthread`` workers keep client connections alive (the workers' pools rely on it; gunicorn's
+default sync workers close every connection). gunicorn's own lines come out as the same JSON
+lines as Django's; its access log is off because the request middleware writes one JSON access
+line per request, with the request id. Command-line options override these values;
+``GUNICORN_WORKERS``/``GUNICORN_THREADS`` set the process and thread counts.
+"""
+
+from __future__ import annotations
+
+import os
+
+from backend.internal_api.logconfig import logging_config
+
+wsgi_app = "backend.wsgi:application"
+worker_class = "gthread"
+workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
+threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+keepalive = 75
+graceful_timeout = 10
+accesslog = None
+# gunicorn's control socket has one fixed path per user: several servers on one machine (tests
+# run side by side) would fight over it, and nothing here uses it.
+control_socket_disable = True
+logconfig_dict = logging_config(os.environ.get("LOG_LEVEL", "INFO").upper())

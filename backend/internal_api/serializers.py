@@ -1,0 +1,219 @@
+"""Request validation and response shapes of the internal API (also the OpenAPI schemas).
+
+Input serializers reject unknown fields by name, bound every number to what the database can
+hold, and refuse NUL characters anywhere (PostgreSQL cannot store them), so bad input is a 400
+naming the field, never a 500.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rest_framework import serializers
+
+from backend.internal_api.models import (
+    DeliveryOutcome,
+    ExecutionStatus,
+    WebhookDelivery,
+    WorkflowExecution,
+)
+
+MAX_INT = 2**31 - 1
+MAX_SECONDS = 10.0**9
+STATUS_VALUES = ", ".join(ExecutionStatus.values)
+OUTCOME_VALUES = ", ".join(DeliveryOutcome.values)
+
+
+class StrictSerializer(serializers.Serializer):
+    """A serializer that names any field it does not know instead of ignoring it."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        """Validate, first refusing fields this serializer does not declare."""
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError({name: ["unknown field"] for name in unknown})
+        return super().to_internal_value(data)
+
+
+def _count(**kwargs: Any) -> serializers.IntegerField:
+    return serializers.IntegerField(min_value=0, max_value=MAX_INT, **kwargs)
+
+
+def _seconds(**kwargs: Any) -> serializers.FloatField:
+    return serializers.FloatField(min_value=0.0, max_value=MAX_SECONDS, **kwargs)
+
+
+def _check_json(value: Any, depth: int = 0) -> None:
+    if depth > 64:
+        raise serializers.ValidationError("nested more than 64 levels deep")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise serializers.ValidationError("strings must not contain NUL characters")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise serializers.ValidationError("numbers must be finite")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_json(key, depth + 1)
+            _check_json(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json(item, depth + 1)
+
+
+class ResultField(serializers.JSONField):
+    """Any JSON value that the database can store (no NUL characters, bounded nesting)."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        """Accept the value after checking every nested string and number."""
+        _check_json(data)
+        return super().to_internal_value(data)
+
+
+class ExecutionSerializer(serializers.ModelSerializer):
+    """A workflow execution as the API returns it."""
+
+    organization_id = serializers.CharField(read_only=True)
+    result = serializers.JSONField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = WorkflowExecution
+        fields = [
+            "id",
+            "organization_id",
+            "workflow_id",
+            "pipeline_id",
+            "status",
+            "error_message",
+            "attempts",
+            "execution_time",
+            "total_files",
+            "successful_files",
+            "failed_files",
+            "result",
+            "task_id",
+            "created_at",
+            "modified_at",
+            "started_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class ExecutionCreateSerializer(StrictSerializer):
+    """Body of ``POST workflow-executions/``."""
+
+    workflow_id = serializers.CharField(max_length=255)
+    pipeline_id = serializers.CharField(max_length=255, required=False, allow_null=True)
+    total_files = _count(required=False, default=0)
+    task_id = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+
+
+class ExecutionUpdateSerializer(StrictSerializer):
+    """Body of ``PATCH workflow-executions/{id}/``: non-status fields only."""
+
+    result = ResultField(required=False, allow_null=True)
+    total_files = _count(required=False)
+    successful_files = _count(required=False)
+    failed_files = _count(required=False)
+    task_id = serializers.CharField(max_length=255, required=False, allow_blank=True)
+    pipeline_id = serializers.CharField(max_length=255, required=False, allow_null=True)
+
+    def to_internal_value(self, data: Any) -> Any:
+        """Validate; a ``status`` field points the caller at the status endpoint."""
+        if isinstance(data, dict) and "status" in data:
+            raise serializers.ValidationError(
+                {"status": ["change the status with POST workflow-executions/{id}/status/"]}
+            )
+        return super().to_internal_value(data)
+
+
+class StatusUpdateSerializer(StrictSerializer):
+    """Body of ``POST workflow-executions/{id}/status/``."""
+
+    status = serializers.ChoiceField(
+        choices=ExecutionStatus.choices,
+        error_messages={
+            "invalid_choice": f'"{{input}}" is not a valid status; allowed: {STATUS_VALUES}'
+        },
+    )
+    error_message = serializers.CharField(
+        max_length=10000, required=False, allow_blank=True, trim_whitespace=False
+    )
+    attempts = _count(required=False)
+    execution_time = _seconds(required=False, allow_null=True)
+
+
+class WebhookDeliverySerializer(serializers.ModelSerializer):
+    """A recorded webhook delivery as the API returns it."""
+
+    organization_id = serializers.CharField(read_only=True)
+    execution_id = serializers.UUIDField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = WebhookDelivery
+        fields = [
+            "id",
+            "organization_id",
+            "execution_id",
+            "url",
+            "status_code",
+            "attempts",
+            "duration",
+            "outcome",
+            "error_message",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class WebhookDeliveryCreateSerializer(StrictSerializer):
+    """Body of ``POST webhook-deliveries/``."""
+
+    url = serializers.URLField(max_length=2048)
+    execution_id = serializers.UUIDField(required=False, allow_null=True)
+    status_code = serializers.IntegerField(
+        min_value=100, max_value=599, required=False, allow_null=True
+    )
+    attempts = serializers.IntegerField(min_value=0, max_value=MAX_INT, required=False, default=1)
+    duration = _seconds(required=False, default=0.0)
+    outcome = serializers.ChoiceField(
+        choices=DeliveryOutcome.choices,
+        error_messages={
+            "invalid_choice": f'"{{input}}" is not a valid outcome; allowed: {OUTCOME_VALUES}'
+        },
+    )
+    error_message = serializers.CharField(
+        max_length=10000, required=False, allow_blank=True, default="", trim_whitespace=False
+    )
+
+
+class ExecutionPageSerializer(serializers.Serializer):
+    """One page of executions."""
+
+    results = ExecutionSerializer(many=True)
+    next_cursor = serializers.CharField(allow_null=True)
+
+
+class DeliveryPageSerializer(serializers.Serializer):
+    """One page of webhook deliveries."""
+
+    results = WebhookDeliverySerializer(many=True)
+    next_cursor = serializers.CharField(allow_null=True)
+
+
+class HealthSerializer(serializers.Serializer):
+    """Liveness answer of ``GET health/``."""
+
+    status = serializers.CharField()
+    version = serializers.CharField()
+    timestamp = serializers.DateTimeField()
+
+
+class ErrorSerializer(serializers.Serializer):
+    """Every error body: a machine-readable code and a human-readable message."""
+
+    error = serializers.CharField()
+    detail = serializers.CharField()

@@ -1,0 +1,26 @@
+"""URLs of the internal API, mounted at ``/internal/v1/``."""
+
+from __future__ import annotations
+
+from django.urls import path
+from drf_spectacular.views import SpectacularAPIView
+
+from backend.internal_api import views
+
+urlpatterns = [
+    path("health/", views.HealthView.as_view(), name="health"),
+    path("workflow-executions/", views.ExecutionListView.as_view(), name="executions"),
+    path(
+        "workflow-executions/<uuid:pk>/",
+        views.ExecutionDetailView.as_view(),
+        name="execution",
+    ),
+    path(
+        "workflow-executions/<uuid:pk>/status/",
+        views.ExecutionStatusView.as_view(),
+        name="execution-status",
+    ),
+    path("webhook-deliveries/", views.DeliveryListView.as_view(), name="deliveries"),
+    path("webhook-deliveries/<uuid:pk>/", views.DeliveryDetailView.as_view(), name="delivery"),
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+]

@@ -1,0 +1,150 @@
+"""Settings of the Django project ``backend``, all read from the environment here.
+
+Variables:
+
+- ``INTERNAL_SERVICE_API_KEY`` (required): the bearer key(s) workers present; several keys
+  separated by commas are all accepted, which allows rotation.
+- ``DATABASE_URL``: default ``sqlite:///<BACKEND_DATA_DIR>/backend.sqlite3``; PostgreSQL as
+  ``postgresql://user@host:5432/name``. Connections are persistent (``CONN_MAX_AGE``).
+- ``BACKEND_DATA_DIR``: where the default SQLite file lives (default ``<repo>/.data``).
+- ``DEBUG``: off unless ``true``/``1``/``yes``.
+- ``ALLOWED_HOSTS``: comma-separated (default ``localhost,127.0.0.1,[::1]``).
+- ``DJANGO_SECRET_KEY``: signs admin sessions; when unset it is derived from the API key.
+- ``LOG_LEVEL``: level of the JSON log lines on stderr (default ``INFO``).
+- ``CONN_MAX_AGE``: seconds a database connection is kept (default 600).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from backend.internal_api.logconfig import logging_config
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _csv(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+INTERNAL_API_KEYS = tuple(_csv(os.environ.get("INTERNAL_SERVICE_API_KEY", "")))
+if not INTERNAL_API_KEYS:
+    raise ImproperlyConfigured(
+        "INTERNAL_SERVICE_API_KEY is not set: the backend refuses to start without an API key"
+    )
+
+DEBUG = os.environ.get("DEBUG", "").strip().lower() in _TRUE
+ALLOWED_HOSTS = _csv(os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]"))
+SECRET_KEY = (
+    os.environ.get("DJANGO_SECRET_KEY")
+    or hashlib.sha256(b"backend-django-secret-key\0" + INTERNAL_API_KEYS[0].encode()).hexdigest()
+)
+
+DATA_DIR = Path(os.environ.get("BACKEND_DATA_DIR") or BASE_DIR / ".data")
+_default_db = f"sqlite:///{DATA_DIR / 'backend.sqlite3'}"
+_conn_max_age = int(os.environ.get("CONN_MAX_AGE", "600"))
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL") or _default_db, conn_max_age=_conn_max_age
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    if DATABASES["default"]["NAME"] == str(DATA_DIR / "backend.sqlite3"):
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES["default"]["OPTIONS"] = {
+        # Writers wait for each other instead of failing; WAL lets readers run beside them.
+        "timeout": 30,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "backend.internal_api",
+]
+
+MIDDLEWARE = [
+    "backend.internal_api.middleware.RequestContextMiddleware",
+    "backend.internal_api.middleware.InternalAuthMiddleware",
+    "backend.internal_api.middleware.IdempotencyMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "backend.urls"
+WSGI_APPLICATION = "backend.wsgi.application"
+APPEND_SLASH = False
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+STATIC_URL = "static/"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Requests above 1 MiB are refused with 413 by the middleware before the body is read.
+MAX_REQUEST_BODY = 1024 * 1024
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BODY
+IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+# An in-flight idempotency record older than this is taken to be abandoned (its request died).
+IDEMPOTENCY_IN_FLIGHT_TIMEOUT = 60.0
+ORGANIZATION_CACHE_SECONDS = 60.0
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": [],
+    "UNAUTHENTICATED_USER": None,
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["backend.internal_api.errors.StrictJSONParser"],
+    "EXCEPTION_HANDLER": "backend.internal_api.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Internal API",
+    "DESCRIPTION": "The backend API that lightweight workers call over HTTP.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_AUTHENTICATION": [],
+    "SERVE_PERMISSIONS": [],
+    "APPEND_COMPONENTS": {"securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
+    "SECURITY": [{"bearerAuth": []}],
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "ExecutionStatusEnum": "backend.internal_api.models.ExecutionStatus",
+        "DeliveryOutcomeEnum": "backend.internal_api.models.DeliveryOutcome",
+    },
+}
+
+LOGGING = logging_config(os.environ.get("LOG_LEVEL", "INFO").upper())

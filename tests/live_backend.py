@@ -1,0 +1,273 @@
+"""The real backend as a subprocess, for tests and scripts (imports no Django).
+
+``LiveBackend`` migrates a database, creates an organization and serves the backend with
+gunicorn (``gthread`` workers) on a loopback port, using the interpreter named by
+``$BACKEND_PYTHON`` (default: this one). The worker test suite runs without Django and still
+gets a real backend this way.
+
+    with LiveBackend() as backend:                      # SQLite file in a temp dir
+        ...backend.url, backend.api_key, backend.org_id...
+    with LiveBackend.postgres() as backend:             # fresh PostgreSQL database, dropped
+        ...
+    backend = LiveBackend(database_url=..., port=8000)  # a given database and port
+    backend.start(); backend.stop(); backend.start()    # same port, same database
+    backend.close()                                     # stop and remove what it created
+
+Its log (gunicorn's and Django's JSON lines) is in ``backend.log_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from tests.conftest import POSTGRES_ADMIN_URL, free_port
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEST_KEY_PREFIX = "swi-test-key-7Q2xK9"
+
+_PG_ADMIN_SCRIPT = """
+import sys, psycopg
+action, admin_url, name = sys.argv[1:4]
+with psycopg.connect(admin_url, autocommit=True) as conn:
+    if action == "create":
+        conn.execute(f'CREATE DATABASE "{name}"')
+    else:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+"""
+
+
+def make_test_key() -> str:
+    """A recognisable test API key: the fixed prefix and a random suffix."""
+    return f"{TEST_KEY_PREFIX}-{secrets.token_hex(8)}"
+
+
+def backend_python() -> str:
+    """The interpreter that has the backend's packages (``$BACKEND_PYTHON``)."""
+    return os.environ.get("BACKEND_PYTHON") or sys.executable
+
+
+class BackendStartError(RuntimeError):
+    """The backend process failed to come up; the message has the tail of its log."""
+
+
+class LiveBackend:
+    """A gunicorn-served backend on ``127.0.0.1:<port>`` with its own database.
+
+    Attributes: ``url`` (``http://127.0.0.1:PORT``), ``api_key`` (the first accepted key),
+    ``api_keys`` (all of them), ``org_id`` (created at first start), ``database_url``,
+    ``port``, ``log_path``, ``data_dir``.
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        port: int | None = None,
+        api_keys: Sequence[str] | None = None,
+        org_id: str = "org-test",
+        workers: int = 1,
+        threads: int = 8,
+        log_level: str = "INFO",
+        data_dir: str | Path | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self._own_dir = data_dir is None
+        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="live-backend-"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.database_url = database_url or f"sqlite:///{self.data_dir / 'backend.sqlite3'}"
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_keys = list(api_keys or [make_test_key()])
+        if not self.api_keys or not all(self.api_keys):
+            raise ValueError("api_keys must be non-empty strings")
+        self.api_key = self.api_keys[0]
+        self.org_id = org_id
+        self.workers = workers
+        self.threads = threads
+        self.log_level = log_level
+        self.log_path = self.data_dir / "backend.log"
+        self.start_timeout = start_timeout
+        self._extra_env = dict(extra_env or {})
+        self._process: subprocess.Popen[bytes] | None = None
+        self._prepared = False
+        self._drop_database: tuple[str, str] | None = None
+
+    @classmethod
+    def postgres(cls, admin_url: str = POSTGRES_ADMIN_URL, **kwargs: Any) -> LiveBackend:
+        """A backend on a fresh PostgreSQL database (unique name), dropped by ``close()``."""
+        name = f"live_backend_{os.getpid()}_{secrets.token_hex(4)}"
+        _run([backend_python(), "-c", _PG_ADMIN_SCRIPT, "create", admin_url, name])
+        base = admin_url.rsplit("/", 1)[0]
+        backend = cls(database_url=f"{base}/{name}", **kwargs)
+        backend._drop_database = (admin_url, name)
+        return backend
+
+    # --- life cycle ----------------------------------------------------------------------
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment the backend's processes run with."""
+        env = dict(os.environ)
+        env.update(
+            {
+                "INTERNAL_SERVICE_API_KEY": ",".join(self.api_keys),
+                "DATABASE_URL": self.database_url,
+                "BACKEND_DATA_DIR": str(self.data_dir),
+                "LOG_LEVEL": self.log_level,
+                "DJANGO_SETTINGS_MODULE": "backend.settings",
+                "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+                ),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.pop("DEBUG", None)
+        env.update(self._extra_env)
+        return env
+
+    def manage(self, *args: str) -> str:
+        """Run ``manage.py <args>`` against this backend's database; returns its stdout."""
+        return _run([backend_python(), str(REPO_ROOT / "manage.py"), *args], env=self.env)
+
+    def create_organization(self, org_id: str, name: str | None = None) -> str:
+        """Create an organization (idempotent); returns its id."""
+        args = ["create_organization", org_id] + (["--name", name] if name else [])
+        return self.manage(*args).strip()
+
+    def start(self) -> LiveBackend:
+        """Start gunicorn (migrating and creating ``org_id`` the first time); wait until up."""
+        if self.running:
+            return self
+        if not self._prepared:
+            self.manage("migrate", "--noinput", "-v", "0")
+            self.create_organization(self.org_id)
+            self._prepared = True
+        log = self.log_path.open("ab")
+        try:
+            self._process = subprocess.Popen(
+                [
+                    backend_python(),
+                    "-m",
+                    "gunicorn",
+                    "-c",
+                    "python:backend.internal_api.gunicorn_conf",
+                    "--bind",
+                    f"127.0.0.1:{self.port}",
+                    "--workers",
+                    str(self.workers),
+                    "--threads",
+                    str(self.threads),
+                ],
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        self._wait_ready()
+        return self
+
+    def stop(self) -> None:
+        """Stop gunicorn gracefully (SIGTERM, then SIGKILL after 15 s). Keeps the database."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+
+    def close(self) -> None:
+        """Stop, drop the PostgreSQL database it created, remove its temporary directory."""
+        self.stop()
+        if self._drop_database is not None:
+            admin_url, name = self._drop_database
+            _run([backend_python(), "-c", _PG_ADMIN_SCRIPT, "drop", admin_url, name])
+            self._drop_database = None
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> LiveBackend:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        """True while the gunicorn process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The gunicorn master's process id while running."""
+        return self._process.pid if self.running and self._process else None
+
+    def logs(self) -> str:
+        """Everything the backend has written to its log so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def headers(self, org_id: str | None = None) -> dict[str, str]:
+        """Authorization (and organization) headers for a request to this backend."""
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+        headers["X-Organization-ID"] = org_id or self.org_id
+        return headers
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        request = urllib.request.Request(f"{self.url}/internal/v1/health/", headers=self.headers())
+        while time.monotonic() < deadline:
+            if self._process is None or self._process.poll() is not None:
+                raise BackendStartError(f"backend exited during start-up:\n{self._tail()}")
+            try:
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    if json.load(response).get("status") == "healthy":
+                        return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise BackendStartError(f"backend not ready after {self.start_timeout} s:\n{self._tail()}")
+
+    def _tail(self, lines: int = 30) -> str:
+        return "\n".join(self.logs().splitlines()[-lines:])
+
+
+def _run(argv: list[str], env: Mapping[str, str] | None = None) -> str:
+    """Run a helper process; its stderr goes in the error when it fails."""
+    done = subprocess.run(
+        argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    if done.returncode != 0:
+        raise BackendStartError(
+            f"{Path(argv[1]).name if len(argv) > 1 else argv[0]} failed "
+            f"(exit {done.returncode}):\n{done.stderr[-3000:]}"
+        )
+    return done.stdout
