@@ -154,9 +154,12 @@ def _check_callable(name: str, value: object) -> None:
 
 def _qualname(fn: object) -> str:
     """The name used for ``fn`` in log lines and events."""
+    if isinstance(fn, functools.partial):
+        return _qualname(fn.func)
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
-    if name is None:
-        return repr(fn)
+    if not isinstance(name, str):  # a callable object: name it by its class
+        fn = type(fn)
+        name = fn.__qualname__
     module = getattr(fn, "__module__", None)
     return f"{module}.{name}" if module else str(name)
 
@@ -422,7 +425,10 @@ class RetryPolicy:
         if retry_number < 1:
             raise ValueError(f"retry_number must be at least 1, got {retry_number!r}")
         if self.backoff is BackoffStrategy.EXPONENTIAL:
-            delay = self.base_delay * 2.0 ** min(retry_number - 1, 1023)
+            try:
+                delay = math.ldexp(self.base_delay, retry_number - 1)  # base * 2^(n-1)
+            except OverflowError:
+                delay = math.inf
         elif self.backoff is BackoffStrategy.LINEAR:
             delay = self.base_delay * retry_number
         else:

@@ -1,0 +1,414 @@
+"""CircuitBreaker with local state: transitions, one probe under threads, listeners, registry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import random
+import threading
+import time
+import uuid
+
+import pytest
+
+from backend.workers.shared import retry_utils
+from backend.workers.shared.retry_utils import (
+    CircuitBreaker,
+    CircuitBreakerOpenError,
+    CircuitState,
+    add_state_listener,
+    all_breakers,
+    circuit_breaker,
+    get_breaker,
+    remove_state_listener,
+)
+
+CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
+
+
+@pytest.fixture
+def name() -> str:
+    return f"test-breaker-{uuid.uuid4().hex[:12]}"
+
+
+def fail() -> None:
+    raise ConnectionError("down")
+
+
+def ok() -> str:
+    return "ok"
+
+
+def trip(breaker: CircuitBreaker, times: int) -> None:
+    for _ in range(times):
+        with pytest.raises(ConnectionError):
+            breaker.call(fail)
+
+
+def wait_until_probe_allowed(breaker: CircuitBreaker) -> None:
+    """Sleep out the recovery timeout (the breaker tells how long)."""
+    try:
+        breaker.call(ok)
+    except CircuitBreakerOpenError as exc:
+        time.sleep(exc.retry_after + 0.01)
+    else:
+        raise AssertionError("the breaker was expected to be open")
+
+
+def test_opens_after_threshold_consecutive_failures(name: str) -> None:
+    breaker = CircuitBreaker(name, failure_threshold=3, recovery_timeout=30.0)
+    trip(breaker, 2)
+    assert breaker.state is CLOSED
+    assert breaker.call(ok) == "ok"  # a success resets the count
+    trip(breaker, 2)
+    assert breaker.state is CLOSED
+    trip(breaker, 1)
+    assert breaker.state is OPEN
+
+
+def test_open_rejects_at_once_with_name_and_retry_after(name: str) -> None:
+    breaker = CircuitBreaker(name, failure_threshold=1, recovery_timeout=30.0)
+    trip(breaker, 1)
+    called = []
+    with pytest.raises(CircuitBreakerOpenError) as caught:
+        breaker.call(lambda: called.append(1))
+    assert called == []
+    assert caught.value.breaker_name == name
+    assert 29.0 < caught.value.retry_after <= 30.0
+    assert name in str(caught.value)
+
+
+def test_probe_success_closes_and_probe_failure_reopens(name: str) -> None:
+    seen: list[tuple[CircuitState, CircuitState]] = []
+    breaker = CircuitBreaker(name, failure_threshold=1, recovery_timeout=0.05)
+    breaker.add_listener(lambda b, old, new: seen.append((old, new)))
+    trip(breaker, 1)
+    wait_until_probe_allowed(breaker)
+    assert breaker.state is HALF_OPEN
+    trip(breaker, 1)  # the probe fails
+    assert breaker.state is OPEN
+    wait_until_probe_allowed(breaker)
+    assert breaker.call(ok) == "ok"  # the probe succeeds
+    assert breaker.state is CLOSED
+    assert seen == [
+        (CLOSED, OPEN),
+        (OPEN, HALF_OPEN),
+        (HALF_OPEN, OPEN),
+        (OPEN, HALF_OPEN),
+        (HALF_OPEN, CLOSED),
+    ]
+
+
+def test_half_open_lets_exactly_one_probe_through_under_threads(name: str) -> None:
+    breaker = CircuitBreaker(name, failure_threshold=1, recovery_timeout=0.05)
+    trip(breaker, 1)
+    time.sleep(0.06)
+    threads_n = 16
+    barrier = threading.Barrier(threads_n)
+    release = threading.Event()
+    ran: list[int] = []
+    rejected: list[int] = []
+
+    def probe(i: int) -> None:
+        ran.append(i)
+        assert release.wait(10)
+
+    def caller(i: int) -> None:
+        barrier.wait()
+        try:
+            breaker.call(probe, i)
+        except CircuitBreakerOpenError:
+            rejected.append(i)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(threads_n)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while len(ran) + len(rejected) < threads_n and time.monotonic() < deadline:
+        time.sleep(0.005)  # the 15 others are rejected while the probe still runs
+    assert len(ran) == 1
+    assert len(rejected) == threads_n - 1
+    assert breaker.state is HALF_OPEN
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert breaker.state is CLOSED
+
+
+def test_no_lock_is_held_during_the_call(name: str) -> None:
+    breaker = CircuitBreaker(name, failure_threshold=2, recovery_timeout=30.0)
+    inside = threading.Event()
+    release = threading.Event()
+
+    def blocking() -> str:
+        inside.set()
+        assert release.wait(10)
+        return "slow"
+
+    results: list[str] = []
+    worker = threading.Thread(target=lambda: results.append(breaker.call(blocking)))
+    worker.start()
+    assert inside.wait(10)
+    # While one call runs, others pass, fail, are counted, and the state can be read.
+    assert breaker.call(ok) == "ok"
+    trip(breaker, 2)
+    assert breaker.state is OPEN
+    release.set()
+    worker.join()
+    assert results == ["slow"]
+    assert breaker.state is OPEN  # a success of a call admitted earlier does not close it
+
+
+def test_state_machine_stays_consistent_under_concurrent_load(name: str) -> None:
+    transitions: list[tuple[CircuitState, CircuitState]] = []
+    lock = threading.Lock()
+
+    def record(_: CircuitBreaker, old: CircuitState, new: CircuitState) -> None:
+        with lock:
+            transitions.append((old, new))
+
+    breaker = CircuitBreaker(name, failure_threshold=3, recovery_timeout=0.05)
+    breaker.add_listener(record)
+    probes_running = 0
+    max_probes = 0
+    probe_lock = threading.Lock()
+
+    def maybe_fail(rng: random.Random) -> None:
+        nonlocal probes_running, max_probes
+        half_open = breaker._state is HALF_OPEN
+        if half_open:
+            with probe_lock:
+                probes_running += 1
+                max_probes = max(max_probes, probes_running)
+        try:
+            time.sleep(rng.random() / 1000)
+            if rng.random() < 0.5:
+                raise ConnectionError("flaky")
+        finally:
+            if half_open:
+                with probe_lock:
+                    probes_running -= 1
+
+    def hammer(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(300):
+            with contextlib.suppress(ConnectionError, CircuitBreakerOpenError):
+                breaker.call(maybe_fail, rng)
+
+    threads = [threading.Thread(target=hammer, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    allowed = {(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, OPEN), (HALF_OPEN, CLOSED)}
+    assert transitions, "the load should have opened the breaker at least once"
+    assert set(transitions) <= allowed
+    for (_, new), (old, _) in itertools.pairwise(transitions):
+        assert new == old  # each transition starts where the previous one ended
+    assert max_probes <= 1
+
+
+def test_probe_lease_expires_when_the_probe_hangs(name: str) -> None:
+    breaker = CircuitBreaker(name, failure_threshold=1, recovery_timeout=0.02, probe_timeout=0.1)
+    trip(breaker, 1)
+    time.sleep(0.03)
+    release = threading.Event()
+    hung = threading.Thread(target=breaker.call, args=(release.wait, 10))
+    hung.start()
+    time.sleep(0.02)
+    with pytest.raises(CircuitBreakerOpenError) as caught:
+        breaker.call(ok)
+    time.sleep(caught.value.retry_after + 0.01)
+    assert breaker.call(ok) == "ok"  # the lease ran out: a second probe ran and closed it
+    assert breaker.state is CLOSED
+    release.set()
+    hung.join()
+
+
+def test_interrupted_probe_frees_the_probe_slot(name: str) -> None:
+    breaker = CircuitBreaker(name, failure_threshold=1, recovery_timeout=0.02)
+    trip(breaker, 1)
+    time.sleep(0.03)
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        breaker.call(interrupted)
+    assert breaker.state is HALF_OPEN
+    assert breaker.call(ok) == "ok"
+    assert breaker.state is CLOSED
+
+
+class NotFound(Exception):
+    pass
+
+
+def test_expected_exception_and_is_failure_decide_what_counts(name: str) -> None:
+    breaker = CircuitBreaker(
+        name,
+        failure_threshold=2,
+        expected_exception=(ConnectionError, ValueError),
+        is_failure=lambda exc: str(exc) != "client error",
+    )
+    for _ in range(5):
+        with pytest.raises(NotFound):
+            breaker.call(lambda: (_ for _ in ()).throw(NotFound("404")))
+        with pytest.raises(ValueError):
+            breaker.call(lambda: (_ for _ in ()).throw(ValueError("client error")))
+    assert breaker.state is CLOSED
+    trip(breaker, 1)
+    with pytest.raises(NotFound):  # an answer from the dependency resets the count
+        breaker.call(lambda: (_ for _ in ()).throw(NotFound("404")))
+    trip(breaker, 1)
+    assert breaker.state is CLOSED
+    trip(breaker, 1)
+    assert breaker.state is OPEN
+
+
+def test_global_state_listeners_and_failing_listeners(name: str) -> None:
+    seen: list[tuple[str, str, str]] = []
+
+    def listener(b: CircuitBreaker, old: CircuitState, new: CircuitState) -> None:
+        seen.append((b.name, old.value, new.value))
+
+    def broken(b: CircuitBreaker, old: CircuitState, new: CircuitState) -> None:
+        raise RuntimeError("listener bug")
+
+    add_state_listener(listener)
+    breaker = CircuitBreaker(name, failure_threshold=1)
+    breaker.add_listener(broken)
+    try:
+        trip(breaker, 1)
+    finally:
+        remove_state_listener(listener)
+    assert seen == [(name, "closed", "open")]
+    assert breaker.state is OPEN
+
+
+def test_reset_closes(name: str) -> None:
+    breaker = CircuitBreaker(name, failure_threshold=1)
+    trip(breaker, 1)
+    breaker.reset()
+    assert breaker.state is CLOSED
+    assert breaker.call(ok) == "ok"
+
+
+def test_registry(name: str) -> None:
+    breaker = get_breaker(name, failure_threshold=2)
+    assert get_breaker(name) is breaker
+    assert get_breaker(name, failure_threshold=2, recovery_timeout=60) is breaker
+    assert breaker in all_breakers()
+    with pytest.raises(ValueError, match="failure_threshold"):
+        get_breaker(name, failure_threshold=3)
+    with pytest.raises(ValueError, match="already a registered breaker"):
+        CircuitBreaker(name)
+
+
+def test_decorator_wraps_and_shares_by_name(name: str) -> None:
+    @circuit_breaker(failure_threshold=2, recovery_timeout=30.0, name=name)
+    def first(x: int, *, y: int = 0) -> int:
+        """First doc."""
+        if x < 0:
+            raise ConnectionError("down")
+        return x + y
+
+    @circuit_breaker(failure_threshold=2, recovery_timeout=30.0, name=name)
+    def second() -> str:
+        return "second"
+
+    assert first.__name__ == "first" and first.__doc__ == "First doc."
+    assert inspect.signature(first) == inspect.signature(first.__wrapped__)  # type: ignore[attr-defined]
+    assert first(1, y=2) == 3
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            first(-1)
+    with pytest.raises(CircuitBreakerOpenError):
+        second()
+    assert first.breaker is get_breaker(name)  # type: ignore[attr-defined]
+
+
+def test_decorator_default_name_is_the_function() -> None:
+    @circuit_breaker()
+    def uniquely_named_dependency_call() -> int:
+        return 1
+
+    assert uniquely_named_dependency_call() == 1
+    assert uniquely_named_dependency_call.breaker.name == (  # type: ignore[attr-defined]
+        f"{__name__}.test_decorator_default_name_is_the_function.<locals>."
+        "uniquely_named_dependency_call"
+    )
+
+
+def test_async_calls(name: str) -> None:
+    @circuit_breaker(failure_threshold=2, recovery_timeout=0.05, name=name)
+    async def fetch(fail_it: bool) -> str:
+        await asyncio.sleep(0)
+        if fail_it:
+            raise ConnectionError("down")
+        return "fetched"
+
+    async def scenario() -> list[str]:
+        out = [await fetch(False)]
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                await fetch(True)
+        with pytest.raises(CircuitBreakerOpenError) as caught:
+            await fetch(False)
+        await asyncio.sleep(caught.value.retry_after + 0.01)
+        out.append(await fetch(False))
+        return out
+
+    assert inspect.iscoroutinefunction(fetch)
+    assert asyncio.run(scenario()) == ["fetched", "fetched"]
+    assert get_breaker(name).state is CLOSED
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"failure_threshold": 0}, "failure_threshold"),
+        ({"failure_threshold": 1.5}, "failure_threshold"),
+        ({"recovery_timeout": 0}, "recovery_timeout"),
+        ({"recovery_timeout": -1}, "recovery_timeout"),
+        ({"expected_exception": "ValueError"}, "expected_exception"),
+        ({"name": ""}, "name"),
+    ],
+)
+def test_invalid_decorator_parameters(kwargs: dict[str, object], param: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{param}\b"):
+        circuit_breaker(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"failure_threshold": 0}, "failure_threshold"),
+        ({"is_failure": "yes"}, "is_failure"),
+        ({"probe_timeout": 0}, "probe_timeout"),
+        ({"redis_url": ""}, "redis_url"),
+    ],
+)
+def test_invalid_breaker_parameters(kwargs: dict[str, object], param: str, name: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{param}\b"):
+        CircuitBreaker(name, **kwargs)  # type: ignore[arg-type]
+    assert name not in [b.name for b in all_breakers()]
+
+
+def test_open_error_survives_pickling() -> None:
+    import pickle
+
+    error = pickle.loads(pickle.dumps(CircuitBreakerOpenError("api", 3.5)))
+    assert (error.breaker_name, error.retry_after) == ("api", 3.5)
+
+
+def test_local_breaker_reports_shared_state_ok(name: str) -> None:
+    breaker = CircuitBreaker(name)
+    assert breaker.shared is False
+    assert breaker.degraded is False
+    assert breaker.shared_state_ok is True
+    assert retry_utils.CircuitState("half_open") is HALF_OPEN
+
+
