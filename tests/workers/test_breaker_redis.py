@@ -1,0 +1,355 @@
+"""The Redis-shared CircuitBreaker across real processes, against the local Redis.
+
+Every test uses its own key prefix. Redis "going away" is a real fault: a TCP proxy on
+loopback in front of Redis that resets or stalls connections (Redis itself keeps running for
+the other suites on this machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from multiprocessing.synchronize import Barrier
+from typing import Any
+
+import pytest
+import redis
+
+from backend.workers.shared.retry_utils import (
+    CircuitBreaker,
+    CircuitBreakerOpenError,
+    CircuitState,
+    add_shared_state_listener,
+    remove_shared_state_listener,
+)
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+PROCESSES = 4
+SPAWN = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    value = f"test:breaker:{uuid.uuid4().hex}:"
+    yield value
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=value + "*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def fail() -> None:
+    raise ConnectionError("dependency down")
+
+
+def ok() -> str:
+    return "ok"
+
+
+def shared(name: str, prefix: str, url: str = REDIS_URL, **kwargs: Any) -> CircuitBreaker:
+    return CircuitBreaker(name, redis_url=url, key_prefix=prefix, **kwargs)
+
+
+def run_members(target: Any, *args: Any) -> list[Any]:
+    """Run ``target(index, *args, results)`` in PROCESSES spawned processes; their results."""
+    results = SPAWN.Queue()
+    members = [
+        SPAWN.Process(target=target, args=(index, *args, results)) for index in range(PROCESSES)
+    ]
+    for member in members:
+        member.start()
+    collected = [results.get(timeout=60) for _ in members]
+    for member in members:
+        member.join(timeout=30)
+        assert member.exitcode == 0
+    return sorted(collected)
+
+
+# --------------------------------------------------------------------------- process bodies
+
+
+def member_in_turns(
+    index: int, name: str, prefix: str, turn: Any, results: Any
+) -> None:
+    """Fail when it is this process's turn, until the shared breaker refuses."""
+    breaker = shared(name, prefix, failure_threshold=5, recovery_timeout=60.0)
+    executed = 0
+    while True:
+        while turn.value % PROCESSES != index:
+            time.sleep(0.001)
+        try:
+            breaker.call(fail)
+        except ConnectionError:
+            executed += 1
+        except CircuitBreakerOpenError:
+            with turn.get_lock():
+                turn.value += 1
+            break
+        with turn.get_lock():
+            turn.value += 1
+    results.put((index, executed, breaker.state.value, breaker.degraded))
+
+
+def member_concurrent(index: int, name: str, prefix: str, barrier: Barrier, results: Any) -> None:
+    """Fail as fast as possible, all processes at once, until the shared breaker refuses."""
+    breaker = shared(name, prefix, failure_threshold=5, recovery_timeout=60.0)
+    barrier.wait()
+    executed = 0
+    while True:
+        try:
+            breaker.call(fail)
+        except ConnectionError:
+            executed += 1
+        except CircuitBreakerOpenError:
+            break
+    results.put((index, executed))
+
+
+def member_probe(index: int, name: str, prefix: str, barrier: Barrier, results: Any) -> None:
+    """Try a slow call at the same moment as the others; report whether it ran."""
+    breaker = shared(name, prefix, failure_threshold=1, recovery_timeout=0.2, probe_timeout=30.0)
+    barrier.wait()
+    try:
+        breaker.call(time.sleep, 0.5)
+        outcome = "ran"
+    except CircuitBreakerOpenError as exc:
+        outcome = f"rejected:{exc.retry_after > 0}"
+    barrier.wait()  # every process has its answer; the probe has finished
+    results.put((outcome, breaker.state.value))
+
+
+def member_dies_while_probing(name: str, prefix: str) -> None:
+    breaker = shared(name, prefix, failure_threshold=1, recovery_timeout=0.1, probe_timeout=1.0)
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    breaker.call(die)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_threshold_counts_failures_of_the_whole_fleet(prefix: str) -> None:
+    """4 processes with threshold 5, failing in turn: 5 failures in total open the breaker for
+    all of them (local breakers would have needed 20)."""
+    name = "fleet-turns"
+    turn = SPAWN.Value("i", 0)
+    results = run_members(member_in_turns, name, prefix, turn)
+    assert [executed for _, executed, _, _ in results] == [2, 1, 1, 1]
+    assert {state for _, _, state, _ in results} == {"open"}
+    assert not any(degraded for *_, degraded in results)
+    stored = redis.Redis.from_url(REDIS_URL).hget(prefix + name, "state")
+    assert stored == b"open"
+
+
+def test_concurrent_failures_open_after_threshold_in_total(prefix: str) -> None:
+    """All at once: each process can have at most one call in flight when the breaker opens,
+    so between 5 and 5 + 3 failures run in total (never 5 per process)."""
+    barrier = SPAWN.Barrier(PROCESSES)
+    results = run_members(member_concurrent, "fleet-concurrent", prefix, barrier)
+    total = sum(executed for _, executed in results)
+    assert 5 <= total <= 5 + PROCESSES - 1
+
+
+def test_half_open_admits_one_probe_across_processes(prefix: str) -> None:
+    name = "fleet-probe"
+    opener = shared(name, prefix, failure_threshold=1, recovery_timeout=0.2, probe_timeout=30.0)
+    with pytest.raises(ConnectionError):
+        opener.call(fail)
+    assert opener.state is CircuitState.OPEN
+    time.sleep(0.25)  # past the recovery timeout (Redis' clock)
+    barrier = SPAWN.Barrier(PROCESSES)
+    results = run_members(member_probe, name, prefix, barrier)
+    assert [outcome for outcome, _ in results] == ["ran"] + ["rejected:True"] * (PROCESSES - 1)
+    assert {state for _, state in results} == {"closed"}
+    assert opener.state is CircuitState.CLOSED
+
+
+def test_probe_lease_expires_when_the_prober_dies(prefix: str) -> None:
+    name = "fleet-lease"
+    breaker = shared(name, prefix, failure_threshold=1, recovery_timeout=0.1, probe_timeout=1.0)
+    with pytest.raises(ConnectionError):
+        breaker.call(fail)
+    time.sleep(0.15)
+    prober = SPAWN.Process(target=member_dies_while_probing, args=(name, prefix))
+    prober.start()
+    prober.join(timeout=30)
+    assert prober.exitcode == -signal.SIGKILL  # it died holding the probe lease
+    with pytest.raises(CircuitBreakerOpenError) as caught:
+        breaker.call(ok)
+    assert 0 < caught.value.retry_after <= 1.0  # rejected until the dead prober's lease ends
+    assert breaker.state is CircuitState.HALF_OPEN
+    time.sleep(caught.value.retry_after + 0.05)
+    assert breaker.call(ok) == "ok"  # this process got the probe and closed the breaker
+    assert breaker.state is CircuitState.CLOSED
+
+
+def test_state_is_read_from_redis(prefix: str) -> None:
+    first = shared("reader", prefix, failure_threshold=2, recovery_timeout=30.0)
+    client = redis.Redis.from_url(REDIS_URL)
+    client.hset(prefix + "reader", mapping={"state": "open", "opened_at": int(time.time() * 1000)})
+    seen: list[tuple[str, str]] = []
+    first.add_listener(lambda b, old, new: seen.append((old.value, new.value)))
+    assert first.state is CircuitState.OPEN
+    with pytest.raises(CircuitBreakerOpenError):
+        first.call(ok)
+    assert seen == [("closed", "open")]  # the change made elsewhere is announced here
+    first.reset()
+    assert client.exists(prefix + "reader") == 0
+    assert first.call(ok) == "ok"
+
+
+# --------------------------------------------------------------------------- Redis going away
+
+
+class FaultyProxy:
+    """A TCP proxy on 127.0.0.1 in front of Redis that can cut the line.
+
+    ``mode`` "forward" relays bytes; "reset" aborts every connection (open ones too) with a
+    TCP reset; "stall" accepts connections and never answers.
+    """
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.mode = "forward"
+        self._sockets: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
+
+    def cut(self, mode: str = "reset") -> None:
+        """Stop relaying; open connections are reset at once."""
+        self.mode = mode
+        with self._lock:
+            victims = list(self._sockets)
+            self._sockets.clear()
+        for sock in victims:
+            self._abort(sock)
+
+    def restore(self) -> None:
+        self.mode = "forward"
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.cut()
+        self._thread.join(timeout=5)
+        self._listener.close()
+
+    @staticmethod
+    def _abort(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if self.mode == "reset":
+                self._abort(client)
+            elif self.mode == "stall":
+                with self._lock:
+                    self._sockets.add(client)  # held open, never answered
+            else:
+                threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        try:
+            server = socket.create_connection(self.upstream, timeout=5)
+        except OSError:
+            self._abort(client)
+            return
+        with self._lock:
+            self._sockets.update((client, server))
+        for source, sink in ((client, server), (server, client)):
+            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with self._lock:
+                    self._sockets.discard(sock)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes the other direction's pump
+                sock.close()
+
+
+@pytest.fixture
+def proxy() -> Iterator[FaultyProxy]:
+    line = FaultyProxy(("127.0.0.1", 6379))
+    yield line
+    line.stop()
+
+
+@pytest.mark.parametrize("fault", ["reset", "stall"])
+def test_falls_back_to_local_state_and_recovers(
+    prefix: str, proxy: FaultyProxy, fault: str
+) -> None:
+    name = f"outage-{fault}"
+    events: list[tuple[str, bool]] = []
+
+    def on_shared(breaker: CircuitBreaker, ok_: bool) -> None:
+        events.append((breaker.name, ok_))
+
+    add_shared_state_listener(on_shared)
+    try:
+        breaker = shared(
+            name,
+            prefix,
+            url=proxy.url,
+            failure_threshold=2,
+            recovery_timeout=30.0,
+            reconnect_interval=0.2,
+        )
+        assert breaker.call(ok) == "ok"
+        assert (breaker.shared, breaker.degraded, breaker.shared_state_ok) == (True, False, True)
+
+        proxy.cut(fault)
+        assert breaker.call(ok) == "ok"  # the call still runs, on local state
+        assert breaker.degraded and not breaker.shared_state_ok
+        assert events == [(name, False)]
+        for _ in range(2):  # the local state machine still protects the dependency
+            with pytest.raises(ConnectionError):
+                breaker.call(fail)
+        with pytest.raises(CircuitBreakerOpenError):
+            breaker.call(ok)
+        assert breaker.state is CircuitState.OPEN
+        assert events == [(name, False)]  # announced once, not on every call
+
+        proxy.restore()
+        time.sleep(0.25)  # past reconnect_interval: the next call asks Redis again
+        assert breaker.call(ok) == "ok"  # Redis' state (closed) is the fleet's truth again
+        assert (breaker.degraded, breaker.shared_state_ok) == (False, True)
+        assert events == [(name, False), (name, True)]
+        assert breaker.state is CircuitState.CLOSED
+    finally:
+        remove_shared_state_listener(on_shared)
