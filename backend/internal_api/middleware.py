@@ -84,14 +84,13 @@ class InternalAuthMiddleware:
 
     def __init__(self, get_response: GetResponse) -> None:
         self.get_response = get_response
-        self.keys: tuple[str, ...] = tuple(settings.INTERNAL_API_KEYS)
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         """Authenticate, check the declared body size, then serve."""
         if not request.path.startswith(INTERNAL_PREFIX):
             return self.get_response(request)
         try:
-            authenticate(request.headers.get("Authorization"), self.keys)
+            authenticate(request.headers.get("Authorization"), tuple(settings.INTERNAL_API_KEYS))
         except AuthProblem as problem:
             logger.warning("authentication failed", extra={"error_code": problem.code})
             return json_error(401, problem.code, problem.detail, {"WWW-Authenticate": "Bearer"})
