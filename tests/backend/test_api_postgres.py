@@ -25,7 +25,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def test_api_suite_passes_on_postgresql() -> None:
     name = f"api_{os.getpid()}_{secrets.token_hex(4)}"
     env = dict(os.environ)
-    env["BACKEND_TEST_DATABASE_URL"] = f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    url = f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    # DATABASE_URL too: pytest-django may load the settings before the conftest runs.
+    env.update(BACKEND_TEST_DATABASE_URL=url, DATABASE_URL=url)
     done = subprocess.run(
         [
             sys.executable, "-m", "pytest", "tests/backend/test_api.py",
