@@ -40,6 +40,8 @@ REQUEST_ID_HEADER = "X-Request-ID"
 REPLAY_HEADER = "Idempotent-Replayed"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _MAX_IDEMPOTENCY_KEY = 255
+# A refused body up to this size is read and dropped; a bigger one closes the connection.
+DRAIN_LIMIT = 16 * 1024 * 1024
 
 GetResponse = Callable[[HttpRequest], HttpResponse]
 
@@ -60,6 +62,8 @@ class RequestContextMiddleware:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         response = self.get_response(request)
         response[REQUEST_ID_HEADER] = request_id
+        if not response.streaming and not response.has_header("Content-Length"):
+            response["Content-Length"] = str(len(response.content))
         access_logger.info(
             "request",
             extra={
@@ -96,12 +100,30 @@ class InternalAuthMiddleware:
             return json_error(401, problem.code, problem.detail, {"WWW-Authenticate": "Bearer"})
         length = request.META.get("CONTENT_LENGTH") or "0"
         if not length.isdigit() or int(length) > settings.MAX_REQUEST_BODY:
-            return json_error(
+            response = json_error(
                 413,
                 "payload_too_large",
                 f"the request body exceeds {settings.MAX_REQUEST_BODY} bytes",
             )
+            if not _discard_body(request, int(length) if length.isdigit() else -1):
+                response["Connection"] = "close"
+            return response
         return self.get_response(request)
+
+
+def _discard_body(request: HttpRequest, length: int) -> bool:
+    """Read and drop a refused body of moderate size, so that a client still sending it gets
+    the 413 instead of a reset connection. False when the body is too big to bother with."""
+    if not 0 <= length <= DRAIN_LIMIT:
+        return False
+    stream = request.META["wsgi.input"]
+    remaining = length
+    while remaining > 0:
+        chunk = stream.read(min(remaining, 65536))
+        if not chunk:
+            break
+        remaining -= len(chunk)
+    return True
 
 
 class IdempotencyMiddleware:

@@ -1,0 +1,337 @@
+"""The backend as it runs for real: gunicorn (gthread) on a loopback port, over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx2
+import pytest
+
+from tests.live_backend import REPO_ROOT, LiveBackend, backend_python, make_test_key
+
+
+@pytest.fixture
+def http(live_backend: LiveBackend) -> Iterator[httpx2.Client]:
+    """A client for the SQLite live backend, with its key and organization."""
+    with httpx2.Client(base_url=f"{live_backend.url}/internal/v1", timeout=30) as client:
+        client.headers.update(live_backend.headers())
+        yield client
+
+
+@pytest.fixture
+def org(live_backend: LiveBackend) -> str:
+    """A fresh organization on the live backend."""
+    return live_backend.create_organization(f"org-{uuid.uuid4().hex[:10]}")
+
+
+def error_of(response: httpx2.Response) -> tuple[int, str]:
+    """Status and error code, after checking the error shape."""
+    body = response.json()
+    assert set(body) == {"error", "detail"}, body
+    return response.status_code, str(body["error"])
+
+
+def create(client: httpx2.Client, org_id: str | None = None, **fields: Any) -> dict[str, Any]:
+    headers = {"X-Organization-ID": org_id} if org_id else {}
+    response = client.post(
+        "/workflow-executions/", json={"workflow_id": "wf", **fields}, headers=headers
+    )
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def test_authentication_over_http(live_backend: LiveBackend) -> None:
+    url = f"{live_backend.url}/internal/v1/health/"
+    key = live_backend.api_key
+    cases = [
+        ({}, "authentication_required"),
+        ({"Authorization": key}, "invalid_authorization"),
+        ({"Authorization": f"Token {key}"}, "invalid_authorization"),
+        ({"Authorization": f"Bearer {key}x"}, "invalid_api_key"),
+        ({"Authorization": f"Bearer {key[:-1]}"}, "invalid_api_key"),
+    ]
+    for headers, code in cases:
+        response = httpx2.get(url, headers=headers)
+        assert error_of(response) == (401, code)
+        assert key[:8] not in response.text and "Bearer " + key not in response.text
+    assert httpx2.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_key_rotation_restart() -> None:
+    old, new = make_test_key(), make_test_key()
+    with LiveBackend(api_keys=[new, old], threads=2) as backend:
+        url = f"{backend.url}/internal/v1/health/"
+        for key in (old, new):
+            assert httpx2.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        backend.stop()
+        backend.api_keys = [new]
+        backend.start()  # the old key is retired
+        assert httpx2.get(url, headers={"Authorization": f"Bearer {new}"}).status_code == 200
+        response = httpx2.get(url, headers={"Authorization": f"Bearer {old}"})
+        assert error_of(response) == (401, "invalid_api_key")
+
+
+def test_scoping_over_http(http: httpx2.Client, org: str) -> None:
+    execution = create(http, org)
+    path = f"/workflow-executions/{execution['id']}/"
+    assert http.get(path, headers={"X-Organization-ID": org}).status_code == 200
+    assert error_of(http.get(path)) == (404, "not_found")  # the fixture's default org
+    no_org = {k: v for k, v in http.headers.items() if k.lower() != "x-organization-id"}
+    response = httpx2.get(http.base_url.join("/internal/v1/workflow-executions/"), headers=no_org)
+    assert error_of(response) == (400, "organization_required")
+    response = http.get("/workflow-executions/", headers={"X-Organization-ID": "nobody"})
+    assert error_of(response) == (404, "organization_not_found")
+
+
+def test_transitions_over_http(http: httpx2.Client) -> None:
+    execution = create(http)
+    status_path = f"/workflow-executions/{execution['id']}/status/"
+    running = http.post(status_path, json={"status": "IN_PROGRESS", "attempts": 1}).json()
+    assert running["status"] == "IN_PROGRESS" and running["started_at"]
+    again = http.post(status_path, json={"status": "IN_PROGRESS"})
+    assert again.status_code == 200 and again.json()["started_at"] == running["started_at"]
+    done = http.post(status_path, json={"status": "COMPLETED", "execution_time": 2.5}).json()
+    assert done["status"] == "COMPLETED" and done["finished_at"]
+    assert http.post(status_path, json={"status": "COMPLETED"}).json() == done
+    response = http.post(status_path, json={"status": "IN_PROGRESS"})
+    assert error_of(response) == (409, "illegal_transition")
+
+
+def test_idempotency_over_http(http: httpx2.Client) -> None:
+    key = {"Idempotency-Key": f"live-{uuid.uuid4()}"}
+    first = http.post("/workflow-executions/", json={"workflow_id": "a"}, headers=key)
+    again = http.post("/workflow-executions/", json={"workflow_id": "a"}, headers=key)
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+    other = http.post("/workflow-executions/", json={"workflow_id": "b"}, headers=key)
+    assert error_of(other) == (422, "idempotency_key_reused")
+
+
+def test_request_id_echoed_and_logged(http: httpx2.Client, live_backend: LiveBackend) -> None:
+    request_id = f"req-{uuid.uuid4().hex}"
+    response = http.get("/workflow-executions/?status=NOPE", headers={"X-Request-ID": request_id})
+    assert response.status_code == 400 and response.headers["X-Request-ID"] == request_id
+    generated = http.get("/health/").headers["X-Request-ID"]
+    assert generated
+    lines = [json.loads(line) for line in live_backend.logs().splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("request_id") == request_id]
+    assert mine and all(line["path"] == "/internal/v1/workflow-executions/" for line in mine)
+    assert any(line.get("request_id") == generated for line in lines)
+
+
+def test_errors_have_the_shape_over_http(http: httpx2.Client) -> None:
+    json_type = {"Content-Type": "application/json"}
+    response = http.post("/workflow-executions/", content=b"{nope", headers=json_type)
+    assert error_of(response) == (400, "malformed_json")
+    big = b'{"workflow_id": "' + b"x" * (1024 * 1024 + 10) + b'"}'
+    response = http.post(
+        "/workflow-executions/", content=big, headers={"Content-Type": "application/json"}
+    )
+    assert error_of(response) == (413, "payload_too_large")
+    assert error_of(http.get("/workflow-executions/123/")) == (404, "not_found")
+    assert error_of(http.patch("/health/", json={})) == (405, "method_not_allowed")
+
+
+def test_connections_are_kept_alive(live_backend: LiveBackend) -> None:
+    request = (
+        f"GET /internal/v1/health/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {live_backend.api_key}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", live_backend.port), timeout=10) as sock:
+        for _ in range(3):
+            sock.sendall(request)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(4096)
+                assert chunk, "the server closed a kept-alive connection"
+                head += chunk
+            assert head.startswith(b"HTTP/1.1 200")
+            headers, _, body = head.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":")[1])
+                for line in headers.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+            while len(body) < length:
+                body += sock.recv(4096)
+
+
+def test_data_survives_a_restart(live_backend: LiveBackend, http: httpx2.Client) -> None:
+    execution = create(http)
+    port = live_backend.port
+    live_backend.stop()
+    live_backend.start()
+    assert live_backend.port == port
+    with httpx2.Client(base_url=f"{live_backend.url}/internal/v1") as fresh:
+        fresh.headers.update(live_backend.headers())
+        assert fresh.get(f"/workflow-executions/{execution['id']}/").json() == execution
+
+
+def test_refuses_to_start_without_a_key(tmp_path: Any) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "INTERNAL_SERVICE_API_KEY"}
+    env.update(DATABASE_URL=f"sqlite:///{tmp_path}/db.sqlite3", BACKEND_DATA_DIR=str(tmp_path))
+    done = subprocess.run(
+        [backend_python(), "manage.py", "check"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "INTERNAL_SERVICE_API_KEY" in done.stderr
+    served = subprocess.run(
+        [
+            backend_python(), "-m", "gunicorn", "-c", "python:backend.internal_api.gunicorn_conf",
+            "--bind", "127.0.0.1:0", "--workers", "1",
+        ],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert served.returncode != 0
+    assert "backend: INTERNAL_SERVICE_API_KEY is not set" in served.stderr
+
+
+def test_no_part_of_the_key_is_ever_logged(tmp_path: Any) -> None:
+    """Every code path at DEBUG level, including refused near-miss keys: the key stays out."""
+    key = make_test_key()
+    with LiveBackend(api_keys=[key], log_level="DEBUG", threads=2) as backend:
+        base = f"{backend.url}/internal/v1"
+        good = backend.headers()
+        for headers in (
+            {},
+            {"Authorization": f"Bearer {key}x"},
+            {"Authorization": key},
+            {"Authorization": f"Bearer {key[:8]}"},
+        ):
+            httpx2.get(f"{base}/health/", headers=headers)
+        execution = httpx2.post(
+            f"{base}/workflow-executions/", json={"workflow_id": "w"}, headers=good
+        ).json()
+        httpx2.post(
+            f"{base}/workflow-executions/{execution['id']}/status/",
+            json={"status": "X"},
+            headers=good,
+        )
+        httpx2.post(f"{base}/workflow-executions/", content=b"{", headers=good)
+        httpx2.get(f"{base}/nothing/", headers=good)
+        httpx2.get(f"{base}/schema/", headers=good)
+        backend.stop()
+        logs = backend.logs()
+    assert '"level": "debug"' in logs or '"level": "info"' in logs
+    assert key not in logs and key[:8] not in logs
+    assert key[8:24] not in logs
+
+
+# --- PostgreSQL: races and requests in flight ------------------------------------------------
+
+
+@pytest.fixture
+def pg_http(live_backend_pg: LiveBackend) -> Iterator[httpx2.Client]:
+    """A client for the PostgreSQL live backend."""
+    limits = httpx2.Limits(max_connections=64, max_keepalive_connections=64)
+    with httpx2.Client(
+        base_url=f"{live_backend_pg.url}/internal/v1", timeout=60, limits=limits
+    ) as client:
+        client.headers.update(live_backend_pg.headers())
+        yield client
+
+
+@pytest.mark.postgres
+def test_racing_terminal_transitions_exactly_one_wins(pg_http: httpx2.Client) -> None:
+    targets = ["COMPLETED", "ERROR", "STOPPED"] * 8 + ["IN_PROGRESS", "QUEUED"] * 2
+    for _ in range(4):
+        execution = create(pg_http)
+        path = f"/workflow-executions/{execution['id']}/status/"
+        assert pg_http.post(path, json={"status": "IN_PROGRESS"}).status_code == 200
+        barrier = threading.Barrier(len(targets))
+
+        def send(target: str, path: str = path, barrier: threading.Barrier = barrier) -> Any:
+            barrier.wait()
+            return target, pg_http.post(path, json={"status": target})
+
+        with ThreadPoolExecutor(len(targets)) as pool:
+            answers = list(pool.map(send, targets))
+        final = pg_http.get(f"/workflow-executions/{execution['id']}/").json()
+        assert final["status"] in ("COMPLETED", "ERROR", "STOPPED")
+        finished_at = {
+            r.json()["finished_at"]
+            for t, r in answers
+            if r.status_code == 200 and t == final["status"]
+        }
+        assert finished_at == {final["finished_at"]}
+        for target, response in answers:
+            if target == final["status"]:
+                assert response.status_code == 200, (target, response.text)
+            elif target == "IN_PROGRESS" and response.status_code == 200:
+                continue  # a no-op that came before the terminal status
+            else:
+                assert error_of(response) == (409, "illegal_transition"), (target, final)
+
+
+@pytest.mark.postgres
+def test_patch_and_transition_do_not_lose_each_other(pg_http: httpx2.Client) -> None:
+    for _ in range(5):
+        execution = create(pg_http)
+        base = f"/workflow-executions/{execution['id']}/"
+        with ThreadPoolExecutor(3) as pool:
+            patched = pool.submit(
+                pg_http.patch, base, json={"result": {"n": 1}, "successful_files": 7}
+            )
+            moved = pool.submit(pg_http.post, base + "status/", json={"status": "IN_PROGRESS"})
+            assert patched.result().status_code == 200 and moved.result().status_code == 200
+        final = pg_http.get(base).json()
+        assert (final["status"], final["result"], final["successful_files"]) == (
+            "IN_PROGRESS",
+            {"n": 1},
+            7,
+        )
+
+
+@pytest.mark.postgres
+def test_idempotency_key_in_flight_is_409(
+    live_backend_pg: LiveBackend, pg_http: httpx2.Client
+) -> None:
+    import psycopg
+
+    execution = create(pg_http)
+    path = f"/workflow-executions/{execution['id']}/status/"
+    key = {"Idempotency-Key": f"flight-{uuid.uuid4()}"}
+    with psycopg.connect(live_backend_pg.database_url) as lock:
+        # Hold the execution's row lock: the first request claims the key, then waits.
+        lock.execute(
+            "SELECT id FROM internal_api_workflowexecution WHERE id = %s FOR UPDATE",
+            [execution["id"]],
+        )
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(pg_http.post, path, json={"status": "IN_PROGRESS"}, headers=key)
+            with psycopg.connect(live_backend_pg.database_url, autocommit=True) as probe:
+                for _ in range(600):
+                    claimed = probe.execute(
+                        "SELECT count(*) FROM internal_api_idempotencyrecord "
+                        "WHERE response_status IS NULL"
+                    ).fetchone()
+                    if claimed and claimed[0]:
+                        break
+                    time.sleep(0.05)
+            second = pg_http.post(path, json={"status": "IN_PROGRESS"}, headers=key)
+            assert error_of(second) == (409, "idempotency_in_flight")
+            assert second.headers["Retry-After"] == "1"
+            lock.rollback()  # let the first one finish
+            assert first.result().status_code == 200
+    replay = pg_http.post(path, json={"status": "IN_PROGRESS"}, headers=key)
+    assert replay.status_code == 200 and replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json() == first.result().json()
+
+
+def test_live_backend_imports_without_django() -> None:
+    code = "import sys, tests.live_backend; assert 'django' not in sys.modules"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
