@@ -1,0 +1,743 @@
+"""Health checks of a worker and the HTTP server that answers probes about them.
+
+:class:`HealthChecker` runs named checks, each bounded in time (``HEALTH_CHECK_TIMEOUT``,
+5 s by default): a check that hangs or raises becomes an ``unhealthy`` result, never a crash
+or a blocked probe. Built in: ``api_connectivity`` (an authenticated call to the backend's
+health endpoint, one attempt, short timeout), ``system_resources`` (memory, disk, CPU against
+the ``HEALTH_*_PERCENT`` thresholds) and ``worker_process`` (the Celery consumer's broker
+connection and the prefork children's heartbeats). The overall status is the worst check.
+
+:class:`HealthServer` serves, from the main process (standard library threading server):
+
+=================  ==========================================================================
+``/health``        runs the checks: 200 healthy or degraded, 503 unhealthy
+``/health/quick``  the last report (never runs a check inline)
+``/health/metrics`` system figures, task and monitored-function statistics (all children)
+``/health/history`` the last 100 reports
+``/livez``         the process and its server answer (never depends on backend or broker)
+``/readyz``        backend reachable, no circuit breaker open, consumer attached
+``/metrics``       Prometheus text format, aggregated over prefork children
+=================  ==========================================================================
+
+Responses carry no secret and no configuration beyond the worker's name and version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+from . import _heartbeat, _metrics, _redact, _stats
+from .config import ConfigurationError
+
+if TYPE_CHECKING:
+    from .config import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+HISTORY_SIZE = 100
+READY_MAX_AGE = 2.0  # seconds a backend check result is reused by /readyz
+CheckFunction = Callable[[], "HealthCheckResult | bool"]
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class HealthStatus(enum.StrEnum):
+    """Outcome of a check or of a whole report, from best to worst."""
+
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+
+    @property
+    def rank(self) -> int:
+        """0 healthy, 1 degraded, 2 unhealthy: the overall status is the highest rank."""
+        return _RANK[self]
+
+
+_RANK = {HealthStatus.HEALTHY: 0, HealthStatus.DEGRADED: 1, HealthStatus.UNHEALTHY: 2}
+
+
+def worst(statuses: list[HealthStatus]) -> HealthStatus:
+    """The worst of ``statuses`` (healthy when there are none)."""
+    return max(statuses, key=lambda s: s.rank, default=HealthStatus.HEALTHY)
+
+
+@dataclasses.dataclass
+class HealthCheckResult:
+    """The outcome of one check; ``duration_ms`` and ``timestamp`` are filled in by the checker."""
+
+    name: str
+    status: HealthStatus
+    message: str
+    details: dict[str, Any] | None = None
+    duration_ms: float = 0.0
+    timestamp: str = dataclasses.field(default_factory=_now_iso)
+
+    def __post_init__(self) -> None:
+        try:
+            self.status = HealthStatus(self.status)
+        except ValueError:
+            raise ValueError(
+                f"status must be one of {', '.join(s.value for s in HealthStatus)}, "
+                f"got {self.status!r}"
+            ) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form used in responses."""
+        out: dict[str, Any] = {"status": self.status.value, "message": self.message}
+        if self.details:
+            out["details"] = self.details
+        out["duration_ms"] = self.duration_ms
+        out["timestamp"] = self.timestamp
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthReport:
+    """All checks of one run and the overall status."""
+
+    status: HealthStatus
+    timestamp: str
+    uptime_seconds: float
+    worker_name: str
+    checks: dict[str, HealthCheckResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The seed's JSON shape: status, timestamp, uptime_seconds, worker_name, checks."""
+        return {
+            "status": self.status.value,
+            "timestamp": self.timestamp,
+            "uptime_seconds": self.uptime_seconds,
+            "worker_name": self.worker_name,
+            "checks": {name: result.to_dict() for name, result in self.checks.items()},
+        }
+
+    @property
+    def http_status(self) -> int:
+        """200 when healthy or degraded, 503 when unhealthy."""
+        return 503 if self.status is HealthStatus.UNHEALTHY else 200
+
+
+class _Run:
+    """One execution of one check in its own daemon thread (a hung one is left behind)."""
+
+    def __init__(self, name: str, fn: CheckFunction) -> None:
+        self.name = name
+        self.fn = fn
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.result: HealthCheckResult | None = None
+        threading.Thread(target=self._run, name=f"health-check-{name}", daemon=True).start()
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        try:
+            result = _as_result(self.name, self.fn())
+        except Exception as exc:  # a failing check is a finding, not a crash
+            result = HealthCheckResult(
+                self.name, HealthStatus.UNHEALTHY,
+                _redact.scrub(f"check raised {type(exc).__name__}: {exc}"),
+            )
+        result.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        self.result = result
+        self.done.set()
+
+
+def _as_result(name: str, value: Any) -> HealthCheckResult:
+    if isinstance(value, HealthCheckResult):
+        if value.name != name:
+            value = dataclasses.replace(value, name=name)
+        return value
+    if isinstance(value, bool):
+        if value:
+            return HealthCheckResult(name, HealthStatus.HEALTHY, "OK")
+        return HealthCheckResult(name, HealthStatus.UNHEALTHY, "check returned False")
+    return HealthCheckResult(
+        name, HealthStatus.UNHEALTHY,
+        f"check returned {type(value).__name__}, expected HealthCheckResult or bool",
+    )
+
+
+class HealthChecker:
+    """Runs the built-in and custom checks, keeps the last report and a history of 100."""
+
+    def __init__(self, config: WorkerConfig, *, check_timeout: float | None = None) -> None:
+        timeout = config.health_check_timeout if check_timeout is None else check_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise ValueError(f"check_timeout must be a number > 0, got {check_timeout!r}")
+        problems = {}
+        for kind in ("memory", "disk", "cpu"):
+            low = getattr(config, f"health_{kind}_degraded_percent")
+            high = getattr(config, f"health_{kind}_unhealthy_percent")
+            if low > high:
+                problems[f"HEALTH_{kind.upper()}_DEGRADED_PERCENT"] = (
+                    f"must not exceed HEALTH_{kind.upper()}_UNHEALTHY_PERCENT ({low} > {high})")
+        if problems:
+            raise ConfigurationError(problems)
+        self.config = config
+        self.check_timeout = float(timeout)
+        _redact.register_secrets(config.secret_values())
+        self._lock = threading.Lock()
+        self._checks: dict[str, tuple[CheckFunction, float]] = {}
+        self._runs: dict[str, _Run] = {}
+        self._latest: dict[str, HealthCheckResult] = {}
+        self._history: deque[HealthReport] = deque(maxlen=HISTORY_SIZE)
+        self._last: HealthReport | None = None
+        self._last_pair: tuple[HealthReport, bytes] | None = None
+        self._report_lock = threading.Lock()
+        self._report_done: threading.Event | None = None
+        self._stop = threading.Event()
+        self._background: threading.Thread | None = None
+        self._listeners: list[Callable[[HealthReport], object]] = []
+        self.started_at = _process_start()
+        import psutil
+
+        psutil.cpu_percent(interval=None)  # start the non-blocking CPU measurement
+        self.add_custom_check("api_connectivity", self.check_api_connectivity)
+        self.add_custom_check("system_resources", self.check_system_resources)
+        self.add_custom_check("worker_process", self.check_worker_process)
+
+    # --- registration ---------------------------------------------------------------
+    def add_custom_check(self, name: str, check: CheckFunction, *,
+                         timeout: float | None = None) -> None:
+        """Add (or replace) a check: ``check()`` returns a HealthCheckResult or a bool."""
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"check name must be a non-empty string, got {name!r}")
+        if not callable(check):
+            raise TypeError(f"check {name!r} must be callable, got {check!r}")
+        bound = self.check_timeout if timeout is None else timeout
+        if isinstance(bound, bool) or not isinstance(bound, int | float) or bound <= 0:
+            raise ValueError(f"timeout of check {name!r} must be a number > 0, got {timeout!r}")
+        with self._lock:
+            self._checks[name] = (check, float(bound))
+
+    def remove_check(self, name: str) -> None:
+        """Remove a check by name (KeyError naming it when there is none)."""
+        with self._lock:
+            if name not in self._checks:
+                raise KeyError(f"no health check named {name!r}")
+            del self._checks[name]
+            self._latest.pop(name, None)
+
+    @property
+    def check_names(self) -> list[str]:
+        """The registered checks, in registration order."""
+        with self._lock:
+            return list(self._checks)
+
+    def add_listener(self, listener: Callable[[HealthReport], object]) -> None:
+        """Call ``listener(report)`` after every completed run (in the running thread)."""
+        if not callable(listener):
+            raise TypeError(f"listener must be callable, got {listener!r}")
+        self._listeners.append(listener)
+
+    # --- running ------------------------------------------------------------------------
+    def _start_or_join(self, name: str) -> tuple[_Run, float] | None:
+        with self._lock:
+            entry = self._checks.get(name)
+            if entry is None:
+                return None
+            fn, bound = entry
+            run = self._runs.get(name)
+            if run is None or run.done.is_set():
+                run = self._runs[name] = _Run(name, fn)
+        return run, bound
+
+    def _collect(self, name: str, run: _Run, bound: float) -> HealthCheckResult:
+        remaining = run.started + bound - time.monotonic()
+        if run.done.wait(max(0.0, remaining)) and run.result is not None:
+            result = run.result
+        else:
+            elapsed = time.monotonic() - run.started
+            result = HealthCheckResult(
+                name, HealthStatus.UNHEALTHY,
+                f"check did not finish within {bound:g} s (running for {elapsed:.1f} s)",
+                duration_ms=round(elapsed * 1000, 3),
+            )
+        with self._lock:
+            self._latest[name] = result
+        return result
+
+    def run_check(self, name: str, *, max_age: float | None = None) -> HealthCheckResult:
+        """Run one check (bounded); a result younger than ``max_age`` seconds is reused."""
+        if max_age is not None:
+            with self._lock:
+                cached = self._latest.get(name)
+            if cached is not None and _age(cached.timestamp) <= max_age:
+                return cached
+        started = self._start_or_join(name)
+        if started is None:
+            raise KeyError(f"no health check named {name!r}")
+        return self._collect(name, *started)
+
+    def run_checks(self) -> HealthReport:
+        """Run every check concurrently, each within its bound; callers arriving during a
+        run share its report instead of starting another."""
+        with self._report_lock:
+            waiting = self._report_done
+            if waiting is None:
+                done = self._report_done = threading.Event()
+        if waiting is not None:
+            waiting.wait()
+            if self._last is not None:
+                return self._last
+            return self.run_checks()  # the run we waited for failed: make our own
+        try:
+            report = self._run_all()
+        finally:
+            with self._report_lock:
+                self._report_done = None
+            done.set()
+        return report
+
+    def _run_all(self) -> HealthReport:
+        started = [(name, s) for name in self.check_names
+                   if (s := self._start_or_join(name)) is not None]
+        checks = {name: self._collect(name, run, bound) for name, (run, bound) in started}
+        report = HealthReport(
+            status=worst([r.status for r in checks.values()]),
+            timestamp=_now_iso(),
+            uptime_seconds=self.uptime_seconds(),
+            worker_name=self.config.worker_name,
+            checks=checks,
+        )
+        self._last_pair = (report, _json_body(report.to_dict()))
+        self._last = report
+        self._history.append(report)
+        for listener in list(self._listeners):
+            try:
+                listener(report)
+            except Exception:
+                log.exception("health report listener %r failed", listener)
+        return report
+
+    @property
+    def last_report(self) -> HealthReport | None:
+        """The most recent report, or None before the first run."""
+        return self._last
+
+    def last_report_json(self) -> tuple[HealthReport, bytes] | None:
+        """The last report and its JSON encoding (made once per report), or None."""
+        return self._last_pair
+
+    def history(self) -> list[HealthReport]:
+        """Up to the last 100 reports, oldest first."""
+        return list(self._history)
+
+    def uptime_seconds(self) -> float:
+        """Seconds since this process started."""
+        return round(time.time() - self.started_at, 3)
+
+    # --- background -----------------------------------------------------------------
+    def start_background(self, interval: float | None = None) -> None:
+        """Re-run the checks every ``interval`` seconds (``HEALTH_CHECK_INTERVAL``) in a
+        daemon thread; the first run starts at once."""
+        every = self.config.health_check_interval if interval is None else interval
+        if isinstance(every, bool) or not isinstance(every, int | float) or every <= 0:
+            raise ValueError(f"interval must be a number > 0, got {interval!r}")
+        if self._background is not None and self._background.is_alive():
+            return
+        self._stop.clear()
+        self._background = threading.Thread(
+            target=self._loop, args=(float(every),), name="health-checker", daemon=True)
+        self._background.start()
+
+    def _loop(self, every: float) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_checks()
+            except Exception:
+                log.exception("health check run failed")
+            self._stop.wait(every)
+
+    def stop_background(self, timeout: float | None = None) -> None:
+        """Stop the background thread (waits for a run in progress, up to ``timeout``)."""
+        self._stop.set()
+        thread = self._background
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        self._background = None
+
+    # --- built-in checks -------------------------------------------------------------
+    def check_api_connectivity(self) -> HealthCheckResult:
+        """One authenticated ``GET health/`` to the backend, no retry, short timeout."""
+        from .api_client import InternalAPIClient, InternalAPIError
+
+        timeout = max(0.1, min(self.config.api_timeout, self.check_timeout * 0.8))
+        started = time.perf_counter()
+        try:
+            with InternalAPIClient(self.config) as client:
+                answer = client.health_check(timeout=timeout, retry=False)
+        except InternalAPIError as exc:
+            status = getattr(exc, "status", None)
+            why = type(exc).__name__ + (f", HTTP {status}" if status else "")
+            return HealthCheckResult("api_connectivity", HealthStatus.UNHEALTHY,
+                                     f"backend unreachable ({why})")
+        latency = round((time.perf_counter() - started) * 1000, 3)
+        details = {"latency_ms": latency, "backend_status": answer.status}
+        if answer.status != "healthy":
+            return HealthCheckResult("api_connectivity", HealthStatus.DEGRADED,
+                                     f"backend reports {answer.status!r}", details)
+        return HealthCheckResult("api_connectivity", HealthStatus.HEALTHY,
+                                 "API connectivity OK", details)
+
+    def check_system_resources(self) -> HealthCheckResult:
+        """Memory, disk (of ``WORKER_DATA_DIR``) and CPU use against the thresholds."""
+        import psutil
+
+        figures = {
+            "memory": psutil.virtual_memory().percent,
+            "disk": psutil.disk_usage(str(_existing(self.config.worker_data_dir))).percent,
+            "cpu": psutil.cpu_percent(interval=None),
+        }
+        statuses, problems = [], []
+        for kind, value in figures.items():
+            degraded = getattr(self.config, f"health_{kind}_degraded_percent")
+            unhealthy = getattr(self.config, f"health_{kind}_unhealthy_percent")
+            if value > unhealthy:
+                statuses.append(HealthStatus.UNHEALTHY)
+                problems.append(f"{kind} {value:.1f}% > {unhealthy:g}%")
+            elif value > degraded:
+                statuses.append(HealthStatus.DEGRADED)
+                problems.append(f"{kind} {value:.1f}% > {degraded:g}%")
+        details = {f"{kind}_percent": value for kind, value in figures.items()}
+        message = "System resources OK" if not problems else "; ".join(problems)
+        return HealthCheckResult("system_resources", worst(statuses), message, details)
+
+    def check_worker_process(self) -> HealthCheckResult:
+        """The main process, the consumer's broker connection, the pool's heartbeats."""
+        details: dict[str, Any] = {"pid": os.getpid()}
+        if not _heartbeat.worker_attached():
+            details["celery_worker"] = False
+            return HealthCheckResult("worker_process", HealthStatus.HEALTHY,
+                                     "Worker process healthy", details)
+        children = _heartbeat.child_heartbeats(self.config.health_heartbeat_timeout)
+        connected = _heartbeat.consumer_connected()
+        details.update(celery_worker=True, consumer_connected=connected,
+                       consumer_ready=_heartbeat.STATE.ready, pool_processes=children)
+        stale = [c["pid"] for c in children if not c["fresh"]]
+        if not connected:
+            return HealthCheckResult("worker_process", HealthStatus.UNHEALTHY,
+                                     "consumer not connected to the broker", details)
+        if stale:
+            return HealthCheckResult(
+                "worker_process", HealthStatus.UNHEALTHY,
+                f"{len(stale)} of {len(children)} pool processes without a heartbeat for "
+                f"{self.config.health_heartbeat_timeout:g} s: {stale}", details)
+        if not _heartbeat.STATE.ready:
+            return HealthCheckResult("worker_process", HealthStatus.DEGRADED,
+                                     "consumer starting", details)
+        return HealthCheckResult("worker_process", HealthStatus.HEALTHY,
+                                 "Worker process healthy", details)
+
+    # --- probes ---------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether this worker should take work: backend reachable, no breaker open,
+        consumer attached (when a Celery worker runs here). Returns (ready, reasons)."""
+        checks: dict[str, Any] = {}
+        api = self.run_check("api_connectivity", max_age=READY_MAX_AGE)
+        checks["backend"] = {"ok": api.status is not HealthStatus.UNHEALTHY,
+                             "message": api.message}
+        open_breakers = _open_breakers()
+        checks["circuit_breakers"] = {"ok": not open_breakers, "open": open_breakers}
+        if _heartbeat.worker_attached():
+            attached = _heartbeat.STATE.ready and _heartbeat.consumer_connected()
+            checks["consumer"] = {"ok": attached}
+        return all(c["ok"] for c in checks.values()), checks
+
+    def metrics(self) -> dict[str, Any]:
+        """System figures and task/function statistics merged over every process."""
+        import psutil
+
+        functions, tasks = _heartbeat.merged_stats()
+        me = psutil.Process()
+        with me.oneshot():
+            process = {"pid": me.pid, "rss_bytes": me.memory_info().rss,
+                       "threads": me.num_threads(),
+                       "pool_processes": len(_heartbeat.pool_pids())}
+        return {
+            "timestamp": _now_iso(),
+            "worker_name": self.config.worker_name,
+            "worker_version": self.config.worker_version,
+            "uptime_seconds": self.uptime_seconds(),
+            "system": {
+                "cpu_percent": psutil.cpu_percent(interval=None),
+                "memory_percent": psutil.virtual_memory().percent,
+                "disk_percent": psutil.disk_usage(
+                    str(_existing(self.config.worker_data_dir))).percent,
+                "load_average": [round(x, 2) for x in os.getloadavg()],
+            },
+            "process": process,
+            "tasks": _stats.summarize(tasks),
+            "functions": _stats.summarize(functions),
+        }
+
+
+def _open_breakers() -> list[str]:
+    module = sys.modules.get("backend.workers.shared.retry_utils")
+    if module is None:
+        return []
+    return [b.name for b in module.all_breakers() if b.state.value == "open"]
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _age(timestamp: str) -> float:
+    return time.time() - datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+def _process_start() -> float:
+    import psutil
+
+    return float(psutil.Process().create_time())
+
+
+# --- HTTP server -----------------------------------------------------------------------
+
+
+class HealthServerError(OSError):
+    """The health server could not listen (the message names the address and port)."""
+
+
+def _json_body(payload: Any) -> bytes:
+    return _redact.scrub(json.dumps(payload, default=str)).encode()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Routes probe requests; one thread per connection, sockets time out."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 5.0  # a silent client holds only its own thread, and not for long
+    server_version = "worker-health"
+    sys_version = ""
+    checker: HealthChecker  # set on the per-server subclass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("health request: " + format, *args)
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json",
+              extra: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _error(self, status: int, code: str, detail: str,
+               extra: dict[str, str] | None = None) -> None:
+        self._send(status, _json_body({"error": code, "detail": detail}), extra=extra)
+
+    def do_GET(self) -> None:
+        """Answer a probe."""
+        parts = urlsplit(self.path)
+        route = _ROUTES.get(parts.path.rstrip("/") or "/")
+        if route is None:
+            self._error(404, "not_found", f"no endpoint {parts.path!r}")
+            return
+        try:
+            route(self, parse_qs(parts.query))
+        except Exception:
+            log.exception("health endpoint %s failed", parts.path)
+            self._error(500, "internal_error", "the health endpoint failed; see the worker log")
+
+    do_HEAD = do_GET
+
+    def _not_allowed(self) -> None:
+        self._error(405, "method_not_allowed", f"{self.command} is not allowed; use GET",
+                    extra={"Allow": "GET, HEAD"})
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _not_allowed
+
+    # --- endpoints ---------------------------------------------------------------
+    def health(self, _query: dict[str, list[str]]) -> None:
+        """``/health``: run the checks now."""
+        report = self.checker.run_checks()
+        self._send(report.http_status, _json_body(report.to_dict()))
+
+    def quick(self, _query: dict[str, list[str]]) -> None:
+        """``/health/quick``: the last report as it was."""
+        last = self.checker.last_report_json()
+        if last is None:
+            self._send(503, _json_body({
+                "status": HealthStatus.UNHEALTHY.value, "timestamp": _now_iso(),
+                "uptime_seconds": self.checker.uptime_seconds(),
+                "worker_name": self.checker.config.worker_name, "checks": {},
+                "message": "no health report yet"}))
+            return
+        self._send(last[0].http_status, last[1])
+
+    def metrics_json(self, _query: dict[str, list[str]]) -> None:
+        """``/health/metrics``: system figures and statistics."""
+        self._send(200, _json_body(self.checker.metrics()))
+
+    def history(self, query: dict[str, list[str]]) -> None:
+        """``/health/history``: past reports, oldest first (``?limit=N`` for the last N)."""
+        reports = self.checker.history()
+        if "limit" in query:
+            text = query["limit"][-1]
+            if not text.isdigit() or int(text) < 1:
+                self._error(400, "bad_limit", f"limit must be a positive integer, got {text!r}")
+                return
+            reports = reports[-int(text):]
+        self._send(200, _json_body({"worker_name": self.checker.config.worker_name,
+                                    "count": len(reports),
+                                    "history": [r.to_dict() for r in reports]}))
+
+    def livez(self, _query: dict[str, list[str]]) -> None:
+        """``/livez``: this process and its server answer."""
+        self._send(200, _json_body({"status": "alive", "pid": os.getpid(),
+                                    "uptime_seconds": self.checker.uptime_seconds()}))
+
+    def readyz(self, _query: dict[str, list[str]]) -> None:
+        """``/readyz``: 200 when ready to take work, else 503 with the failed parts."""
+        ready, checks = self.checker.readiness()
+        self._send(200 if ready else 503,
+                   _json_body({"status": "ready" if ready else "not_ready", "checks": checks}))
+
+    def prometheus(self, _query: dict[str, list[str]]) -> None:
+        """``/metrics``: Prometheus text exposition."""
+        body, content_type = _metrics.render()
+        self._send(200, body, content_type)
+
+
+_ROUTES: dict[str, Callable[[_Handler, dict[str, list[str]]], None]] = {
+    "/health": _Handler.health,
+    "/health/quick": _Handler.quick,
+    "/health/metrics": _Handler.metrics_json,
+    "/health/history": _Handler.history,
+    "/livez": _Handler.livez,
+    "/readyz": _Handler.readyz,
+    "/metrics": _Handler.prometheus,
+}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+
+class HealthServer:
+    """HTTP server of the health endpoints, in a daemon thread of the main process."""
+
+    def __init__(self, health_checker: HealthChecker, port: int = 8080,
+                 host: str = "0.0.0.0") -> None:
+        if not isinstance(health_checker, HealthChecker):
+            raise TypeError(f"health_checker must be a HealthChecker, got {health_checker!r}")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an integer from 0 to 65535, got {port!r}")
+        if not isinstance(host, str) or not host:
+            raise ValueError(f"host must be a non-empty string, got {host!r}")
+        self.health_checker = health_checker
+        self.host = host
+        self._requested_port = port
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self.error: HealthServerError | None = None
+        _SERVERS.add(self)
+
+    @property
+    def port(self) -> int:
+        """The bound port once started (the requested one before, 0 meaning any free one)."""
+        if self._server is not None:
+            return int(self._server.server_address[1])
+        return self._requested_port
+
+    @property
+    def url(self) -> str:
+        """Base URL of the running server, e.g. ``http://127.0.0.1:8080``."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """True while the server thread serves requests."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Listen and serve in a daemon thread, and start the background checks; returns at
+        once. When the port cannot be bound, logs an error naming it, keeps ``error`` and
+        returns: the worker itself keeps running."""
+        if self.running:
+            return
+        handler = type("HealthHandler", (_Handler,), {"checker": self.health_checker})
+        try:
+            server = _Server((self.host, self._requested_port), handler)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            self.error = HealthServerError(
+                exc.errno, f"health server cannot listen on {self.host}:{self._requested_port}"
+                           f": {reason}")
+            log.error("%s; the worker runs without health endpoints", self.error.strerror,
+                      extra={"port": self._requested_port, "host": self.host})
+            return
+        self.error = None
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+                                         name="health-server", daemon=True)
+        self._thread.start()
+        self.health_checker.start_background()
+        from . import _celery
+
+        _celery.install_if_celery_loaded()
+        log.info("health server listening on %s:%s", self.host, self.port,
+                 extra={"port": self.port, "host": self.host})
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving, close the socket and stop the background checks."""
+        server, self._server = self._server, None
+        thread, self._thread = self._thread, None
+        self.health_checker.stop_background(timeout)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(timeout)
+
+    def _close_in_child(self) -> None:
+        # A forked child must not hold the listening socket (the port would outlive us).
+        server, self._server, self._thread = self._server, None, None
+        if server is not None:
+            server.socket.close()
+
+    def __enter__(self) -> HealthServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+_SERVERS: weakref.WeakSet[HealthServer] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for server in list(_SERVERS):
+        server._close_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
