@@ -250,7 +250,9 @@ class WorkerConfig(BaseSettings):
             conf["result_backend"] = self.celery_result_backend
         if self.broker_url.startswith("filesystem://"):
             # The embedded broker: producer and consumer share one folder pair.
-            folders = {name: self.broker_dir / name for name in ("queue", "processed")}
+            folders = {
+                name: self.broker_dir / name for name in ("queue", "processed", "control")
+            }
             for folder in folders.values():
                 folder.mkdir(parents=True, exist_ok=True)
             conf["broker_transport_options"] = {
@@ -258,6 +260,7 @@ class WorkerConfig(BaseSettings):
                 "data_folder_out": str(folders["queue"]),
                 "processed_folder": str(folders["processed"]),
                 "store_processed": False,
+                "control_folder": str(folders["control"]),
             }
         elif self.broker_url.startswith(("redis://", "rediss://")):
             # Redelivery of unacknowledged tasks must wait longer than a task may run.
