@@ -139,6 +139,32 @@ def member_dies_while_probing(name: str, prefix: str) -> None:
     breaker.call(die)
 
 
+def member_through_outage(
+    index: int, name: str, prefix: str, url: str, barrier: Barrier, results: Any
+) -> None:
+    """Call through the proxy before, during and after the parent cuts it; then fail once."""
+    breaker = shared(name, prefix, url=url, failure_threshold=PROCESSES, recovery_timeout=30.0,
+                     reconnect_interval=0.2)
+    events: list[bool] = []
+    breaker.add_shared_state_listener(lambda _, ok_: events.append(ok_))
+    breaker.call(ok)
+    before = breaker.degraded
+    barrier.wait()  # the parent cuts the line
+    barrier.wait()
+    breaker.call(ok)
+    during = breaker.degraded
+    barrier.wait()  # the parent restores the line
+    barrier.wait()
+    time.sleep(0.25)  # past reconnect_interval
+    breaker.call(ok)
+    after = breaker.degraded
+    barrier.wait()
+    with contextlib.suppress(ConnectionError):
+        breaker.call(fail)
+    barrier.wait()  # every process has failed once: PROCESSES failures in the shared count
+    results.put((index, before, during, after, events, breaker.state.value))
+
+
 # --------------------------------------------------------------------------- tests
 
 
@@ -219,7 +245,7 @@ class FaultyProxy:
     """A TCP proxy on 127.0.0.1 in front of Redis that can cut the line.
 
     ``mode`` "forward" relays bytes; "reset" aborts every connection (open ones too) with a
-    TCP reset; "stall" accepts connections and never answers.
+    TCP reset; "stall" keeps connections (and accepts new ones) but never answers.
     """
 
     def __init__(self, upstream: tuple[str, int]) -> None:
@@ -238,8 +264,11 @@ class FaultyProxy:
         return f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
 
     def cut(self, mode: str = "reset") -> None:
-        """Stop relaying; open connections are reset at once."""
+        """Stop relaying: "reset" aborts open connections at once; "stall" keeps them open
+        but drops every byte, so the client waits for an answer that never comes."""
         self.mode = mode
+        if mode != "reset":
+            return
         with self._lock:
             victims = list(self._sockets)
             self._sockets.clear()
@@ -251,7 +280,7 @@ class FaultyProxy:
 
     def stop(self) -> None:
         self._stopping.set()
-        self.cut()
+        self.cut("reset")
         self._thread.join(timeout=5)
         self._listener.close()
 
@@ -291,7 +320,8 @@ class FaultyProxy:
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                if self.mode == "forward":
+                    sink.sendall(data)
         except OSError:
             pass
         finally:
@@ -353,3 +383,36 @@ def test_falls_back_to_local_state_and_recovers(
         assert breaker.state is CircuitState.CLOSED
     finally:
         remove_shared_state_listener(on_shared)
+
+
+def test_fleet_degrades_and_recovers_together(prefix: str, proxy: FaultyProxy) -> None:
+    """4 processes reach Redis through the proxy; each falls back to local state while the
+    line is cut, recovers when it returns, and then they share one failure count again."""
+    barrier = SPAWN.Barrier(PROCESSES + 1)
+    results = SPAWN.Queue()
+    members = [
+        SPAWN.Process(
+            target=member_through_outage,
+            args=(index, "fleet-outage", prefix, proxy.url, barrier, results),
+        )
+        for index in range(PROCESSES)
+    ]
+    for member in members:
+        member.start()
+    try:
+        barrier.wait(timeout=60)
+        proxy.cut("reset")
+        barrier.wait(timeout=60)
+        barrier.wait(timeout=60)
+        proxy.restore()
+        for _ in range(3):
+            barrier.wait(timeout=60)
+        collected = sorted(results.get(timeout=60) for _ in members)
+    finally:
+        for member in members:
+            member.join(timeout=30)
+    assert [member.exitcode for member in members] == [0] * PROCESSES
+    for _, before, during, after, events, state in collected:
+        assert (before, during, after) == (False, True, False)
+        assert events == [False, True]
+        assert state == "open"  # one failure in each process opened the shared breaker
