@@ -91,6 +91,7 @@ def run(data_dir: Path) -> dict[str, Any]:
     from backend.workers.shared import InternalAPIClient, WorkerConfig
 
     broker_url = os.environ.get("CELERY_BROKER_URL") or None
+    worker_name = f"demo-worker-{os.getpid()}"
     secret = new_webhook_secret()
     backend = LiveBackend(data_dir=data_dir / "backend")
     receiver = WebhookReceiver(secret=secret)
@@ -103,7 +104,7 @@ def run(data_dir: Path) -> dict[str, Any]:
             backend_url=backend.url,
             api_key=backend.api_key,
             organization_id=backend.org_id,
-            worker_name="demo-worker",
+            worker_name=worker_name,
             data_dir=data_dir / "worker",
             metrics_port=_free_port(),
             broker_url=broker_url,
@@ -136,7 +137,7 @@ def run(data_dir: Path) -> dict[str, Any]:
                                                               total_files=3)
                 client.update_workflow_execution_status(execution.id, "QUEUED")
                 ids.append(str(execution.id))
-            submit(producer(env), "demo-worker", ids, backend.org_id)
+            submit(producer(env), worker_name, ids, backend.org_id)
 
             counts: Counter[str] = Counter()
 
@@ -182,7 +183,7 @@ def run(data_dir: Path) -> dict[str, Any]:
         if worker is not None:
             worker.terminate()
         receiver.stop()
-        backend.stop()
+        backend.close()
 
 
 def check(summary: dict[str, Any]) -> None:
@@ -229,7 +230,7 @@ def _stop_on_signal(signum: int, _frame: FrameType | None) -> None:
 def main() -> int:
     """Run the demo; 0 when it did everything it promises, 1 (with the reason) otherwise."""
     signal.signal(signal.SIGTERM, _stop_on_signal)
-    data_dir = REPO_ROOT / ".data" / "demo"
+    data_dir = Path(os.environ.get("DEMO_DATA_DIR") or REPO_ROOT / ".data" / "demo")
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
     try:

@@ -1,0 +1,129 @@
+"""The example worker fleet end to end: real backend, real brokers, real prefork workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.fleet import StatusRecorder, fleet, legal_history, wait_for_log
+from tests.e2e.harness import REPO_ROOT, wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+BROKERS = [
+    pytest.param("filesystem", id="filesystem"),
+    pytest.param("redis", marks=pytest.mark.redis, id="redis"),
+    pytest.param("rabbitmq", marks=pytest.mark.rabbitmq, id="rabbitmq"),
+]
+
+
+@pytest.mark.parametrize("broker", BROKERS)
+def test_200_executions_complete_with_legal_histories(
+    live_backend: Any, tmp_path: Path, broker: str
+) -> None:
+    with fleet(live_backend, tmp_path, broker) as crew:
+        crew.start_worker()
+        ids = crew.create(200)
+        with StatusRecorder(crew.client) as recorder:
+            crew.submit(ids)
+            crew.wait_all(ids, "COMPLETED", timeout=150)
+            recorder.poll()
+        executions = {e.id: e for e in crew.client.list_workflow_executions()}
+        assert len(executions) == 200
+        for execution_id in ids:
+            execution = executions[execution_id]
+            history = recorder.histories[execution_id]
+            assert legal_history(history), (execution_id, history)
+            assert history[0] in ("QUEUED", "IN_PROGRESS", "COMPLETED")
+            assert history[-1] == "COMPLETED"
+            assert execution.error_message is None
+            assert execution.attempts >= 1
+            assert execution.successful_files == execution.total_files == 2
+            assert execution.started_at is not None and execution.finished_at is not None
+            assert execution.created_at <= execution.started_at <= execution.finished_at
+        # The recorder saw work in flight, not only before and after.
+        assert any("IN_PROGRESS" in h for h in recorder.histories.values())
+
+
+@pytest.mark.redis
+def test_kill_9_of_a_child_mid_task_loses_nothing(live_backend: Any, tmp_path: Path) -> None:
+    with fleet(live_backend, tmp_path, "redis", concurrency=2,
+               work={"EXAMPLE_WORK_SECONDS": "3"}) as crew:
+        worker = crew.start_worker()
+        ids = crew.create(3)
+        crew.submit(ids)
+        line = wait_for_log(crew, lambda r: r.get("event", r.get("message")) ==
+                            "processing execution", 30, "a task in flight")
+        victim, execution_id = int(line["pid"]), line["execution_id"]
+        assert victim in worker.children()
+        os.kill(victim, signal.SIGKILL)
+        crew.wait_all(ids, "COMPLETED", timeout=60)
+        runs = [r for r in crew.log_lines()
+                if r.get("execution_id") == execution_id
+                and r.get("event", r.get("message")) == "processing execution"]
+        assert len(runs) >= 2, "the killed task was not run again"
+        assert runs[-1]["pid"] != victim
+        assert worker.alive()
+
+
+@pytest.mark.parametrize("broker", [BROKERS[0], BROKERS[1]])
+def test_sigterm_finishes_or_requeues_every_task(
+    live_backend: Any, tmp_path: Path, broker: str
+) -> None:
+    with fleet(live_backend, tmp_path, broker, concurrency=2,
+               work={"EXAMPLE_WORK_SECONDS": "1.5"}) as crew:
+        worker = crew.start_worker()
+        ids = crew.create(8)
+        crew.submit(ids)
+        wait_until(lambda: list(crew.statuses().values()).count("IN_PROGRESS") >= 2, 30,
+                   "two tasks in flight")
+        in_flight = {i for i, s in crew.statuses().items() if s == "IN_PROGRESS"}
+        assert worker.terminate(timeout=60) == 0, worker.log_tail()
+        after_stop = crew.statuses()
+        # Warm shutdown: the tasks that were running finished; nothing failed.
+        assert all(after_stop[i] == "COMPLETED" for i in in_flight), after_stop
+        assert "ERROR" not in after_stop.values()
+        assert "QUEUED" in after_stop.values(), "the stop came too late to test re-queueing"
+        crew.start_worker()
+        crew.wait_all(ids, "COMPLETED", timeout=60)
+
+
+def test_backend_down_15s_executions_wait_and_complete(live_backend: Any, tmp_path: Path) -> None:
+    with fleet(live_backend, tmp_path, "filesystem",
+               work={"EXAMPLE_WORK_SECONDS": "0.3"}) as crew:
+        crew.start_worker()
+        ids = crew.create(40)
+        with StatusRecorder(crew.client, interval=0.2) as recorder:
+            crew.submit(ids)
+            wait_until(lambda: list(crew.statuses().values()).count("COMPLETED") >= 5, 60,
+                       "the first executions to complete")
+            live_backend.stop()
+            down_since = time.monotonic()
+            time.sleep(15)
+            live_backend.start()
+            assert time.monotonic() - down_since >= 15
+            crew.wait_all(ids, "COMPLETED", timeout=180)
+            recorder.poll()
+        assert recorder.errors, "the recorder never saw the backend down"
+        for execution_id in ids:
+            history = recorder.histories[execution_id]
+            assert legal_history(history) and "ERROR" not in history, history
+        requeued = [r for r in crew.log_lines()
+                    if r.get("event", r.get("message")) == "transient failure, task re-queued"]
+        assert requeued, "no task met the outage"
+
+
+def test_make_demo_exits_0() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_")}
+    done = subprocess.run([sys.executable, "scripts/demo.py"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "demo OK" in done.stdout
+    assert "COMPLETED" in done.stdout
