@@ -117,15 +117,26 @@ def member_concurrent(index: int, name: str, prefix: str, barrier: Barrier, resu
     results.put((index, executed))
 
 
-def member_probe(index: int, name: str, prefix: str, barrier: Barrier, results: Any) -> None:
-    """Try a slow call at the same moment as the others; report whether it ran."""
+def member_probe(
+    index: int, name: str, prefix: str, barrier: Barrier, rejected: Any, results: Any
+) -> None:
+    """Try a call at the same moment as the others; report whether it ran. A call that runs
+    lasts until every other process has been rejected."""
     breaker = shared(name, prefix, failure_threshold=1, recovery_timeout=0.2, probe_timeout=30.0)
+
+    def probe() -> None:
+        deadline = time.monotonic() + 30
+        while rejected.value < PROCESSES - 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+
     barrier.wait()
     try:
-        breaker.call(time.sleep, 0.5)
+        breaker.call(probe)
         outcome = "ran"
     except CircuitBreakerOpenError as exc:
         outcome = f"rejected:{exc.retry_after > 0}"
+        with rejected.get_lock():
+            rejected.value += 1
     barrier.wait()  # every process has its answer; the probe has finished
     results.put((outcome, breaker.state.value))
 
@@ -198,7 +209,7 @@ def test_half_open_admits_one_probe_across_processes(prefix: str) -> None:
     assert opener.state is CircuitState.OPEN
     time.sleep(0.25)  # past the recovery timeout (Redis' clock)
     barrier = SPAWN.Barrier(PROCESSES)
-    results = run_members(member_probe, name, prefix, barrier)
+    results = run_members(member_probe, name, prefix, barrier, SPAWN.Value("i", 0))
     assert [outcome for outcome, _ in results] == ["ran"] + ["rejected:True"] * (PROCESSES - 1)
     assert {state for _, state in results} == {"closed"}
     assert opener.state is CircuitState.CLOSED
