@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import itertools
+import os
 import random
 import threading
 import time
@@ -402,3 +403,47 @@ def test_local_breaker_reports_shared_state_ok(name: str) -> None:
     assert retry_utils.CircuitState("half_open") is HALF_OPEN
 
 
+
+
+def test_forked_child_is_not_wedged_by_a_lock_held_in_the_parent(name: str) -> None:
+    """Celery's prefork pool forks while other threads (the health server) may hold a
+    breaker's or a budget's lock; the child must still be able to call."""
+    from backend.workers.shared.retry_utils import RetryBudget, RetryPolicy
+
+    breaker = CircuitBreaker(name, failure_threshold=1)
+    trip(breaker, 1)  # open: the child must take the lock to answer
+    budget = RetryBudget()
+    holding = threading.Event()
+    release = threading.Event()
+
+    def hold_locks() -> None:
+        with breaker._lock, budget._lock:
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_locks)
+    holder.start()
+    assert holding.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if every call returned
+        code = 1
+        try:
+            with contextlib.suppress(CircuitBreakerOpenError):
+                breaker.call(ok)
+            RetryPolicy(budget=budget).call(ok)
+            get_breaker(f"{name}-child")
+            code = 0
+        finally:
+            os._exit(code)
+    release.set()
+    holder.join()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked child hung on a lock inherited from the parent")

@@ -139,6 +139,16 @@ _clients: dict[str, redis.Redis] = {}
 _clients_lock = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    """A fresh lock in a forked child (the parent's may have been held during the fork);
+    redis-py itself replaces inherited connections when it sees the new process id."""
+    global _clients_lock
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _client(url: str) -> redis.Redis:
     """One client (one connection pool) per URL per process; redis-py resets it after fork."""
     with _clients_lock:

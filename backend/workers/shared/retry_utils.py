@@ -41,10 +41,12 @@ import functools
 import inspect
 import logging
 import math
+import os
 import random
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
@@ -187,6 +189,9 @@ class BackoffStrategy(enum.StrEnum):
 # --------------------------------------------------------------------------- retry budget
 
 
+_budgets: weakref.WeakSet[RetryBudget] = weakref.WeakSet()  # for the fork handler
+
+
 class RetryBudget:
     """Caps retries at ``ratio`` of the calls of the last ``window`` seconds, plus a floor.
 
@@ -207,6 +212,7 @@ class RetryBudget:
         self._retries = [0] * self._SLOTS
         self._epoch = -1  # index of the newest slot, in slot units since the monotonic origin
         self._lock = threading.Lock()
+        _budgets.add(self)
 
     def __repr__(self) -> str:
         return (
@@ -1334,3 +1340,17 @@ class ResilientExecutor:
             return self.execute(fn, *args, **kwargs)
 
         return wrapper
+
+
+def _after_fork_in_child() -> None:
+    """Give a forked child (Celery's prefork pool) fresh locks: a lock that another thread of
+    the parent held at the moment of the fork would otherwise stay locked in the child."""
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for breaker in _registry.values():
+        breaker._lock = threading.Lock()
+    for budget in list(_budgets):
+        budget._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
