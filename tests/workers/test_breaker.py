@@ -447,3 +447,12 @@ def test_forked_child_is_not_wedged_by_a_lock_held_in_the_parent(name: str) -> N
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     raise AssertionError("the forked child hung on a lock inherited from the parent")
+
+
+def test_get_breaker_rejects_unknown_and_conflicting_settings(name: str) -> None:
+    breaker = get_breaker(name, key_prefix="custom:", probe_timeout=5)
+    assert get_breaker(name, probe_timeout=5.0, key_prefix="custom:") is breaker
+    with pytest.raises(ValueError, match="key_prefix"):
+        get_breaker(name, key_prefix="other:")
+    with pytest.raises(ValueError, match="unknown CircuitBreaker parameter: threshold"):
+        get_breaker(name, threshold=3)

@@ -833,6 +833,9 @@ class CircuitBreaker:
         if redis_url is not None and (not isinstance(redis_url, str) or not redis_url):
             raise ValueError(f"redis_url must be a non-empty string or None, got {redis_url!r}")
         self.redis_url = redis_url
+        if not isinstance(key_prefix, str):
+            raise ValueError(f"key_prefix must be a string, got {key_prefix!r}")
+        self.key_prefix = key_prefix
         self._lock = threading.Lock()
         self._state = CircuitState.CLOSED
         self._failures = 0
@@ -1167,13 +1170,7 @@ class CircuitBreaker:
         return wrapper
 
 
-_BREAKER_DEFAULTS: dict[str, Any] = {
-    "failure_threshold": 5,
-    "recovery_timeout": 60.0,
-    "expected_exception": Exception,
-    "is_failure": None,
-    "redis_url": None,
-}
+_BREAKER_PARAMETERS = frozenset(inspect.signature(CircuitBreaker).parameters) - {"name"}
 
 
 def get_breaker(name: str, **kwargs: Any) -> CircuitBreaker:
@@ -1193,13 +1190,13 @@ def get_breaker(name: str, **kwargs: Any) -> CircuitBreaker:
             if existing is None:
                 raise
     for key, value in kwargs.items():
-        current = getattr(existing, key, None)
+        if key not in _BREAKER_PARAMETERS:
+            raise ValueError(f"unknown CircuitBreaker parameter: {key}")
+        current = getattr(existing, key)
         if key == "expected_exception":
             value = _check_exceptions(key, value, allow_empty=False)
         if key in ("recovery_timeout", "probe_timeout", "reconnect_interval"):
             value = float(value)
-        if key == "key_prefix":
-            continue  # not stored separately; the name already identifies the breaker
         if current != value:
             raise ValueError(
                 f"breaker {name!r} exists with {key}={current!r}; cannot get it with "
