@@ -427,3 +427,28 @@ def test_fleet_degrades_and_recovers_together(prefix: str, proxy: FaultyProxy) -
         assert (before, during, after) == (False, True, False)
         assert events == [False, True]
         assert state == "open"  # one failure in each process opened the shared breaker
+
+
+def test_executor_with_a_shared_breaker(prefix: str) -> None:
+    """Retries go through the shared breaker on every attempt; once it opens, the fallback
+    answers, and Redis holds the open state for every other process."""
+    from backend.workers.shared.retry_utils import ResilientExecutor, set_testing
+
+    breaker = shared("composed", prefix, failure_threshold=3, recovery_timeout=30.0)
+    calls = 0
+
+    def dependency() -> str:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError("down")
+
+    executor = ResilientExecutor({"max_attempts": 10}, circuit_breaker=breaker,
+                                 fallback=lambda exc: type(exc).__name__)
+    set_testing(True)
+    try:
+        assert executor.execute(dependency) == "CircuitBreakerOpenError"
+    finally:
+        set_testing(False)
+    assert calls == 3
+    client = redis.Redis.from_url(REDIS_URL)
+    assert client.hget(prefix + "composed", "state") == b"open"
