@@ -452,3 +452,31 @@ def test_executor_with_a_shared_breaker(prefix: str) -> None:
     assert calls == 3
     client = redis.Redis.from_url(REDIS_URL)
     assert client.hget(prefix + "composed", "state") == b"open"
+
+
+def test_async_calls_through_a_shared_breaker(prefix: str) -> None:
+    import asyncio
+
+    breaker = shared("async-shared", prefix, failure_threshold=2, recovery_timeout=0.2)
+
+    @breaker
+    async def fetch(fail_it: bool) -> str:
+        await asyncio.sleep(0)
+        if fail_it:
+            raise ConnectionError("down")
+        return "fetched"
+
+    async def scenario() -> list[str]:
+        out = [await fetch(False)]
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                await fetch(True)
+        with pytest.raises(CircuitBreakerOpenError) as caught:
+            await fetch(False)
+        await asyncio.sleep(caught.value.retry_after + 0.05)
+        out.append(await fetch(False))  # the probe
+        return out
+
+    assert asyncio.run(scenario()) == ["fetched", "fetched"]
+    assert breaker.state is CircuitState.CLOSED
+    assert redis.Redis.from_url(REDIS_URL).hget(prefix + "async-shared", "state") == b"closed"
