@@ -1,0 +1,102 @@
+"""The one holder of HTTP connection pools: one ``httpx2.Client`` per process and base URL.
+
+Pools are created lazily on first use and shared by every ``InternalAPIClient`` of the
+process, so a task that opens ``with InternalAPIClient(config)`` reuses warm connections
+instead of paying a TCP (and TLS) handshake. After ``fork()`` the child forgets the pools it
+inherited without closing them: closing would shut sockets the parent is still using. The
+child builds its own on first use. Pools are closed at interpreter exit, or earlier by
+:func:`close_all` (for example from a worker-process shutdown hook).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import ssl
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import httpx2
+
+#: Most connections one process keeps open to one backend URL.
+POOL_MAX_CONNECTIONS = 10
+#: Idle connections kept warm per pool (the rest are closed once idle).
+POOL_MAX_KEEPALIVE = 10
+#: Seconds an idle pooled connection is kept (below the backend's 75 s keep-alive).
+POOL_KEEPALIVE_EXPIRY = 60.0
+
+_lock = threading.RLock()  # get_pool() holds it while _new_pool() asks for the TLS context
+_pools: dict[str, httpx2.Client] = {}
+_ssl_context: ssl.SSLContext | None = None
+
+
+def get_pool(base_url: str) -> httpx2.Client:
+    """The process's pooled client for ``base_url``, created on first use."""
+    pool = _pools.get(base_url)
+    if pool is not None:
+        return pool
+    with _lock:
+        pool = _pools.get(base_url)
+        if pool is None:
+            pool = _new_pool(base_url)
+            _pools[base_url] = pool
+        return pool
+
+
+def shared_ssl_context() -> ssl.SSLContext:
+    """A verifying TLS context built once per process (loading CA certificates is slow)."""
+    global _ssl_context
+    context = _ssl_context
+    if context is None:
+        with _lock:
+            if _ssl_context is None:
+                _ssl_context = ssl.create_default_context()
+            context = _ssl_context
+    return context
+
+
+def pool_count() -> int:
+    """How many pools this process holds now (for diagnostics and tests)."""
+    return len(_pools)
+
+
+def close_all() -> None:
+    """Close every pool of this process; the next use creates fresh ones."""
+    with _lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for pool in pools:
+        pool.close()
+
+
+def _new_pool(base_url: str) -> httpx2.Client:
+    import httpx2
+
+    limits = httpx2.Limits(
+        max_connections=POOL_MAX_CONNECTIONS,
+        max_keepalive_connections=POOL_MAX_KEEPALIVE,
+        keepalive_expiry=POOL_KEEPALIVE_EXPIRY,
+    )
+    # Timeouts are given per request; proxies from the environment are not consulted so the
+    # worker reaches exactly the configured backend.
+    return httpx2.Client(
+        base_url=base_url,
+        limits=limits,
+        trust_env=False,
+        follow_redirects=False,
+        verify=shared_ssl_context(),
+    )
+
+
+def _forget_after_fork() -> None:
+    # Runs in the child only: drop (never close) the inherited pools, and replace the lock,
+    # which another parent thread may have held at the moment of the fork.
+    global _lock, _ssl_context
+    _lock = threading.RLock()
+    _pools.clear()
+    _ssl_context = None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+atexit.register(close_all)

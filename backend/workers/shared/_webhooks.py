@@ -1,0 +1,319 @@
+"""Webhook delivery from the worker: SSRF guard, Standard Webhooks signing, one POST with retries.
+
+The guard resolves the URL's host, refuses it unless every address it resolves to is a public
+one, and then connects to the address it checked (the request goes to the IP literal with the
+original ``Host`` header and TLS server name), so a second DNS answer cannot swap in an
+internal address. Redirects are followed by hand, at most :data:`MAX_REDIRECTS`, each target
+checked the same way. Hosts named in ``WEBHOOK_ALLOWED_HOSTS`` skip the address check (local
+development), never the scheme check.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from ._errors import WebhookError, WebhookURLRefusedError, one_line
+from ._http import shared_ssl_context
+from ._retry_after import parse_retry_after
+
+if TYPE_CHECKING:
+    import httpx2
+
+    from .retry_utils import RetryPolicy
+
+logger = logging.getLogger(__name__)
+
+#: Redirects followed for one delivery attempt; each target passes the guard again.
+MAX_REDIRECTS = 3
+#: Most bytes of the receiver's answer that are read; the rest is discarded unread.
+MAX_RESPONSE_BYTES = 64 * 1024
+_REDIRECTS = (301, 302, 307, 308)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_SHARED = ipaddress.ip_network("100.64.0.0/10")
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def refusal_reason(address: IPAddress) -> str | None:
+    """Why a connection to ``address`` is refused (``None`` when it is a public address)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            inner = refusal_reason(embedded)
+            if inner is not None:
+                return f"IPv6 address embedding {embedded} ({inner})"
+    checks: tuple[tuple[bool, str], ...] = (
+        (address.is_unspecified, "unspecified address"),
+        (address.is_loopback, "loopback address"),
+        (address.is_link_local, "link-local address (cloud metadata lives here)"),
+        (address.is_multicast, "multicast address"),
+        (isinstance(address, ipaddress.IPv4Address) and address in _SHARED,
+         "shared address space (100.64.0.0/10)"),
+        (isinstance(address, ipaddress.IPv6Address) and address in ipaddress.ip_network(
+            "fc00::/7"), "unique-local address"),
+        (address.is_private, "private address"),
+        (address.is_reserved, "reserved address"),
+        (not address.is_global, "not a globally routable address"),
+    )
+    for refused, reason in checks:
+        if refused:
+            return reason
+    return None
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if any(address in net for net in _NAT64):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if int(address) >> 32 == 0 and int(address) > 1:  # IPv4-compatible ::a.b.c.d
+        return ipaddress.IPv4Address(int(address))
+    return None
+
+
+@dataclass(frozen=True)
+class CheckedTarget:
+    """A URL that passed the guard, and the address it will be connected to."""
+
+    url: httpx2.URL
+    host: str
+    address: str
+    allow_listed: bool
+
+    def connect_url(self) -> httpx2.URL:
+        """The URL with the checked address as host (no second name resolution)."""
+        return self.url.copy_with(host=self.address)
+
+    def host_header(self) -> str:
+        """The ``Host`` header of the original URL."""
+        return self.url.netloc.decode("ascii")
+
+    def extensions(self) -> dict[str, Any]:
+        """Request extensions: the original name as TLS server name, so certificates match."""
+        return {"sni_hostname": self.host} if self.url.scheme == "https" else {}
+
+
+def check_url(url: str | httpx2.URL, allowed_hosts: list[str] | tuple[str, ...]) -> CheckedTarget:
+    """Resolve and check ``url``; raise :class:`WebhookURLRefusedError` when it is not allowed."""
+    import httpx2
+
+    try:
+        parsed = httpx2.URL(url) if isinstance(url, str) else url
+    except (httpx2.InvalidURL, TypeError, ValueError) as exc:
+        raise WebhookURLRefusedError(f"webhook URL refused: not a valid URL ({exc})") from None
+    if parsed.scheme not in ("http", "https"):
+        raise WebhookURLRefusedError(
+            f"webhook URL refused: scheme {parsed.scheme!r} is not http or https"
+        )
+    host = parsed.host.lower().rstrip(".")
+    if not host:
+        raise WebhookURLRefusedError("webhook URL refused: it has no host")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    allow_listed = host in allowed_hosts
+    addresses = _resolve(host, port)
+    if not allow_listed:
+        for address in addresses:
+            reason = refusal_reason(address)
+            if reason is not None:
+                raise WebhookURLRefusedError(
+                    f"webhook URL refused: host {host!r} resolves to {address}, a {reason}"
+                    " (list the host in WEBHOOK_ALLOWED_HOSTS to allow it in development)"
+                )
+    return CheckedTarget(url=parsed, host=host, address=str(addresses[0]),
+                         allow_listed=allow_listed)
+
+
+def _resolve(host: str, port: int) -> list[IPAddress]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError) as exc:
+        raise WebhookURLRefusedError(
+            f"webhook URL refused: host {host!r} does not resolve ({exc})"
+        ) from None
+    addresses: list[IPAddress] = []
+    for _family, _type, _proto, _name, sockaddr in infos:
+        text = str(sockaddr[0])
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+        if address not in addresses:
+            addresses.append(address)
+    if not addresses:
+        raise WebhookURLRefusedError(f"webhook URL refused: host {host!r} has no address")
+    return addresses
+
+
+def signature_headers(secret: str, message_id: str, body: str) -> dict[str, str]:
+    """The Standard Webhooks headers signing ``body`` with ``secret`` (base64, ``whsec_`` ok)."""
+    from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
+
+    try:
+        signer = Webhook(secret)
+    except (EmptyWebhookSecretError, ValueError) as exc:
+        raise WebhookError(
+            "WEBHOOK_SIGNING_SECRET is not a usable Standard Webhooks secret "
+            "(expected base64, optionally prefixed with whsec_)"
+        ) from exc
+    now = datetime.now(tz=UTC)
+    return {
+        "webhook-id": message_id,
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": signer.sign(message_id, now, body),
+    }
+
+
+def new_message_id() -> str:
+    """A fresh Standard Webhooks message id (kept across the retries of one delivery)."""
+    return f"msg_{uuid.uuid4().hex}"
+
+
+@dataclass
+class DeliveryReport:
+    """What happened to one delivery, attempts and redirects included."""
+
+    url: str
+    message_id: str
+    outcome: str = "failed"
+    status_code: int | None = None
+    attempts: int = 0
+    duration: float = 0.0
+    error: str | None = None
+    response_body: bytes = b""
+    final_url: str | None = None
+
+
+class AttemptFailed(Exception):
+    """One delivery attempt failed; ``transient`` says whether another attempt may succeed."""
+
+    def __init__(self, reason: str, *, status: int | None, transient: bool,
+                 retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.transient = transient
+        self.retry_after = retry_after
+
+
+def deliver(
+    *,
+    url: str,
+    body: str,
+    headers: dict[str, str],
+    message_id: str,
+    secret: str | None,
+    timeout: float,
+    allowed_hosts: list[str],
+    policy: RetryPolicy,
+) -> DeliveryReport:
+    """POST ``body`` to ``url`` under ``policy``: the guard first, then attempts until success,
+    a permanent answer (4xx, 410 "gone"), or the policy gives up."""
+    import httpx2
+
+    check_url(url, allowed_hosts)  # refuse before anything is sent
+    report = DeliveryReport(url=url, message_id=message_id)
+    payload = body.encode("utf-8")
+    started = time.monotonic()
+
+    def attempt(client: httpx2.Client) -> None:
+        report.attempts += 1
+        sent = dict(headers)
+        sent["content-type"] = "application/json"
+        if secret is not None:
+            sent.update(signature_headers(secret, message_id, body))
+        status, response_body, final_url, retry_after = _post_following_redirects(
+            client, url, payload, sent, timeout, allowed_hosts
+        )
+        report.status_code = status
+        report.response_body = response_body
+        report.final_url = final_url
+        log = {"webhook_host": httpx2.URL(final_url).host, "status": status,
+               "attempt": report.attempts, "message_id": message_id}
+        if 200 <= status < 300:
+            logger.debug("webhook delivered", extra=log)
+            return
+        logger.warning("webhook attempt failed", extra=log)
+        if status == 410:
+            raise AttemptFailed("receiver answered 410 Gone", status=status, transient=False)
+        transient = status == 429 or status >= 500
+        raise AttemptFailed(f"receiver answered {status}", status=status, transient=transient,
+                             retry_after=retry_after)
+
+    client = httpx2.Client(verify=shared_ssl_context(), trust_env=False, follow_redirects=False)
+    try:
+        policy.call(_attempt_mapping_transport_errors, attempt, client)
+        report.outcome = "delivered"
+    except AttemptFailed as exc:
+        report.outcome = "gone" if exc.status == 410 else "failed"
+        report.error = str(exc)
+    finally:
+        client.close()
+        report.duration = time.monotonic() - started
+    return report
+
+
+def _attempt_mapping_transport_errors(fn: Any, client: httpx2.Client) -> None:
+    import httpx2
+
+    try:
+        fn(client)
+    except httpx2.TimeoutException as exc:
+        logger.warning("webhook attempt timed out", extra={"error": type(exc).__name__})
+        raise AttemptFailed(f"timed out ({type(exc).__name__})", status=None,
+                             transient=True) from None
+    except httpx2.TransportError as exc:
+        logger.warning("webhook attempt could not connect", extra={"error": type(exc).__name__})
+        raise AttemptFailed(f"connection failed ({type(exc).__name__}: {one_line(str(exc), 120)})",
+                             status=None, transient=True) from None
+
+
+def _post_following_redirects(
+    client: httpx2.Client,
+    url: str,
+    payload: bytes,
+    headers: dict[str, str],
+    timeout: float,
+    allowed_hosts: list[str],
+) -> tuple[int, bytes, str, float | None]:
+    import httpx2
+
+    current = httpx2.URL(url)
+    for _hop in range(MAX_REDIRECTS + 1):
+        target = check_url(current, allowed_hosts)
+        request_headers = {**headers, "host": target.host_header()}
+        with client.stream(
+            "POST",
+            target.connect_url(),
+            content=payload,
+            headers=request_headers,
+            timeout=timeout,
+            extensions=target.extensions(),
+        ) as response:
+            body = _read_bounded(response)
+            status = response.status_code
+            location = response.headers.get("location")
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+        if status in _REDIRECTS and location:
+            current = current.join(location)
+            continue
+        return status, body, str(current), retry_after
+    raise AttemptFailed(f"more than {MAX_REDIRECTS} redirects", status=None, transient=False)
+
+
+def _read_bounded(response: httpx2.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        chunks.append(chunk[: MAX_RESPONSE_BYTES - size])
+        size += len(chunks[-1])
+        if size >= MAX_RESPONSE_BYTES:
+            break
+    return b"".join(chunks)

@@ -1,0 +1,865 @@
+"""InternalAPIClient: the worker's only way to reach the backend's internal API.
+
+::
+
+    from backend.workers.shared import InternalAPIClient, WorkerConfig
+
+    with InternalAPIClient(WorkerConfig()) as client:
+        execution = client.get_workflow_execution(execution_id)
+        client.update_workflow_execution_status(execution_id, "COMPLETED")
+
+Every ``InternalAPIClient`` of a process shares one pooled ``httpx2`` client per backend URL
+(``_http.py``): leaving a ``with`` block keeps the connections warm for the next task, and a
+forked child builds its own pool. Each call is one logical operation made of one or more
+attempts under ``retry_utils.RetryPolicy`` (the only retry loop) and the backend's circuit
+breaker; a ``POST`` carries one ``Idempotency-Key`` for all its attempts, so the backend
+applies it once.
+
+Exceptions (every class is importable from this module)::
+
+    InternalAPIError                 any failed call; status, error_code, detail, request_id,
+    |                                method, path, retry_after; .transient
+    +-- OrganizationRequiredError    org-scoped call with no organization (nothing sent)
+    |                                (also a ValueError)
+    +-- AuthenticationError          401, 403
+    +-- NotFoundError                404 (also another organization's object)
+    +-- ConflictError                409 (illegal status transition, ...)
+    +-- APIValidationError           400, 422
+    +-- RateLimitedError             429                                      [transient]
+    +-- ServerError                  5xx                                      [transient]
+    +-- APIResponseError             unexpected status, body not the JSON promised
+    +-- APITimeoutError              connect/read/write/pool timeout, 408     [transient]
+    +-- APIConnectionError           refused, reset, dropped before answer    [transient]
+    +-- APICircuitOpenError          breaker open, not sent; also a
+                                     retry_utils.CircuitBreakerOpenError      [transient]
+    WebhookError                     a webhook could not be sent as asked
+    +-- WebhookURLRefusedError       the SSRF guard refused the URL or a redirect target
+                                     (also a ValueError)
+
+Which failures are retried: connection errors, timeouts, 429, 502, 503, 504, and 500 for GET
+only, plus a 409 ``idempotency_in_flight`` (the backend is still applying the same POST).
+``Retry-After`` (seconds or HTTP date) sets the delay, capped at ``API_RETRY_MAX_DELAY``; no
+retry starts past ``API_DEADLINE``. ``str()`` of any error is one line and never holds a secret.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from . import _http, _metrics
+from ._errors import (
+    APICircuitOpenError,
+    APIConnectionError,
+    APIResponseError,
+    APITimeoutError,
+    APIValidationError,
+    AuthenticationError,
+    ConflictError,
+    InternalAPIError,
+    NotFoundError,
+    OrganizationRequiredError,
+    RateLimitedError,
+    ServerError,
+    WebhookError,
+    WebhookURLRefusedError,
+    one_line,
+)
+from ._retry_after import parse_retry_after
+from .config import WorkerConfig
+from .retry_utils import (
+    CircuitBreaker,
+    CircuitBreakerOpenError,
+    RetryBudget,
+    RetryPolicy,
+    get_breaker,
+)
+
+if TYPE_CHECKING:
+    import httpx2
+
+__all__ = [
+    "APICircuitOpenError",
+    "APIConnectionError",
+    "APIResponseError",
+    "APITimeoutError",
+    "APIValidationError",
+    "AuthenticationError",
+    "BackendHealth",
+    "ConflictError",
+    "ExecutionStatus",
+    "InternalAPIClient",
+    "InternalAPIError",
+    "NotFoundError",
+    "OrganizationRequiredError",
+    "RateLimitedError",
+    "ServerError",
+    "WebhookDelivery",
+    "WebhookError",
+    "WebhookResult",
+    "WebhookURLRefusedError",
+    "WorkflowExecution",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Page size used when iterating a list endpoint (the backend allows up to 500).
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 500
+#: Characters of an unusable response body quoted in an ``APIResponseError``.
+BODY_EXCERPT = 200
+_RETRYABLE_STATUSES: Final = frozenset({429, 502, 503, 504})
+_IN_FLIGHT_CODE = "idempotency_in_flight"
+_ID_SEGMENT = re.compile(r"^(?:[0-9a-fA-F-]{32,36}|\d+)$")
+
+
+class ExecutionStatus(StrEnum):
+    """The statuses of a workflow execution; ``COMPLETED``, ``ERROR``, ``STOPPED`` are final."""
+
+    PENDING = "PENDING"
+    QUEUED = "QUEUED"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    ERROR = "ERROR"
+    STOPPED = "STOPPED"
+
+
+class _Result(BaseModel):
+    # Fields the backend adds later are kept (model_extra), never an error.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class WorkflowExecution(_Result):
+    """One workflow execution as the backend returns it."""
+
+    id: str
+    organization_id: str | None = None
+    workflow_id: str
+    pipeline_id: str | None = None
+    status: str
+    error_message: str | None = None
+    attempts: int = 0
+    execution_time: float | None = None
+    total_files: int = 0
+    successful_files: int = 0
+    failed_files: int = 0
+    result: Any = None
+    task_id: str | None = None
+    created_at: datetime | None = None
+    modified_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def is_final(self) -> bool:
+        """True once the status can no longer change (``COMPLETED``, ``ERROR``, ``STOPPED``)."""
+        return self.status in ("COMPLETED", "ERROR", "STOPPED")
+
+
+class WebhookDelivery(_Result):
+    """One recorded webhook delivery (what was sent where, and how it ended)."""
+
+    id: str
+    url: str
+    execution_id: str | None = None
+    status_code: int | None = None
+    attempts: int = 0
+    duration: float = 0.0
+    outcome: str
+    created_at: datetime | None = None
+
+
+class BackendHealth(_Result):
+    """The backend's answer to ``GET health/``."""
+
+    status: str
+    version: str | None = None
+    timestamp: datetime | None = None
+
+
+@dataclass(frozen=True)
+class WebhookResult:
+    """What ``send_webhook`` did: ``outcome`` is ``delivered``, ``failed`` or ``gone`` (410).
+
+    ``delivery_id`` is the backend's record of it, ``message_id`` the ``webhook-id`` the
+    receiver saw, ``duration`` seconds over all attempts, ``response_body`` at most 64 KiB.
+    """
+
+    delivery_id: str
+    message_id: str
+    url: str
+    outcome: str
+    status_code: int | None
+    attempts: int
+    duration: float
+    error: str | None = None
+    response_body: bytes = b""
+
+    @property
+    def ok(self) -> bool:
+        """True when the receiver accepted the webhook (2xx)."""
+        return self.outcome == "delivered"
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<default organization>"
+
+
+_DEFAULT_ORG: Final = _Unset()
+OrgArg = str | None | _Unset
+
+# Per-process state: the one retry budget of the backend calls, and the retry policies
+# built from configurations (both forgotten in a forked child, which builds its own).
+_budgets: dict[str, RetryBudget] = {}
+_policies: dict[tuple[Any, ...], RetryPolicy] = {}
+
+
+def _retry_budget(config: WorkerConfig) -> RetryBudget:
+    budget = _budgets.get("api")
+    if budget is None:
+        budget = _budgets.setdefault(
+            "api",
+            RetryBudget(ratio=config.api_retry_budget_ratio,
+                        min_per_second=config.api_retry_budget_min_per_second),
+        )
+    return budget
+
+
+def _forget_after_fork() -> None:
+    _budgets.clear()
+    _policies.clear()
+
+
+def _should_retry(method: str, exc: BaseException) -> bool:
+    if isinstance(exc, APICircuitOpenError) or not isinstance(exc, InternalAPIError):
+        return False
+    if isinstance(exc, APIConnectionError | APITimeoutError | RateLimitedError):
+        return True
+    if isinstance(exc, ServerError):
+        return exc.status in _RETRYABLE_STATUSES or (exc.status == 500 and method == "GET")
+    return isinstance(exc, ConflictError) and exc.error_code == _IN_FLIGHT_CODE
+
+
+def _is_breaker_failure(exc: BaseException) -> bool:
+    # A 4xx (other than 408/429) says the request was wrong, not that the backend is unwell.
+    status = getattr(exc, "status", None)
+    return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
+
+
+def _endpoint_template(path: str) -> str:
+    # Bounded metric labels: ids in a path become {id}.
+    return "/".join("{id}" if _ID_SEGMENT.match(p) else p for p in path.split("/"))
+
+
+def _excerpt(body: bytes) -> str:
+    text = body[: BODY_EXCERPT * 4].decode("utf-8", errors="replace")
+    return repr(one_line(text, BODY_EXCERPT))
+
+
+@dataclass
+class _Call:
+    """One logical call: what every attempt sends, and what attempts have happened."""
+
+    method: str
+    path: str
+    endpoint: str
+    headers: dict[str, str]
+    params: dict[str, Any] | None
+    body: bytes | None
+    timeout: float
+    started: float
+    deadline: float
+    attempts: int = 0
+    last_failure: str | None = None
+
+
+class InternalAPIClient:
+    """Client of the backend's internal API (``/internal/v1/``) for one task or block.
+
+    Cheap to create: connections live in the process-wide pool, not in the instance. The
+    organization for org-scoped calls is ``ORGANIZATION_ID`` unless changed with
+    :meth:`set_organization_context` or overridden per call with ``organization_id=``.
+    """
+
+    def __init__(self, config: WorkerConfig, *, organization_id: str | None = None) -> None:
+        self.config = config
+        self.base_url = config.internal_api_base_url + "/"
+        self._organization_id = organization_id or config.organization_id
+        self._user_agent = f"{config.worker_name}/{config.worker_version}"
+        self._closed = False
+
+    # --- lifecycle and context --------------------------------------------------------
+    def __enter__(self) -> InternalAPIClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End this client's use; the process-wide connection pool stays open for others."""
+        self._closed = True
+
+    def __repr__(self) -> str:
+        return (f"InternalAPIClient(base_url={self.base_url!r}, "
+                f"organization_id={self._organization_id!r})")
+
+    @property
+    def organization_id(self) -> str | None:
+        """The organization org-scoped calls use when no ``organization_id=`` is given."""
+        return self._organization_id
+
+    def set_organization_context(self, organization_id: str | None) -> None:
+        """Use ``organization_id`` for this client's org-scoped calls (``None`` clears it)."""
+        if organization_id is not None and not str(organization_id).strip():
+            raise ValueError("organization_id must be a non-empty string or None")
+        self._organization_id = organization_id
+
+    # --- workflow executions ----------------------------------------------------------
+    def get_workflow_execution(
+        self, execution_id: str, *, organization_id: OrgArg = _DEFAULT_ORG
+    ) -> WorkflowExecution:
+        """Read one execution; :class:`NotFoundError` when unknown or another org's."""
+        data = self._org_call("GET", f"workflow-executions/{_seg(execution_id)}/",
+                              organization_id, "get_workflow_execution")
+        return self._parse(WorkflowExecution, data, "GET", "workflow-executions/{id}/")
+
+    def list_workflow_executions(
+        self,
+        status: str | None = None,
+        workflow_id: str | None = None,
+        limit: int | None = None,
+        *,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        organization_id: OrgArg = _DEFAULT_ORG,
+    ) -> Iterator[WorkflowExecution]:
+        """Executions newest first, fetched page by page as the iterator is consumed.
+
+        ``limit`` caps how many are yielded in total (``None``: all of them); ``page_size``
+        (1-500) is how many each request asks for. Arguments and the organization are checked
+        now, before anything is sent.
+        """
+        org = self._require_org(organization_id, "list_workflow_executions")
+        params = {k: v for k, v in (("status", status), ("workflow_id", workflow_id)) if v}
+        return self._paginate("workflow-executions/", params, WorkflowExecution, limit,
+                              page_size, org)
+
+    def create_workflow_execution(
+        self,
+        workflow_id: str,
+        *,
+        idempotency_key: str | None = None,
+        organization_id: OrgArg = _DEFAULT_ORG,
+        **fields: Any,
+    ) -> WorkflowExecution:
+        """Create an execution (``pipeline_id``, ``total_files``, ``task_id`` optional).
+
+        Retries reuse one ``Idempotency-Key`` (``idempotency_key``, or a fresh one), so a
+        retried create makes one execution.
+        """
+        data = self._org_call("POST", "workflow-executions/", organization_id,
+                              "create_workflow_execution",
+                              json_body={"workflow_id": workflow_id, **fields},
+                              idempotency_key=idempotency_key)
+        return self._parse(WorkflowExecution, data, "POST", "workflow-executions/")
+
+    def update_workflow_execution(
+        self, execution_id: str, *, organization_id: OrgArg = _DEFAULT_ORG, **fields: Any
+    ) -> WorkflowExecution:
+        """Update non-status fields (``result``, file counts, ``task_id``) of an execution."""
+        if not fields:
+            raise ValueError("update_workflow_execution needs at least one field to update")
+        data = self._org_call("PATCH", f"workflow-executions/{_seg(execution_id)}/",
+                              organization_id, "update_workflow_execution", json_body=fields)
+        return self._parse(WorkflowExecution, data, "PATCH", "workflow-executions/{id}/")
+
+    def update_workflow_execution_status(
+        self,
+        execution_id: str,
+        status: str,
+        error_message: str | None = None,
+        *,
+        organization_id: OrgArg = _DEFAULT_ORG,
+        **fields: Any,
+    ) -> WorkflowExecution:
+        """Move an execution to ``status`` (``attempts``, ``execution_time`` optional).
+
+        Setting the status it already has is a no-op; leaving a final status is a
+        :class:`ConflictError` (``illegal_transition``).
+        """
+        body: dict[str, Any] = {"status": str(status), **fields}
+        if error_message is not None:
+            body["error_message"] = error_message
+        data = self._org_call("POST", f"workflow-executions/{_seg(execution_id)}/status/",
+                              organization_id, "update_workflow_execution_status",
+                              json_body=body)
+        return self._parse(WorkflowExecution, data, "POST", "workflow-executions/{id}/status/")
+
+    def delete_workflow_execution(
+        self, execution_id: str, *, organization_id: OrgArg = _DEFAULT_ORG
+    ) -> None:
+        """Delete an execution."""
+        self._org_call("DELETE", f"workflow-executions/{_seg(execution_id)}/", organization_id,
+                       "delete_workflow_execution")
+
+    # --- webhooks ---------------------------------------------------------------------
+    def send_webhook(
+        self,
+        url: str,
+        payload: Any,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+        execution_id: str | None = None,
+        *,
+        organization_id: OrgArg = _DEFAULT_ORG,
+    ) -> WebhookResult:
+        """POST ``payload`` as JSON to ``url`` from this worker, and record the delivery.
+
+        The URL must pass the SSRF guard (:class:`WebhookURLRefusedError` otherwise, with
+        nothing sent or recorded). The body is signed per Standard Webhooks when
+        ``WEBHOOK_SIGNING_SECRET`` is set; 5xx, 429, timeouts and connection failures are
+        retried, a 410 stops. A receiver that keeps failing is reported in the result
+        (``outcome="failed"``), not raised.
+        """
+        from ._webhooks import deliver, new_message_id
+
+        org = self._require_org(organization_id, "send_webhook")
+        try:
+            body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise WebhookError(f"webhook payload is not JSON-serialisable: {exc}") from None
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        message_id = new_message_id()
+        secret = self.config.webhook_signing_secret
+        extra_headers = {k.lower(): v for k, v in (headers or {}).items()}
+        extra_headers.setdefault("user-agent", self._user_agent)
+        report = deliver(
+            url=url,
+            body=body,
+            headers=extra_headers,
+            message_id=message_id,
+            secret=secret.get_secret_value() if secret is not None else None,
+            timeout=timeout or self.config.webhook_timeout,
+            allowed_hosts=self.config.webhook_allowed_hosts,
+            policy=self._webhook_policy(),
+        )
+        record = {
+            "url": url,
+            "execution_id": execution_id,
+            "status_code": report.status_code,
+            "attempts": report.attempts,
+            "duration": round(report.duration, 6),
+            "outcome": report.outcome,
+        }
+        data = self._call("POST", "webhook-deliveries/", org, json_body=record,
+                          idempotency_key=message_id)
+        delivery = self._parse(WebhookDelivery, data, "POST", "webhook-deliveries/")
+        return WebhookResult(
+            delivery_id=delivery.id,
+            message_id=message_id,
+            url=url,
+            outcome=report.outcome,
+            status_code=report.status_code,
+            attempts=report.attempts,
+            duration=report.duration,
+            error=report.error,
+            response_body=report.response_body,
+        )
+
+    def get_webhook_delivery(
+        self, delivery_id: str, *, organization_id: OrgArg = _DEFAULT_ORG
+    ) -> WebhookDelivery:
+        """Read one recorded webhook delivery."""
+        data = self._org_call("GET", f"webhook-deliveries/{_seg(delivery_id)}/", organization_id,
+                              "get_webhook_delivery")
+        return self._parse(WebhookDelivery, data, "GET", "webhook-deliveries/{id}/")
+
+    def list_webhook_deliveries(
+        self,
+        execution_id: str | None = None,
+        *,
+        limit: int | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        organization_id: OrgArg = _DEFAULT_ORG,
+    ) -> Iterator[WebhookDelivery]:
+        """Recorded deliveries newest first (of one execution when given), page by page."""
+        org = self._require_org(organization_id, "list_webhook_deliveries")
+        params = {"execution_id": execution_id} if execution_id else {}
+        return self._paginate("webhook-deliveries/", params, WebhookDelivery, limit, page_size,
+                              org)
+
+    # --- health and generic calls -----------------------------------------------------
+    def health_check(self, *, timeout: float | None = None, retry: bool = True) -> BackendHealth:
+        """``GET health/`` with the configured key (and organization, when one is set).
+
+        ``retry=False`` makes exactly one attempt (for probes that must answer quickly);
+        ``timeout`` bounds each attempt instead of ``API_TIMEOUT``.
+        """
+        data = self._call("GET", "health/", self._organization_id, timeout=timeout, retry=retry)
+        return self._parse(BackendHealth, data, "GET", "health/")
+
+    def get(self, path: str, *, params: dict[str, Any] | None = None,
+            organization_id: OrgArg = _DEFAULT_ORG, timeout: float | None = None) -> Any:
+        """``GET`` an endpoint the client does not model; returns the decoded JSON body."""
+        return self._call("GET", _relative(path), self._org(organization_id), params=params,
+                          timeout=timeout)
+
+    def post(self, path: str, json_body: Any = None, *, idempotency_key: str | None = None,
+             organization_id: OrgArg = _DEFAULT_ORG, timeout: float | None = None) -> Any:
+        """``POST`` JSON to an endpoint (one ``Idempotency-Key`` across its retries)."""
+        return self._call("POST", _relative(path), self._org(organization_id),
+                          json_body=json_body, idempotency_key=idempotency_key, timeout=timeout)
+
+    def patch(self, path: str, json_body: Any = None, *, organization_id: OrgArg = _DEFAULT_ORG,
+              timeout: float | None = None) -> Any:
+        """``PATCH`` JSON to an endpoint; returns the decoded JSON body."""
+        return self._call("PATCH", _relative(path), self._org(organization_id),
+                          json_body=json_body, timeout=timeout)
+
+    def put(self, path: str, json_body: Any = None, *, organization_id: OrgArg = _DEFAULT_ORG,
+            timeout: float | None = None) -> Any:
+        """``PUT`` JSON to an endpoint; returns the decoded JSON body."""
+        return self._call("PUT", _relative(path), self._org(organization_id),
+                          json_body=json_body, timeout=timeout)
+
+    def delete(self, path: str, *, organization_id: OrgArg = _DEFAULT_ORG,
+               timeout: float | None = None) -> Any:
+        """``DELETE`` an endpoint; returns the decoded JSON body (``None`` for 204)."""
+        return self._call("DELETE", _relative(path), self._org(organization_id), timeout=timeout)
+
+    # --- internals ----------------------------------------------------------------------
+    def _org(self, organization_id: OrgArg) -> str | None:
+        return self._organization_id if isinstance(organization_id, _Unset) else organization_id
+
+    def _require_org(self, organization_id: OrgArg, operation: str) -> str:
+        org = self._org(organization_id)
+        if not org:
+            raise OrganizationRequiredError(
+                f"{operation} is organization-scoped but no organization is set: set "
+                "ORGANIZATION_ID, call set_organization_context(), or pass organization_id="
+            )
+        return org
+
+    def _org_call(self, method: str, path: str, organization_id: OrgArg, operation: str,
+                  **kwargs: Any) -> Any:
+        return self._call(method, path, self._require_org(organization_id, operation), **kwargs)
+
+    def _paginate(self, path: str, params: dict[str, Any], model: type[_Result],
+                  limit: int | None, page_size: int, org: str) -> Iterator[Any]:
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0 or None")
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise ValueError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+
+        def pages() -> Iterator[Any]:
+            remaining = limit
+            cursor: str | None = None
+            while remaining is None or remaining > 0:
+                query = dict(params)
+                query["limit"] = page_size if remaining is None else min(page_size, remaining)
+                if cursor:
+                    query["cursor"] = cursor
+                data = self._call("GET", path, org, params=query)
+                if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+                    raise APIResponseError(
+                        "list answer has no 'results' list", method="GET", path=path)
+                for item in data["results"]:
+                    yield self._parse(model, item, "GET", path)
+                    if remaining is not None:
+                        remaining -= 1
+                        if remaining == 0:
+                            return
+                cursor = data.get("next_cursor")
+                if not cursor:
+                    return
+
+        return pages()
+
+    def _parse(self, model: type[Any], data: Any, method: str, path: str) -> Any:
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+                for e in exc.errors()[:3]
+            )
+            raise APIResponseError(
+                f"response is not a valid {model.__name__} ({problems})",
+                method=method, path=path,
+            ) from None
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        organization_id: str | None,
+        *,
+        params: dict[str, Any] | None = None,
+        json_body: Any = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+        retry: bool = True,
+    ) -> Any:
+        if self._closed:
+            raise RuntimeError("this InternalAPIClient is closed; open a new one")
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        config = self.config
+        headers = {
+            "authorization": f"Bearer {config.api_key()}",
+            "user-agent": self._user_agent,
+            "accept": "application/json",
+            "x-request-id": _request_id(),
+        }
+        if organization_id:
+            headers["x-organization-id"] = organization_id
+        body: bytes | None = None
+        if json_body is not None or method in ("POST", "PUT", "PATCH"):
+            body = json.dumps(json_body, separators=(",", ":")).encode("utf-8")
+            headers["content-type"] = "application/json"
+        if method == "POST":
+            key = idempotency_key or uuid.uuid4().hex
+            if len(key) > 255:
+                raise ValueError("idempotency_key must be at most 255 characters")
+            headers["idempotency-key"] = key
+        now = time.monotonic()
+        call = _Call(method=method, path=path, endpoint=_endpoint_template(path),
+                     headers=headers, params=params, body=body,
+                     timeout=timeout or config.api_timeout, started=now,
+                     deadline=now + config.api_deadline)
+        breaker = self._breaker()
+
+        def attempt() -> Any:
+            try:
+                return breaker.call(self._send, call)
+            except APICircuitOpenError:
+                raise
+            except CircuitBreakerOpenError as exc:
+                raise APICircuitOpenError(
+                    exc.breaker_name, exc.retry_after, method=method, path=path,
+                    request_id=headers["x-request-id"],
+                ) from None
+
+        attempt.__qualname__ = f"InternalAPIClient {method} {call.endpoint}"
+        if not retry:
+            return attempt()
+        return self._policy(method).call(attempt)
+
+    def _send(self, call: _Call) -> Any:
+        import httpx2
+
+        call.attempts += 1
+        if call.attempts > 1 and call.last_failure:
+            _metrics.api_retry(call.method, call.endpoint, call.last_failure)
+        remaining = call.deadline - time.monotonic()
+        request_id = call.headers["x-request-id"]
+        if remaining <= 0:
+            raise APITimeoutError(f"deadline of {self.config.api_deadline:g}s passed",
+                                  method=call.method, path=call.path, request_id=request_id)
+        pool = _http.get_pool(self.base_url)
+        started = time.perf_counter()
+        status: int | str
+        try:
+            response = pool.request(
+                call.method, call.path, params=call.params, content=call.body,
+                headers=call.headers, timeout=min(call.timeout, remaining),
+            )
+        except httpx2.TimeoutException as exc:
+            status = "timeout"
+            error: InternalAPIError = APITimeoutError(
+                f"no answer within {min(call.timeout, remaining):g}s ({type(exc).__name__})",
+                method=call.method, path=call.path, request_id=request_id)
+        except httpx2.TransportError as exc:
+            status = "connection_error"
+            error = APIConnectionError(
+                f"cannot reach {pool.base_url.host}:{pool.base_url.port} "
+                f"({type(exc).__name__}: {one_line(str(exc), 120)})",
+                method=call.method, path=call.path, request_id=request_id)
+        else:
+            status = response.status_code
+            seconds = time.perf_counter() - started
+            result = self._result_of(response, call)
+            self._record(call, status, seconds, None if isinstance(result, _Ok) else result)
+            if isinstance(result, _Ok):
+                return result.value
+            call.last_failure = _reason(result)
+            raise result
+        self._record(call, status, time.perf_counter() - started, error)
+        call.last_failure = _reason(error)
+        raise error
+
+    def _result_of(self, response: httpx2.Response, call: _Call) -> _Ok | InternalAPIError:
+        status = response.status_code
+        request_id = call.headers["x-request-id"]
+        raw = response.content
+        if 200 <= status < 300:
+            if status == 204 or not raw:
+                return _Ok(None)
+            try:
+                return _Ok(json.loads(raw))
+            except ValueError:
+                return APIResponseError(
+                    f"body is not JSON: {_excerpt(raw)}", status=status, method=call.method,
+                    path=call.path, request_id=request_id)
+        code, detail = _error_body(raw)
+        if detail is None:
+            detail = f"HTTP {status} {response.reason_phrase}; body {_excerpt(raw)}"
+        detail = self._scrub(detail)
+        kind = _ERROR_BY_STATUS.get(status)
+        if kind is None:
+            kind = ServerError if status >= 500 else APIResponseError
+        return kind(detail, status=status, error_code=code, request_id=request_id,
+                    method=call.method, path=call.path,
+                    retry_after=parse_retry_after(response.headers.get("retry-after")))
+
+    def _scrub(self, text: str) -> str:
+        for secret in self.config.secret_values():
+            if secret:
+                text = text.replace(secret, "**********")
+        return text
+
+    def _record(self, call: _Call, status: int | str, seconds: float,
+                error: InternalAPIError | None) -> None:
+        _metrics.api_request(call.method, call.endpoint, status, seconds)
+        fields = {"method": call.method, "path": call.path, "status": status,
+                  "duration_ms": round(seconds * 1000, 2), "attempt": call.attempts,
+                  "request_id": call.headers["x-request-id"]}
+        if error is None:
+            logger.debug("internal API call", extra=fields)
+        else:
+            logger.warning("internal API call failed: %s", error, extra=fields)
+
+    def _breaker(self) -> CircuitBreaker:
+        config = self.config
+        return get_breaker(
+            f"internal-api {config.internal_api_base_url}",
+            failure_threshold=config.circuit_breaker_failure_threshold,
+            recovery_timeout=config.circuit_breaker_recovery_timeout,
+            is_failure=_is_breaker_failure,
+            redis_url=config.circuit_breaker_redis_url,
+        )
+
+    def _policy(self, method: str) -> RetryPolicy:
+        config = self.config
+        key = ("api", method == "GET", config.api_retry_attempts, config.api_retry_base_delay,
+               config.api_retry_max_delay, config.api_deadline)
+        policy = _policies.get(key)
+        if policy is None:
+            retry_if: Callable[[BaseException], bool] = (
+                (lambda exc: _should_retry("GET", exc)) if method == "GET"
+                else (lambda exc: _should_retry("POST", exc))
+            )
+            policy = RetryPolicy(
+                max_attempts=config.api_retry_attempts + 1,
+                base_delay=config.api_retry_base_delay,
+                max_delay=config.api_retry_max_delay,
+                backoff="exponential",
+                jitter=True,
+                exceptions=(InternalAPIError,),
+                retry_if=retry_if,
+                budget=_retry_budget(config),
+                deadline=config.api_deadline,
+            )
+            _policies[key] = policy
+        return policy
+
+    def _webhook_policy(self) -> RetryPolicy:
+        from ._webhooks import AttemptFailed
+
+        config = self.config
+        key = ("webhook", config.api_retry_attempts, config.api_retry_base_delay,
+               config.api_retry_max_delay, config.api_deadline)
+        policy = _policies.get(key)
+        if policy is None:
+            policy = RetryPolicy(
+                max_attempts=config.api_retry_attempts + 1,
+                base_delay=config.api_retry_base_delay,
+                max_delay=config.api_retry_max_delay,
+                backoff="exponential",
+                jitter=True,
+                exceptions=(AttemptFailed,),
+                retry_if=lambda exc: bool(getattr(exc, "transient", False)),
+                deadline=config.api_deadline,
+            )
+            _policies[key] = policy
+        return policy
+
+
+@dataclass(frozen=True)
+class _Ok:
+    value: Any
+
+
+_ERROR_BY_STATUS: dict[int, type[InternalAPIError]] = {
+    400: APIValidationError,
+    401: AuthenticationError,
+    403: AuthenticationError,
+    404: NotFoundError,
+    408: APITimeoutError,
+    409: ConflictError,
+    422: APIValidationError,
+    429: RateLimitedError,
+}
+
+
+def _reason(error: InternalAPIError) -> str:
+    if isinstance(error, APITimeoutError):
+        return "timeout"
+    if isinstance(error, APIConnectionError):
+        return "connection_error"
+    return str(error.status) if error.status is not None else type(error).__name__
+
+
+def _error_body(raw: bytes) -> tuple[str | None, str | None]:
+    try:
+        data = json.loads(raw) if raw else None
+    except ValueError:
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    code = data.get("error")
+    detail = data.get("detail")
+    return (str(code) if code is not None else None,
+            str(detail) if detail is not None else None)
+
+
+def _seg(value: str) -> str:
+    text = str(value)
+    if not text.strip():
+        raise ValueError("an id must be a non-empty string")
+    return quote(text, safe="")
+
+
+def _relative(path: str) -> str:
+    # Never let a caller point the bearer key at another host.
+    text = str(path)
+    if "://" in text or text.startswith("//"):
+        raise ValueError(f"path must be relative to the internal API, got {text!r}")
+    return text.lstrip("/")
+
+
+def _request_id() -> str:
+    from .logging_utils import current_context
+
+    context = current_context()
+    for name in ("request_id", "task_id", "execution_id"):
+        value = context.get(name)
+        if value:
+            return str(value)
+    return uuid.uuid4().hex
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
