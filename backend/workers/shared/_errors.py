@@ -7,7 +7,7 @@ them without importing the client.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .retry_utils import CircuitBreakerOpenError
 
@@ -51,7 +51,13 @@ class InternalAPIError(Exception):
         self.method = method
         self.path = path
         self.retry_after = retry_after
-        super().__init__(self.detail)
+        # Not super(): in APICircuitOpenError the next class is CircuitBreakerOpenError,
+        # whose constructor takes other arguments; every attribute is set above.
+        Exception.__init__(self, self.detail)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only constructor: pickle (Celery's prefork pool) restores the attributes.
+        return (_restore, (type(self), self.detail, dict(self.__dict__)))
 
     def __str__(self) -> str:
         head = " ".join(str(part) for part in (self.status, self.error_code) if part is not None)
@@ -66,6 +72,13 @@ class InternalAPIError(Exception):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self)!r})"
+
+
+def _restore(cls: type[InternalAPIError], detail: str, state: dict[str, Any]) -> InternalAPIError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, detail)
+    error.__dict__.update(state)
+    return error
 
 
 class OrganizationRequiredError(InternalAPIError, ValueError):

@@ -221,20 +221,18 @@ class _Unset:
 _DEFAULT_ORG: Final = _Unset()
 OrgArg = str | None | _Unset
 
-# Per-process state: the one retry budget of the backend calls, and the retry policies
-# built from configurations (both forgotten in a forked child, which builds its own).
-_budgets: dict[str, RetryBudget] = {}
+# Per-process state: the retry budget of backend calls (one per process: a worker has one
+# configuration; distinct budget settings get distinct budgets) and the retry policies built
+# from configurations. Both are forgotten in a forked child, which builds its own.
+_budgets: dict[tuple[float, float], RetryBudget] = {}
 _policies: dict[tuple[Any, ...], RetryPolicy] = {}
 
 
 def _retry_budget(config: WorkerConfig) -> RetryBudget:
-    budget = _budgets.get("api")
+    key = (config.api_retry_budget_ratio, config.api_retry_budget_min_per_second)
+    budget = _budgets.get(key)
     if budget is None:
-        budget = _budgets.setdefault(
-            "api",
-            RetryBudget(ratio=config.api_retry_budget_ratio,
-                        min_per_second=config.api_retry_budget_min_per_second),
-        )
+        budget = _budgets.setdefault(key, RetryBudget(ratio=key[0], min_per_second=key[1]))
     return budget
 
 
@@ -321,6 +319,11 @@ class InternalAPIClient:
         """The organization org-scoped calls use when no ``organization_id=`` is given."""
         return self._organization_id
 
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The circuit breaker of this client's backend URL (shared by the whole process)."""
+        return self._breaker()
+
     def set_organization_context(self, organization_id: str | None) -> None:
         """Use ``organization_id`` for this client's org-scoped calls (``None`` clears it)."""
         if organization_id is not None and not str(organization_id).strip():
@@ -333,7 +336,8 @@ class InternalAPIClient:
     ) -> WorkflowExecution:
         """Read one execution; :class:`NotFoundError` when unknown or another org's."""
         data = self._org_call("GET", f"workflow-executions/{_seg(execution_id)}/",
-                              organization_id, "get_workflow_execution")
+                              organization_id, "get_workflow_execution",
+                              endpoint="workflow-executions/{id}/")
         return self._parse(WorkflowExecution, data, "GET", "workflow-executions/{id}/")
 
     def list_workflow_executions(
@@ -382,7 +386,8 @@ class InternalAPIClient:
         if not fields:
             raise ValueError("update_workflow_execution needs at least one field to update")
         data = self._org_call("PATCH", f"workflow-executions/{_seg(execution_id)}/",
-                              organization_id, "update_workflow_execution", json_body=fields)
+                              organization_id, "update_workflow_execution", json_body=fields,
+                              endpoint="workflow-executions/{id}/")
         return self._parse(WorkflowExecution, data, "PATCH", "workflow-executions/{id}/")
 
     def update_workflow_execution_status(
@@ -404,7 +409,7 @@ class InternalAPIClient:
             body["error_message"] = error_message
         data = self._org_call("POST", f"workflow-executions/{_seg(execution_id)}/status/",
                               organization_id, "update_workflow_execution_status",
-                              json_body=body)
+                              json_body=body, endpoint="workflow-executions/{id}/status/")
         return self._parse(WorkflowExecution, data, "POST", "workflow-executions/{id}/status/")
 
     def delete_workflow_execution(
@@ -412,7 +417,7 @@ class InternalAPIClient:
     ) -> None:
         """Delete an execution."""
         self._org_call("DELETE", f"workflow-executions/{_seg(execution_id)}/", organization_id,
-                       "delete_workflow_execution")
+                       "delete_workflow_execution", endpoint="workflow-executions/{id}/")
 
     # --- webhooks ---------------------------------------------------------------------
     def send_webhook(
@@ -484,7 +489,7 @@ class InternalAPIClient:
     ) -> WebhookDelivery:
         """Read one recorded webhook delivery."""
         data = self._org_call("GET", f"webhook-deliveries/{_seg(delivery_id)}/", organization_id,
-                              "get_webhook_delivery")
+                              "get_webhook_delivery", endpoint="webhook-deliveries/{id}/")
         return self._parse(WebhookDelivery, data, "GET", "webhook-deliveries/{id}/")
 
     def list_webhook_deliveries(
@@ -612,6 +617,7 @@ class InternalAPIClient:
         idempotency_key: str | None = None,
         timeout: float | None = None,
         retry: bool = True,
+        endpoint: str | None = None,
     ) -> Any:
         if self._closed:
             raise RuntimeError("this InternalAPIClient is closed; open a new one")
@@ -636,7 +642,7 @@ class InternalAPIClient:
                 raise ValueError("idempotency_key must be at most 255 characters")
             headers["idempotency-key"] = key
         now = time.monotonic()
-        call = _Call(method=method, path=path, endpoint=_endpoint_template(path),
+        call = _Call(method=method, path=path, endpoint=endpoint or _endpoint_template(path),
                      headers=headers, params=params, body=body,
                      timeout=timeout or config.api_timeout, started=now,
                      deadline=now + config.api_deadline)
@@ -755,7 +761,8 @@ class InternalAPIClient:
     def _policy(self, method: str) -> RetryPolicy:
         config = self.config
         key = ("api", method == "GET", config.api_retry_attempts, config.api_retry_base_delay,
-               config.api_retry_max_delay, config.api_deadline)
+               config.api_retry_max_delay, config.api_deadline, config.api_retry_budget_ratio,
+               config.api_retry_budget_min_per_second)
         policy = _policies.get(key)
         if policy is None:
             retry_if: Callable[[BaseException], bool] = (

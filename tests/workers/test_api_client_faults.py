@@ -1,0 +1,555 @@
+"""InternalAPIClient against a real misbehaving HTTP server on loopback (tests/fault_server.py).
+
+Each retry rule, both Retry-After forms and the cap, the deadline, the retry budget, the
+circuit breaker's open / half-open / closed cycle, error mapping, malformed bodies, headers,
+organization scoping and request logging. Retry sleeps are skipped with
+``retry_utils.set_testing`` (the delays are still computed and checked through the retry
+listener); nothing here asserts on elapsed time.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+import uuid
+from collections.abc import Iterator
+from email.utils import formatdate
+from typing import Any
+
+import pytest
+
+from backend.workers.shared import _metrics, retry_utils
+from backend.workers.shared.api_client import (
+    APICircuitOpenError,
+    APIConnectionError,
+    APIResponseError,
+    APITimeoutError,
+    APIValidationError,
+    AuthenticationError,
+    ConflictError,
+    InternalAPIClient,
+    InternalAPIError,
+    NotFoundError,
+    OrganizationRequiredError,
+    RateLimitedError,
+    ServerError,
+)
+from backend.workers.shared.config import WorkerConfig
+from backend.workers.shared.logging_utils import log_context
+from backend.workers.shared.retry_utils import CircuitBreakerOpenError, CircuitState, RetryEvent
+from tests.fault_server import Drop, FaultServer, Reset, Respond, Stall, Truncate
+
+SECRET = "swi-test-key-7Q2xK9-faults-" + uuid.uuid4().hex[:8]
+EXECUTION = {
+    "id": "3f2b6c1e-0000-4000-8000-000000000001",
+    "organization_id": "org-a",
+    "workflow_id": "wf-1",
+    "status": "PENDING",
+    "a_field_added_later": {"nested": True},
+}
+
+
+@pytest.fixture(autouse=True)
+def no_sleep() -> Iterator[None]:
+    retry_utils.set_testing(True)
+    yield
+    retry_utils.set_testing(False)
+
+
+@pytest.fixture
+def retries() -> Iterator[list[RetryEvent]]:
+    events: list[RetryEvent] = []
+    retry_utils.add_retry_listener(events.append)
+    yield events
+    retry_utils.remove_retry_listener(events.append)
+
+
+@pytest.fixture
+def server() -> Iterator[FaultServer]:
+    with FaultServer(default=Respond(200, EXECUTION)) as fault:
+        yield fault
+
+
+def make_config(server: FaultServer, **overrides: Any) -> WorkerConfig:
+    """A configuration pointing at ``server``, under a unique path so every test gets its own
+    circuit breaker (breakers are registered per backend URL)."""
+    values: dict[str, Any] = {
+        "internal_service_api_key": SECRET,
+        "django_app_backend_url": f"{server.url}/t{uuid.uuid4().hex[:12]}",
+        "organization_id": "org-a",
+        "worker_name": "fault-worker",
+        "worker_version": "9.8.7",
+        "api_timeout": 2.0,
+        "api_retry_attempts": 3,
+        "api_retry_base_delay": 0.01,
+        "api_retry_max_delay": 0.5,
+        "api_deadline": 30.0,
+        "circuit_breaker_failure_threshold": 50,
+        # The budget is process-wide: a large floor keeps the tests independent of each
+        # other (test_retry_budget_exhaustion_stops_retries uses a budget of its own).
+        "api_retry_budget_min_per_second": 1000.0,
+        "circuit_breaker_recovery_timeout": 0.3,
+        "_env_file": None,
+    }
+    values.update(overrides)
+    return WorkerConfig(**values)
+
+
+def paths(server: FaultServer) -> list[str]:
+    return [f"{r.method} {r.path.split('/internal/v1/', 1)[1]}" for r in server.requests]
+
+
+# --- retry rules ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        Respond(429, {"error": "throttled", "detail": "slow down"}),
+        Respond(502, "bad gateway"),
+        Respond(503, {"error": "unavailable", "detail": "shedding load"}),
+        Respond(504, "gateway timeout"),
+        Respond(500, {"error": "server_error", "detail": "boom"}),
+        Drop(),
+        Reset(),
+        Truncate(),
+    ],
+    ids=["429", "502", "503", "504", "500-GET", "dropped", "reset", "truncated"],
+)
+def test_get_is_retried_on_transient_failures(
+    server: FaultServer, retries: list[RetryEvent], failure: Any
+) -> None:
+    server.push(failure, failure)
+    with InternalAPIClient(make_config(server)) as client:
+        execution = client.get_workflow_execution(EXECUTION["id"])
+    assert execution.id == EXECUTION["id"]
+    assert len(server.requests) == 3
+    assert len(retries) == 2
+    # the same logical call: one request id for every attempt
+    assert len({r.headers["x-request-id"] for r in server.requests}) == 1
+
+
+def test_timeout_is_retried_then_succeeds(server: FaultServer) -> None:
+    server.push(Stall(30))
+    config = make_config(server, api_timeout=0.2)
+    with InternalAPIClient(config) as client:
+        assert client.get_workflow_execution("x").status == "PENDING"
+    assert len(server.requests) == 2
+
+
+def test_timeouts_exhaust_attempts_into_api_timeout_error(server: FaultServer) -> None:
+    server.reset(default=Stall(30))
+    config = make_config(server, api_timeout=0.1, api_retry_attempts=2)
+    with InternalAPIClient(config) as client, pytest.raises(APITimeoutError) as info:
+        client.get_workflow_execution("x")
+    assert len(server.requests) == 3
+    assert info.value.transient and info.value.status is None
+    assert info.value.method == "GET" and info.value.path == "workflow-executions/x/"
+
+
+def test_post_500_is_not_retried_but_post_503_is(server: FaultServer) -> None:
+    server.push(Respond(500, {"error": "server_error", "detail": "boom"}))
+    client = InternalAPIClient(make_config(server))
+    with pytest.raises(ServerError) as info:
+        client.create_workflow_execution("wf-1")
+    assert info.value.status == 500
+    assert len(server.requests) == 1
+
+    server.reset()
+    server.push(Respond(503, {"error": "unavailable", "detail": "later"}))
+    assert client.create_workflow_execution("wf-1").id == EXECUTION["id"]
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422])
+def test_client_errors_are_not_retried(server: FaultServer, status: int) -> None:
+    server.reset(default=Respond(status, {"error": "nope", "detail": "refused"}))
+    with InternalAPIClient(make_config(server)) as client, pytest.raises(InternalAPIError):
+        client.get_workflow_execution("x")
+    assert len(server.requests) == 1
+
+
+def test_post_retried_after_dropped_response_reuses_one_idempotency_key(
+    server: FaultServer,
+) -> None:
+    server.push(Drop(), Reset())
+    client = InternalAPIClient(make_config(server))
+    client.create_workflow_execution("wf-1", total_files=3)
+    keys = [r.headers.get("idempotency-key") for r in server.requests]
+    assert len(keys) == 3 and keys[0] and len(set(keys)) == 1
+    assert len({r.body for r in server.requests}) == 1  # the very same body every time
+
+    server.reset()
+    client.create_workflow_execution("wf-1")
+    assert server.requests[0].headers["idempotency-key"] != keys[0]  # a new logical call
+
+
+def test_idempotency_in_flight_conflict_is_retried(server: FaultServer) -> None:
+    server.push(Respond(409, {"error": "idempotency_in_flight", "detail": "still running"}))
+    InternalAPIClient(make_config(server)).create_workflow_execution("wf-1")
+    assert len(server.requests) == 2
+
+
+def test_last_error_is_raised_after_all_attempts(server: FaultServer) -> None:
+    server.reset(default=Respond(503, {"error": "unavailable", "detail": "down"}))
+    config = make_config(server, api_retry_attempts=2)
+    with pytest.raises(ServerError) as info:
+        InternalAPIClient(config).get_workflow_execution("x")
+    assert info.value.status == 503 and info.value.error_code == "unavailable"
+    assert len(server.requests) == 3
+
+
+def test_zero_retry_attempts_makes_one_attempt(server: FaultServer) -> None:
+    server.push(Drop())
+    with pytest.raises(APIConnectionError):
+        InternalAPIClient(make_config(server, api_retry_attempts=0)).get_workflow_execution("x")
+    assert len(server.requests) == 1
+
+
+def test_connection_refused_is_a_connection_error() -> None:
+    with FaultServer() as gone:
+        config = make_config(gone, api_retry_attempts=1)
+    with pytest.raises(APIConnectionError) as info:
+        InternalAPIClient(config).get_workflow_execution("x")
+    assert info.value.transient
+    assert "cannot reach 127.0.0.1" in str(info.value)
+
+
+# --- Retry-After ------------------------------------------------------------------------
+
+
+def test_retry_after_seconds_sets_the_delay(server: FaultServer,
+                                            retries: list[RetryEvent]) -> None:
+    server.push(Respond(429, {"error": "throttled", "detail": "x"}, {"Retry-After": "0"}),
+                Respond(503, {"error": "unavailable", "detail": "x"}, {"Retry-After": "1"}))
+    config = make_config(server, api_retry_max_delay=5.0)
+    InternalAPIClient(config).get_workflow_execution("x")
+    assert [e.delay for e in retries] == [0.0, 1.0]
+    assert isinstance(retries[0].exception, RateLimitedError)
+    assert retries[0].exception.retry_after == 0.0
+
+
+def test_retry_after_http_date_sets_the_delay(server: FaultServer,
+                                              retries: list[RetryEvent]) -> None:
+    when = formatdate(time.time() + 3, usegmt=True)
+    server.push(Respond(503, {"error": "unavailable", "detail": "x"}, {"Retry-After": when}))
+    config = make_config(server, api_retry_max_delay=10.0)
+    InternalAPIClient(config).get_workflow_execution("x")
+    assert len(retries) == 1
+    assert 1.0 <= retries[0].delay <= 3.0  # the date is whole seconds, ~3 s from now
+
+
+def test_retry_after_is_capped_at_max_delay(server: FaultServer,
+                                            retries: list[RetryEvent]) -> None:
+    far = formatdate(time.time() + 86400, usegmt=True)
+    server.push(Respond(429, b"", {"Retry-After": "3600"}), Respond(503, b"", {"Retry-After": far}))
+    config = make_config(server, api_retry_max_delay=0.25)
+    InternalAPIClient(config).get_workflow_execution("x")
+    assert [e.delay for e in retries] == [0.25, 0.25]
+
+
+def test_garbage_retry_after_falls_back_to_backoff(server: FaultServer,
+                                                   retries: list[RetryEvent]) -> None:
+    server.push(Respond(503, b"", {"Retry-After": "soon-ish"}))
+    config = make_config(server, api_retry_base_delay=0.2, api_retry_max_delay=0.2)
+    InternalAPIClient(config).get_workflow_execution("x")
+    assert len(retries) == 1 and 0.0 <= retries[0].delay <= 0.2
+
+
+def test_no_retry_past_the_deadline(server: FaultServer) -> None:
+    server.push(Respond(503, b"", {"Retry-After": "20"}))
+    config = make_config(server, api_retry_max_delay=30.0, api_deadline=5.0)
+    with pytest.raises(ServerError) as info:
+        InternalAPIClient(config).get_workflow_execution("x")
+    assert info.value.retry_after == 20.0
+    assert len(server.requests) == 1
+
+
+def test_attempt_timeout_never_runs_past_the_deadline(server: FaultServer) -> None:
+    # API_TIMEOUT is 30 s, the deadline 0.5 s: the stalled attempt is cut at the deadline.
+    server.reset(default=Stall(60))
+    config = make_config(server, api_timeout=30.0, api_deadline=0.5, api_retry_attempts=5)
+    with pytest.raises(APITimeoutError):
+        InternalAPIClient(config).get_workflow_execution("x")
+    assert 1 <= len(server.requests) <= 6
+
+
+# --- retry budget -----------------------------------------------------------------------
+
+
+def test_retry_budget_exhaustion_stops_retries(server: FaultServer) -> None:
+    # ratio 0 and a floor of 0.2/s over the 10 s window: two retries in the whole process.
+    server.reset(default=Respond(503, {"error": "unavailable", "detail": "outage"}))
+    config = make_config(server, api_retry_budget_ratio=0.0,
+                         api_retry_budget_min_per_second=0.2, api_retry_attempts=5)
+    client = InternalAPIClient(config)
+    with pytest.raises(ServerError):
+        client.get_workflow_execution("x")
+    first = len(server.requests)
+    with pytest.raises(ServerError):
+        client.get_workflow_execution("x")
+    assert first == 3  # 1 attempt + the 2 retries the budget holds
+    assert len(server.requests) == first + 1  # budget empty: no retry at all
+
+
+# --- circuit breaker --------------------------------------------------------------------
+
+
+def test_breaker_opens_probes_half_open_and_closes(server: FaultServer) -> None:
+    states: list[tuple[str, str]] = []
+    config = make_config(server, api_retry_attempts=0, circuit_breaker_failure_threshold=2,
+                         circuit_breaker_recovery_timeout=0.3)
+    client = InternalAPIClient(config)
+    breaker = client.breaker
+    breaker.add_listener(lambda b, old, new: states.append((old.value, new.value)))
+
+    server.reset(default=Respond(503, {"error": "unavailable", "detail": "down"}))
+    for _ in range(2):
+        with pytest.raises(ServerError):
+            client.get_workflow_execution("x")
+    assert breaker.state is CircuitState.OPEN
+    sent = len(server.requests)
+    with pytest.raises(APICircuitOpenError) as info:
+        client.get_workflow_execution("x")
+    assert len(server.requests) == sent  # refused without sending
+    assert isinstance(info.value, CircuitBreakerOpenError) and isinstance(info.value,
+                                                                          InternalAPIError)
+    assert info.value.transient and info.value.retry_after is not None
+
+    time.sleep(0.4)  # past the recovery timeout: the next call is the half-open probe
+    with pytest.raises(ServerError):
+        client.get_workflow_execution("x")  # probe fails: open again
+    assert breaker.state is CircuitState.OPEN
+
+    time.sleep(0.4)
+    server.reset(default=Respond(200, EXECUTION))
+    assert client.get_workflow_execution("x").id == EXECUTION["id"]  # probe succeeds
+    assert breaker.state is CircuitState.CLOSED
+    assert states == [("closed", "open"), ("open", "half_open"), ("half_open", "open"),
+                      ("open", "half_open"), ("half_open", "closed")]
+
+
+def test_open_breaker_is_not_retried(server: FaultServer, retries: list[RetryEvent]) -> None:
+    config = make_config(server, api_retry_attempts=4, circuit_breaker_failure_threshold=2,
+                         circuit_breaker_recovery_timeout=60.0)
+    server.reset(default=Respond(503, {"error": "unavailable", "detail": "down"}))
+    with pytest.raises(APICircuitOpenError):
+        InternalAPIClient(config).get_workflow_execution("x")
+    assert len(server.requests) == 2  # two failures opened it; the third attempt was refused
+    with pytest.raises(APICircuitOpenError):
+        InternalAPIClient(config).get_workflow_execution("x")
+    assert len(server.requests) == 2
+
+
+def test_client_errors_do_not_open_the_breaker(server: FaultServer) -> None:
+    config = make_config(server, circuit_breaker_failure_threshold=2)
+    server.reset(default=Respond(404, {"error": "not_found", "detail": "no"}))
+    client = InternalAPIClient(config)
+    for _ in range(5):
+        with pytest.raises(NotFoundError):
+            client.get_workflow_execution("x")
+    assert client.breaker.state is CircuitState.CLOSED
+
+
+# --- error mapping and bodies ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(400, APIValidationError), (401, AuthenticationError), (403, AuthenticationError),
+     (404, NotFoundError), (409, ConflictError), (422, APIValidationError),
+     (429, RateLimitedError), (500, ServerError), (503, ServerError), (418, APIResponseError),
+     (408, APITimeoutError)],
+)
+def test_status_maps_to_exception(server: FaultServer, status: int,
+                                  kind: type[InternalAPIError]) -> None:
+    body = {"error": f"code_{status}", "detail": f"line one\nline two {SECRET}"}
+    server.reset(default=Respond(status, body, {"X-Request-ID": "ignored"}))
+    config = make_config(server, api_retry_attempts=0)
+    with pytest.raises(InternalAPIError) as info:
+        InternalAPIClient(config).get_workflow_execution("abc")
+    error = info.value
+    assert type(error) is kind
+    assert error.status == status and error.error_code == f"code_{status}"
+    assert error.method == "GET" and error.path == "workflow-executions/abc/"
+    assert error.request_id == server.requests[0].headers["x-request-id"]
+    text = str(error)
+    assert "\n" not in text and SECRET not in text and SECRET not in repr(error)
+    assert text.startswith(f"{status} code_{status}: line one line two")
+
+
+def test_non_json_success_body_is_a_response_error_with_excerpt(server: FaultServer) -> None:
+    server.push(Respond(200, "<html>" + "x" * 5000 + "</html>"))
+    with pytest.raises(APIResponseError) as info:
+        InternalAPIClient(make_config(server)).get_workflow_execution("x")
+    assert info.value.status == 200 and "<html>xxx" in info.value.detail
+    assert len(str(info.value)) < 400
+    assert len(server.requests) == 1  # a bad body is not retried
+
+
+def test_json_of_the_wrong_shape_is_a_response_error(server: FaultServer) -> None:
+    server.push(Respond(200, {"id": "x"}), Respond(200, [1, 2]))
+    client = InternalAPIClient(make_config(server))
+    with pytest.raises(APIResponseError, match="not a valid WorkflowExecution"):
+        client.get_workflow_execution("x")
+    with pytest.raises(APIResponseError):
+        client.get_workflow_execution("x")
+
+
+def test_error_without_json_body_keeps_status_and_excerpt(server: FaultServer) -> None:
+    server.push(Respond(404, "<h1>Not Found</h1>"))
+    with pytest.raises(NotFoundError) as info:
+        InternalAPIClient(make_config(server)).get_workflow_execution("x")
+    assert info.value.error_code is None and "<h1>Not Found</h1>" in info.value.detail
+
+
+def test_errors_survive_pickling_with_their_attributes(server: FaultServer) -> None:
+    server.push(Respond(409, {"error": "illegal_transition", "detail": "final"}))
+    with pytest.raises(ConflictError) as info:
+        InternalAPIClient(make_config(server)).get_workflow_execution("x")
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert type(copy) is ConflictError and str(copy) == str(info.value)
+    assert (copy.status, copy.error_code, copy.path) == (409, "illegal_transition",
+                                                        "workflow-executions/x/")
+    opened = APICircuitOpenError("b", 1.5, method="GET", path="p/", request_id="r")
+    again = pickle.loads(pickle.dumps(opened))
+    assert again.breaker_name == "b" and again.retry_after == 1.5
+
+
+def test_unknown_fields_are_kept(server: FaultServer) -> None:
+    execution = InternalAPIClient(make_config(server)).get_workflow_execution("x")
+    assert execution.model_extra == {"a_field_added_later": {"nested": True}}
+
+
+# --- headers, organization, safety ------------------------------------------------------
+
+
+def test_every_request_carries_auth_user_agent_and_request_id(server: FaultServer) -> None:
+    client = InternalAPIClient(make_config(server))
+    with log_context(task_id="task-42"):
+        client.get_workflow_execution("x")
+    client.get_workflow_execution("x")
+    first, second = server.requests
+    assert first.headers["authorization"] == f"Bearer {SECRET}"
+    assert first.headers["user-agent"] == "fault-worker/9.8.7"
+    assert first.headers["x-request-id"] == "task-42"
+    assert second.headers["x-request-id"] and second.headers["x-request-id"] != "task-42"
+    assert "idempotency-key" not in first.headers
+
+
+def test_request_id_prefers_execution_context(server: FaultServer) -> None:
+    with log_context(execution_id="exec-7"):
+        InternalAPIClient(make_config(server)).get_workflow_execution("x")
+    assert server.requests[0].headers["x-request-id"] == "exec-7"
+
+
+def test_organization_header_default_context_and_per_call(server: FaultServer) -> None:
+    client = InternalAPIClient(make_config(server))
+    other = InternalAPIClient(make_config(server))
+    client.get_workflow_execution("x")
+    client.set_organization_context("org-b")
+    client.get_workflow_execution("x")
+    other.get_workflow_execution("x")  # another client is not affected
+    client.get_workflow_execution("x", organization_id="org-c")
+    client.get_workflow_execution("x")
+    assert [r.headers["x-organization-id"] for r in server.requests] == [
+        "org-a", "org-b", "org-a", "org-c", "org-b"]
+
+
+def test_org_scoped_call_without_organization_sends_nothing(server: FaultServer) -> None:
+    client = InternalAPIClient(make_config(server, organization_id=None))
+    with pytest.raises(OrganizationRequiredError, match="ORGANIZATION_ID"):
+        client.get_workflow_execution("x")
+    with pytest.raises(OrganizationRequiredError):
+        client.list_workflow_executions()
+    with pytest.raises(OrganizationRequiredError):
+        client.send_webhook("https://example.com/hook", {"a": 1})
+    with pytest.raises(OrganizationRequiredError):
+        client.update_workflow_execution_status("x", "COMPLETED", organization_id=None)
+    assert server.requests == []
+    client.health_check()  # not org-scoped: sent without the header
+    assert "x-organization-id" not in server.requests[0].headers
+
+
+def test_ids_are_escaped_into_one_path_segment(server: FaultServer) -> None:
+    InternalAPIClient(make_config(server)).get_workflow_execution("../../admin?x=1")
+    assert server.requests[0].path.endswith("/workflow-executions/..%2F..%2Fadmin%3Fx%3D1/")
+
+
+def test_generic_calls_refuse_absolute_urls(server: FaultServer) -> None:
+    client = InternalAPIClient(make_config(server))
+    for bad in ("http://evil.example/steal", "//evil.example/x"):
+        with pytest.raises(ValueError, match="relative"):
+            client.get(bad)
+    assert server.requests == []
+
+
+def test_generic_methods(server: FaultServer) -> None:
+    server.reset(default=Respond(200, {"ok": True}))
+    client = InternalAPIClient(make_config(server))
+    assert client.get("custom/thing/", params={"q": "1"}) == {"ok": True}
+    client.post("/custom/thing/", {"a": 1}, idempotency_key="my-key")
+    client.patch("custom/thing/", {"b": 2})
+    client.put("custom/thing/", {"c": 3})
+    server.push(Respond(204))
+    assert client.delete("custom/thing/") is None
+    assert paths(server) == ["GET custom/thing/?q=1", "POST custom/thing/",
+                             "PATCH custom/thing/", "PUT custom/thing/", "DELETE custom/thing/"]
+    assert server.requests[1].headers["idempotency-key"] == "my-key"
+    assert server.requests[2].json() == {"b": 2}
+
+
+def test_list_is_lazy_and_checks_arguments_first(server: FaultServer) -> None:
+    server.reset(default=Respond(200, {"results": [EXECUTION], "next_cursor": None}))
+    client = InternalAPIClient(make_config(server))
+    items = client.list_workflow_executions(status="PENDING")
+    assert server.requests == []
+    assert [e.id for e in items] == [EXECUTION["id"]]
+    assert paths(server) == ["GET workflow-executions/?status=PENDING&limit=100"]
+    with pytest.raises(ValueError, match="page_size"):
+        client.list_workflow_executions(page_size=501)
+    with pytest.raises(ValueError, match="limit"):
+        client.list_workflow_executions(limit=-1)
+
+
+def test_closed_client_refuses_calls_but_pool_stays(server: FaultServer) -> None:
+    config = make_config(server)
+    with InternalAPIClient(config) as client:
+        client.get_workflow_execution("x")
+    with pytest.raises(RuntimeError, match="closed"):
+        client.get_workflow_execution("x")
+    with InternalAPIClient(config) as again:
+        again.get_workflow_execution("x")
+    assert server.connections_accepted == 1  # the second block reused the pooled connection
+
+
+def test_logging_never_shows_the_key_and_levels_match(
+    server: FaultServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.push(Respond(503, {"error": "unavailable", "detail": f"echo {SECRET}"}))
+    with caplog.at_level(logging.DEBUG, logger="backend.workers.shared"):
+        InternalAPIClient(make_config(server)).get_workflow_execution("x")
+    api_records = [r for r in caplog.records if r.name == "backend.workers.shared.api_client"]
+    assert [r.levelno for r in api_records] == [logging.WARNING, logging.DEBUG]
+    for record in caplog.records:
+        assert SECRET not in record.getMessage()
+        assert SECRET not in str(record.__dict__)
+        assert "authorization" not in str(record.__dict__).lower()
+    success = api_records[1].__dict__
+    assert (success["method"], success["status"], success["attempt"]) == ("GET", 200, 2)
+    assert success["path"] == "workflow-executions/x/" and success["request_id"]
+    assert isinstance(success["duration_ms"], float)
+
+
+def test_metrics_count_requests_by_template_and_retries(server: FaultServer) -> None:
+    server.push(Respond(502, b""))
+    InternalAPIClient(make_config(server)).get_workflow_execution("some-id")
+    text = _metrics.render()[0].decode()
+    ok = ('worker_api_requests_total{endpoint="workflow-executions/{id}/",method="GET",'
+          'status="200"}')
+    assert ok in text
+    assert 'status="502"' in text
+    assert ('worker_api_retries_total{endpoint="workflow-executions/{id}/",method="GET",'
+            'reason="502"}') in text
+    assert "worker_api_request_duration_seconds_bucket" in text
