@@ -354,6 +354,14 @@ class HealthChecker:
             raise ValueError(f"interval must be a number > 0, got {interval!r}")
         if self._background is not None and self._background.is_alive():
             return
+        # Import what the checks import lazily now, in the caller's thread: a prefork pool
+        # forked while the checker thread is inside an import gives its children a module
+        # lock that nobody will release (their first API call then hangs for ever).
+        import httpx2  # noqa: F401
+        import psutil  # noqa: F401
+
+        from . import api_client  # noqa: F401
+
         self._stop.clear()
         self._background = threading.Thread(
             target=self._loop, args=(float(every),), name="health-checker", daemon=True)
