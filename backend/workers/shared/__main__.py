@@ -10,8 +10,10 @@ from .config import ConfigurationError, WorkerConfig
 
 
 def check(*, backend: bool = True) -> int:
-    """Print the effective configuration (secrets masked); 0 when valid, 2 when not.
+    """Print the effective configuration (secrets masked), then reach the backend.
 
+    Exit codes: 0 all good, 2 the configuration is invalid, 1 the backend cannot be used
+    (the message names what is wrong: URL, key, organization or network).
     ``backend=False`` (``--no-backend``) validates the configuration only.
     """
     try:
@@ -21,7 +23,59 @@ def check(*, backend: bool = True) -> int:
         return 2
     print(json.dumps(config.public_settings(), indent=2, default=str))
     print("configuration OK")
+    if not backend:
+        return 0
+    problem = check_backend(config)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 1
     return 0
+
+
+def check_backend(config: WorkerConfig) -> str | None:
+    """Call the backend's health endpoint with the configured key, then an org-scoped
+    endpoint with the configured organization; ``None`` when both work, else the problem."""
+    from .api_client import (
+        APIConnectionError,
+        APIResponseError,
+        APITimeoutError,
+        AuthenticationError,
+        InternalAPIClient,
+        InternalAPIError,
+        NotFoundError,
+    )
+
+    url = config.internal_api_base_url
+    timeout = min(config.api_timeout, 10.0)
+    client = InternalAPIClient(config)
+    try:
+        health = client.health_check(timeout=timeout, retry=False)
+    except (APIConnectionError, APITimeoutError) as exc:
+        return (f"NETWORK: cannot reach the backend at {url}: {exc.detail}. Is the backend "
+                "running, and are the host and port of DJANGO_APP_BACKEND_URL right?")
+    except AuthenticationError as exc:
+        return (f"KEY: the backend at {url} refused INTERNAL_SERVICE_API_KEY "
+                f"({exc.status} {exc.error_code}: {exc.detail})")
+    except (NotFoundError, APIResponseError) as exc:
+        return (f"URL: {url}/health/ did not answer as the internal API ({exc}). Does "
+                "DJANGO_APP_BACKEND_URL point at the backend (scheme, host, port, no path)?")
+    except InternalAPIError as exc:
+        return f"BACKEND: the backend at {url} failed its health check: {exc}"
+    print(f"backend OK: {url} is {health.status} (version {health.version})")
+    if config.organization_id is None:
+        print("ORGANIZATION_ID is not set: org-scoped calls need set_organization_context() "
+              "or organization_id= on each call")
+        return None
+    try:
+        next(client.list_workflow_executions(limit=1), None)
+    except NotFoundError as exc:
+        return (f"ORGANIZATION: the backend does not know ORGANIZATION_ID "
+                f"{config.organization_id!r} ({exc.error_code}: {exc.detail})")
+    except InternalAPIError as exc:
+        return (f"ORGANIZATION: an org-scoped call for ORGANIZATION_ID "
+                f"{config.organization_id!r} failed: {exc}")
+    print(f"organization OK: {config.organization_id!r}")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

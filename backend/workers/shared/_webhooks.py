@@ -215,7 +215,7 @@ def deliver(
     policy: RetryPolicy,
 ) -> DeliveryReport:
     """POST ``body`` to ``url`` under ``policy``: the guard first, then attempts until success,
-    a permanent answer (4xx, 410 "gone"), or the policy gives up."""
+    a permanent answer (a 4xx such as 410 Gone), or the policy gives up."""
     import httpx2
 
     check_url(url, allowed_hosts)  # refuse before anything is sent
@@ -242,7 +242,8 @@ def deliver(
             return
         logger.warning("webhook attempt failed", extra=log)
         if status == 410:
-            raise AttemptFailed("receiver answered 410 Gone", status=status, transient=False)
+            raise AttemptFailed("receiver answered 410 Gone: not retried", status=status,
+                                transient=False)
         transient = status == 429 or status >= 500
         raise AttemptFailed(f"receiver answered {status}", status=status, transient=transient,
                              retry_after=retry_after)
@@ -252,7 +253,7 @@ def deliver(
         policy.call(_attempt_mapping_transport_errors, attempt, client)
         report.outcome = "delivered"
     except AttemptFailed as exc:
-        report.outcome = "gone" if exc.status == 410 else "failed"
+        report.outcome = "failed"
         report.error = str(exc)
     finally:
         client.close()

@@ -172,12 +172,14 @@ class WebhookDelivery(_Result):
     """One recorded webhook delivery (what was sent where, and how it ended)."""
 
     id: str
+    organization_id: str | None = None
     url: str
     execution_id: str | None = None
     status_code: int | None = None
     attempts: int = 0
     duration: float = 0.0
     outcome: str
+    error_message: str = ""
     created_at: datetime | None = None
 
 
@@ -191,10 +193,12 @@ class BackendHealth(_Result):
 
 @dataclass(frozen=True)
 class WebhookResult:
-    """What ``send_webhook`` did: ``outcome`` is ``delivered``, ``failed`` or ``gone`` (410).
+    """What ``send_webhook`` did: ``outcome`` is ``delivered`` (2xx) or ``failed``.
 
     ``delivery_id`` is the backend's record of it, ``message_id`` the ``webhook-id`` the
-    receiver saw, ``duration`` seconds over all attempts, ``response_body`` at most 64 KiB.
+    receiver saw, ``status_code`` the receiver's last answer (``None`` if none came),
+    ``duration`` seconds over all attempts, ``error`` why it failed, ``response_body`` the
+    first 64 KiB at most of the receiver's answer.
     """
 
     delivery_id: str
@@ -435,8 +439,8 @@ class InternalAPIClient:
         The URL must pass the SSRF guard (:class:`WebhookURLRefusedError` otherwise, with
         nothing sent or recorded). The body is signed per Standard Webhooks when
         ``WEBHOOK_SIGNING_SECRET`` is set; 5xx, 429, timeouts and connection failures are
-        retried, a 410 stops. A receiver that keeps failing is reported in the result
-        (``outcome="failed"``), not raised.
+        retried, a 410 (or another 4xx) stops. A receiver that keeps failing is reported in
+        the result (``outcome="failed"``), not raised.
         """
         from ._webhooks import deliver, new_message_id
 
@@ -468,6 +472,7 @@ class InternalAPIClient:
             "attempts": report.attempts,
             "duration": round(report.duration, 6),
             "outcome": report.outcome,
+            "error_message": report.error or "",
         }
         data = self._call("POST", "webhook-deliveries/", org, json_body=record,
                           idempotency_key=message_id)
