@@ -79,7 +79,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "backend.internal_api.middleware.RequestContextMiddleware",
     "backend.internal_api.middleware.InternalAuthMiddleware",
-    "backend.internal_api.middleware.IdempotencyMiddleware",
+    "backend.internal_api.idempotency.IdempotencyMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -117,8 +117,6 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 MAX_REQUEST_BODY = 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BODY
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
-# An in-flight idempotency record older than this is taken to be abandoned (its request died).
-IDEMPOTENCY_IN_FLIGHT_TIMEOUT = 60.0
 ORGANIZATION_CACHE_SECONDS = 60.0
 
 REST_FRAMEWORK = {

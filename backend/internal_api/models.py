@@ -139,17 +139,17 @@ class WebhookDelivery(models.Model):
 
 
 class IdempotencyRecord(models.Model):
-    """A POST made with an ``Idempotency-Key``: in flight until ``response_status`` is set."""
+    """The stored response of a POST made with an ``Idempotency-Key`` (see ``idempotency``)."""
 
     key_hash = models.CharField(
         primary_key=True, max_length=64, help_text="sha256 of organization header and key"
     )
     fingerprint = models.CharField(max_length=64, help_text="sha256 of method, path and body")
-    response_status = models.PositiveSmallIntegerField(null=True, blank=True)
-    response_body = models.BinaryField(null=True, blank=True)
-    response_content_type = models.CharField(max_length=100, blank=True, default="")
+    response_status = models.PositiveSmallIntegerField()
+    response_body = models.BinaryField()
+    response_content_type = models.CharField(max_length=100)
     created_at = models.DateTimeField()
     expires_at = models.DateTimeField(db_index=True)
 
     def __str__(self) -> str:
-        return f"{self.key_hash[:12]} {self.response_status or 'in flight'}"
+        return f"{self.key_hash[:12]} {self.response_status}"

@@ -419,13 +419,32 @@ def test_status_of_unknown_execution_is_404(api: Api) -> None:
     assert error_of(set_status(api, str(uuid.uuid4()), "QUEUED")) == (404, "not_found")
 
 
-def test_plain_status_update_costs_two_sql_statements(api: Api) -> None:
-    execution = create(api)
-    api.call("GET", "workflow-executions/?limit=1")  # the organization is known now
-    with CaptureQueriesContext(connection) as queries:
-        response = set_status(api, execution["id"], "IN_PROGRESS")
-    assert response.status_code == 200
-    assert len(queries.captured_queries) == 2, queries.captured_queries
+def test_sql_statements_per_status_update(api: Api) -> None:
+    executions = [create(api)["id"] for _ in range(3)]
+    set_status(api, executions[2], "STOPPED")
+    key = {"Idempotency-Key": "count-1"}
+    warm = f"workflow-executions/{executions[2]}/status/"
+    post_with_key(api, warm, {"status": "STOPPED"}, "warm-up")  # org cached, purge done
+
+    def statements(execution_id: str, status: str, headers: dict[str, str]) -> list[str]:
+        with CaptureQueriesContext(connection) as queries:
+            response = api.call(
+                "POST",
+                f"workflow-executions/{execution_id}/status/",
+                {"status": status},
+                headers=api.headers(**headers),
+            )
+        assert response.status_code in (200, 409)
+        # The test runs inside a transaction, so the key's transaction is a SAVEPOINT here.
+        kinds = [q["sql"].split()[0] for q in queries.captured_queries]
+        return [kind for kind in kinds if kind not in ("SAVEPOINT", "RELEASE")]
+
+    # Applied: one UPDATE ... RETURNING. Refused or no-op: the UPDATE and a SELECT.
+    assert statements(executions[0], "IN_PROGRESS", {}) == ["UPDATE"]
+    assert statements(executions[2], "ERROR", {}) == ["UPDATE", "SELECT"]
+    # With a key: the lock-and-look-up SELECT, the UPDATE, the INSERT of the record.
+    assert statements(executions[1], "IN_PROGRESS", key) == ["SELECT", "UPDATE", "INSERT"]
+    assert statements(executions[1], "IN_PROGRESS", key) == ["SELECT"]  # the replay
 
 
 # --- idempotency -----------------------------------------------------------------------------

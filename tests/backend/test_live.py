@@ -303,7 +303,7 @@ def test_idempotency_key_in_flight_is_409(
     path = f"/workflow-executions/{execution['id']}/status/"
     key = {"Idempotency-Key": f"flight-{uuid.uuid4()}"}
     with psycopg.connect(live_backend_pg.database_url) as lock:
-        # Hold the execution's row lock: the first request claims the key, then waits.
+        # Hold the execution's row lock: the first request takes the key, then waits.
         lock.execute(
             "SELECT id FROM internal_api_workflowexecution WHERE id = %s FOR UPDATE",
             [execution["id"]],
@@ -311,12 +311,13 @@ def test_idempotency_key_in_flight_is_409(
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(pg_http.post, path, json={"status": "IN_PROGRESS"}, headers=key)
             with psycopg.connect(live_backend_pg.database_url, autocommit=True) as probe:
-                for _ in range(600):
-                    claimed = probe.execute(
-                        "SELECT count(*) FROM internal_api_idempotencyrecord "
-                        "WHERE response_status IS NULL"
+                for _ in range(600):  # until the first request holds the key's lock
+                    held = probe.execute(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                        "AND database = (SELECT oid FROM pg_database "
+                        "WHERE datname = current_database())"
                     ).fetchone()
-                    if claimed and claimed[0]:
+                    if held and held[0]:
                         break
                     time.sleep(0.05)
             second = pg_http.post(path, json={"status": "IN_PROGRESS"}, headers=key)

@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from backend.internal_api.middleware import purge_expired_records
+from backend.internal_api.idempotency import purge_expired_records
 
 
 class Command(BaseCommand):

@@ -1,0 +1,217 @@
+"""Status transitions per second through gunicorn and PostgreSQL, plain and idempotent.
+
+The backend runs as in production (gunicorn, 2 ``gthread`` workers, PostgreSQL on loopback, a
+fresh database dropped afterwards). A load generator in a second process drives it over
+kept-alive connections from several threads; each execution goes QUEUED -> IN_PROGRESS ->
+COMPLETED, so every request is a real transition. Measured side by side, in alternating
+rounds (median of each): the trivial authenticated ``health`` endpoint (the baseline: HTTP,
+gunicorn and Django with no database work), plain status updates, and status updates carrying
+a fresh ``Idempotency-Key`` each. Then, in this process, the SQL statements one plain and one
+idempotent update issue (Django's test client on the same database, organization cached).
+
+Run: ``.venv/bin/python benchmarks/bench_backend.py`` (or ``make bench``); needs PostgreSQL
+on 127.0.0.1:5432. ``python benchmarks/bench_backend.py --load ...`` is the load generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+THREADS = 8
+EXECUTIONS_PER_ROUND = 150  # x3 transitions
+HEALTH_PER_ROUND = 500
+ROUNDS = 6
+TARGET_RATE = 300.0
+TARGET_SQL = 3
+TARGET_IDEMPOTENT_RATIO = 1.25
+
+
+# --- the load generator (second process) -----------------------------------------------------
+
+
+def _load(url: str, key: str, org: str, mode: str, count: int, threads: int) -> dict[str, Any]:
+    """Run ``count`` units of ``mode`` from ``threads`` threads; returns requests and seconds."""
+    import httpx2
+
+    headers = {"Authorization": f"Bearer {key}", "X-Organization-ID": org}
+    clients = [
+        httpx2.Client(base_url=f"{url}/internal/v1", headers=headers, timeout=60)
+        for _ in range(threads)
+    ]
+    ids: list[str] = []
+    if mode != "health":
+        for i in range(count):
+            response = clients[0].post("/workflow-executions/", json={"workflow_id": f"b{i}"})
+            response.raise_for_status()
+            ids.append(response.json()["id"])
+    failures: list[str] = []
+    barrier = threading.Barrier(threads + 1)
+
+    def worker(index: int) -> None:
+        client = clients[index]
+        barrier.wait()
+        if mode == "health":
+            for _ in range(index, count, threads):
+                response = client.get("/health/")
+                if response.status_code != 200:
+                    failures.append(response.text)
+            return
+        for execution_id in ids[index::threads]:
+            for status in ("QUEUED", "IN_PROGRESS", "COMPLETED"):
+                extra = {"Idempotency-Key": uuid.uuid4().hex} if mode == "idempotent" else {}
+                response = client.post(
+                    f"/workflow-executions/{execution_id}/status/",
+                    json={"status": status},
+                    headers=extra,
+                )
+                if response.status_code != 200:
+                    failures.append(response.text)
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for thread in workers:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in workers:
+        thread.join()
+    seconds = time.perf_counter() - started
+    for client in clients:
+        client.close()
+    requests = count if mode == "health" else count * 3
+    return {"requests": requests, "seconds": seconds, "failures": failures[:3]}
+
+
+def _drive(backend: Any, mode: str, count: int) -> float:
+    """Requests per second of one round, from a load generator in a second process."""
+    done = subprocess.run(
+        [
+            sys.executable, __file__, "--load", backend.url, backend.api_key, backend.org_id,
+            mode, str(count), str(THREADS),
+        ],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    if result["failures"]:
+        raise SystemExit(f"{mode}: requests failed: {result['failures']}")
+    return float(result["requests"] / result["seconds"])
+
+
+# --- SQL statements per update (in this process) ---------------------------------------------
+
+
+def _count_sql(database_url: str, api_key: str) -> tuple[int, int, list[str]]:
+    """Statements issued by one plain and one idempotent status update (warm)."""
+    os.environ.update(
+        DJANGO_SETTINGS_MODULE="backend.settings",
+        DATABASE_URL=database_url,
+        INTERNAL_SERVICE_API_KEY=api_key,
+        LOG_LEVEL="WARNING",
+    )
+    import django
+
+    django.setup()
+    from django.db import connection
+    from django.test import Client
+    from django.test.utils import setup_test_environment
+
+    from backend.internal_api.models import Organization, WorkflowExecution
+
+    setup_test_environment()
+    org = Organization.objects.create(pk=f"sql-{uuid.uuid4().hex[:8]}")
+    executions = [
+        WorkflowExecution.objects.create(organization=org, workflow_id="w") for _ in range(3)
+    ]
+    client = Client(headers={"Authorization": f"Bearer {api_key}", "X-Organization-ID": org.pk})
+
+    def run(execution: Any, extra: dict[str, str]) -> list[str]:
+        statements: list[str] = []
+
+        def record(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+            statements.append(sql.split()[0])
+            return execute(sql, params, many, context)
+
+        with connection.execute_wrapper(record):
+            response = client.post(
+                f"/internal/v1/workflow-executions/{execution.pk}/status/",
+                {"status": "IN_PROGRESS"},
+                content_type="application/json",
+                headers=extra,
+            )
+        assert response.status_code == 200, response.content
+        return statements
+
+    # Warm-up: the organization is cached and the once-a-while purge of expired keys is done.
+    run(executions[2], {"Idempotency-Key": uuid.uuid4().hex})
+    plain = run(executions[0], {})
+    idempotent = run(executions[1], {"Idempotency-Key": uuid.uuid4().hex})
+    connection.close()
+    return len(plain), len(idempotent), idempotent
+
+
+def main() -> None:
+    """Measure and print."""
+    from tests.conftest import service_up
+    from tests.live_backend import LiveBackend
+
+    if not service_up("postgres"):
+        raise SystemExit("bench_backend: PostgreSQL is not running on 127.0.0.1:5432")
+    with LiveBackend.postgres(workers=2, threads=8, log_level="WARNING") as backend:
+        rates: dict[str, list[float]] = {"health": [], "plain": [], "idempotent": []}
+        ratios: list[float] = []
+        _drive(backend, "plain", 20)  # warm-up: connections, caches
+        for round_no in range(ROUNDS):
+            rates["health"].append(_drive(backend, "health", HEALTH_PER_ROUND))
+            # Back to back, alternating which goes first: the machine is shared and noisy.
+            order = ("plain", "idempotent") if round_no % 2 == 0 else ("idempotent", "plain")
+            pair = {mode: _drive(backend, mode, EXECUTIONS_PER_ROUND) for mode in order}
+            for mode, rate in pair.items():
+                rates[mode].append(rate)
+            ratios.append(pair["plain"] / pair["idempotent"])
+        plain_sql, idem_sql, idem_kinds = _count_sql(backend.database_url, backend.api_key)
+
+    health = statistics.median(rates["health"])
+    plain = statistics.median(rates["plain"])
+    idem = statistics.median(rates["idempotent"])
+    ratio = statistics.median(ratios)
+    cores = os.cpu_count()
+    print(f"backend: gunicorn 2 gthread workers x 8 threads, PostgreSQL; {cores} cores; ", end="")
+    print(f"load: {THREADS} threads in a second process; median of {ROUNDS} rounds")
+    print(f"  health (baseline, no database)   {health:8.0f} req/s")
+    print(f"  status update, plain             {plain:8.0f} /s   ({plain / health:.2f} of health)")
+    print(f"  status update, Idempotency-Key   {idem:8.0f} /s   ({idem / health:.2f} of health)")
+    print(
+        f"  idempotent cost ratio            {ratio:8.2f} x    "
+        f"(median of per-round plain/idempotent; target <= {TARGET_IDEMPOTENT_RATIO})"
+    )
+    print(f"  SQL per plain status update      {plain_sql:8d}      (target <= {TARGET_SQL})")
+    print(
+        f"  SQL per idempotent update        {idem_sql:8d}      "
+        f"({', '.join(idem_kinds)}; plus BEGIN/COMMIT)"
+    )
+    print(f"  target: several hundred plain updates/s ({TARGET_RATE:.0f}+)")
+    for name, values in rates.items():
+        print(f"  rounds, {name:<10} " + " ".join(f"{v:6.0f}" for v in values))
+    print("  rounds, ratio      " + " ".join(f"{v:6.2f}" for v in ratios))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--load":
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--load", nargs=6)
+        url, key, org, mode, count, threads = parser.parse_args().load
+        print(json.dumps(_load(url, key, org, mode, int(count), int(threads))))
+    else:
+        main()
