@@ -55,10 +55,15 @@ def refusal_reason(address: IPAddress) -> str | None:
         (address.is_loopback, "loopback address"),
         (address.is_link_local, "link-local address (cloud metadata lives here)"),
         (address.is_multicast, "multicast address"),
-        (isinstance(address, ipaddress.IPv4Address) and address in _SHARED,
-         "shared address space (100.64.0.0/10)"),
-        (isinstance(address, ipaddress.IPv6Address) and address in ipaddress.ip_network(
-            "fc00::/7"), "unique-local address"),
+        (
+            isinstance(address, ipaddress.IPv4Address) and address in _SHARED,
+            "shared address space (100.64.0.0/10)",
+        ),
+        (
+            isinstance(address, ipaddress.IPv6Address)
+            and address in ipaddress.ip_network("fc00::/7"),
+            "unique-local address",
+        ),
         (address.is_private, "private address"),
         (address.is_reserved, "reserved address"),
         (not address.is_global, "not a globally routable address"),
@@ -131,8 +136,9 @@ def check_url(url: str | httpx2.URL, allowed_hosts: list[str] | tuple[str, ...])
                     f"webhook URL refused: host {host!r} resolves to {address}, a {reason}"
                     " (list the host in WEBHOOK_ALLOWED_HOSTS to allow it in development)"
                 )
-    return CheckedTarget(url=parsed, host=host, address=str(addresses[0]),
-                         allow_listed=allow_listed)
+    return CheckedTarget(
+        url=parsed, host=host, address=str(addresses[0]), allow_listed=allow_listed
+    )
 
 
 def _resolve(host: str, port: int) -> list[IPAddress]:
@@ -195,8 +201,9 @@ class DeliveryReport:
 class AttemptFailed(Exception):
     """One delivery attempt failed; ``transient`` says whether another attempt may succeed."""
 
-    def __init__(self, reason: str, *, status: int | None, transient: bool,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, reason: str, *, status: int | None, transient: bool, retry_after: float | None = None
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.transient = transient
@@ -235,18 +242,27 @@ def deliver(
         report.status_code = status
         report.response_body = response_body
         report.final_url = final_url
-        log = {"webhook_host": httpx2.URL(final_url).host, "status": status,
-               "attempt": report.attempts, "message_id": message_id}
+        log = {
+            "webhook_host": httpx2.URL(final_url).host,
+            "status": status,
+            "attempt": report.attempts,
+            "message_id": message_id,
+        }
         if 200 <= status < 300:
             logger.debug("webhook delivered", extra=log)
             return
         logger.warning("webhook attempt failed", extra=log)
         if status == 410:
-            raise AttemptFailed("receiver answered 410 Gone: not retried", status=status,
-                                transient=False)
+            raise AttemptFailed(
+                "receiver answered 410 Gone: not retried", status=status, transient=False
+            )
         transient = status == 429 or status >= 500
-        raise AttemptFailed(f"receiver answered {status}", status=status, transient=transient,
-                             retry_after=retry_after)
+        raise AttemptFailed(
+            f"receiver answered {status}",
+            status=status,
+            transient=transient,
+            retry_after=retry_after,
+        )
 
     client = httpx2.Client(verify=shared_ssl_context(), trust_env=False, follow_redirects=False)
     try:
@@ -268,12 +284,16 @@ def _attempt_mapping_transport_errors(fn: Any, client: httpx2.Client) -> None:
         fn(client)
     except httpx2.TimeoutException as exc:
         logger.warning("webhook attempt timed out", extra={"error": type(exc).__name__})
-        raise AttemptFailed(f"timed out ({type(exc).__name__})", status=None,
-                             transient=True) from None
+        raise AttemptFailed(
+            f"timed out ({type(exc).__name__})", status=None, transient=True
+        ) from None
     except httpx2.TransportError as exc:
         logger.warning("webhook attempt could not connect", extra={"error": type(exc).__name__})
-        raise AttemptFailed(f"connection failed ({type(exc).__name__}: {one_line(str(exc), 120)})",
-                             status=None, transient=True) from None
+        raise AttemptFailed(
+            f"connection failed ({type(exc).__name__}: {one_line(str(exc), 120)})",
+            status=None,
+            transient=True,
+        ) from None
 
 
 def _post_following_redirects(

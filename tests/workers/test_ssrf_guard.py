@@ -1,0 +1,193 @@
+"""The webhook SSRF guard: a table of hostile URLs, every one refused before anything is sent.
+
+URLs that would reach this machine point at a live decoy server's port: a guard that let one
+through would show up as a connection to the decoy. The "backend" is a fault server too, to
+prove a refused webhook records nothing. No test here sends traffic off loopback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from backend.workers.shared import retry_utils
+from backend.workers.shared._webhooks import check_url, refusal_reason
+from backend.workers.shared.api_client import InternalAPIClient, WebhookURLRefusedError
+from backend.workers.shared.config import WorkerConfig
+from tests.fault_server import FaultServer, Respond
+
+HOSTILE = [
+    # loopback in every spelling (these point at the decoy's port)
+    "http://127.0.0.1:{port}/hook",
+    "http://127.1:{port}/",
+    "http://127.255.255.254:{port}/",
+    "http://2130706433:{port}/",  # decimal
+    "http://0x7f000001:{port}/",  # hexadecimal
+    "http://0x7f.0.0.1:{port}/",
+    "http://0177.0.0.1:{port}/",  # octal
+    "http://017700000001:{port}/",
+    "http://localhost:{port}/",  # a name resolving to loopback
+    "http://LocalHost.:{port}/",
+    "http://[::1]:{port}/",
+    "http://[::ffff:127.0.0.1]:{port}/",  # IPv4-mapped
+    "http://[::ffff:7f00:1]:{port}/",
+    "http://[0:0:0:0:0:ffff:127.0.0.1]:{port}/",
+    "http://[64:ff9b::7f00:1]:{port}/",  # NAT64 embedding loopback
+    "http://[2002:7f00:1::1]:{port}/",  # 6to4 embedding loopback
+    "http://0:{port}/",  # unspecified, reaches the local host
+    "http://0.0.0.0:{port}/",
+    "http://[::]:{port}/",
+    "http://user:pass@127.0.0.1:{port}/",
+    "http://example.com@127.0.0.1:{port}/",
+    "https://127.0.0.1:{port}/",
+    # link-local and cloud metadata
+    "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+    "http://[::ffff:169.254.169.254]/",
+    "http://[fe80::1]/",
+    "http://[fe80::1%25eth0]/",
+    # private, shared, reserved, multicast, documentation, unique-local
+    "http://10.0.0.1/",
+    "http://172.16.0.1/",
+    "http://192.168.1.1/",
+    "http://100.64.0.1/",  # shared address space (carrier-grade NAT)
+    "http://224.0.0.1/",
+    "http://239.255.255.250:1900/",
+    "http://240.0.0.1/",
+    "http://255.255.255.255/",
+    "http://192.0.2.10/",
+    "http://198.18.0.1/",
+    "http://[fd00::1]/",
+    "http://[fc00::1]/",
+    "http://[ff02::1]/",
+    "http://[2001:db8::1]/",
+    # not http(s), no host, no such host
+    "file:///etc/passwd",
+    "ftp://127.0.0.1/",
+    "gopher://127.0.0.1:{port}/_",
+    "http:///no-host",
+    "http://does-not-exist.invalid/",
+    "not a url at all",
+]
+
+
+@pytest.fixture(autouse=True)
+def no_sleep() -> Iterator[None]:
+    retry_utils.set_testing(True)
+    yield
+    retry_utils.set_testing(False)
+
+
+@pytest.fixture(scope="module")
+def decoy() -> Iterator[FaultServer]:
+    with FaultServer(default=Respond(200, {"leaked": True})) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[FaultServer]:
+    with FaultServer(default=Respond(201, {"id": "d-1", "url": "x", "outcome": "delivered"})) as s:
+        yield s
+
+
+def make_client(backend: FaultServer, **overrides: Any) -> InternalAPIClient:
+    values: dict[str, Any] = {
+        "internal_service_api_key": "swi-test-key-7Q2xK9-ssrf",
+        "django_app_backend_url": f"{backend.url}/t{uuid.uuid4().hex[:8]}",
+        "organization_id": "org-a",
+        "api_retry_base_delay": 0.01,
+        "api_retry_max_delay": 0.05,
+        "_env_file": None,
+    }
+    values.update(overrides)
+    return InternalAPIClient(WorkerConfig(**values))
+
+
+def test_table_is_big_enough() -> None:
+    assert len(HOSTILE) >= 25
+
+
+@pytest.mark.parametrize("template", HOSTILE)
+def test_hostile_url_is_refused_and_nothing_is_sent_or_recorded(
+    template: str, decoy: FaultServer, backend: FaultServer
+) -> None:
+    url = template.format(port=decoy.port)
+    before = decoy.connections_accepted
+    backend.reset()
+    client = make_client(backend)
+    with pytest.raises(WebhookURLRefusedError) as info:
+        client.send_webhook(url, {"data": "test"})
+    message = str(info.value)
+    assert message.startswith("webhook URL refused:") and "\n" not in message
+    assert decoy.connections_accepted == before
+    assert backend.requests == []
+
+
+def test_refusal_names_the_reason(backend: FaultServer) -> None:
+    client = make_client(backend)
+    with pytest.raises(WebhookURLRefusedError, match=r"169\.254\.169\.254, a link-local"):
+        client.send_webhook("http://169.254.169.254/latest/", {})
+    with pytest.raises(WebhookURLRefusedError, match=r"embedding 127\.0\.0\.1"):
+        client.send_webhook("http://[::ffff:127.0.0.1]/", {})
+    with pytest.raises(WebhookURLRefusedError, match="WEBHOOK_ALLOWED_HOSTS"):
+        client.send_webhook("http://localhost/", {})
+    with pytest.raises(WebhookURLRefusedError, match="scheme 'file'"):
+        client.send_webhook("file:///etc/passwd", {})
+
+
+def test_redirect_to_a_private_address_is_refused(decoy: FaultServer,
+                                                  backend: FaultServer) -> None:
+    client = make_client(backend, webhook_allowed_hosts="localhost")
+    targets = [f"http://127.0.0.1:{decoy.port}/inner", "http://169.254.169.254/latest/",
+               f"http://[::ffff:127.0.0.1]:{decoy.port}/", "file:///etc/passwd"]
+    for target in targets:
+        with FaultServer(default=Respond(302, b"", {"Location": target})) as hop:
+            before = decoy.connections_accepted
+            backend.reset()
+            with pytest.raises(WebhookURLRefusedError):
+                client.send_webhook(f"http://localhost:{hop.port}/start", {"a": 1})
+            assert len(hop.requests) == 1  # the allowed first hop was asked
+            assert decoy.connections_accepted == before  # the redirect target never was
+            assert backend.requests == []
+
+
+def test_redirects_within_the_allow_list_are_followed_at_most_three_times(
+    backend: FaultServer,
+) -> None:
+    client = make_client(backend, webhook_allowed_hosts="localhost")
+    with FaultServer(default=Respond(200, {"ok": True})) as hop:
+        base = f"http://localhost:{hop.port}"
+        hop.push(Respond(307, b"", {"Location": f"{base}/2"}),
+                 Respond(308, b"", {"Location": "/3"}),
+                 Respond(301, b"", {"Location": f"{base}/4"}))
+        result = client.send_webhook(f"{base}/1", {"n": 1})
+        assert result.ok and result.attempts == 1
+        assert [r.path for r in hop.requests] == ["/1", "/2", "/3", "/4"]
+        assert all(r.method == "POST" and r.json() == {"n": 1} for r in hop.requests)
+
+        hop.reset(default=Respond(302, b"", {"Location": f"{base}/again"}))
+        looping = client.send_webhook(f"{base}/loop", {"n": 2})
+        assert not looping.ok and "more than 3 redirects" in (looping.error or "")
+        assert len(hop.requests) == 4  # the first request and three redirects, not retried
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["8.8.8.8", "1.1.1.1", "93.184.215.14", "2606:4700:4700::1111", "2a00:1450:4001:82b::200e"],
+)
+def test_public_addresses_pass(address: str) -> None:
+    assert refusal_reason(ipaddress.ip_address(address)) is None
+    host = f"[{address}]" if ":" in address else address
+    target = check_url(f"https://{host}/hook", [])  # checked only: nothing is sent
+    assert target.address == address and not target.allow_listed
+    assert target.extensions() == {"sni_hostname": address}
+
+
+def test_allow_listed_name_connects_to_the_checked_address() -> None:
+    target = check_url("http://LOCALHOST:8123/x?y=1", ["localhost"])
+    assert target.allow_listed and target.address == "127.0.0.1"
+    assert str(target.connect_url()) == "http://127.0.0.1:8123/x?y=1"
+    assert target.host_header() == "localhost:8123"
