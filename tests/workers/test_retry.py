@@ -172,6 +172,23 @@ def test_deadline_stops_a_retry_whose_delay_would_pass_it(
     assert any(getattr(r, "give_up_reason", None) == "deadline" for r in caplog.records)
 
 
+def test_deadline_counts_skipped_sleeps_under_the_testing_switch(
+    events: list[RetryEvent],
+) -> None:
+    """The testing switch skips the sleeps, not the schedule: a deadline ends the retries
+    where it would in production (attempts at 0 s, 4 s and 8 s; 8 + 4 passes 10)."""
+    flaky = Flaky(*(ValueError(str(n)) for n in range(10)))
+    policy = retry(max_attempts=10, base_delay=4.0, backoff="fixed", jitter=False, deadline=10.0)
+    with pytest.raises(ValueError, match=r"^2$"):
+        policy(flaky)()
+    assert flaky.calls == 3
+    assert [e.delay for e in events] == [4.0, 4.0]
+
+
+def test_a_huge_integer_retry_after_is_capped_not_an_overflow() -> None:
+    assert RetryPolicy(max_delay=30.0).next_delay(1, Throttled(10**400)) == 30.0
+
+
 def test_deadline_counts_the_time_of_the_first_attempt() -> None:
     set_testing(False)
     calls = 0

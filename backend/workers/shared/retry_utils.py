@@ -445,7 +445,7 @@ class RetryPolicy:
         """The delay actually used: ``exc.retry_after`` when present, else jittered backoff."""
         hint = getattr(exc, "retry_after", None)
         if isinstance(hint, int | float) and not isinstance(hint, bool) and hint >= 0:
-            return min(float(hint), self.max_delay)  # NaN fails `>= 0`; inf is capped
+            return float(min(hint, self.max_delay))  # NaN fails `>= 0`; inf, 10**400 capped
         delay = self.backoff_delay(retry_number)
         return random.uniform(0.0, delay) if self.jitter else delay
 
@@ -616,22 +616,30 @@ class RetryPolicy:
         name = _qualname(state.fn)
         if self.deadline is not None:
             elapsed = time.monotonic() - state.start_time
+            if _testing:  # the sleeps were skipped, not the schedule
+                elapsed += state.idle_for
             if elapsed + state.upcoming_sleep > self.deadline:
                 logger.info(
                     "not retrying %s: a %.3fs delay would pass the %.3fs deadline",
                     name,
                     state.upcoming_sleep,
                     self.deadline,
-                    extra={"function": name, "attempt": state.attempt_number,
-                           "give_up_reason": "deadline"},
+                    extra={
+                        "function": name,
+                        "attempt": state.attempt_number,
+                        "give_up_reason": "deadline",
+                    },
                 )
                 return True
         if self.budget is not None and not self.budget.try_spend():
             logger.info(
                 "not retrying %s: retry budget exhausted",
                 name,
-                extra={"function": name, "attempt": state.attempt_number,
-                       "give_up_reason": "budget"},
+                extra={
+                    "function": name,
+                    "attempt": state.attempt_number,
+                    "give_up_reason": "budget",
+                },
             )
             return True
         return False
@@ -754,9 +762,7 @@ class _Ticket:
 
     __slots__ = ("failures", "probe", "shared", "token")
 
-    def __init__(
-        self, *, probe: bool, shared: bool, token: str = "", failures: int = 0
-    ) -> None:
+    def __init__(self, *, probe: bool, shared: bool, token: str = "", failures: int = 0) -> None:
         self.probe = probe
         self.shared = shared
         self.token = token
