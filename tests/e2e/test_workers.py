@@ -43,7 +43,7 @@ def test_200_executions_complete_with_legal_histories(
             assert legal_history(history), (execution_id, history)
             assert history[0] in ("QUEUED", "IN_PROGRESS", "COMPLETED")
             assert history[-1] == "COMPLETED"
-            assert execution.error_message is None
+            assert not execution.error_message
             assert execution.attempts >= 1
             assert execution.successful_files == execution.total_files == 2
             assert execution.started_at is not None and execution.finished_at is not None

@@ -10,8 +10,8 @@ Run it as a prefork worker with its health server on ``METRICS_PORT``::
     python -m backend.workers.shared.example_worker        # Ctrl-C or SIGTERM stops it
     celery -A backend.workers.shared.example_worker worker -Q "$WORKER_NAME"
 
-Importing the module starts nothing: the health server starts with the worker
-(``worker_init``) and stops with it (``worker_shutdown``).
+Importing the module starts nothing: the health server starts when the worker is ready
+(``worker_ready``) and stops with it (``worker_shutdown``).
 
 Settings of the simulated work (beyond :class:`WorkerConfig`'s):
 
@@ -134,8 +134,12 @@ engine_breaker = CircuitBreaker(
     redis_url=config.circuit_breaker_redis_url,
 )
 engine = ResilientExecutor(
-    retry_config={"max_attempts": 3, "base_delay": 0.05, "max_delay": 0.5,
-                  "exceptions": (EngineBusyError,)},
+    retry_config={
+        "max_attempts": 3,
+        "base_delay": 0.05,
+        "max_delay": 0.5,
+        "exceptions": (EngineBusyError,),
+    },
     circuit_breaker=engine_breaker,
 )
 
@@ -237,9 +241,12 @@ def engine_check() -> HealthCheckResult:
 _health_server: HealthServer | None = None
 
 
-@signals.worker_init.connect
+@signals.worker_ready.connect
 def start_health_server(**_: Any) -> None:
-    """Start the health server in the worker's main process when the worker starts."""
+    """Start the health server in the worker's main process once its pool has forked.
+
+    Started later than the pool, the server's threads never run while a child is forked.
+    """
     global _health_server
     checker = HealthChecker(config)
     checker.add_custom_check("processing_engine", engine_check)
