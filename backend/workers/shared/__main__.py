@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from .config import ConfigurationError, WorkerConfig
@@ -45,35 +46,49 @@ def check_backend(config: WorkerConfig) -> str | None:
         NotFoundError,
     )
 
+    # The diagnosis below says what failed; the client's own warning would only repeat it.
+    logging.getLogger("backend.workers.shared.api_client").addHandler(logging.NullHandler())
     url = config.internal_api_base_url
     timeout = min(config.api_timeout, 10.0)
     client = InternalAPIClient(config)
     try:
         health = client.health_check(timeout=timeout, retry=False)
     except (APIConnectionError, APITimeoutError) as exc:
-        return (f"NETWORK: cannot reach the backend at {url}: {exc.detail}. Is the backend "
-                "running, and are the host and port of DJANGO_APP_BACKEND_URL right?")
+        return (
+            f"NETWORK: cannot reach the backend at {url}: {exc.detail}. Is the backend "
+            "running, and are the host and port of DJANGO_APP_BACKEND_URL right?"
+        )
     except AuthenticationError as exc:
-        return (f"KEY: the backend at {url} refused INTERNAL_SERVICE_API_KEY "
-                f"({exc.status} {exc.error_code}: {exc.detail})")
+        return (
+            f"KEY: the backend at {url} refused INTERNAL_SERVICE_API_KEY "
+            f"({exc.status} {exc.error_code}: {exc.detail})"
+        )
     except (NotFoundError, APIResponseError) as exc:
-        return (f"URL: {url}/health/ did not answer as the internal API ({exc}). Does "
-                "DJANGO_APP_BACKEND_URL point at the backend (scheme, host, port, no path)?")
+        return (
+            f"URL: {url}/health/ did not answer as the internal API ({exc}). Does "
+            "DJANGO_APP_BACKEND_URL point at the backend (scheme, host, port, no path)?"
+        )
     except InternalAPIError as exc:
         return f"BACKEND: the backend at {url} failed its health check: {exc}"
     print(f"backend OK: {url} is {health.status} (version {health.version})")
     if config.organization_id is None:
-        print("ORGANIZATION_ID is not set: org-scoped calls need set_organization_context() "
-              "or organization_id= on each call")
+        print(
+            "ORGANIZATION_ID is not set: org-scoped calls need set_organization_context() "
+            "or organization_id= on each call"
+        )
         return None
     try:
         next(client.list_workflow_executions(limit=1), None)
     except NotFoundError as exc:
-        return (f"ORGANIZATION: the backend does not know ORGANIZATION_ID "
-                f"{config.organization_id!r} ({exc.error_code}: {exc.detail})")
+        return (
+            f"ORGANIZATION: the backend does not know ORGANIZATION_ID "
+            f"{config.organization_id!r} ({exc.error_code}: {exc.detail})"
+        )
     except InternalAPIError as exc:
-        return (f"ORGANIZATION: an org-scoped call for ORGANIZATION_ID "
-                f"{config.organization_id!r} failed: {exc}")
+        return (
+            f"ORGANIZATION: an org-scoped call for ORGANIZATION_ID "
+            f"{config.organization_id!r} failed: {exc}"
+        )
     print(f"organization OK: {config.organization_id!r}")
     return None
 

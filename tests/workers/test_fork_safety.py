@@ -1,0 +1,115 @@
+"""The process-wide pool across fork(): the child builds its own, the parent's is untouched.
+
+The parent uses the client (one pooled connection), forks; the child's calls succeed on a new
+connection of its own; afterwards the parent's next call still goes over its original
+connection (the child neither closed nor used it).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+from backend.workers.shared import _http
+from backend.workers.shared.api_client import InternalAPIClient
+from backend.workers.shared.config import WorkerConfig
+from tests.fault_server import FaultServer, Forward, Respond
+from tests.live_backend import LiveBackend
+
+EXECUTION = {"id": "e-1", "workflow_id": "wf", "status": "PENDING"}
+
+
+def make_config(url: str, **overrides: Any) -> WorkerConfig:
+    values: dict[str, Any] = {
+        "internal_service_api_key": "swi-test-key-7Q2xK9-fork",
+        "django_app_backend_url": url,
+        "organization_id": "org-a",
+        "_env_file": None,
+    }
+    values.update(overrides)
+    return WorkerConfig(**values)
+
+
+def run_in_child(body: Any) -> int:
+    """Fork; run ``body()`` in the child and exit with its int result (1 on an exception)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, reported through the exit code
+        code = 1
+        try:
+            code = int(body())
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_child_gets_its_own_pool_and_parent_pool_survives() -> None:
+    with FaultServer(default=Respond(200, EXECUTION)) as server:
+        config = make_config(f"{server.url}/t{uuid.uuid4().hex[:8]}")
+        with InternalAPIClient(config) as client:
+            client.get_workflow_execution("e-1")
+        parent_pool = _http.get_pool(config.internal_api_base_url + "/")
+        assert server.connections_accepted == 1
+
+        def child() -> int:
+            if _http.pool_count() != 0:  # the inherited pool was dropped at fork
+                return 3
+            for _ in range(3):
+                with InternalAPIClient(config) as api:
+                    if api.get_workflow_execution("e-1").id != "e-1":
+                        return 4
+            return 0 if _http.get_pool(config.internal_api_base_url + "/") is not parent_pool \
+                else 5
+
+        assert run_in_child(child) == 0
+        assert server.connections_accepted == 2  # the child opened exactly one of its own
+        child_connections = {r.connection for r in server.requests[1:]}
+        assert child_connections == {2}
+
+        with InternalAPIClient(config) as client:
+            client.get_workflow_execution("e-1")
+        assert server.requests[-1].connection == 1  # the parent's connection still works
+        assert server.connections_accepted == 2
+        assert _http.get_pool(config.internal_api_base_url + "/") is parent_pool
+
+
+def test_many_blocks_share_one_connection() -> None:
+    with FaultServer(default=Respond(200, EXECUTION)) as server:
+        config = make_config(f"{server.url}/t{uuid.uuid4().hex[:8]}")
+        for _ in range(20):
+            with InternalAPIClient(config) as client:
+                client.get_workflow_execution("e-1")
+        assert server.connections_accepted == 1
+        assert {r.connection for r in server.requests} == {1}
+
+
+def test_fork_against_the_real_backend(live_backend: LiveBackend) -> None:
+    with FaultServer(default=Forward(live_backend.url)) as proxy:
+        config = make_config(proxy.url, internal_service_api_key=live_backend.api_key,
+                             organization_id=live_backend.org_id)
+        with InternalAPIClient(config) as client:
+            created = client.create_workflow_execution(f"wf-fork-{uuid.uuid4().hex[:6]}")
+
+        def child() -> int:
+            with InternalAPIClient(config) as api:
+                api.update_workflow_execution_status(created.id, "IN_PROGRESS")
+                return 0 if api.get_workflow_execution(created.id).status == "IN_PROGRESS" \
+                    else 6
+
+        assert run_in_child(child) == 0
+        with InternalAPIClient(config) as client:
+            done = client.update_workflow_execution_status(created.id, "COMPLETED")
+        assert done.status == "COMPLETED"
+        assert proxy.requests[-1].connection == 1  # the parent kept its connection
+        assert proxy.connections_accepted == 2
+
+
+def test_close_all_closes_and_next_use_reopens() -> None:
+    with FaultServer(default=Respond(200, EXECUTION)) as server:
+        config = make_config(f"{server.url}/t{uuid.uuid4().hex[:8]}")
+        for _ in range(2):
+            InternalAPIClient(config).get_workflow_execution("e-1")
+            _http.close_all()
+            assert _http.pool_count() == 0
+        assert server.connections_accepted == 2
