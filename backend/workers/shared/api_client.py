@@ -315,8 +315,10 @@ class InternalAPIClient:
         self._closed = True
 
     def __repr__(self) -> str:
-        return (f"InternalAPIClient(base_url={self.base_url!r}, "
-                f"organization_id={self._organization_id!r})")
+        return (
+            f"InternalAPIClient(base_url={self.base_url!r}, "
+            f"organization_id={self._organization_id!r})"
+        )
 
     @property
     def organization_id(self) -> str | None:
@@ -339,9 +341,13 @@ class InternalAPIClient:
         self, execution_id: str, *, organization_id: OrgArg = _DEFAULT_ORG
     ) -> WorkflowExecution:
         """Read one execution; :class:`NotFoundError` when unknown or another org's."""
-        data = self._org_call("GET", f"workflow-executions/{_seg(execution_id)}/",
-                              organization_id, "get_workflow_execution",
-                              endpoint="workflow-executions/{id}/")
+        data = self._org_call(
+            "GET",
+            f"workflow-executions/{_seg(execution_id)}/",
+            organization_id,
+            "get_workflow_execution",
+            endpoint="workflow-executions/{id}/",
+        )
         return self._parse(WorkflowExecution, data, "GET", "workflow-executions/{id}/")
 
     def list_workflow_executions(
@@ -361,8 +367,9 @@ class InternalAPIClient:
         """
         org = self._require_org(organization_id, "list_workflow_executions")
         params = {k: v for k, v in (("status", status), ("workflow_id", workflow_id)) if v}
-        return self._paginate("workflow-executions/", params, WorkflowExecution, limit,
-                              page_size, org)
+        return self._paginate(
+            "workflow-executions/", params, WorkflowExecution, limit, page_size, org
+        )
 
     def create_workflow_execution(
         self,
@@ -377,10 +384,14 @@ class InternalAPIClient:
         Retries reuse one ``Idempotency-Key`` (``idempotency_key``, or a fresh one), so a
         retried create makes one execution.
         """
-        data = self._org_call("POST", "workflow-executions/", organization_id,
-                              "create_workflow_execution",
-                              json_body={"workflow_id": workflow_id, **fields},
-                              idempotency_key=idempotency_key)
+        data = self._org_call(
+            "POST",
+            "workflow-executions/",
+            organization_id,
+            "create_workflow_execution",
+            json_body={"workflow_id": workflow_id, **fields},
+            idempotency_key=idempotency_key,
+        )
         return self._parse(WorkflowExecution, data, "POST", "workflow-executions/")
 
     def update_workflow_execution(
@@ -389,9 +400,14 @@ class InternalAPIClient:
         """Update non-status fields (``result``, file counts, ``task_id``) of an execution."""
         if not fields:
             raise ValueError("update_workflow_execution needs at least one field to update")
-        data = self._org_call("PATCH", f"workflow-executions/{_seg(execution_id)}/",
-                              organization_id, "update_workflow_execution", json_body=fields,
-                              endpoint="workflow-executions/{id}/")
+        data = self._org_call(
+            "PATCH",
+            f"workflow-executions/{_seg(execution_id)}/",
+            organization_id,
+            "update_workflow_execution",
+            json_body=fields,
+            endpoint="workflow-executions/{id}/",
+        )
         return self._parse(WorkflowExecution, data, "PATCH", "workflow-executions/{id}/")
 
     def update_workflow_execution_status(
@@ -411,17 +427,27 @@ class InternalAPIClient:
         body: dict[str, Any] = {"status": str(status), **fields}
         if error_message is not None:
             body["error_message"] = error_message
-        data = self._org_call("POST", f"workflow-executions/{_seg(execution_id)}/status/",
-                              organization_id, "update_workflow_execution_status",
-                              json_body=body, endpoint="workflow-executions/{id}/status/")
+        data = self._org_call(
+            "POST",
+            f"workflow-executions/{_seg(execution_id)}/status/",
+            organization_id,
+            "update_workflow_execution_status",
+            json_body=body,
+            endpoint="workflow-executions/{id}/status/",
+        )
         return self._parse(WorkflowExecution, data, "POST", "workflow-executions/{id}/status/")
 
     def delete_workflow_execution(
         self, execution_id: str, *, organization_id: OrgArg = _DEFAULT_ORG
     ) -> None:
         """Delete an execution."""
-        self._org_call("DELETE", f"workflow-executions/{_seg(execution_id)}/", organization_id,
-                       "delete_workflow_execution", endpoint="workflow-executions/{id}/")
+        self._org_call(
+            "DELETE",
+            f"workflow-executions/{_seg(execution_id)}/",
+            organization_id,
+            "delete_workflow_execution",
+            endpoint="workflow-executions/{id}/",
+        )
 
     # --- webhooks ---------------------------------------------------------------------
     def send_webhook(
@@ -474,8 +500,9 @@ class InternalAPIClient:
             "outcome": report.outcome,
             "error_message": report.error or "",
         }
-        data = self._call("POST", "webhook-deliveries/", org, json_body=record,
-                          idempotency_key=message_id)
+        data = self._call(
+            "POST", "webhook-deliveries/", org, json_body=record, idempotency_key=message_id
+        )
         delivery = self._parse(WebhookDelivery, data, "POST", "webhook-deliveries/")
         return WebhookResult(
             delivery_id=delivery.id,
@@ -493,8 +520,13 @@ class InternalAPIClient:
         self, delivery_id: str, *, organization_id: OrgArg = _DEFAULT_ORG
     ) -> WebhookDelivery:
         """Read one recorded webhook delivery."""
-        data = self._org_call("GET", f"webhook-deliveries/{_seg(delivery_id)}/", organization_id,
-                              "get_webhook_delivery", endpoint="webhook-deliveries/{id}/")
+        data = self._org_call(
+            "GET",
+            f"webhook-deliveries/{_seg(delivery_id)}/",
+            organization_id,
+            "get_webhook_delivery",
+            endpoint="webhook-deliveries/{id}/",
+        )
         return self._parse(WebhookDelivery, data, "GET", "webhook-deliveries/{id}/")
 
     def list_webhook_deliveries(
@@ -508,8 +540,7 @@ class InternalAPIClient:
         """Recorded deliveries newest first (of one execution when given), page by page."""
         org = self._require_org(organization_id, "list_webhook_deliveries")
         params = {"execution_id": execution_id} if execution_id else {}
-        return self._paginate("webhook-deliveries/", params, WebhookDelivery, limit, page_size,
-                              org)
+        return self._paginate("webhook-deliveries/", params, WebhookDelivery, limit, page_size, org)
 
     # --- health and generic calls -----------------------------------------------------
     def health_check(self, *, timeout: float | None = None, retry: bool = True) -> BackendHealth:
@@ -521,32 +552,71 @@ class InternalAPIClient:
         data = self._call("GET", "health/", self._organization_id, timeout=timeout, retry=retry)
         return self._parse(BackendHealth, data, "GET", "health/")
 
-    def get(self, path: str, *, params: dict[str, Any] | None = None,
-            organization_id: OrgArg = _DEFAULT_ORG, timeout: float | None = None) -> Any:
+    def get(
+        self,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        organization_id: OrgArg = _DEFAULT_ORG,
+        timeout: float | None = None,
+    ) -> Any:
         """``GET`` an endpoint the client does not model; returns the decoded JSON body."""
-        return self._call("GET", _relative(path), self._org(organization_id), params=params,
-                          timeout=timeout)
+        return self._call(
+            "GET", _relative(path), self._org(organization_id), params=params, timeout=timeout
+        )
 
-    def post(self, path: str, json_body: Any = None, *, idempotency_key: str | None = None,
-             organization_id: OrgArg = _DEFAULT_ORG, timeout: float | None = None) -> Any:
+    def post(
+        self,
+        path: str,
+        json_body: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        organization_id: OrgArg = _DEFAULT_ORG,
+        timeout: float | None = None,
+    ) -> Any:
         """``POST`` JSON to an endpoint (one ``Idempotency-Key`` across its retries)."""
-        return self._call("POST", _relative(path), self._org(organization_id),
-                          json_body=json_body, idempotency_key=idempotency_key, timeout=timeout)
+        return self._call(
+            "POST",
+            _relative(path),
+            self._org(organization_id),
+            json_body=json_body,
+            idempotency_key=idempotency_key,
+            timeout=timeout,
+        )
 
-    def patch(self, path: str, json_body: Any = None, *, organization_id: OrgArg = _DEFAULT_ORG,
-              timeout: float | None = None) -> Any:
+    def patch(
+        self,
+        path: str,
+        json_body: Any = None,
+        *,
+        organization_id: OrgArg = _DEFAULT_ORG,
+        timeout: float | None = None,
+    ) -> Any:
         """``PATCH`` JSON to an endpoint; returns the decoded JSON body."""
-        return self._call("PATCH", _relative(path), self._org(organization_id),
-                          json_body=json_body, timeout=timeout)
+        return self._call(
+            "PATCH",
+            _relative(path),
+            self._org(organization_id),
+            json_body=json_body,
+            timeout=timeout,
+        )
 
-    def put(self, path: str, json_body: Any = None, *, organization_id: OrgArg = _DEFAULT_ORG,
-            timeout: float | None = None) -> Any:
+    def put(
+        self,
+        path: str,
+        json_body: Any = None,
+        *,
+        organization_id: OrgArg = _DEFAULT_ORG,
+        timeout: float | None = None,
+    ) -> Any:
         """``PUT`` JSON to an endpoint; returns the decoded JSON body."""
-        return self._call("PUT", _relative(path), self._org(organization_id),
-                          json_body=json_body, timeout=timeout)
+        return self._call(
+            "PUT", _relative(path), self._org(organization_id), json_body=json_body, timeout=timeout
+        )
 
-    def delete(self, path: str, *, organization_id: OrgArg = _DEFAULT_ORG,
-               timeout: float | None = None) -> Any:
+    def delete(
+        self, path: str, *, organization_id: OrgArg = _DEFAULT_ORG, timeout: float | None = None
+    ) -> Any:
         """``DELETE`` an endpoint; returns the decoded JSON body (``None`` for 204)."""
         return self._call("DELETE", _relative(path), self._org(organization_id), timeout=timeout)
 
@@ -563,12 +633,20 @@ class InternalAPIClient:
             )
         return org
 
-    def _org_call(self, method: str, path: str, organization_id: OrgArg, operation: str,
-                  **kwargs: Any) -> Any:
+    def _org_call(
+        self, method: str, path: str, organization_id: OrgArg, operation: str, **kwargs: Any
+    ) -> Any:
         return self._call(method, path, self._require_org(organization_id, operation), **kwargs)
 
-    def _paginate(self, path: str, params: dict[str, Any], model: type[_Result],
-                  limit: int | None, page_size: int, org: str) -> Iterator[Any]:
+    def _paginate(
+        self,
+        path: str,
+        params: dict[str, Any],
+        model: type[_Result],
+        limit: int | None,
+        page_size: int,
+        org: str,
+    ) -> Iterator[Any]:
         if limit is not None and limit < 0:
             raise ValueError("limit must be >= 0 or None")
         if not 1 <= page_size <= MAX_PAGE_SIZE:
@@ -585,7 +663,8 @@ class InternalAPIClient:
                 data = self._call("GET", path, org, params=query)
                 if not isinstance(data, dict) or not isinstance(data.get("results"), list):
                     raise APIResponseError(
-                        "list answer has no 'results' list", method="GET", path=path)
+                        "list answer has no 'results' list", method="GET", path=path
+                    )
                 for item in data["results"]:
                     yield self._parse(model, item, "GET", path)
                     if remaining is not None:
@@ -608,7 +687,8 @@ class InternalAPIClient:
             )
             raise APIResponseError(
                 f"response is not a valid {model.__name__} ({problems})",
-                method=method, path=path,
+                method=method,
+                path=path,
             ) from None
 
     def _call(
@@ -647,10 +727,17 @@ class InternalAPIClient:
                 raise ValueError("idempotency_key must be at most 255 characters")
             headers["idempotency-key"] = key
         now = time.monotonic()
-        call = _Call(method=method, path=path, endpoint=endpoint or _endpoint_template(path),
-                     headers=headers, params=params, body=body,
-                     timeout=timeout or config.api_timeout, started=now,
-                     deadline=now + config.api_deadline)
+        call = _Call(
+            method=method,
+            path=path,
+            endpoint=endpoint or _endpoint_template(path),
+            headers=headers,
+            params=params,
+            body=body,
+            timeout=timeout or config.api_timeout,
+            started=now,
+            deadline=now + config.api_deadline,
+        )
         breaker = self._breaker()
 
         def attempt() -> Any:
@@ -660,7 +747,10 @@ class InternalAPIClient:
                 raise
             except CircuitBreakerOpenError as exc:
                 raise APICircuitOpenError(
-                    exc.breaker_name, exc.retry_after, method=method, path=path,
+                    exc.breaker_name,
+                    exc.retry_after,
+                    method=method,
+                    path=path,
                     request_id=headers["x-request-id"],
                 ) from None
 
@@ -678,27 +768,41 @@ class InternalAPIClient:
         remaining = call.deadline - time.monotonic()
         request_id = call.headers["x-request-id"]
         if remaining <= 0:
-            raise APITimeoutError(f"deadline of {self.config.api_deadline:g}s passed",
-                                  method=call.method, path=call.path, request_id=request_id)
+            raise APITimeoutError(
+                f"deadline of {self.config.api_deadline:g}s passed",
+                method=call.method,
+                path=call.path,
+                request_id=request_id,
+            )
         pool = _http.get_pool(self.base_url)
         started = time.perf_counter()
         status: int | str
         try:
             response = pool.request(
-                call.method, call.path, params=call.params, content=call.body,
-                headers=call.headers, timeout=min(call.timeout, remaining),
+                call.method,
+                call.path,
+                params=call.params,
+                content=call.body,
+                headers=call.headers,
+                timeout=min(call.timeout, remaining),
             )
         except httpx2.TimeoutException as exc:
             status = "timeout"
             error: InternalAPIError = APITimeoutError(
                 f"no answer within {min(call.timeout, remaining):g}s ({type(exc).__name__})",
-                method=call.method, path=call.path, request_id=request_id)
+                method=call.method,
+                path=call.path,
+                request_id=request_id,
+            )
         except httpx2.TransportError as exc:
             status = "connection_error"
             error = APIConnectionError(
                 f"cannot reach {pool.base_url.host}:{pool.base_url.port} "
                 f"({type(exc).__name__}: {one_line(str(exc), 120)})",
-                method=call.method, path=call.path, request_id=request_id)
+                method=call.method,
+                path=call.path,
+                request_id=request_id,
+            )
         else:
             status = response.status_code
             seconds = time.perf_counter() - started
@@ -723,8 +827,12 @@ class InternalAPIClient:
                 return _Ok(json.loads(raw))
             except ValueError:
                 return APIResponseError(
-                    f"body is not JSON: {_excerpt(raw)}", status=status, method=call.method,
-                    path=call.path, request_id=request_id)
+                    f"body is not JSON: {_excerpt(raw)}",
+                    status=status,
+                    method=call.method,
+                    path=call.path,
+                    request_id=request_id,
+                )
         code, detail = _error_body(raw)
         if detail is None:
             detail = f"HTTP {status} {response.reason_phrase}; body {_excerpt(raw)}"
@@ -732,9 +840,15 @@ class InternalAPIClient:
         kind = _ERROR_BY_STATUS.get(status)
         if kind is None:
             kind = ServerError if status >= 500 else APIResponseError
-        return kind(detail, status=status, error_code=code, request_id=request_id,
-                    method=call.method, path=call.path,
-                    retry_after=parse_retry_after(response.headers.get("retry-after")))
+        return kind(
+            detail,
+            status=status,
+            error_code=code,
+            request_id=request_id,
+            method=call.method,
+            path=call.path,
+            retry_after=parse_retry_after(response.headers.get("retry-after")),
+        )
 
     def _scrub(self, text: str) -> str:
         for secret in self.config.secret_values():
@@ -742,12 +856,18 @@ class InternalAPIClient:
                 text = text.replace(secret, "**********")
         return text
 
-    def _record(self, call: _Call, status: int | str, seconds: float,
-                error: InternalAPIError | None) -> None:
+    def _record(
+        self, call: _Call, status: int | str, seconds: float, error: InternalAPIError | None
+    ) -> None:
         _metrics.api_request(call.method, call.endpoint, status, seconds)
-        fields = {"method": call.method, "path": call.path, "status": status,
-                  "duration_ms": round(seconds * 1000, 2), "attempt": call.attempts,
-                  "request_id": call.headers["x-request-id"]}
+        fields = {
+            "method": call.method,
+            "path": call.path,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 2),
+            "attempt": call.attempts,
+            "request_id": call.headers["x-request-id"],
+        }
         if error is None:
             logger.debug("internal API call", extra=fields)
         else:
@@ -755,6 +875,7 @@ class InternalAPIClient:
 
     def _breaker(self) -> CircuitBreaker:
         config = self.config
+        _metrics.subscribe_resilience()  # breaker states and retries in /metrics (idempotent)
         return get_breaker(
             f"internal-api {config.internal_api_base_url}",
             failure_threshold=config.circuit_breaker_failure_threshold,
@@ -765,13 +886,21 @@ class InternalAPIClient:
 
     def _policy(self, method: str) -> RetryPolicy:
         config = self.config
-        key = ("api", method == "GET", config.api_retry_attempts, config.api_retry_base_delay,
-               config.api_retry_max_delay, config.api_deadline, config.api_retry_budget_ratio,
-               config.api_retry_budget_min_per_second)
+        key = (
+            "api",
+            method == "GET",
+            config.api_retry_attempts,
+            config.api_retry_base_delay,
+            config.api_retry_max_delay,
+            config.api_deadline,
+            config.api_retry_budget_ratio,
+            config.api_retry_budget_min_per_second,
+        )
         policy = _policies.get(key)
         if policy is None:
             retry_if: Callable[[BaseException], bool] = (
-                (lambda exc: _should_retry("GET", exc)) if method == "GET"
+                (lambda exc: _should_retry("GET", exc))
+                if method == "GET"
                 else (lambda exc: _should_retry("POST", exc))
             )
             policy = RetryPolicy(
@@ -792,8 +921,13 @@ class InternalAPIClient:
         from ._webhooks import AttemptFailed
 
         config = self.config
-        key = ("webhook", config.api_retry_attempts, config.api_retry_base_delay,
-               config.api_retry_max_delay, config.api_deadline)
+        key = (
+            "webhook",
+            config.api_retry_attempts,
+            config.api_retry_base_delay,
+            config.api_retry_max_delay,
+            config.api_deadline,
+        )
         policy = _policies.get(key)
         if policy is None:
             policy = RetryPolicy(
@@ -844,8 +978,7 @@ def _error_body(raw: bytes) -> tuple[str | None, str | None]:
         return None, None
     code = data.get("error")
     detail = data.get("detail")
-    return (str(code) if code is not None else None,
-            str(detail) if detail is not None else None)
+    return (str(code) if code is not None else None, str(detail) if detail is not None else None)
 
 
 def _seg(value: str) -> str:
