@@ -233,6 +233,53 @@ def test_interrupted_probe_frees_the_probe_slot(name: str) -> None:
     assert breaker.state is CLOSED
 
 
+class Abort(BaseException):
+    """Neither a success nor a failure (like KeyboardInterrupt, without stopping pytest)."""
+
+
+@pytest.mark.parametrize("late", [ConnectionError("late failure"), Abort()], ids=repr)
+def test_a_probe_whose_lease_ran_out_decides_nothing(name: str, late: BaseException) -> None:
+    """Probe A hangs past its lease; probe B takes over. A's late end (failure or interrupt)
+    must not free B's lease: only one probe may run."""
+    breaker = CircuitBreaker(name, failure_threshold=1, recovery_timeout=0.02, probe_timeout=1.0)
+    trip(breaker, 1)
+    time.sleep(0.03)
+    a_started, a_go, b_started, b_go = (threading.Event() for _ in range(4))
+
+    def stale() -> None:
+        a_started.set()
+        assert a_go.wait(10)
+        raise late
+
+    def current() -> str:
+        b_started.set()
+        assert b_go.wait(10)
+        return "ok"
+
+    def run_stale() -> None:
+        with contextlib.suppress(type(late)):
+            breaker.call(stale)
+
+    a = threading.Thread(target=run_stale)
+    a.start()
+    assert a_started.wait(10)
+    with pytest.raises(CircuitBreakerOpenError) as caught:
+        breaker.call(ok)
+    time.sleep(caught.value.retry_after + 0.01)  # A's lease has run out
+    b = threading.Thread(target=breaker.call, args=(current,))
+    b.start()
+    assert b_started.wait(10)  # B is the probe now
+    a_go.set()
+    a.join()
+    time.sleep(0.05)  # past recovery_timeout, in case A's end had re-opened the breaker
+    with pytest.raises(CircuitBreakerOpenError):
+        breaker.call(ok)  # B still holds the lease
+    assert breaker.state is HALF_OPEN
+    b_go.set()
+    b.join()
+    assert breaker.state is CLOSED
+
+
 class NotFound(Exception):
     pass
 
@@ -437,16 +484,49 @@ def test_forked_child_is_not_wedged_by_a_lock_held_in_the_parent(name: str) -> N
             os._exit(code)
     release.set()
     holder.join()
+    assert wait_for_child(pid) == 0
+
+
+def wait_for_child(pid: int) -> int:
+    """The exit code of a forked child; it is killed (and the test fails) if it hangs."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            assert os.waitstatus_to_exitcode(status) == 0
-            return
+            return os.waitstatus_to_exitcode(status)
         time.sleep(0.01)
     os.kill(pid, 9)
     os.waitpid(pid, 0)
-    raise AssertionError("the forked child hung on a lock inherited from the parent")
+    raise AssertionError("the forked child hung")
+
+
+def test_forked_child_does_not_wait_for_a_probe_of_the_parent(name: str) -> None:
+    """A parent thread (the health server's backend check) may be the probe when the prefork
+    pool forks; that probe never ends in the child, which must be free to probe itself."""
+    breaker = CircuitBreaker(name, failure_threshold=1, recovery_timeout=0.01, probe_timeout=60.0)
+    trip(breaker, 1)
+    time.sleep(0.02)
+    started = threading.Event()
+    release = threading.Event()
+
+    def probing() -> None:
+        started.set()
+        release.wait(10)
+
+    holder = threading.Thread(target=breaker.call, args=(probing,))
+    holder.start()
+    assert started.wait(10)  # the parent's thread holds the probe lease
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            if breaker.call(ok) == "ok" and breaker.state is CLOSED:
+                code = 0
+        finally:
+            os._exit(code)
+    release.set()
+    holder.join()
+    assert wait_for_child(pid) == 0
 
 
 def test_get_breaker_rejects_unknown_and_conflicting_settings(name: str) -> None:

@@ -234,6 +234,52 @@ def test_probe_lease_expires_when_the_prober_dies(prefix: str) -> None:
     assert breaker.state is CircuitState.CLOSED
 
 
+def test_a_probe_whose_lease_ran_out_decides_nothing(prefix: str) -> None:
+    """Probe A hangs past its lease and probe B takes over; A's late failure must neither
+    re-open the breaker nor delete B's lease (which would let a third probe run beside B)."""
+    breaker = shared("stale-probe", prefix, failure_threshold=1, recovery_timeout=0.05,
+                     probe_timeout=1.0)
+    with pytest.raises(ConnectionError):
+        breaker.call(fail)
+    time.sleep(0.1)
+    a_started, a_go, b_started, b_go = (threading.Event() for _ in range(4))
+
+    def stale() -> None:
+        a_started.set()
+        assert a_go.wait(10)
+        raise ConnectionError("late failure")
+
+    def current() -> str:
+        b_started.set()
+        assert b_go.wait(10)
+        return "ok"
+
+    def run_stale() -> None:
+        with contextlib.suppress(ConnectionError):
+            breaker.call(stale)
+
+    a = threading.Thread(target=run_stale)
+    a.start()
+    assert a_started.wait(10)
+    with pytest.raises(CircuitBreakerOpenError) as caught:
+        breaker.call(ok)
+    time.sleep(caught.value.retry_after + 0.05)  # A's lease has run out (Redis' clock)
+    b = threading.Thread(target=breaker.call, args=(current,))
+    b.start()
+    assert b_started.wait(10)  # B holds the lease now
+    a_go.set()
+    a.join()
+    time.sleep(0.1)  # past recovery_timeout, in case A's failure had re-opened the breaker
+    try:
+        with pytest.raises(CircuitBreakerOpenError):
+            breaker.call(ok)  # B still holds the lease
+        assert breaker.state is CircuitState.HALF_OPEN
+    finally:
+        b_go.set()
+        b.join()
+    assert breaker.state is CircuitState.CLOSED
+
+
 def test_state_is_read_from_redis(prefix: str) -> None:
     first = shared("reader", prefix, failure_threshold=2, recovery_timeout=30.0)
     client = redis.Redis.from_url(REDIS_URL)
@@ -394,6 +440,22 @@ def test_falls_back_to_local_state_and_recovers(
         assert breaker.state is CircuitState.CLOSED
     finally:
         remove_shared_state_listener(on_shared)
+
+
+def test_reading_the_state_notices_that_redis_is_back(prefix: str, proxy: FaultyProxy) -> None:
+    """Health reads ``state`` and ``shared_state_ok`` without making calls: a read that
+    reaches Redis again ends the degraded mode (and says so)."""
+    breaker = shared("outage-read", prefix, url=proxy.url, reconnect_interval=0.2)
+    events: list[bool] = []
+    breaker.add_shared_state_listener(lambda _, ok_: events.append(ok_))
+    proxy.cut("reset")
+    assert breaker.call(ok) == "ok"
+    assert breaker.degraded
+    proxy.restore()
+    time.sleep(0.25)  # past reconnect_interval
+    assert breaker.state is CircuitState.CLOSED
+    assert (breaker.degraded, breaker.shared_state_ok) == (False, True)
+    assert events == [False, True]
 
 
 def test_fleet_degrades_and_recovers_together(prefix: str, proxy: FaultyProxy) -> None:

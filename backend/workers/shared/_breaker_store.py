@@ -57,36 +57,32 @@ return {'half_open', 'reject', left, failures}
 """
 
 # KEYS[1] state hash, KEYS[2] probe lease.
-# ARGV[1] outcome ('success'|'failure'|'release'), ARGV[2] '1' for the probe, ARGV[3] token,
-# ARGV[4] failure threshold, ARGV[5] key TTL (ms).  Returns the state after the outcome.
+# ARGV[1] outcome ('success'|'failure'|'release'), ARGV[2] the call's token,
+# ARGV[3] failure threshold, ARGV[4] key TTL (ms).  Returns the state after the outcome.
 _RECORD = """
 local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
 local outcome = ARGV[1]
-if outcome == 'release' then
-  if redis.call('GET', KEYS[2]) == ARGV[3] then
-    redis.call('DEL', KEYS[2])
-  end
-  return state
-end
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 if state == 'half_open' then
-  if ARGV[2] ~= '1' then
+  -- only the probe holding the lease decides; earlier calls and a probe whose lease ran
+  -- out (another may hold it now) say nothing
+  if redis.call('GET', KEYS[2]) ~= ARGV[2] then
     return state
   end
+  redis.call('DEL', KEYS[2])
   if outcome == 'success' then
     redis.call('HSET', KEYS[1], 'state', 'closed', 'failures', 0)
     redis.call('HDEL', KEYS[1], 'opened_at')
     state = 'closed'
-  else
+  elseif outcome == 'failure' then
+    local clock = redis.call('TIME')
+    local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
     redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', now, 'failures', 0)
     state = 'open'
   end
-  redis.call('DEL', KEYS[2])
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
   return state
 end
-if state == 'open' then
+if state == 'open' or outcome == 'release' then
   return state
 end
 if outcome == 'success' then
@@ -96,11 +92,13 @@ if outcome == 'success' then
   return 'closed'
 end
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-if failures >= tonumber(ARGV[4]) then
+if failures >= tonumber(ARGV[3]) then
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
   redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', now, 'failures', 0)
   state = 'open'
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return state
 """
 
@@ -188,7 +186,6 @@ class RedisBreakerStore:
         self._lease_ms = max(1, round(probe_timeout * 1000))
         # Keep an idle breaker's keys a good while, never less than an open period.
         self._ttl_ms = max(3_600_000, 10 * self._recovery_ms, 10 * self._lease_ms)
-        self._token_prefix = f"{os.uname().nodename}:{os.getpid()}:"
         try:
             client = _client(url)
         except (redis.RedisError, ValueError) as exc:
@@ -200,7 +197,7 @@ class RedisBreakerStore:
 
     def acquire(self) -> Verdict:
         """Ask to call; a probe decision holds the lease under the returned token."""
-        token = self._token_prefix + uuid.uuid4().hex
+        token = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex}"  # who holds a lease
         try:
             reply = self._acquire(
                 keys=self._keys,
@@ -217,12 +214,11 @@ class RedisBreakerStore:
             token=token,
         )
 
-    def record(self, outcome: str, *, probe: bool, token: str) -> str:
+    def record(self, outcome: str, token: str) -> str:
         """Report a call's outcome ('success', 'failure' or 'release'); the new state."""
         try:
             reply = self._record(
-                keys=self._keys,
-                args=[outcome, "1" if probe else "0", token, self._threshold, self._ttl_ms],
+                keys=self._keys, args=[outcome, token, self._threshold, self._ttl_ms]
             )
         except redis.RedisError as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc

@@ -758,19 +758,27 @@ def remove_shared_state_listener(listener: SharedStateListener) -> None:
 
 
 class _Ticket:
-    """What admission granted a call: ``probe`` (the half-open trial) and where from."""
+    """What admission granted one call: a plain call or the probe, local or from Redis."""
 
     __slots__ = ("failures", "probe", "shared", "token")
 
-    def __init__(self, *, probe: bool, shared: bool, token: str = "", failures: int = 0) -> None:
+    def __init__(
+        self, *, probe: bool, shared: bool = False, token: str = "", failures: int = 0
+    ) -> None:
         self.probe = probe
         self.shared = shared
-        self.token = token
-        self.failures = failures
+        self.token = token  # a shared probe's lease token
+        self.failures = failures  # the shared failure count when the call was admitted
+
+    def tells_redis_nothing(self, outcome: str) -> bool:
+        """Whether reporting ``outcome`` of this shared call would change nothing in Redis
+        (the common case then costs no second round trip)."""
+        return not self.probe and (
+            outcome == _RELEASE or (outcome == _SUCCESS and self.failures == 0)
+        )
 
 
-_LOCAL_CALL = _Ticket(probe=False, shared=False)
-_LOCAL_PROBE = _Ticket(probe=True, shared=False)
+_LOCAL_CALL = _Ticket(probe=False)
 _SUCCESS, _FAILURE, _RELEASE = "success", "failure", "release"
 
 _registry: dict[str, CircuitBreaker] = {}
@@ -784,9 +792,9 @@ class CircuitBreaker:
     OPEN: calls are refused at once with :class:`CircuitBreakerOpenError`; after
     ``recovery_timeout`` seconds the next call becomes the probe (HALF_OPEN).
     HALF_OPEN: exactly one probe runs (others are refused); its success closes the breaker,
-    its failure opens it again. A probe that neither returns nor fails within
-    ``probe_timeout`` seconds (default: ``recovery_timeout``) loses its lease, and another
-    call may probe.
+    its failure opens it again. The probe holds a lease of ``probe_timeout`` seconds
+    (default: ``recovery_timeout``); a probe still running when its lease ends decides
+    nothing, and another call may probe.
 
     An exception counts as a failure when it is an ``expected_exception`` and ``is_failure``
     (if given) returns True; any other exception passes through and counts as an answer of
@@ -846,6 +854,7 @@ class CircuitBreaker:
         self._state = CircuitState.CLOSED
         self._failures = 0
         self._opened_at = 0.0
+        self._probe: _Ticket | None = None  # the local probe holding the lease
         self._probe_until = 0.0
         self._listeners: list[StateListener] = []
         self._shared_listeners: list[SharedStateListener] = []
@@ -882,16 +891,10 @@ class CircuitBreaker:
     @property
     def state(self) -> CircuitState:
         """The current state (read from Redis for a shared breaker that reaches it)."""
-        if self._store is not None and self._shared_usable():
-            from ._breaker_store import StoreUnavailable
-
-            try:
-                observed = CircuitState(self._store.snapshot())
-            except StoreUnavailable as exc:
-                self._degrade(exc)
-            else:
-                self._observe(observed)
-                return observed
+        if self._store is not None:
+            observed = self._ask_redis(self._store.snapshot)
+            if observed is not None:
+                return self._observe(CircuitState(observed))
         with self._lock:
             if (
                 self._state is CircuitState.OPEN
@@ -915,11 +918,6 @@ class CircuitBreaker:
         """False only while a shared breaker runs on local state; health reads this."""
         return not self._degraded
 
-    @property
-    def failure_count(self) -> int:
-        """Consecutive failures counted locally (shared breakers count in Redis)."""
-        return self._failures
-
     def add_listener(self, listener: StateListener) -> None:
         """Call ``listener(breaker, old, new)`` on every state change of this breaker."""
         _check_callable("listener", listener)
@@ -932,17 +930,12 @@ class CircuitBreaker:
 
     def reset(self) -> None:
         """Close the breaker and forget its failures (in Redis too, when shared)."""
-        if self._store is not None and self._shared_usable():
-            from ._breaker_store import StoreUnavailable
-
-            try:
-                self._store.reset()
-            except StoreUnavailable as exc:
-                self._degrade(exc)
+        if self._store is not None:
+            self._ask_redis(self._store.reset)
         with self._lock:
             change = self._set_state(CircuitState.CLOSED)
             self._failures = 0
-            self._probe_until = 0.0
+            self._probe = None
         self._emit(change)
 
     def _emit(self, change: tuple[CircuitState, CircuitState] | None) -> None:
@@ -971,71 +964,71 @@ class CircuitBreaker:
             self._opened_at = time.monotonic()
         return old, new
 
-    def _observe(self, observed: CircuitState) -> None:
+    def _observe(self, observed: CircuitState) -> CircuitState:
         """Adopt the state Redis reported, announcing it if it differs from the last one."""
         with self._lock:
             change = self._set_state(observed)
             if observed is CircuitState.CLOSED:
                 self._failures = 0
         self._emit(change)
+        return observed
 
-    # -- shared state health
+    # -- shared state: Redis, or local state while Redis is unreachable
 
-    def _shared_usable(self) -> bool:
-        """Whether to ask Redis now: always when healthy, once per interval when degraded."""
-        if not self._degraded:
-            return True
-        now = time.monotonic()
+    def _ask_redis(self, operation: Callable[..., R], *args: Any) -> R | None:
+        """``operation(*args)`` on the store; None when Redis is unreachable (the breaker is
+        then degraded, and asks again only once per ``reconnect_interval``)."""
+        if self._degraded:
+            now = time.monotonic()
+            with self._lock:
+                if now < self._next_reconnect:
+                    return None
+                self._next_reconnect = now + self.reconnect_interval
+        from ._breaker_store import StoreUnavailable
+
+        try:
+            answer = operation(*args)
+        except StoreUnavailable as exc:
+            self._set_degraded(True, exc)
+            return None
+        if self._degraded:
+            self._set_degraded(False)
+        return answer
+
+    def _set_degraded(self, degraded: bool, reason: BaseException | None = None) -> None:
         with self._lock:
-            if now < self._next_reconnect:
-                return False
-            self._next_reconnect = now + self.reconnect_interval
-            return True
-
-    def _degrade(self, exc: BaseException) -> None:
-        with self._lock:
-            first = not self._degraded
-            self._degraded = True
-            self._next_reconnect = time.monotonic() + self.reconnect_interval
-            if first:
-                self._failures = 0
-                self._probe_until = 0.0
-        if first:
+            changed = self._degraded is not degraded
+            self._degraded = degraded
+            if degraded:
+                self._next_reconnect = time.monotonic() + self.reconnect_interval
+                if changed:  # local state starts afresh
+                    self._failures = 0
+                    self._probe = None
+        if not changed:
+            return
+        if degraded:
             logger.warning(
                 "circuit breaker %s: shared state unreachable, using local state: %s",
                 self.name,
-                exc,
+                reason,
                 extra={"breaker": self.name, "shared_state_ok": False},
             )
-            _notify(self._shared_listeners, self, False)
-            _notify(_shared_state_listeners, self, False)
-
-    def _restored(self) -> None:
-        with self._lock:
-            was = self._degraded
-            self._degraded = False
-        if was:
+        else:
             logger.info(
                 "circuit breaker %s: shared state reachable again",
                 self.name,
                 extra={"breaker": self.name, "shared_state_ok": True},
             )
-            _notify(self._shared_listeners, self, True)
-            _notify(_shared_state_listeners, self, True)
+        _notify(self._shared_listeners, self, not degraded)
+        _notify(_shared_state_listeners, self, not degraded)
 
     # -- admission and outcome
 
     def _admit(self) -> _Ticket:
         """Let a call through (returning its ticket) or raise CircuitBreakerOpenError."""
-        if self._store is not None and self._shared_usable():
-            from ._breaker_store import StoreUnavailable
-
-            try:
-                verdict = self._store.acquire()
-            except StoreUnavailable as exc:
-                self._degrade(exc)
-            else:
-                self._restored()
+        if self._store is not None:
+            verdict = self._ask_redis(self._store.acquire)
+            if verdict is not None:
                 self._observe(CircuitState(verdict.state))
                 if verdict.decision == "reject":
                     raise CircuitBreakerOpenError(self.name, verdict.retry_after)
@@ -1059,25 +1052,20 @@ class CircuitBreaker:
                     if wait > 0:
                         raise CircuitBreakerOpenError(self.name, wait)
                     change = self._set_state(CircuitState.HALF_OPEN)
-                    self._probe_until = 0.0
-                if now < self._probe_until:
+                if self._probe is not None and now < self._probe_until:
                     raise CircuitBreakerOpenError(self.name, self._probe_until - now)
+                self._probe = _Ticket(probe=True)
                 self._probe_until = now + self.probe_timeout
-                return _LOCAL_PROBE
+                return self._probe
         finally:
             self._emit(change)
 
     def _record(self, ticket: _Ticket, outcome: str) -> None:
         if ticket.shared and self._store is not None:
-            from ._breaker_store import StoreUnavailable
-
-            if outcome == _SUCCESS and not ticket.probe and ticket.failures == 0:
-                return  # nothing to reset: the common case costs no second round trip
-            try:
-                new = self._store.record(outcome, probe=ticket.probe, token=ticket.token)
-            except StoreUnavailable as exc:
-                self._degrade(exc)
-            else:
+            if ticket.tells_redis_nothing(outcome):
+                return
+            new = self._ask_redis(self._store.record, outcome, ticket.token)
+            if new is not None:
                 self._observe(CircuitState(new))
                 return
         self._record_local(ticket, outcome)
@@ -1085,16 +1073,17 @@ class CircuitBreaker:
     def _record_local(self, ticket: _Ticket, outcome: str) -> None:
         change = None
         with self._lock:
-            state = self._state
-            if state is CircuitState.HALF_OPEN:
-                if ticket.probe:
+            if self._state is CircuitState.HALF_OPEN:
+                # Only the probe holding the lease decides; calls admitted earlier and a
+                # probe whose lease ran out say nothing.
+                if ticket is self._probe and time.monotonic() < self._probe_until:
+                    self._probe = None
                     if outcome == _SUCCESS:
                         change = self._set_state(CircuitState.CLOSED)
                         self._failures = 0
                     elif outcome == _FAILURE:
                         change = self._set_state(CircuitState.OPEN)
-                    self._probe_until = 0.0
-            elif state is CircuitState.CLOSED:
+            elif self._state is CircuitState.CLOSED:
                 if outcome == _SUCCESS:
                     self._failures = 0
                 elif outcome == _FAILURE:
@@ -1117,7 +1106,7 @@ class CircuitBreaker:
     def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Call ``fn(*args, **kwargs)`` through the breaker."""
         if self._store is None and self._state is CircuitState.CLOSED:
-            ticket = _LOCAL_CALL
+            ticket = _LOCAL_CALL  # the success path: no lock, no allocation
         else:
             ticket = self._admit()
         try:
@@ -1131,30 +1120,25 @@ class CircuitBreaker:
 
     async def acall(self, fn: Callable[..., Awaitable[R]], /, *args: Any, **kwargs: Any) -> R:
         """Await ``fn(*args, **kwargs)`` through the breaker (Redis is asked off the loop)."""
-        if self._store is None:
-            ticket = self._admit()
-        else:
-            import asyncio
+        import asyncio
 
-            ticket = await asyncio.to_thread(self._admit)
+        ticket = self._admit() if self._store is None else await asyncio.to_thread(self._admit)
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:
-            outcome = self._outcome_of(exc)
-            if ticket.shared:
-                import asyncio
-
-                await asyncio.to_thread(self._record, ticket, outcome)
-            else:
-                self._record(ticket, outcome)
+            await self._arecord(ticket, self._outcome_of(exc))
             raise
-        if ticket.shared:
+        await self._arecord(ticket, _SUCCESS)
+        return result
+
+    async def _arecord(self, ticket: _Ticket, outcome: str) -> None:
+        """:meth:`_record`, in a thread when it has to ask Redis."""
+        if ticket.shared and not ticket.tells_redis_nothing(outcome):
             import asyncio
 
-            await asyncio.to_thread(self._record, ticket, _SUCCESS)
-        elif ticket is not _LOCAL_CALL or self._failures:
-            self._record(ticket, _SUCCESS)
-        return result
+            await asyncio.to_thread(self._record, ticket, outcome)
+        else:
+            self._record(ticket, outcome)
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Decorate ``fn`` (sync or async) so every call passes through this breaker."""
@@ -1346,12 +1330,14 @@ class ResilientExecutor:
 
 
 def _after_fork_in_child() -> None:
-    """Give a forked child (Celery's prefork pool) fresh locks: a lock that another thread of
-    the parent held at the moment of the fork would otherwise stay locked in the child."""
+    """Give a forked child (Celery's prefork pool) fresh locks and no probe in flight: a lock
+    that another thread of the parent held at the moment of the fork would otherwise stay
+    locked in the child, and that thread's probe would hold the lease there until it ran out."""
     global _registry_lock
     _registry_lock = threading.Lock()
     for breaker in _registry.values():
         breaker._lock = threading.Lock()
+        breaker._probe = None  # a parent thread's probe never ends in the child
     for budget in list(_budgets):
         budget._lock = threading.Lock()
 
