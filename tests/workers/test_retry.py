@@ -9,7 +9,8 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,26 @@ def test_max_attempts_counts_every_attempt_and_reraises_the_original() -> None:
         retry(max_attempts=3)(flaky)()
     assert caught.value is last  # the original object, never tenacity.RetryError
     assert flaky.calls == 3
+
+
+def test_the_reraised_error_keeps_its_traceback_and_no_chained_context() -> None:
+    def broken() -> None:
+        raise ValueError("deep down")
+
+    for run in (lambda: retry(max_attempts=2)(broken)(),
+                lambda: asyncio.run(RetryPolicy(max_attempts=2).acall(_async(broken)))):
+        with pytest.raises(ValueError) as caught:
+            run()
+        frames = [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
+        assert frames[-1] == "broken"  # where it was raised, not where it was re-raised
+        assert caught.value.__context__ is None and caught.value.__cause__ is None
+
+
+def _async(fn: Callable[[], object]) -> Callable[[], Awaitable[object]]:
+    async def run() -> object:
+        return fn()
+
+    return run
 
 
 def test_single_attempt_means_no_retry(events: list[RetryEvent]) -> None:

@@ -318,13 +318,6 @@ def _never_retried() -> tuple[type[BaseException], ...]:
     return tuple(classes)
 
 
-def _tenacity() -> Any:
-    """tenacity, imported on the first failure only (it costs ~25 ms at start-up)."""
-    import tenacity
-
-    return tenacity
-
-
 class RetryPolicy:
     """The retry engine: when to retry, how long to wait, and when to give up.
 
@@ -471,22 +464,9 @@ class RetryPolicy:
             async_wrapper.retry_policy = self  # type: ignore[attr-defined]
             return cast(Callable[P, R], async_wrapper)
 
-        budget = self.budget
-        exceptions = self.exceptions
-        timed = self.deadline is not None
-
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            if budget is not None:
-                budget.record_call()
-            start = time.monotonic() if timed else 0.0
-            try:
-                return fn(*args, **kwargs)
-            except exceptions as exc:
-                if not self.is_retryable(exc):
-                    raise
-                first = exc
-            return cast(R, self._retry_sync(fn, fn, args, kwargs, first, start))
+            return cast(R, self._run(fn, fn, args, kwargs))
 
         wrapper.retry_policy = self  # type: ignore[attr-defined]
         return wrapper
@@ -499,6 +479,9 @@ class RetryPolicy:
         """Await ``fn(*args, **kwargs)`` under this policy."""
         return cast(R, await self._arun(fn, fn, args, kwargs))
 
+    # ``invoke(*args, **kwargs)`` is one attempt; ``fn`` names the call in logs and events.
+    # The first attempt runs directly; tenacity decides about the rest (see _next_sleep).
+
     def _run(
         self,
         invoke: Callable[..., Any],
@@ -506,7 +489,6 @@ class RetryPolicy:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        """Call ``invoke(*args, **kwargs)``; ``fn`` names the call in logs and events."""
         if self.budget is not None:
             self.budget.record_call()
         start = time.monotonic() if self.deadline is not None else 0.0
@@ -515,8 +497,15 @@ class RetryPolicy:
         except self.exceptions as exc:
             if not self.is_retryable(exc):
                 raise
-            first = exc
-        return self._retry_sync(invoke, fn, args, kwargs, first, start)
+            state = self._begin(fn, args, kwargs, exc, start)
+        while True:
+            delay = self._next_sleep(state)
+            if not _testing:
+                time.sleep(delay)
+            try:
+                return invoke(*args, **kwargs)
+            except BaseException as exc:
+                state.set_exception((type(exc), exc, exc.__traceback__))
 
     async def _arun(
         self,
@@ -527,57 +516,23 @@ class RetryPolicy:
     ) -> Any:
         if self.budget is not None:
             self.budget.record_call()
-        start = time.monotonic()
+        start = time.monotonic() if self.deadline is not None else 0.0
         try:
             return await invoke(*args, **kwargs)
         except self.exceptions as exc:
             if not self.is_retryable(exc):
                 raise
-            first = exc
+            state = self._begin(fn, args, kwargs, exc, start)
         import asyncio
 
-        retrying, state = self._begin(fn, args, kwargs, first, start)
-        tenacity = _tenacity()
         while True:
-            action = retrying.iter(state)
-            if not isinstance(action, tenacity.DoSleep):
-                return action
-            state.prepare_for_next_attempt()
+            delay = self._next_sleep(state)
             if not _testing:
-                await asyncio.sleep(float(action))
+                await asyncio.sleep(delay)
             try:
-                result = await invoke(*args, **kwargs)
+                return await invoke(*args, **kwargs)
             except BaseException as exc:
                 state.set_exception((type(exc), exc, exc.__traceback__))
-            else:
-                state.set_result(result)
-
-    # -- after a first failure: tenacity drives the rest
-
-    def _retry_sync(
-        self,
-        invoke: Callable[..., Any],
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        first: BaseException,
-        start: float,
-    ) -> Any:
-        retrying, state = self._begin(fn, args, kwargs, first, start)
-        tenacity = _tenacity()
-        while True:
-            action = retrying.iter(state)
-            if not isinstance(action, tenacity.DoSleep):
-                return action
-            state.prepare_for_next_attempt()
-            if not _testing:
-                time.sleep(float(action))
-            try:
-                result = invoke(*args, **kwargs)
-            except BaseException as exc:
-                state.set_exception((type(exc), exc, exc.__traceback__))
-            else:
-                state.set_result(result)
 
     def _begin(
         self,
@@ -586,25 +541,35 @@ class RetryPolicy:
         kwargs: dict[str, Any],
         first: BaseException,
         start: float,
-    ) -> tuple[tenacity.Retrying, tenacity.RetryCallState]:
-        """tenacity's state machine, with the first attempt's failure already recorded."""
-        tenacity = _tenacity()
+    ) -> tenacity.RetryCallState:
+        """tenacity's state for one call, with the first attempt's failure recorded."""
+        import tenacity
+
         retrying = self._retrying
-        if retrying is None:
-            retrying = tenacity.Retrying(
+        if retrying is None:  # built once per policy (tenacity keeps per-thread state)
+            retrying = self._retrying = tenacity.Retrying(
                 retry=tenacity.retry_if_exception(self.is_retryable),
                 wait=self._wait,
                 stop=self._stop,
                 before_sleep=self._announce,
                 reraise=True,
             )
-            self._retrying = retrying
-        retrying.begin()
+        retrying.begin()  # tenacity's per-thread statistics, which its actions update
         state = tenacity.RetryCallState(retry_object=retrying, fn=fn, args=args, kwargs=kwargs)
         if self.deadline is not None:
             state.start_time = start  # the deadline counts from the first attempt
         state.set_exception((type(first), first, first.__traceback__))
-        return retrying, state
+        return state
+
+    @staticmethod
+    def _next_sleep(state: tenacity.RetryCallState) -> float:
+        """After a failed attempt: the seconds to sleep before the next one, or the failure
+        re-raised (the original exception and traceback) when tenacity says to stop."""
+        import tenacity
+
+        action = cast(tenacity.DoSleep, state.retry_object.iter(state))  # or it raised
+        state.prepare_for_next_attempt()
+        return float(action)
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         outcome = state.outcome
