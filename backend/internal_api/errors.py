@@ -105,6 +105,12 @@ def _database_unavailable() -> tuple[dict[str, str], dict[str, str]]:
     )
 
 
+def database_unavailable() -> HttpResponse:
+    """The 503 answer (with ``Retry-After``) for a database that cannot be reached."""
+    body, headers = _database_unavailable()
+    return json_error(503, body["error"], body["detail"], headers)
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """DRF exception handler: every error as ``{"error", "detail"}`` with the right status."""
     if isinstance(exc, OperationalError | InterfaceError):
@@ -153,8 +159,6 @@ def handler404(request: HttpRequest, exception: Exception | None = None) -> Http
 
 def handler500(request: HttpRequest) -> HttpResponse:
     """An uncaught exception: 503 when the database is down, else a bare 500 without details."""
-    exc = sys.exc_info()[1]
-    if isinstance(exc, OperationalError | InterfaceError):
-        body, headers = _database_unavailable()
-        return json_error(503, body["error"], body["detail"], headers)
+    if isinstance(sys.exc_info()[1], OperationalError | InterfaceError):
+        return database_unavailable()
     return json_error(500, "internal_error", "internal server error")

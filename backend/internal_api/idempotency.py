@@ -33,11 +33,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
-from backend.internal_api.errors import json_error
+from backend.internal_api.errors import database_unavailable, json_error
 from backend.internal_api.models import IdempotencyRecord
 
 logger = logging.getLogger("backend.internal_api")
@@ -72,16 +72,19 @@ class IdempotencyMiddleware:
                 "invalid_idempotency_key",
                 f"{HEADER} must be 1 to {MAX_KEY_LENGTH} printable characters",
             )
-        self._purge_expired()
         scope = request.headers.get("X-Organization-ID", "")
         key_digest = hashlib.sha256(f"{scope}\0{key}".encode()).digest()
         fingerprint = hashlib.sha256(f"{request.method}\0{request.path}\0".encode())
         fingerprint.update(request.body)
-        for _ in range(3):
-            try:
-                return self._serve(request, key_digest, fingerprint.hexdigest())
-            except _LostRace:
-                continue
+        try:
+            self._purge_expired()
+            for _ in range(3):
+                try:
+                    return self._serve(request, key_digest, fingerprint.hexdigest())
+                except _LostRace:
+                    continue
+        except (OperationalError, InterfaceError):
+            return database_unavailable()
         return _in_flight()
 
     def _serve(self, request: HttpRequest, key_digest: bytes, fingerprint: str) -> HttpResponse:

@@ -626,3 +626,52 @@ def test_admin_is_read_only(admin_client: Any, api: Api) -> None:
     response = admin_client.post(change, {"status": "COMPLETED"})
     assert response.status_code == 403
     assert WorkflowExecution.objects.get(pk=execution["id"]).status == "PENDING"
+
+
+# --- rendering and secrecy -------------------------------------------------------------------
+
+
+def test_direct_execution_rendering_equals_drf_generic_rendering(api: Api) -> None:
+    from rest_framework import serializers
+    from rest_framework.renderers import JSONRenderer
+
+    from backend.internal_api.serializers import ExecutionSerializer
+
+    class Generic(serializers.ModelSerializer):
+        organization_id = serializers.CharField()
+        result = serializers.JSONField()
+
+        class Meta:
+            model = WorkflowExecution
+            fields = list(ExecutionSerializer().fields)
+
+    execution = at_status(api, "COMPLETED")
+    api.call(
+        "PATCH",
+        f"workflow-executions/{execution['id']}/",
+        {"result": {"a": [1, 2.5, None, "é"]}, "total_files": 3},
+    )
+    create(api, pipeline_id="p")
+    for row in WorkflowExecution.objects.filter(organization_id=api.org_id):
+        direct = json.loads(JSONRenderer().render(ExecutionSerializer(row).data))
+        generic = json.loads(JSONRenderer().render(Generic(row).data))
+        assert direct == generic
+
+
+def test_the_key_never_reaches_a_log_line(
+    api: Api, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    key = api.api_key
+    for authorization in (f"Bearer {key}x", key, f"Bearer {key[:8]}", f"Basic {key}"):
+        api.call("GET", "health/", headers={"Authorization": authorization})
+    execution = create(api)
+    set_status(api, execution["id"], "NOPE")
+    post_with_key(api, "workflow-executions/", {"workflow_id": "w"}, "secret-test")
+    api.call("POST", "workflow-executions/", raw="{")
+    out, err = capfd.readouterr()
+    captured = caplog.text + out + err + repr([r.__dict__ for r in caplog.records])
+    assert "authentication failed" in captured  # the lines were captured
+    assert key not in captured and key[:8] not in captured

@@ -336,3 +336,32 @@ def test_live_backend_imports_without_django() -> None:
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.postgres
+def test_database_gone_is_503_with_retry_after_never_500() -> None:
+    import psycopg
+
+    from tests.conftest import POSTGRES_ADMIN_URL
+
+    with LiveBackend.postgres(threads=2) as backend:
+        client = httpx2.Client(base_url=f"{backend.url}/internal/v1", headers=backend.headers())
+        with client:
+            execution = create(client)
+            name = backend.database_url.rsplit("/", 1)[1]
+            with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            assert client.get("/health/").status_code == 200  # liveness needs no database
+            status_path = f"/workflow-executions/{execution['id']}/status/"
+            keyed = {"Idempotency-Key": "db-gone"}
+            for _ in range(2):  # the broken connection, then a failed reconnect
+                for response in (
+                    client.get(f"/workflow-executions/{execution['id']}/"),
+                    client.post(status_path, json={"status": "QUEUED"}),
+                    client.post(status_path, json={"status": "QUEUED"}, headers=keyed),
+                    client.post("/workflow-executions/", json={"workflow_id": "w"}),
+                ):
+                    assert error_of(response) == (503, "database_unavailable")
+                    assert response.headers["Retry-After"] == "1"
+            logs = backend.logs()
+        assert "database unavailable" in logs and "Traceback" not in logs
