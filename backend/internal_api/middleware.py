@@ -4,8 +4,9 @@ Order in ``settings.MIDDLEWARE`` (outermost first):
 
 1. :class:`RequestContextMiddleware` takes ``X-Request-ID`` from the request (or makes one),
    binds it to every log line written while serving, echoes it, and writes one access line.
-2. :class:`InternalAuthMiddleware` guards everything under ``/internal/``: bearer key (401),
-   then the 1 MiB body limit (413). Nothing of the ``Authorization`` header is logged or echoed.
+2. :class:`InternalAuthMiddleware` checks the Host header against ``ALLOWED_HOSTS`` (400)
+   and guards everything under ``/internal/``: bearer key (401), then the 1 MiB body limit
+   (413). Nothing of the ``Authorization`` header is logged or echoed.
 3. ``idempotency.IdempotencyMiddleware`` gives POSTs carrying ``Idempotency-Key`` their
    replay semantics (see there).
 """
@@ -82,7 +83,8 @@ class InternalAuthMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        """Authenticate, check the declared body size, then serve."""
+        """Check the Host header, authenticate, check the declared body size, then serve."""
+        request.get_host()  # DisallowedHost (not in ALLOWED_HOSTS) becomes Django's 400
         if not request.path.startswith(INTERNAL_PREFIX):
             return self.get_response(request)
         try:

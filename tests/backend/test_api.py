@@ -105,6 +105,14 @@ def test_every_configured_key_is_accepted(api: Api, settings: Any) -> None:
     assert error_of(response) == (401, "invalid_api_key")
 
 
+def test_host_not_in_allowed_hosts_is_400(api: Api) -> None:
+    response = api.client.get(
+        "/internal/v1/health/", headers=api.headers(), HTTP_HOST="evil.example"
+    )
+    assert error_of(response) == (400, "bad_request")
+    assert "evil.example" not in response.content.decode()
+
+
 def test_health(api: Api) -> None:
     response = api.call("GET", "health/", headers={"Authorization": f"Bearer {api.api_key}"})
     body = response.json()
