@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import random
 import threading
-import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from backend.workers.shared import InternalAPIError
 from tests.conftest import RABBITMQ_URL, free_port
 from tests.e2e.harness import WorkerProcess, producer, submit, wait_until, worker_env
 
@@ -38,7 +40,7 @@ def legal_history(history: list[str]) -> bool:
     """A status sequence only moves forward and never leaves a terminal status."""
     return all(
         ORDER[before] < ORDER[after] and before not in TERMINAL
-        for before, after in zip(history, history[1:], strict=False)
+        for before, after in pairwise(history)
     )
 
 
@@ -106,7 +108,7 @@ class Fleet:
         self.config = WorkerConfig(
             _env_file=None, internal_service_api_key=backend.api_key,
             django_app_backend_url=backend.url, organization_id=self.organization_id,
-            worker_name=self.name,
+            worker_name=self.name, circuit_breaker_recovery_timeout=1.0,
         )
         self.client = InternalAPIClient(self.config)
         self.app = producer(self.env)
@@ -141,16 +143,20 @@ class Fleet:
         wanted = set(ids)
 
         def done() -> bool:
-            current = self.statuses()
+            try:
+                current = self.statuses()
+            except InternalAPIError as exc:
+                if exc.transient:  # the backend may be down on purpose
+                    return False
+                raise
             return all(current.get(i) == status for i in wanted)
 
         try:
             wait_until(done, timeout, f"{len(ids)} executions {status}", 0.25)
         except TimeoutError as exc:
-            counts: dict[str, int] = {}
-            for i in wanted:
-                counts[self.statuses().get(i, "?")] = counts.get(self.statuses().get(i, "?"), 0) + 1
-            raise TimeoutError(f"{exc}; now {counts}; log: {self.log_tails()}") from None
+            current = self.statuses()
+            counts = Counter(current.get(i, "missing") for i in wanted)
+            raise TimeoutError(f"{exc}; now {dict(counts)}; log: {self.log_tails()}") from None
 
     def log_lines(self) -> Iterator[dict[str, Any]]:
         """Every JSON line the fleet's workers wrote."""
@@ -198,7 +204,3 @@ def wait_for_log(crew: Fleet, predicate: Any, timeout: float, what: str) -> dict
     wait_until(seen, timeout, what, 0.1)
     return found[0]
 
-
-def elapsed(since: float) -> float:
-    """Seconds since ``since`` (monotonic)."""
-    return time.monotonic() - since
