@@ -166,6 +166,33 @@ def _qualname(fn: object) -> str:
     return f"{module}.{name}" if module else str(name)
 
 
+def _decorate(
+    fn: Callable[P, R],
+    run: Callable[..., Any],
+    arun: Callable[..., Awaitable[Any]],
+    **attributes: object,
+) -> Callable[P, R]:
+    """``fn`` wrapped so each call is ``run(fn, *args, **kwargs)`` (``await arun(...)`` for
+    an async ``fn``); name, docstring and signature are kept, ``attributes`` are set."""
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            return await arun(fn, *args, **kwargs)
+
+        wrapper = cast(Callable[P, R], async_wrapper)
+    else:
+
+        @functools.wraps(fn)
+        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            return cast(R, run(fn, *args, **kwargs))
+
+        wrapper = sync_wrapper
+    for name, value in attributes.items():
+        setattr(wrapper, name, value)
+    return wrapper
+
+
 # --------------------------------------------------------------------------- backoff
 
 
@@ -453,23 +480,9 @@ class RetryPolicy:
     # -- decorator and calls
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Decorate ``fn`` (sync or async); name, docstring and signature are kept."""
-        if inspect.iscoroutinefunction(fn):
-            async_fn = cast(Callable[..., Awaitable[Any]], fn)
-
-            @functools.wraps(fn)
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                return await self._arun(async_fn, async_fn, args, kwargs)
-
-            async_wrapper.retry_policy = self  # type: ignore[attr-defined]
-            return cast(Callable[P, R], async_wrapper)
-
-        @functools.wraps(fn)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            return cast(R, self._run(fn, fn, args, kwargs))
-
-        wrapper.retry_policy = self  # type: ignore[attr-defined]
-        return wrapper
+        """Decorate ``fn`` (sync or async); name, docstring and signature are kept, and the
+        policy is the wrapper's ``retry_policy``."""
+        return _decorate(fn, self.call, self.acall, retry_policy=self)
 
     def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Call ``fn(*args, **kwargs)`` under this policy."""
@@ -578,35 +591,16 @@ class RetryPolicy:
     def _stop(self, state: tenacity.RetryCallState) -> bool:
         if state.attempt_number >= self.max_attempts:
             return True
-        name = _qualname(state.fn)
         if self.deadline is not None:
             elapsed = time.monotonic() - state.start_time
             if _testing:  # the sleeps were skipped, not the schedule
                 elapsed += state.idle_for
             if elapsed + state.upcoming_sleep > self.deadline:
-                logger.info(
-                    "not retrying %s: a %.3fs delay would pass the %.3fs deadline",
-                    name,
-                    state.upcoming_sleep,
-                    self.deadline,
-                    extra={
-                        "function": name,
-                        "attempt": state.attempt_number,
-                        "give_up_reason": "deadline",
-                    },
-                )
-                return True
+                delay = state.upcoming_sleep
+                why = f"a {delay:.3f}s delay would pass the {self.deadline:g}s deadline"
+                return _give_up(state, "deadline", why)
         if self.budget is not None and not self.budget.try_spend():
-            logger.info(
-                "not retrying %s: retry budget exhausted",
-                name,
-                extra={
-                    "function": name,
-                    "attempt": state.attempt_number,
-                    "give_up_reason": "budget",
-                },
-            )
-            return True
+            return _give_up(state, "budget", "retry budget exhausted")
         return False
 
     def _announce(self, state: tenacity.RetryCallState) -> None:
@@ -638,6 +632,18 @@ class RetryPolicy:
                 _retry_listeners,
                 RetryEvent(name, state.attempt_number, self.max_attempts, delay, exc),
             )
+
+
+def _give_up(state: tenacity.RetryCallState, reason: str, why: str) -> bool:
+    """Log why no retry is made (``give_up_reason`` is ``reason``); True, to stop."""
+    name = _qualname(state.fn)
+    logger.info(
+        "not retrying %s: %s",
+        name,
+        why,
+        extra={"function": name, "attempt": state.attempt_number, "give_up_reason": reason},
+    )
+    return True
 
 
 def retry(
@@ -1106,23 +1112,9 @@ class CircuitBreaker:
             self._record(ticket, outcome)
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Decorate ``fn`` (sync or async) so every call passes through this breaker."""
-        if inspect.iscoroutinefunction(fn):
-            async_fn = cast(Callable[..., Awaitable[Any]], fn)
-
-            @functools.wraps(fn)
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                return await self.acall(async_fn, *args, **kwargs)
-
-            async_wrapper.breaker = self  # type: ignore[attr-defined]
-            return cast(Callable[P, R], async_wrapper)
-
-        @functools.wraps(fn)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            return self.call(fn, *args, **kwargs)
-
-        wrapper.breaker = self  # type: ignore[attr-defined]
-        return wrapper
+        """Decorate ``fn`` (sync or async) so every call passes through this breaker (the
+        wrapper's ``breaker``)."""
+        return _decorate(fn, self.call, self.acall, breaker=self)
 
 
 _BREAKER_PARAMETERS = frozenset(inspect.signature(CircuitBreaker).parameters) - {"name"}
@@ -1150,8 +1142,8 @@ def get_breaker(name: str, **kwargs: Any) -> CircuitBreaker:
         current = getattr(existing, key)
         if key == "expected_exception":
             value = _check_exceptions(key, value, allow_empty=False)
-        if key in ("recovery_timeout", "probe_timeout", "reconnect_interval"):
-            value = float(value)
+        elif key in ("recovery_timeout", "probe_timeout", "reconnect_interval"):
+            value = _check_number(key, value, minimum=0.0, strict=True)
         if current != value:
             raise ValueError(
                 f"breaker {name!r} exists with {key}={current!r}; cannot get it with "
@@ -1278,20 +1270,7 @@ class ResilientExecutor:
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Decorate ``fn`` (sync or async); name, docstring and signature are kept."""
-        if inspect.iscoroutinefunction(fn):
-            async_fn = cast(Callable[..., Awaitable[Any]], fn)
-
-            @functools.wraps(fn)
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                return await self.aexecute(async_fn, *args, **kwargs)
-
-            return cast(Callable[P, R], async_wrapper)
-
-        @functools.wraps(fn)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            return self.execute(fn, *args, **kwargs)
-
-        return wrapper
+        return _decorate(fn, self.execute, self.aexecute)
 
 
 def _after_fork_in_child() -> None:
