@@ -139,12 +139,17 @@ def run(data_dir: Path) -> dict[str, Any]:
                 ids.append(str(execution.id))
             submit(producer(env), worker_name, ids, backend.org_id)
 
-            counts: Counter[str] = Counter()
+            shown = [""]
+            tty = sys.stdout.isatty()
 
             def finished() -> bool:
-                nonlocal counts
                 counts = Counter(e.status for e in client.list_workflow_executions())
-                print(_progress(counts, EXECUTIONS), end="", flush=True)
+                bar = _progress(counts, EXECUTIONS)
+                if bar != shown[0]:
+                    # A terminal gets one bar redrawn in place; a log gets one line a change.
+                    print(bar if tty else bar.lstrip("\r").rstrip(), end="" if tty else "\n",
+                          flush=True)
+                    shown[0] = bar
                 return sum(counts[s] for s in TERMINAL) >= EXECUTIONS
 
             try:

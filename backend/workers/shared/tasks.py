@@ -84,7 +84,7 @@ class ExecutionTask(Task):
         retry_after = getattr(exc, "retry_after", None)
         if isinstance(retry_after, int | float) and retry_after > 0:
             return float(min(retry_after, self.retry_backoff_max))
-        delay = min(self.retry_backoff_max, self.retry_backoff * 2 ** self.request.retries)
+        delay = min(self.retry_backoff_max, self.retry_backoff * 2**self.request.retries)
         return random.uniform(0, delay) if self.retry_jitter else delay
 
     def config(self) -> WorkerConfig:
