@@ -61,6 +61,9 @@ _EXPORTS: dict[str, str] = {
     "HealthServer": "health",
     "HealthCheckResult": "health",
     "HealthStatus": "health",
+    # tasks.py
+    "ExecutionTask": "tasks",
+    "is_transient": "tasks",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -134,4 +137,8 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers
         get_breaker as get_breaker,
         retry as retry,
         set_testing as set_testing,
+    )
+    from .tasks import (
+        ExecutionTask as ExecutionTask,
+        is_transient as is_transient,
     )
