@@ -10,14 +10,19 @@ listener); nothing here asserts on elapsed time.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from email.utils import formatdate
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from backend.workers.shared import _metrics, retry_utils
 from backend.workers.shared.api_client import (
@@ -40,6 +45,7 @@ from backend.workers.shared.logging_utils import log_context
 from backend.workers.shared.retry_utils import CircuitBreakerOpenError, CircuitState, RetryEvent
 from tests.fault_server import Drop, FaultServer, Reset, Respond, Stall, Truncate
 
+REPO = Path(__file__).resolve().parents[2]
 SECRET = "swi-test-key-7Q2xK9-faults-" + uuid.uuid4().hex[:8]
 EXECUTION = {
     "id": "3f2b6c1e-0000-4000-8000-000000000001",
@@ -553,3 +559,42 @@ def test_metrics_count_requests_by_template_and_retries(server: FaultServer) -> 
     assert ('worker_api_retries_total{endpoint="workflow-executions/{id}/",method="GET",'
             'reason="502"}') in text
     assert "worker_api_request_duration_seconds_bucket" in text
+
+
+@pytest.mark.redis
+def test_breaker_state_is_shared_through_redis(server: FaultServer, tmp_path: Path) -> None:
+    # Another process with the same backend URL and Redis sees the breaker this one opened:
+    # it refuses at once, without sending anything.
+
+    config = make_config(server, api_retry_attempts=0, circuit_breaker_failure_threshold=2,
+                         circuit_breaker_recovery_timeout=60.0,
+                         circuit_breaker_redis_url="redis://127.0.0.1:6379/13")
+    server.reset(default=Respond(503, {"error": "unavailable", "detail": "down"}))
+    client = InternalAPIClient(config)
+    for _ in range(2):
+        with pytest.raises(ServerError):
+            client.get_workflow_execution("x")
+    assert client.breaker.state is CircuitState.OPEN
+    sent = len(server.requests)
+    settings = config.model_dump(mode="json", exclude={
+        "worker_data_dir", "internal_service_api_key", "webhook_signing_secret"})
+    script = (
+        "import sys\n"
+        "from backend.workers.shared.api_client import InternalAPIClient, APICircuitOpenError\n"
+        "from backend.workers.shared.config import WorkerConfig\n"
+        f"config = WorkerConfig(**{settings!r},"
+        f" internal_service_api_key={SECRET!r}, _env_file=None)\n"
+        "try:\n"
+        "    InternalAPIClient(config).get_workflow_execution('x')\n"
+        "except APICircuitOpenError as exc:\n"
+        "    print('refused', exc.breaker_name)\n"
+        "    sys.exit(0)\n"
+        "sys.exit(1)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(server.requests) == sent
+    redis.Redis.from_url("redis://127.0.0.1:6379/13").delete(
+        f"worker:breaker:internal-api {config.internal_api_base_url}")
