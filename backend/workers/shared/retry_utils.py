@@ -168,7 +168,7 @@ def _qualname(fn: object) -> str:
 
 def _decorate(
     fn: Callable[P, R],
-    run: Callable[..., Any],
+    run: Callable[..., R],
     arun: Callable[..., Awaitable[Any]],
     **attributes: object,
 ) -> Callable[P, R]:
@@ -185,7 +185,7 @@ def _decorate(
 
         @functools.wraps(fn)
         def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            return cast(R, run(fn, *args, **kwargs))
+            return run(fn, *args, **kwargs)
 
         wrapper = sync_wrapper
     for name, value in attributes.items():
@@ -486,11 +486,11 @@ class RetryPolicy:
 
     def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Call ``fn(*args, **kwargs)`` under this policy."""
-        return cast(R, self._run(fn, fn, args, kwargs))
+        return self._run(fn, fn, args, kwargs)
 
     async def acall(self, fn: Callable[..., Awaitable[R]], /, *args: Any, **kwargs: Any) -> R:
         """Await ``fn(*args, **kwargs)`` under this policy."""
-        return cast(R, await self._arun(fn, fn, args, kwargs))
+        return await self._arun(fn, fn, args, kwargs)
 
     # ``invoke(*args, **kwargs)`` is one attempt; ``fn`` names the call in logs and events.
     # The first attempt runs directly; tenacity decides about the rest (see _next_sleep).
@@ -1247,26 +1247,26 @@ class ResilientExecutor:
         """Call ``fn(*args, **kwargs)`` with retries through the breaker, then the fallback."""
         try:
             if self.breaker is None:
-                return cast(R, self.policy._run(fn, fn, args, kwargs))
-            return cast(R, self.policy._run(self.breaker.call, fn, (fn, *args), kwargs))
+                return self.policy._run(fn, fn, args, kwargs)
+            return self.policy._run(self.breaker.call, fn, (fn, *args), kwargs)
         except Exception as exc:
             if self.fallback is None:
                 raise
-            return cast(R, self._fallback_for(fn, exc))
+            return self._fallback_for(fn, exc)
 
     async def aexecute(self, fn: Callable[..., Awaitable[R]], /, *args: Any, **kwargs: Any) -> R:
         """Await ``fn(*args, **kwargs)`` with retries through the breaker, then the fallback."""
         try:
             if self.breaker is None:
-                return cast(R, await self.policy._arun(fn, fn, args, kwargs))
-            return cast(R, await self.policy._arun(self.breaker.acall, fn, (fn, *args), kwargs))
+                return await self.policy._arun(fn, fn, args, kwargs)
+            return await self.policy._arun(self.breaker.acall, fn, (fn, *args), kwargs)
         except Exception as exc:
             if self.fallback is None:
                 raise
             answer = self._fallback_for(fn, exc)
             if inspect.isawaitable(answer):
                 answer = await answer
-            return cast(R, answer)
+            return answer
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Decorate ``fn`` (sync or async); name, docstring and signature are kept."""
