@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import atexit
 import os
-import ssl
 import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import ssl
+
     import httpx2
 
 #: Most connections one process keeps open to one backend URL.
@@ -49,6 +50,8 @@ def shared_ssl_context() -> ssl.SSLContext:
     global _ssl_context
     context = _ssl_context
     if context is None:
+        import ssl
+
         with _lock:
             if _ssl_context is None:
                 _ssl_context = ssl.create_default_context()

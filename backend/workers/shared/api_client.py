@@ -137,8 +137,9 @@ class ExecutionStatus(StrEnum):
 
 
 class _Result(BaseModel):
-    # Fields the backend adds later are kept (model_extra), never an error.
-    model_config = ConfigDict(extra="allow", frozen=True)
+    # Fields the backend adds later are kept (model_extra), never an error. The validator is
+    # built on first use, not at import (worker start-up is measured).
+    model_config = ConfigDict(extra="allow", frozen=True, defer_build=True)
 
 
 class WorkflowExecution(_Result):
