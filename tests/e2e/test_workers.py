@@ -127,3 +127,51 @@ def test_make_demo_exits_0() -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "demo OK" in done.stdout
     assert "COMPLETED" in done.stdout
+
+
+def test_transient_failures_requeue_permanent_ones_mark_error(
+    live_backend: Any, tmp_path: Path
+) -> None:
+    """ExecutionTask's rule, through a real misbehaving server between worker and backend."""
+    import uuid
+
+    from tests.fault_server import FaultServer, Forward, Respond
+
+    with FaultServer(default=Forward(live_backend.url)) as fault, fleet(
+        live_backend, tmp_path, "filesystem", concurrency=1,
+        work={"DJANGO_APP_BACKEND_URL": fault.url, "API_RETRY_ATTEMPTS": "0",
+              "HEALTH_CHECK_INTERVAL": "300"},
+    ) as crew:
+        crew.start_worker()
+        wait_until(lambda: any(r.path.endswith("/health/") for r in fault.requests), 30,
+                   "the worker's first health check")
+
+        # Transient: a 503 with Retry-After: the task is re-queued with that countdown.
+        shed = Respond(503, {"error": "unavailable", "detail": "shedding load"},
+                       headers={"Retry-After": "2"})
+        fault.push(shed)
+        (transient,) = crew.create(1)
+        crew.submit([transient])
+        crew.wait_all([transient], "COMPLETED", timeout=60)
+        requeue = wait_for_log(crew, lambda r: r.get("message") ==
+                               "transient failure, task re-queued", 5, "the re-queue line")
+        assert requeue["execution_id"] == transient
+        assert requeue["countdown"] == 2.0
+        assert requeue["error_type"] == "ServerError"
+        assert crew.client.get_workflow_execution(transient).attempts == 2
+
+        # Permanent: the backend rejects the input: the execution is marked ERROR, once.
+        fault.push(Respond(422, {"error": "validation_error", "detail": "workflow is invalid"}))
+        (permanent,) = crew.create(1)
+        crew.submit([permanent])
+        crew.wait_all([permanent], "ERROR", timeout=60)
+        execution = crew.client.get_workflow_execution(permanent)
+        assert execution.error_message.startswith("APIValidationError: 422 validation_error")
+        assert "workflow is invalid" in execution.error_message
+
+        # A task for an execution that does not exist: nothing to mark, and it says so.
+        missing = str(uuid.uuid4())
+        crew.submit([missing])
+        line = wait_for_log(crew, lambda r: r.get("message") ==
+                            "could not mark the execution ERROR", 30, "the refusal line")
+        assert line["execution_id"] == missing and line["error_type"] == "NotFoundError"
