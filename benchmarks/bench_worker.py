@@ -185,8 +185,7 @@ def run_throughput(backend: LiveBackend, worker: Worker, org: str) -> float:
             ids.append(execution.id)
     producer = Celery("bench_producer")
     producer.conf.update(broker_url=BROKER, task_serializer="json", accept_content=["json"])
-    dsn = backend.database_url.replace("postgresql://", "postgresql://", 1)
-    with psycopg.connect(dsn, autocommit=True) as db:
+    with psycopg.connect(backend.database_url, autocommit=True) as db:
         started = time.monotonic()
         with producer.producer_or_acquire() as prod:
             for execution_id in ids:
@@ -195,9 +194,10 @@ def run_throughput(backend: LiveBackend, worker: Worker, org: str) -> float:
                                    queue=worker.env["WORKER_NAME"], producer=prod)
         deadline = started + 300
         while True:
-            (done,) = db.execute(
+            row = db.execute(
                 "SELECT count(*) FROM internal_api_workflowexecution "
                 "WHERE organization_id = %s AND status = 'COMPLETED'", (org,)).fetchone()
+            done = int(row[0]) if row else 0
             if done >= EXECUTIONS:
                 break
             if time.monotonic() > deadline:

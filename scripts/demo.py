@@ -24,8 +24,6 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.live_backend import LiveBackend  # noqa: E402
-
 from tests.e2e.harness import (  # noqa: E402
     WebhookReceiver,
     WorkerProcess,
@@ -36,6 +34,7 @@ from tests.e2e.harness import (  # noqa: E402
     wait_until,
     worker_env,
 )
+from tests.live_backend import LiveBackend  # noqa: E402
 
 EXECUTIONS = 50
 CONCURRENCY = 4
