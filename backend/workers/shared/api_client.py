@@ -790,7 +790,7 @@ class InternalAPIClient:
         except httpx2.TimeoutException as exc:
             status = "timeout"
             error: InternalAPIError = APITimeoutError(
-                f"no answer within {min(call.timeout, remaining):g}s ({type(exc).__name__})",
+                f"no answer within {min(call.timeout, remaining):.3g}s ({type(exc).__name__})",
                 method=call.method,
                 path=call.path,
                 request_id=request_id,
