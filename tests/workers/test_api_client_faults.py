@@ -14,6 +14,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -598,3 +599,29 @@ def test_breaker_state_is_shared_through_redis(server: FaultServer, tmp_path: Pa
     assert len(server.requests) == sent
     redis.Redis.from_url("redis://127.0.0.1:6379/13").delete(
         f"worker:breaker:internal-api {config.internal_api_base_url}")
+
+
+def test_threads_sharing_the_pool_keep_their_own_organization(server: FaultServer) -> None:
+    config = make_config(server)
+    errors: list[BaseException] = []
+
+    def work(org: str) -> None:
+        try:
+            with InternalAPIClient(config) as client:
+                client.set_organization_context(org)
+                for _ in range(10):
+                    client.get_workflow_execution(org)  # the id names the organization
+        except BaseException as exc:  # reported to the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(f"org-{n}",)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert len(server.requests) == 60
+    for request in server.requests:
+        org = request.headers["x-organization-id"]
+        assert request.path.endswith(f"/workflow-executions/{org}/")
+    assert server.connections_accepted <= 6  # one pool, at most one connection per thread
