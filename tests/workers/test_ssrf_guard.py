@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, strategies as st
 
 from backend.workers.shared import retry_utils
 from backend.workers.shared._webhooks import check_url, refusal_reason
@@ -191,3 +192,27 @@ def test_allow_listed_name_connects_to_the_checked_address() -> None:
     assert target.allow_listed and target.address == "127.0.0.1"
     assert str(target.connect_url()) == "http://127.0.0.1:8123/x?y=1"
     assert target.host_header() == "localhost:8123"
+
+
+@given(st.ip_addresses(v=4))
+def test_ipv6_embedding_a_refused_ipv4_is_refused(address: ipaddress.IPv4Address) -> None:
+    inner = refusal_reason(address)
+    for wrapped in (
+        ipaddress.IPv6Address(f"::ffff:{address}"),  # IPv4-mapped
+        ipaddress.IPv6Address(int(ipaddress.IPv6Address("64:ff9b::")) | int(address)),  # NAT64
+        ipaddress.IPv6Address((0x2002 << 112) | (int(address) << 80) | 1),  # 6to4
+    ):
+        outer = refusal_reason(wrapped)
+        if inner is not None or wrapped.ipv4_mapped is not None:  # mapped: always refused
+            assert outer is not None, wrapped
+
+
+@given(st.ip_addresses(network="10.0.0.0/8") | st.ip_addresses(network="172.16.0.0/12")
+       | st.ip_addresses(network="192.168.0.0/16") | st.ip_addresses(network="127.0.0.0/8")
+       | st.ip_addresses(network="169.254.0.0/16") | st.ip_addresses(network="100.64.0.0/10")
+       | st.ip_addresses(network="fc00::/7") | st.ip_addresses(network="fe80::/10")
+       | st.ip_addresses(network="ff00::/8") | st.ip_addresses(network="224.0.0.0/4"))
+def test_every_address_of_the_blocked_ranges_is_refused(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> None:
+    assert refusal_reason(address) is not None

@@ -39,6 +39,7 @@ _REDIRECTS = (301, 302, 307, 308)
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _SHARED = ipaddress.ip_network("100.64.0.0/10")
+_UNIQUE_LOCAL = ipaddress.ip_network("fc00::/7")
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 
 
@@ -50,6 +51,8 @@ def refusal_reason(address: IPAddress) -> str | None:
             inner = refusal_reason(embedded)
             if inner is not None:
                 return f"IPv6 address embedding {embedded} ({inner})"
+        if address.ipv4_mapped is not None:
+            return "IPv4-mapped IPv6 address (use the IPv4 address itself)"
     checks: tuple[tuple[bool, str], ...] = (
         (address.is_unspecified, "unspecified address"),
         (address.is_loopback, "loopback address"),
@@ -61,7 +64,7 @@ def refusal_reason(address: IPAddress) -> str | None:
         ),
         (
             isinstance(address, ipaddress.IPv6Address)
-            and address in ipaddress.ip_network("fc00::/7"),
+            and address in _UNIQUE_LOCAL,
             "unique-local address",
         ),
         (address.is_private, "private address"),
