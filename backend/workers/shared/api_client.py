@@ -15,6 +15,14 @@ attempts under ``retry_utils.RetryPolicy`` (the only retry loop) and the backend
 breaker; a ``POST`` carries one ``Idempotency-Key`` for all its attempts, so the backend
 applies it once.
 
+Operations: ``get_workflow_execution``, ``list_workflow_executions`` (lazy, every page),
+``create_workflow_execution``, ``update_workflow_execution``,
+``update_workflow_execution_status``, ``delete_workflow_execution``, ``send_webhook``,
+``get_webhook_delivery``, ``list_webhook_deliveries``, ``health_check``, and ``get`` /
+``post`` / ``patch`` / ``put`` / ``delete`` for endpoints not modelled here. Results are
+``WorkflowExecution``, ``WebhookDelivery``, ``BackendHealth`` (pydantic models that keep
+unknown fields in ``model_extra``) and ``WebhookResult``.
+
 Exceptions (every class is importable from this module)::
 
     InternalAPIError                 any failed call; status, error_code, detail, request_id,
