@@ -163,8 +163,9 @@ def base_env(backend: LiveBackend, name: str, org: str) -> dict[str, str]:
         "METRICS_PORT": str(free_port()), "HEALTH_HOST": "127.0.0.1", "LOG_LEVEL": "INFO",
         "EXAMPLE_WORK_SECONDS": "0", "EXAMPLE_FILES": "1", "ENV_FILE": os.devnull,
         "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": backend.database_url,
-        "DJANGO_SETTINGS_MODULE": "backend.settings",
     })
+    # Celery sets Django up by itself when this is set: only worker (c) may see it.
+    env.pop("DJANGO_SETTINGS_MODULE", None)
     return env
 
 
@@ -206,8 +207,10 @@ def run_throughput(backend: LiveBackend, worker: Worker, org: str) -> float:
         return EXECUTIONS / (time.monotonic() - started)
 
 
-def import_costs(env: dict[str, str], top: int = 12) -> tuple[float, list[tuple[float, str]]]:
-    """Import time of the example worker (ms) and the costliest distributions in it.
+def import_costs(env: dict[str, str], top: int = 12) -> tuple[float, list[tuple[float, str]], str]:
+    """Import time of the example worker (ms), the costliest packages in it, and which
+    Django modules got imported (kombu imports ``django.utils.functional`` when Django is
+    installed; the worker-only environment has no Django at all).
 
     ``-X importtime``'s self times are summed per top-level package (``celery``, ``kombu``,
     ``pydantic``, ...), so each line says what one dependency costs at start-up.
@@ -215,7 +218,7 @@ def import_costs(env: dict[str, str], top: int = 12) -> tuple[float, list[tuple[
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-c",
          "import sys, backend.workers.shared.example_worker as w; "
-         "assert 'django' not in sys.modules, 'django imported'"],
+         "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] == 'django')))"],
         env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=True,
     )
     per_package: dict[str, float] = {}
@@ -227,7 +230,7 @@ def import_costs(env: dict[str, str], top: int = 12) -> tuple[float, list[tuple[
                 root = match.group(2)
             per_package[root] = per_package.get(root, 0.0) + int(match.group(1)) / 1000
     ranked = sorted(((ms, name) for name, ms in per_package.items()), reverse=True)
-    return sum(per_package.values()), ranked[:top]
+    return sum(per_package.values()), ranked[:top], done.stdout.strip()
 
 
 def mib(value: int) -> str:
@@ -258,6 +261,7 @@ def main() -> int:
         for key, (label, app, org) in specs.items():
             env = base_env(backend, f"bench-{key}-{run_id}", org)
             env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{tmp}"
+            print(f"({key}) {label}: starting ...", file=sys.stderr, flush=True)
             worker = Worker(label, app, env, tmp, tmp / f"{key}.log")
             try:
                 pss, processes = worker.footprint()
@@ -267,7 +271,8 @@ def main() -> int:
                     results[key]["throughput"] = run_throughput(backend, worker, org)
             finally:
                 worker.stop()
-        total_ms, costly = import_costs(base_env(backend, "bench-import", orgs["a"]))
+        import_env = base_env(backend, "bench-import", orgs["a"])
+        total_ms, costly, django_modules = import_costs(import_env)
 
     print(f"workers: prefork, concurrency {CONCURRENCY}, broker {BROKER}; "
           f"backend gunicorn (2 gthread workers) + PostgreSQL")
@@ -288,6 +293,7 @@ def main() -> int:
           "(self time per package, costliest first):")
     for ms, name in costly:
         print(f"  {ms:8.1f} ms  {name}")
+    print(f"Django modules in the example worker's process: {django_modules or 'none'}")
     return 0
 
 
