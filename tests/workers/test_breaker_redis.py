@@ -542,3 +542,44 @@ def test_async_calls_through_a_shared_breaker(prefix: str) -> None:
     assert asyncio.run(scenario()) == ["fetched", "fetched"]
     assert breaker.state is CircuitState.CLOSED
     assert redis.Redis.from_url(REDIS_URL).hget(prefix + "async-shared", "state") == b"closed"
+
+
+def test_a_cancelled_async_caller_gives_the_probe_lease_back(prefix: str) -> None:
+    """A task cancelled while Redis grants it the probe must give the lease back; otherwise
+    the whole fleet waits out ``probe_timeout`` with nobody probing."""
+    import asyncio
+
+    name = "async-cancelled-probe"
+    breaker = shared(name, prefix, failure_threshold=1, recovery_timeout=0.05,
+                     probe_timeout=60.0)
+    with pytest.raises(ConnectionError):
+        breaker.call(fail)
+    time.sleep(0.1)
+    client = redis.Redis.from_url(REDIS_URL)
+    lease = prefix + name + ":probe"
+    ran: list[str] = []
+
+    async def probe() -> None:
+        ran.append("probe")
+
+    async def cancelled_while_admitted() -> None:
+        # Holding the breaker's lock pauses the admitting thread right after Redis granted
+        # the lease (it then takes the lock to note the state).
+        with breaker._lock:
+            task = asyncio.ensure_future(breaker.acall(probe))
+            deadline = time.monotonic() + 10
+            while not client.exists(lease) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            assert client.exists(lease)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(cancelled_while_admitted())
+    assert ran == []
+    deadline = time.monotonic() + 10
+    while client.exists(lease) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not client.exists(lease)  # given back, not held for 60 s
+    assert breaker.call(ok) == "ok"  # so this call could probe, and closed the breaker
+    assert breaker.state is CircuitState.CLOSED

@@ -36,6 +36,7 @@ Every retry is logged on this module's stdlib logger at WARNING with the ``extra
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import functools
 import inspect
@@ -52,6 +53,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 if TYPE_CHECKING:
+    import asyncio
+
     import tenacity
 
     from ._breaker_store import RedisBreakerStore
@@ -1093,7 +1096,20 @@ class CircuitBreaker:
         """Await ``fn(*args, **kwargs)`` through the breaker (Redis is asked off the loop)."""
         import asyncio
 
-        ticket = self._admit() if self._store is None else await asyncio.to_thread(self._admit)
+        if self._store is None:
+            ticket = self._admit()
+        else:
+            # Redis is asked in a thread (with this context, for log lines). A plain future,
+            # not a task, so that nothing cancels it: if the caller is cancelled meanwhile,
+            # the thread runs on and a probe lease it is granted is given back.
+            admission = asyncio.get_running_loop().run_in_executor(
+                None, contextvars.copy_context().run, self._admit
+            )
+            try:
+                ticket = await asyncio.shield(admission)
+            except asyncio.CancelledError:
+                admission.add_done_callback(self._release_abandoned)
+                raise
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:
@@ -1101,6 +1117,16 @@ class CircuitBreaker:
             raise
         await self._arecord(ticket, _SUCCESS)
         return result
+
+    def _release_abandoned(self, admission: asyncio.Future[_Ticket]) -> None:
+        """Give back the probe lease granted to a caller that was cancelled meanwhile (in a
+        thread: this runs on the event loop, and Redis may be slow)."""
+        if not admission.cancelled() and admission.exception() is None:
+            ticket = admission.result()
+            if ticket.probe:
+                threading.Thread(
+                    target=self._record, args=(ticket, _RELEASE), daemon=True
+                ).start()
 
     async def _arecord(self, ticket: _Ticket, outcome: str) -> None:
         """:meth:`_record`, in a thread when it has to ask Redis."""
