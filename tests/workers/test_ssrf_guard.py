@@ -216,3 +216,9 @@ def test_every_address_of_the_blocked_ranges_is_refused(
     address: ipaddress.IPv4Address | ipaddress.IPv6Address,
 ) -> None:
     assert refusal_reason(address) is not None
+
+
+def test_allow_list_entry_with_a_port_exempts_that_port_only() -> None:
+    assert check_url("http://localhost:8123/", ["localhost:8123"]).allow_listed
+    with pytest.raises(WebhookURLRefusedError, match="loopback"):
+        check_url("http://localhost:8124/", ["localhost:8123"])

@@ -5,7 +5,8 @@ one, and then connects to the address it checked (the request goes to the IP lit
 original ``Host`` header and TLS server name), so a second DNS answer cannot swap in an
 internal address. Redirects are followed by hand, at most :data:`MAX_REDIRECTS`, each target
 checked the same way. Hosts named in ``WEBHOOK_ALLOWED_HOSTS`` skip the address check (local
-development), never the scheme check.
+development), never the scheme check; an entry is a host name or address, or ``host:port``
+to exempt one port only.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def check_url(url: str | httpx2.URL, allowed_hosts: list[str] | tuple[str, ...])
     if not host:
         raise WebhookURLRefusedError("webhook URL refused: it has no host")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    allow_listed = host in allowed_hosts
+    allow_listed = host in allowed_hosts or f"{host}:{port}" in allowed_hosts
     addresses = _resolve(host, port)
     if not allow_listed:
         for address in addresses:
