@@ -7,7 +7,7 @@ transition is one Lua script, so concurrent processes cannot both count the same
 both open the breaker or both take the probe. Redis' ``TIME`` is the only clock used, so
 hosts with skewed clocks agree.
 
-Only :mod:`retry_utils` uses this module, and only when a breaker is given a ``redis_url``;
+Only :mod:`_breaker` uses this module, and only when a breaker is given a ``redis_url``;
 ``redis`` is imported here and nowhere else in the retry code.
 """
 

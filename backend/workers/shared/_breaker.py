@@ -1,0 +1,583 @@
+"""The circuit breaker: closed, open, half-open with one probe; local or shared through Redis.
+
+Public names are re-exported by :mod:`retry_utils`, whose docstring lists them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import inspect
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ._resilience import (
+    ExceptionTypes,
+    P,
+    R,
+    check_callable,
+    check_exceptions,
+    check_int,
+    check_number,
+    decorate,
+    logger,
+    notify,
+    qualname,
+)
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from ._breaker_store import RedisBreakerStore
+
+
+class CircuitState(enum.StrEnum):
+    """A breaker's state; the values are what metrics and health report."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreakerOpenError(Exception):
+    """A breaker refused the call; ``retry_after`` is the seconds until a probe may run."""
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        super().__init__(name, retry_after)
+        self.breaker_name = name
+        self.retry_after = float(retry_after)
+
+    def __str__(self) -> str:
+        return f"circuit breaker {self.breaker_name!r} is open; retry after {self.retry_after:.3f}s"
+
+
+StateListener = Callable[["CircuitBreaker", CircuitState, CircuitState], object]
+SharedStateListener = Callable[["CircuitBreaker", bool], object]
+_state_listeners: list[StateListener] = []
+_shared_state_listeners: list[SharedStateListener] = []
+
+
+def add_state_listener(listener: StateListener) -> None:
+    """Call ``listener(breaker, old, new)`` on every state change of every breaker."""
+    check_callable("listener", listener)
+    _state_listeners.append(listener)
+
+
+def remove_state_listener(listener: StateListener) -> None:
+    """Stop calling a listener added with :func:`add_state_listener`."""
+    _state_listeners.remove(listener)
+
+
+def add_shared_state_listener(listener: SharedStateListener) -> None:
+    """Call ``listener(breaker, ok)`` when a Redis-shared breaker loses (False) or regains
+    (True) its shared state."""
+    check_callable("listener", listener)
+    _shared_state_listeners.append(listener)
+
+
+def remove_shared_state_listener(listener: SharedStateListener) -> None:
+    """Stop calling a listener added with :func:`add_shared_state_listener`."""
+    _shared_state_listeners.remove(listener)
+
+
+class _Ticket:
+    """What admission granted one call: a plain call or the probe, local or from Redis."""
+
+    __slots__ = ("failures", "probe", "shared", "token")
+
+    def __init__(
+        self, *, probe: bool, shared: bool = False, token: str = "", failures: int = 0
+    ) -> None:
+        self.probe = probe
+        self.shared = shared
+        self.token = token  # a shared probe's lease token
+        self.failures = failures  # the shared failure count when the call was admitted
+
+    def tells_redis_nothing(self, outcome: str) -> bool:
+        """Whether reporting ``outcome`` of this shared call would change nothing in Redis
+        (the common case then costs no second round trip)."""
+        return not self.probe and (
+            outcome == _RELEASE or (outcome == _SUCCESS and self.failures == 0)
+        )
+
+
+_LOCAL_CALL = _Ticket(probe=False)
+_SUCCESS, _FAILURE, _RELEASE = "success", "failure", "release"
+
+_registry: dict[str, CircuitBreaker] = {}
+_registry_lock = threading.Lock()
+
+
+class CircuitBreaker:
+    """Stops calling a failing dependency, then lets one probe test it again.
+
+    CLOSED: calls pass; ``failure_threshold`` consecutive failures open the breaker.
+    OPEN: calls are refused at once with :class:`CircuitBreakerOpenError`; after
+    ``recovery_timeout`` seconds the next call becomes the probe (HALF_OPEN).
+    HALF_OPEN: exactly one probe runs (others are refused); its success closes the breaker,
+    its failure opens it again. The probe holds a lease of ``probe_timeout`` seconds
+    (default: ``recovery_timeout``); a probe still running when its lease ends decides
+    nothing, and another call may probe.
+
+    An exception counts as a failure when it is an ``expected_exception`` and ``is_failure``
+    (if given) returns True; any other exception passes through and counts as an answer of
+    the dependency (a success). ``KeyboardInterrupt``-like exceptions count as neither.
+
+    With ``redis_url`` the state lives in Redis under ``key_prefix + name``, shared by every
+    process using the same name: transitions are atomic Lua scripts using Redis' clock, and
+    the probe is an expiring lease. If Redis cannot be reached the breaker keeps working on
+    local state, sets ``degraded`` (``shared_state_ok`` False), tells the shared-state
+    listeners, and tries Redis again every ``reconnect_interval`` seconds.
+
+    Thread-safe; no lock is held while the wrapped function runs. Breakers register by name
+    (see :func:`get_breaker`, :func:`all_breakers`); a second breaker with the same name is
+    a ValueError.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        failure_threshold: int = 5,
+        recovery_timeout: float = 60.0,
+        expected_exception: ExceptionTypes = Exception,
+        is_failure: Callable[[BaseException], bool] | None = None,
+        redis_url: str | None = None,
+        *,
+        probe_timeout: float | None = None,
+        key_prefix: str = "worker:breaker:",
+        reconnect_interval: float = 1.0,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        self.name = name
+        self.failure_threshold = check_int("failure_threshold", failure_threshold, minimum=1)
+        self.recovery_timeout = check_number(
+            "recovery_timeout", recovery_timeout, minimum=0.0, strict=True
+        )
+        self.expected_exception = check_exceptions(
+            "expected_exception", expected_exception, allow_empty=False
+        )
+        check_callable("is_failure", is_failure)
+        self.is_failure = is_failure
+        self.probe_timeout = (
+            self.recovery_timeout
+            if probe_timeout is None
+            else check_number("probe_timeout", probe_timeout, minimum=0.0, strict=True)
+        )
+        self.reconnect_interval = check_number(
+            "reconnect_interval", reconnect_interval, minimum=0.0, strict=True
+        )
+        if redis_url is not None and (not isinstance(redis_url, str) or not redis_url):
+            raise ValueError(f"redis_url must be a non-empty string or None, got {redis_url!r}")
+        self.redis_url = redis_url
+        if not isinstance(key_prefix, str):
+            raise ValueError(f"key_prefix must be a string, got {key_prefix!r}")
+        self.key_prefix = key_prefix
+        self._lock = threading.Lock()
+        self._state = CircuitState.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probe: _Ticket | None = None  # the local probe holding the lease
+        self._probe_until = 0.0
+        self._listeners: list[StateListener] = []
+        self._shared_listeners: list[SharedStateListener] = []
+        self._store: RedisBreakerStore | None = None
+        self._degraded = False
+        self._next_reconnect = 0.0
+        if redis_url is not None:
+            from ._breaker_store import RedisBreakerStore
+
+            self._store = RedisBreakerStore(
+                redis_url,
+                key_prefix + name,
+                failure_threshold=self.failure_threshold,
+                recovery_timeout=self.recovery_timeout,
+                probe_timeout=self.probe_timeout,
+            )
+        with _registry_lock:
+            if name in _registry:
+                raise ValueError(
+                    f"name {name!r} is already a registered breaker; use get_breaker({name!r})"
+                )
+            _registry[name] = self
+
+    def __repr__(self) -> str:
+        where = "shared" if self._store is not None else "local"
+        return (
+            f"CircuitBreaker({self.name!r}, state={self._state.value}, {where}, "
+            f"failure_threshold={self.failure_threshold}, "
+            f"recovery_timeout={self.recovery_timeout})"
+        )
+
+    # -- state and listeners
+
+    @property
+    def state(self) -> CircuitState:
+        """The current state (read from Redis for a shared breaker that reaches it)."""
+        if self._store is not None:
+            observed = self._ask_redis(self._store.snapshot)
+            if observed is not None:
+                return self._observe(CircuitState(observed))
+        with self._lock:
+            if (
+                self._state is CircuitState.OPEN
+                and time.monotonic() - self._opened_at >= self.recovery_timeout
+            ):
+                return CircuitState.HALF_OPEN  # the next call will be the probe
+            return self._state
+
+    @property
+    def shared(self) -> bool:
+        """True when the state is meant to live in Redis (``redis_url`` given)."""
+        return self._store is not None
+
+    @property
+    def degraded(self) -> bool:
+        """True while a shared breaker cannot reach Redis and runs on local state."""
+        return self._degraded
+
+    @property
+    def shared_state_ok(self) -> bool:
+        """False only while a shared breaker runs on local state; health reads this."""
+        return not self._degraded
+
+    def add_listener(self, listener: StateListener) -> None:
+        """Call ``listener(breaker, old, new)`` on every state change of this breaker."""
+        check_callable("listener", listener)
+        self._listeners.append(listener)
+
+    def add_shared_state_listener(self, listener: SharedStateListener) -> None:
+        """Call ``listener(breaker, ok)`` when this breaker loses or regains Redis."""
+        check_callable("listener", listener)
+        self._shared_listeners.append(listener)
+
+    def reset(self) -> None:
+        """Close the breaker and forget its failures (in Redis too, when shared)."""
+        if self._store is not None:
+            self._ask_redis(self._store.reset)
+        with self._lock:
+            change = self._set_state(CircuitState.CLOSED)
+            self._failures = 0
+            self._probe = None
+        self._emit(change)
+
+    def _emit(self, change: tuple[CircuitState, CircuitState] | None) -> None:
+        if change is None:
+            return
+        old, new = change
+        level = logging.WARNING if new is CircuitState.OPEN else logging.INFO
+        logger.log(
+            level,
+            "circuit breaker %s: %s -> %s",
+            self.name,
+            old.value,
+            new.value,
+            extra={"breaker": self.name, "old_state": old.value, "new_state": new.value},
+        )
+        notify(self._listeners, self, old, new)
+        notify(_state_listeners, self, old, new)
+
+    def _set_state(self, new: CircuitState) -> tuple[CircuitState, CircuitState] | None:
+        """Change state (lock held); the transition to report, if any."""
+        old = self._state
+        if old is new:
+            return None
+        self._state = new
+        if new is CircuitState.OPEN:
+            self._opened_at = time.monotonic()
+        return old, new
+
+    def _observe(self, observed: CircuitState) -> CircuitState:
+        """Adopt the state Redis reported, announcing it if it differs from the last one."""
+        with self._lock:
+            change = self._set_state(observed)
+            if observed is CircuitState.CLOSED:
+                self._failures = 0
+        self._emit(change)
+        return observed
+
+    # -- shared state: Redis, or local state while Redis is unreachable
+
+    def _ask_redis(self, operation: Callable[..., R], *args: Any) -> R | None:
+        """``operation(*args)`` on the store; None when Redis is unreachable (the breaker is
+        then degraded, and asks again only once per ``reconnect_interval``)."""
+        if self._degraded:
+            now = time.monotonic()
+            with self._lock:
+                if now < self._next_reconnect:
+                    return None
+                self._next_reconnect = now + self.reconnect_interval
+        from ._breaker_store import StoreUnavailable
+
+        try:
+            answer = operation(*args)
+        except StoreUnavailable as exc:
+            self._set_degraded(True, exc)
+            return None
+        if self._degraded:
+            self._set_degraded(False)
+        return answer
+
+    def _set_degraded(self, degraded: bool, reason: BaseException | None = None) -> None:
+        with self._lock:
+            changed = self._degraded is not degraded
+            self._degraded = degraded
+            if degraded:
+                self._next_reconnect = time.monotonic() + self.reconnect_interval
+                if changed:  # local state starts afresh
+                    self._failures = 0
+                    self._probe = None
+        if not changed:
+            return
+        if degraded:
+            logger.warning(
+                "circuit breaker %s: shared state unreachable, using local state: %s",
+                self.name,
+                reason,
+                extra={"breaker": self.name, "shared_state_ok": False},
+            )
+        else:
+            logger.info(
+                "circuit breaker %s: shared state reachable again",
+                self.name,
+                extra={"breaker": self.name, "shared_state_ok": True},
+            )
+        notify(self._shared_listeners, self, not degraded)
+        notify(_shared_state_listeners, self, not degraded)
+
+    # -- admission and outcome
+
+    def _admit(self) -> _Ticket:
+        """Let a call through (returning its ticket) or raise CircuitBreakerOpenError."""
+        if self._store is not None:
+            verdict = self._ask_redis(self._store.acquire)
+            if verdict is not None:
+                self._observe(CircuitState(verdict.state))
+                if verdict.decision == "reject":
+                    raise CircuitBreakerOpenError(self.name, verdict.retry_after)
+                return _Ticket(
+                    probe=verdict.decision == "probe",
+                    shared=True,
+                    token=verdict.token,
+                    failures=verdict.failures,
+                )
+        return self._admit_local()
+
+    def _admit_local(self) -> _Ticket:
+        change = None
+        try:
+            with self._lock:
+                if self._state is CircuitState.CLOSED:
+                    return _LOCAL_CALL
+                now = time.monotonic()
+                if self._state is CircuitState.OPEN:
+                    wait = self._opened_at + self.recovery_timeout - now
+                    if wait > 0:
+                        raise CircuitBreakerOpenError(self.name, wait)
+                    change = self._set_state(CircuitState.HALF_OPEN)
+                if self._probe is not None and now < self._probe_until:
+                    raise CircuitBreakerOpenError(self.name, self._probe_until - now)
+                self._probe = _Ticket(probe=True)
+                self._probe_until = now + self.probe_timeout
+                return self._probe
+        finally:
+            self._emit(change)
+
+    def _record(self, ticket: _Ticket, outcome: str) -> None:
+        if ticket.shared and self._store is not None:
+            if ticket.tells_redis_nothing(outcome):
+                return
+            new = self._ask_redis(self._store.record, outcome, ticket.token)
+            if new is not None:
+                self._observe(CircuitState(new))
+                return
+        self._record_local(ticket, outcome)
+
+    def _record_local(self, ticket: _Ticket, outcome: str) -> None:
+        change = None
+        with self._lock:
+            if self._state is CircuitState.HALF_OPEN:
+                # Only the probe holding the lease decides; calls admitted earlier and a
+                # probe whose lease ran out say nothing.
+                if ticket is self._probe and time.monotonic() < self._probe_until:
+                    self._probe = None
+                    if outcome == _SUCCESS:
+                        change = self._set_state(CircuitState.CLOSED)
+                        self._failures = 0
+                    elif outcome == _FAILURE:
+                        change = self._set_state(CircuitState.OPEN)
+            elif self._state is CircuitState.CLOSED:
+                if outcome == _SUCCESS:
+                    self._failures = 0
+                elif outcome == _FAILURE:
+                    self._failures += 1
+                    if self._failures >= self.failure_threshold:
+                        change = self._set_state(CircuitState.OPEN)
+                        self._failures = 0
+            # OPEN: a call admitted before the breaker opened says nothing new
+        self._emit(change)
+
+    def _outcome_of(self, exc: BaseException) -> str:
+        if not isinstance(exc, Exception):
+            return _RELEASE
+        if isinstance(exc, self.expected_exception) and (
+            self.is_failure is None or self.is_failure(exc)
+        ):
+            return _FAILURE
+        return _SUCCESS
+
+    def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+        """Call ``fn(*args, **kwargs)`` through the breaker."""
+        if self._store is None and self._state is CircuitState.CLOSED:
+            ticket = _LOCAL_CALL  # the success path: no lock, no allocation
+        else:
+            ticket = self._admit()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            self._record(ticket, self._outcome_of(exc))
+            raise
+        if ticket is not _LOCAL_CALL or self._failures:
+            self._record(ticket, _SUCCESS)
+        return result
+
+    async def acall(self, fn: Callable[..., Awaitable[R]], /, *args: Any, **kwargs: Any) -> R:
+        """Await ``fn(*args, **kwargs)`` through the breaker (Redis is asked off the loop)."""
+        import asyncio
+
+        if self._store is None:
+            ticket = self._admit()
+        else:
+            # Redis is asked in a thread (with this context, for log lines). A plain future,
+            # not a task, so that nothing cancels it: if the caller is cancelled meanwhile,
+            # the thread runs on and a probe lease it is granted is given back.
+            admission = asyncio.get_running_loop().run_in_executor(
+                None, contextvars.copy_context().run, self._admit
+            )
+            try:
+                ticket = await asyncio.shield(admission)
+            except asyncio.CancelledError:
+                admission.add_done_callback(self._release_abandoned)
+                raise
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            await self._arecord(ticket, self._outcome_of(exc))
+            raise
+        await self._arecord(ticket, _SUCCESS)
+        return result
+
+    def _release_abandoned(self, admission: asyncio.Future[_Ticket]) -> None:
+        """Give back the probe lease granted to a caller that was cancelled meanwhile (in a
+        thread: this runs on the event loop, and Redis may be slow)."""
+        if not admission.cancelled() and admission.exception() is None:
+            ticket = admission.result()
+            if ticket.probe:
+                threading.Thread(
+                    target=self._record, args=(ticket, _RELEASE), daemon=True
+                ).start()
+
+    async def _arecord(self, ticket: _Ticket, outcome: str) -> None:
+        """:meth:`_record`, in a thread when it has to ask Redis."""
+        if ticket.shared and not ticket.tells_redis_nothing(outcome):
+            import asyncio
+
+            await asyncio.to_thread(self._record, ticket, outcome)
+        else:
+            self._record(ticket, outcome)
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        """Decorate ``fn`` (sync or async) so every call passes through this breaker (the
+        wrapper's ``breaker``)."""
+        return decorate(fn, self.call, self.acall, breaker=self)
+
+
+_BREAKER_PARAMETERS = frozenset(inspect.signature(CircuitBreaker).parameters) - {"name"}
+
+
+def get_breaker(name: str, **kwargs: Any) -> CircuitBreaker:
+    """The registered breaker ``name``, created with ``kwargs`` if it does not exist yet.
+
+    An existing breaker whose settings differ from a given keyword is a ValueError, so two
+    parts of a program cannot silently disagree about one breaker.
+    """
+    with _registry_lock:
+        existing = _registry.get(name)
+    if existing is None:
+        try:
+            return CircuitBreaker(name, **kwargs)
+        except ValueError:
+            with _registry_lock:
+                existing = _registry.get(name)
+            if existing is None:
+                raise
+    for key, value in kwargs.items():
+        if key not in _BREAKER_PARAMETERS:
+            raise ValueError(f"unknown CircuitBreaker parameter: {key}")
+        current = getattr(existing, key)
+        if key == "expected_exception":
+            value = check_exceptions(key, value, allow_empty=False)
+        elif key in ("recovery_timeout", "probe_timeout", "reconnect_interval"):
+            value = check_number(key, value, minimum=0.0, strict=True)
+        if current != value:
+            raise ValueError(
+                f"breaker {name!r} exists with {key}={current!r}; cannot get it with "
+                f"{key}={value!r}"
+            )
+    return existing
+
+
+def all_breakers() -> list[CircuitBreaker]:
+    """Every registered breaker, in registration order (health and metrics read this)."""
+    with _registry_lock:
+        return list(_registry.values())
+
+
+def circuit_breaker(
+    failure_threshold: int = 5,
+    recovery_timeout: float = 60.0,
+    expected_exception: ExceptionTypes = Exception,
+    name: str | None = None,
+    *,
+    is_failure: Callable[[BaseException], bool] | None = None,
+    redis_url: str | None = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator: calls pass through the registered breaker ``name`` (default: the function's
+    module and qualified name). Functions decorated with the same name share one breaker."""
+    check_int("failure_threshold", failure_threshold, minimum=1)
+    check_number("recovery_timeout", recovery_timeout, minimum=0.0, strict=True)
+    check_exceptions("expected_exception", expected_exception, allow_empty=False)
+    check_callable("is_failure", is_failure)
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError(f"name must be a non-empty string or None, got {name!r}")
+
+    def guard(fn: Callable[P, R]) -> Callable[P, R]:
+        breaker = get_breaker(
+            name or qualname(fn),
+            failure_threshold=failure_threshold,
+            recovery_timeout=recovery_timeout,
+            expected_exception=expected_exception,
+            is_failure=is_failure,
+            redis_url=redis_url,
+        )
+        return breaker(fn)
+
+    return guard
+
+
+def _after_fork_in_child() -> None:
+    """Give a forked child (Celery's prefork pool) fresh locks and no probe in flight: a lock
+    that another thread of the parent held at the moment of the fork would otherwise stay
+    locked in the child, and that thread's probe would hold the lease there until it ran out."""
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for breaker in _registry.values():
+        breaker._lock = threading.Lock()
+        breaker._probe = None  # a parent thread's probe never ends in the child
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
