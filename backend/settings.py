@@ -12,6 +12,9 @@ Variables:
 - ``DJANGO_SECRET_KEY``: signs admin sessions; when unset it is derived from the API key.
 - ``LOG_LEVEL``: level of the JSON log lines on stderr (default ``INFO``).
 - ``CONN_MAX_AGE``: seconds a database connection is kept (default 600).
+- ``DATABASE_PREPARE_THRESHOLD``: PostgreSQL only; after this many runs on a connection a
+  statement is kept prepared (default 5; ``off`` disables, as a transaction-pooling proxy
+  needs).
 """
 
 from __future__ import annotations
@@ -54,6 +57,15 @@ DATABASES = {
         os.environ.get("DATABASE_URL") or _default_db, conn_max_age=_conn_max_age
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Parameters bound by the server, and statements a connection has run a few times kept
+    # prepared (no parse and plan per request). Behind a transaction-pooling proxy such as
+    # PgBouncer, set DATABASE_PREPARE_THRESHOLD=off.
+    _threshold = os.environ.get("DATABASE_PREPARE_THRESHOLD", "5").strip().lower()
+    DATABASES["default"]["OPTIONS"] = {
+        "server_side_binding": True,
+        "prepare_threshold": None if _threshold in ("", "off", "none") else int(_threshold),
+    }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     if DATABASES["default"]["NAME"] == str(DATA_DIR / "backend.sqlite3"):
         DATA_DIR.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,8 @@ def _load(url: str, key: str, org: str, mode: str, count: int, threads: int) -> 
     workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
     for thread in workers:
         thread.start()
+    print("ready", flush=True)  # the parent takes its CPU readings, then says go
+    sys.stdin.readline()
     barrier.wait()
     started = time.perf_counter()
     for thread in workers:
@@ -94,19 +96,74 @@ def _load(url: str, key: str, org: str, mode: str, count: int, threads: int) -> 
     return {"requests": requests, "seconds": seconds, "failures": failures[:3]}
 
 
-def _drive(backend: Any, mode: str, count: int) -> float:
-    """Requests per second of one round, from a load generator in a second process."""
-    done = subprocess.run(
+class _CpuMeter:
+    """CPU seconds used by the backend's gunicorn processes and its PostgreSQL sessions."""
+
+    def __init__(self, backend: Any) -> None:
+        import psutil
+        import psycopg
+
+        from tests.conftest import POSTGRES_ADMIN_URL
+
+        self._psutil = psutil
+        self._master = psutil.Process(backend.pid)
+        self._database = backend.database_url.rsplit("/", 1)[1]
+        self._admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True)
+
+    def read(self) -> dict[tuple[str, int], float]:
+        """CPU seconds so far of every process serving the backend, by (kind, pid)."""
+        rows = self._admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s", [self._database]
+        ).fetchall()
+        processes = [("gunicorn", p) for p in (self._master, *self._master.children(True))]
+        for (pid,) in rows:
+            try:
+                processes.append(("postgres", self._psutil.Process(pid)))
+            except self._psutil.NoSuchProcess:
+                continue
+        out: dict[tuple[str, int], float] = {}
+        for kind, process in processes:
+            try:
+                times = process.cpu_times()
+            except self._psutil.NoSuchProcess:
+                continue
+            out[kind, process.pid] = times.user + times.system
+        return out
+
+    def close(self) -> None:
+        """Close the monitoring connection."""
+        self._admin.close()
+
+
+def _drive(backend: Any, meter: _CpuMeter, mode: str, count: int) -> tuple[float, dict[str, float]]:
+    """One round from a load generator in a second process: requests/s, and CPU ms/request
+    of the gunicorn processes and of the PostgreSQL sessions.
+
+    The generator prepares (creates executions, opens connections), says ``ready``, and starts
+    its clock only on ``go``, so that neither figure includes the preparation.
+    """
+    process = subprocess.Popen(
         [
             sys.executable, __file__, "--load", backend.url, backend.api_key, backend.org_id,
             mode, str(count), str(THREADS),
         ],
-        capture_output=True, text=True, timeout=600, check=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    result = json.loads(done.stdout)
+    assert process.stdin is not None and process.stdout is not None
+    if process.stdout.readline().strip() != "ready":
+        raise SystemExit(f"{mode}: the load generator failed to prepare")
+    before = meter.read()
+    process.stdin.write("go\n")
+    process.stdin.flush()
+    result = json.loads(process.stdout.readline())
+    after = meter.read()
+    process.wait(timeout=60)
     if result["failures"]:
         raise SystemExit(f"{mode}: requests failed: {result['failures']}")
-    return float(result["requests"] / result["seconds"])
+    cpu = {"gunicorn": 0.0, "postgres": 0.0}
+    for (kind, pid), seconds in after.items():
+        cpu[kind] += (seconds - before.get((kind, pid), 0.0)) / result["requests"] * 1000
+    return float(result["requests"] / result["seconds"]), cpu
 
 
 # --- SQL statements per update (in this process) ---------------------------------------------
@@ -169,23 +226,35 @@ def main() -> None:
     if not service_up("postgres"):
         raise SystemExit("bench_backend: PostgreSQL is not running on 127.0.0.1:5432")
     with LiveBackend.postgres(workers=2, threads=8, log_level="WARNING") as backend:
+        meter = _CpuMeter(backend)
         rates: dict[str, list[float]] = {"health": [], "plain": [], "idempotent": []}
+        cpu_ms: dict[str, list[dict[str, float]]] = {"health": [], "plain": [], "idempotent": []}
         ratios: list[float] = []
-        _drive(backend, "plain", 20)  # warm-up: connections, caches
+        _drive(backend, meter, "plain", 20)  # warm-up: connections, caches
         for round_no in range(ROUNDS):
-            rates["health"].append(_drive(backend, "health", HEALTH_PER_ROUND))
             # Back to back, alternating which goes first: the machine is shared and noisy.
             order = ("plain", "idempotent") if round_no % 2 == 0 else ("idempotent", "plain")
-            pair = {mode: _drive(backend, mode, EXECUTIONS_PER_ROUND) for mode in order}
-            for mode, rate in pair.items():
+            pair: dict[str, float] = {}
+            for mode in ("health", *order):
+                count = HEALTH_PER_ROUND if mode == "health" else EXECUTIONS_PER_ROUND
+                rate, cpu = _drive(backend, meter, mode, count)
                 rates[mode].append(rate)
+                cpu_ms[mode].append(cpu)
+                pair[mode] = rate
             ratios.append(pair["plain"] / pair["idempotent"])
+        meter.close()
         plain_sql, idem_sql, idem_kinds = _count_sql(backend.database_url, backend.api_key)
 
     health = statistics.median(rates["health"])
     plain = statistics.median(rates["plain"])
     idem = statistics.median(rates["idempotent"])
     ratio = statistics.median(ratios)
+    cpu_median = {
+        (mode, kind): statistics.median(v[kind] for v in values)
+        for mode, values in cpu_ms.items()
+        for kind in ("gunicorn", "postgres")
+    }
+    total = {mode: cpu_median[mode, "gunicorn"] + cpu_median[mode, "postgres"] for mode in cpu_ms}
     cores = os.cpu_count()
     print(f"backend: gunicorn 2 gthread workers x 8 threads, PostgreSQL; {cores} cores; ", end="")
     print(f"load: {THREADS} threads in a second process; median of {ROUNDS} rounds")
@@ -195,6 +264,17 @@ def main() -> None:
     print(
         f"  idempotent cost ratio            {ratio:8.2f} x    "
         f"(median of per-round plain/idempotent; target <= {TARGET_IDEMPOTENT_RATIO})"
+    )
+    print("  server CPU per request, ms       gunicorn  PostgreSQL  total")
+    for mode in cpu_ms:
+        print(
+            f"    {mode:<30} {cpu_median[mode, 'gunicorn']:8.2f}  "
+            f"{cpu_median[mode, 'postgres']:10.2f}  "
+            f"{total[mode]:5.2f}"
+        )
+    print(
+        f"  idempotent CPU cost ratio        {total['idempotent'] / total['plain']:8.2f} x    "
+        f"(server CPU per request; target <= {TARGET_IDEMPOTENT_RATIO})"
     )
     print(f"  SQL per plain status update      {plain_sql:8d}      (target <= {TARGET_SQL})")
     print(
