@@ -137,8 +137,15 @@ class APICircuitOpenError(InternalAPIError, CircuitBreakerOpenError):  # type: i
 
     transient = True
 
-    def __init__(self, breaker_name: str, retry_after: float, *, method: str, path: str,
-                 request_id: str | None) -> None:
+    def __init__(
+        self,
+        breaker_name: str,
+        retry_after: float,
+        *,
+        method: str,
+        path: str,
+        request_id: str | None,
+    ) -> None:
         InternalAPIError.__init__(
             self,
             f"circuit breaker {breaker_name!r} is open; next probe in {retry_after:.1f}s",
