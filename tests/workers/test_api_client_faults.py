@@ -625,3 +625,11 @@ def test_threads_sharing_the_pool_keep_their_own_organization(server: FaultServe
         org = request.headers["x-organization-id"]
         assert request.path.endswith(f"/workflow-executions/{org}/")
     assert server.connections_accepted <= 6  # one pool, at most one connection per thread
+
+
+def test_no_info_line_per_request(server: FaultServer, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            with InternalAPIClient(make_config(server)) as client:
+                client.get_workflow_execution("x")
+    assert [r for r in caplog.records if r.levelno >= logging.INFO] == []

@@ -11,6 +11,7 @@ child builds its own on first use. Pools are closed at interpreter exit, or earl
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import threading
 from typing import TYPE_CHECKING
@@ -73,8 +74,19 @@ def close_all() -> None:
         pool.close()
 
 
+def _quiet_httpx2_request_lines() -> None:
+    # httpx2 logs every request at INFO ("HTTP Request: GET <url> ..."); the API client logs
+    # each attempt itself (DEBUG on success, WARNING on failure), so that line would repeat
+    # it at INFO. An explicit level set by the application is left alone.
+    httpx_logger = logging.getLogger("httpx2")
+    if httpx_logger.level == logging.NOTSET:
+        httpx_logger.setLevel(logging.WARNING)
+
+
 def _new_pool(base_url: str) -> httpx2.Client:
     import httpx2
+
+    _quiet_httpx2_request_lines()
 
     limits = httpx2.Limits(
         max_connections=POOL_MAX_CONNECTIONS,
