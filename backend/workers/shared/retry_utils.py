@@ -384,18 +384,7 @@ class RetryPolicy:
 
     def replace(self, **changes: Any) -> RetryPolicy:
         """A copy of this policy with some parameters changed (validated again)."""
-        params: dict[str, Any] = {
-            "max_attempts": self.max_attempts,
-            "base_delay": self.base_delay,
-            "max_delay": self.max_delay,
-            "backoff": self.backoff,
-            "jitter": self.jitter,
-            "exceptions": self.exceptions,
-            "permanent": self.permanent,
-            "retry_if": self.retry_if,
-            "budget": self.budget,
-            "deadline": self.deadline,
-        }
+        params = {name: getattr(self, name) for name in _POLICY_PARAMETERS}
         unknown = set(changes) - set(params)
         if unknown:
             raise ValueError(f"unknown RetryPolicy parameter(s): {', '.join(sorted(unknown))}")
@@ -590,6 +579,9 @@ class RetryPolicy:
                 _retry_listeners,
                 RetryEvent(name, state.attempt_number, self.max_attempts, delay, exc),
             )
+
+
+_POLICY_PARAMETERS = tuple(inspect.signature(RetryPolicy).parameters)
 
 
 def _give_up(state: tenacity.RetryCallState, reason: str, why: str) -> bool:
