@@ -291,7 +291,6 @@ class _Call:
     params: dict[str, Any] | None
     body: bytes | None
     timeout: float
-    started: float
     deadline: float
     attempts: int = 0
     last_failure: str | None = None
@@ -735,7 +734,6 @@ class InternalAPIClient:
             if len(key) > 255:
                 raise ValueError("idempotency_key must be at most 255 characters")
             headers["idempotency-key"] = key
-        now = time.monotonic()
         call = _Call(
             method=method,
             path=path,
@@ -744,8 +742,7 @@ class InternalAPIClient:
             params=params,
             body=body,
             timeout=timeout or config.api_timeout,
-            started=now,
-            deadline=now + config.api_deadline,
+            deadline=time.monotonic() + config.api_deadline,
         )
         breaker = self._breaker()
 
