@@ -199,7 +199,6 @@ class DeliveryReport:
     duration: float = 0.0
     error: str | None = None
     response_body: bytes = b""
-    final_url: str | None = None
 
 
 class AttemptFailed(Exception):
@@ -245,7 +244,6 @@ def deliver(
         )
         report.status_code = status
         report.response_body = response_body
-        report.final_url = final_url
         log = {
             "webhook_host": httpx2.URL(final_url).host,
             "status": status,
