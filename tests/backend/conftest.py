@@ -19,18 +19,33 @@ from tests.live_backend import TEST_KEY_PREFIX, make_test_key
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Point Django at the backend settings with the test key, then set it up."""
-    os.environ["DJANGO_SETTINGS_MODULE"] = "backend.settings"
-    if not os.environ.get("INTERNAL_SERVICE_API_KEY", "").startswith(TEST_KEY_PREFIX):
-        os.environ["INTERNAL_SERVICE_API_KEY"] = make_test_key()
-    scratch = tempfile.mkdtemp(prefix="backend-tests-")
-    os.environ["BACKEND_DATA_DIR"] = scratch
-    os.environ["DATABASE_URL"] = os.environ.get(
-        "BACKEND_TEST_DATABASE_URL", f"sqlite:///{scratch}/backend.sqlite3"
-    )
-    import django
+    """Load the backend settings with the test key and a scratch database, set Django up.
 
-    django.setup()
+    The variables are set only while the settings load, then put back: other suites of the
+    same session (tests/e2e) and their subprocesses see the environment they were given.
+    """
+    os.environ["DJANGO_SETTINGS_MODULE"] = "backend.settings"
+    scratch = tempfile.mkdtemp(prefix="backend-tests-")
+    key = os.environ.get("INTERNAL_SERVICE_API_KEY", "")
+    loading = {
+        "INTERNAL_SERVICE_API_KEY": key if key.startswith(TEST_KEY_PREFIX) else make_test_key(),
+        "BACKEND_DATA_DIR": scratch,
+        "DATABASE_URL": os.environ.get(
+            "BACKEND_TEST_DATABASE_URL", f"sqlite:///{scratch}/backend.sqlite3"
+        ),
+    }
+    saved = {name: os.environ.get(name) for name in loading}
+    os.environ.update(loading)
+    try:
+        import django
+
+        django.setup()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture

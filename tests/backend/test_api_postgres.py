@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 
 from tests.conftest import POSTGRES_ADMIN_URL
 
@@ -26,8 +27,12 @@ def test_api_suite_passes_on_postgresql() -> None:
     name = f"api_{os.getpid()}_{secrets.token_hex(4)}"
     env = dict(os.environ)
     url = f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-    # DATABASE_URL too: pytest-django may load the settings before the conftest runs.
-    env.update(BACKEND_TEST_DATABASE_URL=url, DATABASE_URL=url)
+    # The child's conftest loads the settings (this session's test key, the new database).
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    env.update(
+        BACKEND_TEST_DATABASE_URL=url,
+        INTERNAL_SERVICE_API_KEY=settings.INTERNAL_API_KEYS[0],
+    )
     done = subprocess.run(
         [
             sys.executable, "-m", "pytest", "tests/backend/test_api.py",
