@@ -234,16 +234,26 @@ def test_no_part_of_the_key_is_ever_logged(tmp_path: Any) -> None:
 @pytest.fixture
 def pg_http(live_backend_pg: LiveBackend) -> Iterator[httpx2.Client]:
     """A client for the PostgreSQL live backend."""
+    yield from _client(live_backend_pg)
+
+
+@pytest.fixture(
+    params=["live_backend", pytest.param("live_backend_pg", marks=pytest.mark.postgres)]
+)
+def any_http(request: pytest.FixtureRequest) -> Iterator[httpx2.Client]:
+    """A client for the SQLite live backend, then for the PostgreSQL one."""
+    yield from _client(request.getfixturevalue(request.param))
+
+
+def _client(backend: LiveBackend) -> Iterator[httpx2.Client]:
     limits = httpx2.Limits(max_connections=64, max_keepalive_connections=64)
-    with httpx2.Client(
-        base_url=f"{live_backend_pg.url}/internal/v1", timeout=60, limits=limits
-    ) as client:
-        client.headers.update(live_backend_pg.headers())
+    with httpx2.Client(base_url=f"{backend.url}/internal/v1", timeout=60, limits=limits) as client:
+        client.headers.update(backend.headers())
         yield client
 
 
-@pytest.mark.postgres
-def test_racing_terminal_transitions_exactly_one_wins(pg_http: httpx2.Client) -> None:
+def test_racing_terminal_transitions_exactly_one_wins(any_http: httpx2.Client) -> None:
+    pg_http = any_http
     targets = ["COMPLETED", "ERROR", "STOPPED"] * 8 + ["IN_PROGRESS", "QUEUED"] * 2
     for _ in range(4):
         execution = create(pg_http)
@@ -274,8 +284,8 @@ def test_racing_terminal_transitions_exactly_one_wins(pg_http: httpx2.Client) ->
                 assert error_of(response) == (409, "illegal_transition"), (target, final)
 
 
-@pytest.mark.postgres
-def test_patch_and_transition_do_not_lose_each_other(pg_http: httpx2.Client) -> None:
+def test_patch_and_transition_do_not_lose_each_other(any_http: httpx2.Client) -> None:
+    pg_http = any_http
     for _ in range(5):
         execution = create(pg_http)
         base = f"/workflow-executions/{execution['id']}/"
@@ -291,6 +301,27 @@ def test_patch_and_transition_do_not_lose_each_other(pg_http: httpx2.Client) -> 
             {"n": 1},
             7,
         )
+
+
+def test_same_key_from_many_threads_creates_once(any_http: httpx2.Client) -> None:
+    key = {"Idempotency-Key": f"herd-{uuid.uuid4()}"}
+    workflow = f"wf-{uuid.uuid4().hex}"
+    barrier = threading.Barrier(16)
+
+    def send(_: int) -> httpx2.Response:
+        barrier.wait()
+        return any_http.post("/workflow-executions/", json={"workflow_id": workflow}, headers=key)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(send, range(16)))
+    created = [r for r in answers if r.status_code == 201]
+    assert created and all(r.json() == created[0].json() for r in created)
+    assert sum(r.headers.get("Idempotent-Replayed") != "true" for r in created) == 1
+    for response in answers:
+        if response.status_code != 201:
+            assert error_of(response) == (409, "idempotency_in_flight")
+    listed = any_http.get(f"/workflow-executions/?workflow_id={workflow}").json()["results"]
+    assert [row["id"] for row in listed] == [created[0].json()["id"]]
 
 
 @pytest.mark.postgres
