@@ -39,6 +39,12 @@ from tests.conftest import free_port, service_up  # noqa: E402
 from tests.live_backend import LiveBackend  # noqa: E402
 
 CONCURRENCY = 4
+# Workers (a) and (b) run with what a worker-only install has (``pip install .``, no Django,
+# none of the test tools' extras such as rich): the worker venv when there is one.
+WORKER_PYTHON = os.environ.get("WORKER_PYTHON") or next(
+    (str(p) for p in [REPO_ROOT / ".venv-worker" / "bin" / "python"] if p.exists()),
+    sys.executable,
+)
 EXECUTIONS = 400
 IDLE_SETTLE = 3.0
 BROKER = "redis://127.0.0.1:6379/14"
@@ -118,11 +124,12 @@ def tree_pss(pid: int) -> tuple[int, int]:
 class Worker:
     """One ``celery worker`` subprocess (its own process group), timed until ready."""
 
-    def __init__(self, label: str, app: str, env: dict[str, str], cwd: Path, log: Path):
+    def __init__(self, label: str, python: str, app: str, env: dict[str, str], cwd: Path,
+                 log: Path):
         self.label = label
         self.env = env
         self.log = log
-        command = [str(Path(sys.executable).parent / "celery"), "-A", app, "worker",
+        command = [python, "-m", "celery", "-A", app, "worker",
                    "--pool=prefork", f"--concurrency={CONCURRENCY}", "--loglevel=INFO",
                    f"--queues={env['WORKER_NAME']}", f"--hostname={env['WORKER_NAME']}@%h"]
         started = time.monotonic()
@@ -216,7 +223,7 @@ def import_costs(env: dict[str, str], top: int = 12) -> tuple[float, list[tuple[
     ``pydantic``, ...), so each line says what one dependency costs at start-up.
     """
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c",
+        [WORKER_PYTHON, "-X", "importtime", "-c",
          "import sys, backend.workers.shared.example_worker as w; "
          "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] == 'django')))"],
         env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=True,
@@ -253,16 +260,17 @@ def main() -> int:
         for org in orgs.values():
             backend.create_organization(org)
         specs = {
-            "a": ("example worker", "backend.workers.shared.example_worker", orgs["a"]),
-            "b": ("bare Celery", "bench_bare", orgs["a"]),
-            "c": ("Django ORM worker", "bench_orm", orgs["c"]),
+            "a": ("example worker", WORKER_PYTHON, "backend.workers.shared.example_worker",
+                  orgs["a"]),
+            "b": ("bare Celery", WORKER_PYTHON, "bench_bare", orgs["a"]),
+            "c": ("Django ORM worker", sys.executable, "bench_orm", orgs["c"]),
         }
         results: dict[str, dict[str, Any]] = {}
-        for key, (label, app, org) in specs.items():
+        for key, (label, python, app, org) in specs.items():
             env = base_env(backend, f"bench-{key}-{run_id}", org)
             env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{tmp}"
             print(f"({key}) {label}: starting ...", file=sys.stderr, flush=True)
-            worker = Worker(label, app, env, tmp, tmp / f"{key}.log")
+            worker = Worker(label, python, app, env, tmp, tmp / f"{key}.log")
             try:
                 pss, processes = worker.footprint()
                 results[key] = {"label": label, "startup": worker.startup, "pss": pss,
@@ -276,6 +284,7 @@ def main() -> int:
 
     print(f"workers: prefork, concurrency {CONCURRENCY}, broker {BROKER}; "
           f"backend gunicorn (2 gthread workers) + PostgreSQL")
+    print(f"(a), (b) and the import timing run on {WORKER_PYTHON}; (c) on {sys.executable}")
     print(f"{'worker':<22}{'start-up':>10}{'PSS total':>14}{'procs':>7}{'exec/s':>10}")
     for key in "abc":
         r = results[key]

@@ -19,7 +19,14 @@ from typing import Any
 
 from backend.workers.shared import InternalAPIError
 from tests.conftest import RABBITMQ_URL, free_port
-from tests.e2e.harness import WorkerProcess, producer, submit, wait_until, worker_env
+from tests.e2e.harness import (
+    WorkerProcess,
+    client_config,
+    producer,
+    submit,
+    wait_until,
+    worker_env,
+)
 
 ORDER = {"PENDING": 0, "QUEUED": 1, "IN_PROGRESS": 2, "COMPLETED": 3, "ERROR": 3, "STOPPED": 3}
 TERMINAL = frozenset({"COMPLETED", "ERROR", "STOPPED"})
@@ -86,7 +93,7 @@ class Fleet:
 
     def __init__(self, backend: Any, tmp: Path, broker: str, *, concurrency: int = 4,
                  work: dict[str, str] | None = None) -> None:
-        from backend.workers.shared import InternalAPIClient, WorkerConfig
+        from backend.workers.shared import InternalAPIClient
 
         self.backend = backend
         self.tmp = tmp
@@ -105,11 +112,7 @@ class Fleet:
             extra={"EXAMPLE_WORK_SECONDS": "0.02", "EXAMPLE_FILES": "2",
                    "CIRCUIT_BREAKER_RECOVERY_TIMEOUT": "3", **(work or {})},
         )
-        self.config = WorkerConfig(
-            _env_file=None, internal_service_api_key=backend.api_key,
-            django_app_backend_url=backend.url, organization_id=self.organization_id,
-            worker_name=self.name, circuit_breaker_recovery_timeout=1.0,
-        )
+        self.config = client_config(backend, self.organization_id, worker_name=self.name)
         self.client = InternalAPIClient(self.config)
         self.app = producer(self.env)
         self.workers: list[WorkerProcess] = []

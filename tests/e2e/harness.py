@@ -271,6 +271,21 @@ class WorkerProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def client_config(backend: Any, organization_id: str, **values: Any) -> Any:
+    """The configuration of a test-side API client of ``backend`` (not from the environment).
+
+    Every test-side client of one backend URL shares one circuit breaker in the process, so
+    they all use the same breaker settings: a short recovery, since tests stop the backend.
+    """
+    from backend.workers.shared.config import WorkerConfig
+
+    return WorkerConfig(
+        _env_file=None, internal_service_api_key=backend.api_key,
+        django_app_backend_url=backend.url, organization_id=organization_id,
+        circuit_breaker_recovery_timeout=1.0, **values,
+    )
+
+
 def producer(env: Mapping[str, str]) -> Any:
     """A Celery app that sends to the broker described by a worker's environment."""
     from celery import Celery

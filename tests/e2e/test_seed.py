@@ -38,6 +38,7 @@ from tests.e2e.harness import (
     REPO_ROOT,
     WebhookReceiver,
     WorkerProcess,
+    client_config,
     new_webhook_secret,
     producer,
     wait_until,
@@ -91,14 +92,9 @@ def seed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def client(live_backend: Any) -> Iterator[Any]:
     """An API client on the live backend (for setting up and checking)."""
-    from backend.workers.shared import InternalAPIClient, WorkerConfig
+    from backend.workers.shared import InternalAPIClient
 
-    config = WorkerConfig(
-        _env_file=None,
-        internal_service_api_key=live_backend.api_key,
-        django_app_backend_url=live_backend.url,
-        organization_id=live_backend.org_id,
-    )
+    config = client_config(live_backend, live_backend.org_id)
     with InternalAPIClient(config) as api:
         yield api
 

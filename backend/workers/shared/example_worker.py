@@ -37,6 +37,7 @@ from celery import Celery, signals
 from . import (
     CircuitBreaker,
     ConfigurationError,
+    ConflictError,
     HealthChecker,
     HealthCheckResult,
     HealthServer,
@@ -180,42 +181,48 @@ def process_execution(
 ) -> dict[str, Any]:
     """Process one workflow execution from its current status to ``COMPLETED``.
 
-    Safe to run again for the same execution (a redelivered message): an execution that is
-    already finished is left alone, and setting ``IN_PROGRESS`` twice is a no-op.
+    Safe to run again for the same execution (a redelivered message): setting
+    ``IN_PROGRESS`` twice is a no-op, and an execution that is already finished (the move
+    is refused with 409) is left alone. The status update returns the execution, so no
+    separate read is needed.
     """
     started = time.monotonic()
-    with log_context(execution_id=execution_id), InternalAPIClient(config) as client:
+    with InternalAPIClient(config) as client:
         if organization_id:
             client.set_organization_context(organization_id)
-        execution = client.get_workflow_execution(execution_id)
-        if execution.status in TERMINAL_STATUSES:
+        try:
+            execution = client.update_workflow_execution_status(
+                execution_id, "IN_PROGRESS", attempts=self.request.retries + 1
+            )
+        except ConflictError:
+            execution = client.get_workflow_execution(execution_id)
+            if execution.status not in TERMINAL_STATUSES:
+                raise
             logger.info(f"execution already {execution.status}, nothing to do")
             return {"execution_id": execution_id, "status": execution.status}
-        client.update_workflow_execution_status(
-            execution_id, "IN_PROGRESS", attempts=self.request.retries + 1
-        )
-        logger.info("processing execution", workflow_id=execution.workflow_id)
-        result = do_work(execution_id)
-        client.update_workflow_execution(
-            execution_id,
-            result=result,
-            total_files=len(result["files"]),
-            successful_files=len(result["files"]),
-            failed_files=0,
-        )
-        elapsed = time.monotonic() - started
-        client.update_workflow_execution_status(
-            execution_id, "COMPLETED", execution_time=round(elapsed, 6)
-        )
-        logger.info("execution completed", execution_time=round(elapsed, 6))
-        if settings.webhook_url:
-            notify(client, execution_id, elapsed)
+        # task_id and execution_id are bound for every task; add the workflow for this one.
+        with log_context(workflow_id=execution.workflow_id):
+            logger.info("processing execution")
+            result = do_work(execution_id)
+            client.update_workflow_execution(
+                execution_id,
+                result=result,
+                total_files=len(result["files"]),
+                successful_files=len(result["files"]),
+                failed_files=0,
+            )
+            elapsed = time.monotonic() - started
+            client.update_workflow_execution_status(
+                execution_id, "COMPLETED", execution_time=round(elapsed, 6)
+            )
+            logger.info("execution completed", execution_time=round(elapsed, 6))
+            if settings.webhook_url:
+                notify(client, settings.webhook_url, execution_id, elapsed)
     return {"execution_id": execution_id, "status": "COMPLETED"}
 
 
-def notify(client: InternalAPIClient, execution_id: str, elapsed: float) -> None:
+def notify(client: InternalAPIClient, url: str, execution_id: str, elapsed: float) -> None:
     """Send the completion webhook; its failure is logged, never undoes the completion."""
-    assert settings.webhook_url is not None
     payload = {
         "type": "workflow_execution.completed",
         "execution_id": execution_id,
@@ -224,7 +231,7 @@ def notify(client: InternalAPIClient, execution_id: str, elapsed: float) -> None
         "worker": config.worker_name,
     }
     try:
-        outcome = client.send_webhook(settings.webhook_url, payload, execution_id=execution_id)
+        outcome = client.send_webhook(url, payload, execution_id=execution_id)
     except (InternalAPIError, ValueError) as exc:
         logger.error(f"completion webhook not sent: {exc}")
         return
