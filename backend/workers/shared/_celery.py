@@ -102,7 +102,8 @@ def _on_after_setup(sender: Any = None, instance: Any = None, **_: Any) -> None:
         app = instance.app
         pool = getattr(instance, "pool_cls", None)
         log.info(
-            "celery worker %s starting", sender,
+            "celery worker %s starting",
+            sender,
             extra={
                 "hostname": str(sender),
                 "app": app.main,
@@ -127,9 +128,20 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
 def _on_worker_ready(**_: Any) -> None:
     _heartbeat.set_ready(True)
+    from . import logging_utils
+
+    worker = _heartbeat.STATE.worker
+    if worker is not None and logging_utils.WorkerLogger.settings()["log_format"] == "structured":
+        # Celery's SIGTERM/SIGQUIT handlers print a raw "worker: Warm shutdown" line to
+        # stdout; the same handlers without it (the shutdown is logged as JSON instead).
+        from celery.apps import worker as celery_worker
+
+        celery_worker.install_worker_term_handler(worker, verbose=False)
+        celery_worker.install_worker_term_hard_handler(worker, verbose=False)
 
 
 def _on_worker_shutdown(**_: Any) -> None:
+    log.info("celery worker shutting down")
     _heartbeat.stop_main()
 
 
@@ -174,8 +186,9 @@ def task_fields(task: Any, args: Any, kwargs: Any) -> dict[str, Any]:
     return {k: v if isinstance(v, str | int) else str(v) for k, v in found.items()}
 
 
-def _on_task_prerun(task_id: str | None = None, task: Any = None, args: Any = None,
-                    kwargs: Any = None, **_: Any) -> None:
+def _on_task_prerun(
+    task_id: str | None = None, task: Any = None, args: Any = None, kwargs: Any = None, **_: Any
+) -> None:
     if task is None or task_id is None:
         return
     from . import logging_utils
@@ -185,8 +198,9 @@ def _on_task_prerun(task_id: str | None = None, task: Any = None, args: Any = No
     _running[task_id] = (token, previous, time.perf_counter())
 
 
-def _on_task_postrun(task_id: str | None = None, task: Any = None, state: str | None = None,
-                     **_: Any) -> None:
+def _on_task_postrun(
+    task_id: str | None = None, task: Any = None, state: str | None = None, **_: Any
+) -> None:
     entry = _running.pop(task_id, None) if task_id is not None else None
     if entry is None or task is None:
         return

@@ -24,6 +24,7 @@ from . import _metrics, _stats
 
 BEAT_INTERVAL = 2.0  # seconds between two heartbeats of a child
 _MIN_SPACING = 0.25  # at most four extra heartbeats per second after tasks
+_RUN_PREFIX = "celery-worker-run-"
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,14 @@ class _ChildBeat:
         path = self.path
         if path is None:
             return
-        body = json.dumps({
-            "pid": os.getpid(),
-            "time": time.time(),
-            "functions": _stats.FUNCTIONS.snapshot(),
-            "tasks": _stats.TASKS.snapshot(),
-        })
+        body = json.dumps(
+            {
+                "pid": os.getpid(),
+                "time": time.time(),
+                "functions": _stats.FUNCTIONS.snapshot(),
+                "tasks": _stats.TASKS.snapshot(),
+            }
+        )
         tmp = path.with_suffix(".tmp")
         try:
             tmp.write_text(body, encoding="utf-8")
@@ -93,12 +96,21 @@ def start_main(worker: Any) -> None:
         STATE.worker = worker
         if STATE.run_dir is not None:
             return
-        run_dir = Path(tempfile.mkdtemp(prefix=f"worker-{os.getpid()}-"))
+        _remove_abandoned_run_dirs()
+        run_dir = Path(tempfile.mkdtemp(prefix=f"{_RUN_PREFIX}{os.getpid()}-"))
         metrics_dir = os.environ.get(_metrics.ENV_DIR) or str(run_dir / "metrics")
         _metrics.enable_multiprocess(metrics_dir)
         heartbeat_dir = run_dir / "heartbeats"
         heartbeat_dir.mkdir()
         STATE.run_dir, STATE.heartbeat_dir = run_dir, heartbeat_dir
+
+
+def _remove_abandoned_run_dirs() -> None:
+    # Run directories of killed workers (no shutdown signal ran) are removed by the next.
+    for path in Path(tempfile.gettempdir()).glob(f"{_RUN_PREFIX}*-*"):
+        pid_text = path.name.removeprefix(_RUN_PREFIX).split("-", 1)[0]
+        if pid_text.isdigit() and not _metrics.pid_alive(int(pid_text)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def set_ready(ready: bool) -> None:
@@ -174,8 +186,13 @@ def child_heartbeats(timeout: float) -> list[dict[str, Any]]:
             fresh = started is not None and started < timeout  # still starting up
         else:
             fresh = age <= timeout
-        out.append({"pid": pid, "heartbeat_age_seconds": None if age is None else round(age, 3),
-                    "fresh": fresh})
+        out.append(
+            {
+                "pid": pid,
+                "heartbeat_age_seconds": None if age is None else round(age, 3),
+                "fresh": fresh,
+            }
+        )
     return out
 
 
@@ -203,7 +220,8 @@ def merged_stats() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]
                 pid = int(beat.get("pid", 0))
                 if pid and not _metrics.pid_alive(pid):
                     STATE.retired_functions = _stats.merge(
-                        [STATE.retired_functions, beat["functions"]])
+                        [STATE.retired_functions, beat["functions"]]
+                    )
                     STATE.retired_tasks = _stats.merge([STATE.retired_tasks, beat["tasks"]])
                     path.unlink(missing_ok=True)
                     continue

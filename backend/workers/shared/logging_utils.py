@@ -50,7 +50,11 @@ DEFAULT_SLOW_THRESHOLD_MS = 1000.0
 CORE_FIELDS = ("timestamp", "level", "logger", "message", "worker_name", "pid")
 _CORE = frozenset(CORE_FIELDS)
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
-    "message", "asctime", "taskName", "_logger", "_name",
+    "message",
+    "asctime",
+    "taskName",
+    "_logger",
+    "_name",
 }
 
 _EMPTY: Mapping[str, Any] = {}
@@ -133,7 +137,8 @@ def _exception_fields(exc_info: Any) -> dict[str, str] | None:
         return None
     exc_type, exc, tb = exc_info
     return {
-        "type": exc_type.__qualname__ if exc_type.__module__ == "builtins"
+        "type": exc_type.__qualname__
+        if exc_type.__module__ == "builtins"
         else f"{exc_type.__module__}.{exc_type.__qualname__}",
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(exc_type, exc, tb)).rstrip(),
@@ -210,8 +215,10 @@ def _render_json(_logger: Any, _method: str, out: MutableMapping[str, Any]) -> s
 
 def _render_simple(_logger: Any, _method: str, out: MutableMapping[str, Any]) -> str:
     exception = out.pop("exception", None)
-    head = (f"{out.pop('timestamp')} {out.pop('level'):<8} {out.pop('logger')} "
-            f"[{out.pop('worker_name')} pid={out.pop('pid')}] {out.pop('message')}")
+    head = (
+        f"{out.pop('timestamp')} {out.pop('level'):<8} {out.pop('logger')} "
+        f"[{out.pop('worker_name')} pid={out.pop('pid')}] {out.pop('message')}"
+    )
     fields = " ".join(f"{key}={value}" for key, value in out.items())
     line = f"{head} {fields}" if fields else head
     if exception is not None:
@@ -268,12 +275,12 @@ class WorkerLogger:
         """
         level = str(log_level).strip().upper()
         if level not in LOG_LEVELS:
-            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, "
-                             f"got {log_level!r}")
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
         fmt = str(log_format).strip().lower()
         if fmt not in LOG_FORMATS:
-            raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, "
-                             f"got {log_format!r}")
+            raise ValueError(
+                f"log_format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}"
+            )
         if worker_name is not None and not str(worker_name).strip():
             raise ValueError("worker_name must not be empty")
         renderer = _render_json if fmt == "structured" else _render_simple
@@ -291,13 +298,17 @@ class WorkerLogger:
             _state.handler = handler
             _state.log_level = level
             _state.log_format = fmt
-            _state.worker_name = (str(worker_name).strip() if worker_name
-                                  else os.environ.get("WORKER_NAME") or DEFAULT_WORKER_NAME)
+            _state.worker_name = (
+                str(worker_name).strip()
+                if worker_name
+                else os.environ.get("WORKER_NAME") or DEFAULT_WORKER_NAME
+            )
             _PROCESSORS[:] = [
                 structlog.stdlib.filter_by_level,
                 structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
             ]
             _state.configured = True
+        logging.captureWarnings(True)  # warnings become log lines in the same format
         _redact.register_from_environment()
         from . import _celery
 
@@ -316,8 +327,11 @@ class WorkerLogger:
     @classmethod
     def settings(cls) -> dict[str, str]:
         """The level, format and worker name in effect."""
-        return {"log_level": _state.log_level, "log_format": _state.log_format,
-                "worker_name": _state.worker_name}
+        return {
+            "log_level": _state.log_level,
+            "log_format": _state.log_format,
+            "worker_name": _state.worker_name,
+        }
 
 
 # --- performance monitoring --------------------------------------------------------------
@@ -350,8 +364,9 @@ class _Rss:
 _rss = _Rss()
 
 
-def _record(name: str, started: float, cpu_started: float, pages: int, ok: bool,
-            slow_s: float) -> None:
+def _record(
+    name: str, started: float, cpu_started: float, pages: int, ok: bool, slow_s: float
+) -> None:
     wall = time.perf_counter() - started
     cpu = time.thread_time() - cpu_started
     _stats.FUNCTIONS.record(name, wall, ok)
@@ -361,11 +376,19 @@ def _record(name: str, started: float, cpu_started: float, pages: int, ok: bool,
         rss_delta = (_rss.pages() - pages) * _rss.page
         _perf_log.log(
             logging.WARNING if slow else logging.DEBUG,
-            "%s %s in %.3f ms%s", name, "succeeded" if ok else "failed", wall * 1000,
+            "%s %s in %.3f ms%s",
+            name,
+            "succeeded" if ok else "failed",
+            wall * 1000,
             " (slow)" if slow else "",
-            extra={"function": name, "outcome": "success" if ok else "failure",
-                   "duration_ms": round(wall * 1000, 3), "cpu_ms": round(cpu * 1000, 3),
-                   "rss_delta_bytes": rss_delta, "slow": slow},
+            extra={
+                "function": name,
+                "outcome": "success" if ok else "failure",
+                "duration_ms": round(wall * 1000, 3),
+                "cpu_ms": round(cpu * 1000, 3),
+                "rss_delta_bytes": rss_delta,
+                "slow": slow,
+            },
         )
 
 
@@ -376,7 +399,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 def monitor_performance(func: F, /) -> F: ...
 @overload
 def monitor_performance(
-    func: None = None, /, *, name: str | None = None,
+    func: None = None,
+    /,
+    *,
+    name: str | None = None,
     slow_threshold_ms: float = DEFAULT_SLOW_THRESHOLD_MS,
 ) -> Callable[[F], F]: ...
 
@@ -395,8 +421,11 @@ def monitor_performance(
     per-process statistics shown by ``/health/metrics`` and to the histogram
     ``worker_function_duration_seconds``. Exceptions pass through untouched.
     """
-    if isinstance(slow_threshold_ms, bool) or not isinstance(slow_threshold_ms, int | float) \
-            or slow_threshold_ms < 0:
+    if (
+        isinstance(slow_threshold_ms, bool)
+        or not isinstance(slow_threshold_ms, int | float)
+        or slow_threshold_ms < 0
+    ):
         raise ValueError(f"slow_threshold_ms must be a number >= 0, got {slow_threshold_ms!r}")
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise ValueError(f"name must be a non-empty string, got {name!r}")
@@ -405,8 +434,9 @@ def monitor_performance(
     return _decorate(func, name=name, slow_threshold_ms=slow_threshold_ms)
 
 
-def _decorate(func: Callable[..., Any], *, name: str | None,
-              slow_threshold_ms: float) -> Callable[..., Any]:
+def _decorate(
+    func: Callable[..., Any], *, name: str | None, slow_threshold_ms: float
+) -> Callable[..., Any]:
     if not callable(func):
         raise TypeError(f"monitor_performance decorates a callable, got {func!r}")
     label = name or f"{func.__module__}.{func.__qualname__}"

@@ -1,0 +1,270 @@
+"""Observability of a real ``celery worker`` (prefork, two children) against the real backend.
+
+The worker (``observability_worker.py``) is built the seed's Quick Start way. Its stdout and
+stderr are captured separately; every line must be a JSON object. Tasks are sent through the
+filesystem broker in a temporary directory; counts are read back from ``/metrics`` and
+``/health/metrics`` served by the worker's main process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import free_port
+from tests.e2e.harness import http_get, wait_until
+from tests.live_backend import LiveBackend
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]
+TASK = "observability_worker.work"
+OK_TASKS = 6
+FAILING_TASKS = 2
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@dataclass
+class Worker:
+    """The worker subprocess and what the tests need to reach it."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    queue: str
+    data_dir: Path
+    out_path: Path
+    err_path: Path
+    api_key: str
+    org_id: str
+
+    def get(self, path: str) -> tuple[int, Any]:
+        status, body = http_get(self.url + path, timeout=10)
+        return status, (json.loads(body) if body.startswith(b"{") else body.decode())
+
+    def lines(self) -> list[tuple[str, str]]:
+        out = []
+        for stream, path in (("stdout", self.out_path), ("stderr", self.err_path)):
+            out += [(stream, line) for line in path.read_text().splitlines()]
+        return out
+
+    def log_tail(self) -> str:
+        return "\n".join(line for _, line in self.lines()[-40:])
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[LiveBackend]:
+    live = LiveBackend()  # our own: the last test stops and restarts it
+    try:
+        yield live.start()
+    finally:
+        live.close()
+
+
+@pytest.fixture(scope="module")
+def worker(backend: LiveBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    tmp = tmp_path_factory.mktemp("observability")
+    queue = f"obs-{uuid.uuid4().hex[:10]}"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CELERY_BROKER_URL", "PROMETHEUS_MULTIPROC_DIR", "ENV_FILE")}
+    env.update({
+        "INTERNAL_SERVICE_API_KEY": backend.api_key,
+        "DJANGO_APP_BACKEND_URL": backend.url,
+        "ORGANIZATION_ID": backend.org_id,
+        "WORKER_NAME": queue,
+        "WORKER_DATA_DIR": str(tmp / "data"),
+        "METRICS_PORT": str(port),
+        "HEALTH_CHECK_INTERVAL": "0.5",
+        "HEALTH_CHECK_TIMEOUT": "3",
+        "LOG_LEVEL": "INFO",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(HERE)]),
+    })
+    out_path, err_path = tmp / "stdout.log", tmp / "stderr.log"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "observability_worker", "worker",
+             "--pool", "prefork", "--concurrency", "2", "--loglevel", "INFO",
+             "-Q", queue, "--hostname", f"{queue}@%h"],
+            cwd=tmp, env=env, stdout=out, stderr=err, start_new_session=True,
+        )
+    running = Worker(process, f"http://127.0.0.1:{port}", queue, tmp / "data", out_path,
+                     err_path, backend.api_key, backend.org_id)
+    try:
+        wait_until(lambda: _status(running, "/readyz") == 200, 90, "the worker to be ready")
+        yield running
+    except TimeoutError:
+        pytest.fail(f"worker did not become ready; its log:\n{running.log_tail()}")
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # the main process only: a warm shutdown
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+def _status(worker: Worker, path: str) -> int:
+    try:
+        return worker.get(path)[0]
+    except OSError:
+        return 0
+
+
+def _send(worker: Worker, **kwargs: Any) -> None:
+    from celery import Celery
+
+    from backend.workers.shared.config import WorkerConfig
+
+    config = WorkerConfig(internal_service_api_key=worker.api_key,
+                          worker_data_dir=worker.data_dir, worker_name=worker.queue)
+    producer = Celery("observability_producer")
+    producer.config_from_object(config.get_celery_config())
+    producer.send_task(TASK, kwargs=kwargs, queue=worker.queue)
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample (0 when absent)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, value = line.rsplit(" ", 1)
+        found = dict(part.split("=", 1) for part in head[len(name) + 1:-1].split(","))
+        if all(found.get(k) == f'"{v}"' for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def ran_tasks(worker: Worker) -> list[str]:
+    """Runs the tasks once for the module; returns their execution ids (failing ones last)."""
+    ids = [f"exec-{i}-{uuid.uuid4().hex[:6]}" for i in range(OK_TASKS + FAILING_TASKS)]
+    for i, execution_id in enumerate(ids):
+        _send(worker, execution_id=execution_id, organization_id=worker.org_id,
+              fail=i >= OK_TASKS, pause=0.3)
+
+    def all_counted() -> bool:
+        text = worker.get("/metrics")[1]
+        return (_sample(text, "worker_tasks_total", task=TASK, outcome="success")
+                + _sample(text, "worker_tasks_total", task=TASK, outcome="failure")
+                ) >= len(ids)
+
+    wait_until(all_counted, 90, "the tasks to be counted in /metrics")
+    return ids
+
+
+def test_metrics_count_every_task_across_children(worker: Worker, ran_tasks: list[str]) -> None:
+    text = worker.get("/metrics")[1]
+    assert _sample(text, "worker_tasks_total", task=TASK, outcome="success") == OK_TASKS
+    assert _sample(text, "worker_tasks_total", task=TASK, outcome="failure") == FAILING_TASKS
+    assert _sample(text, "worker_task_duration_seconds_count", task=TASK) == len(ran_tasks)
+    function = "observability_worker.work"
+    assert _sample(text, "worker_function_duration_seconds_count", function=function,
+                   outcome="success") == OK_TASKS
+    assert _sample(text, "worker_function_duration_seconds_count", function=function,
+                   outcome="failure") == FAILING_TASKS
+    # The work was really spread over the two children.
+    pids = {json.loads(line)["pid"] for _, line in worker.lines()
+            if '"task_id"' in line and "processing execution" in line}
+    assert len(pids) == 2
+
+
+def test_health_metrics_merge_the_children(worker: Worker, ran_tasks: list[str]) -> None:
+    def merged() -> dict[str, Any]:
+        return dict(worker.get("/health/metrics")[1])
+
+    wait_until(lambda: merged()["tasks"].get(TASK, {}).get("count") == len(ran_tasks), 30,
+               "the children's heartbeats to carry their statistics")
+    body = merged()
+    assert body["tasks"][TASK]["errors"] == FAILING_TASKS
+    function = body["functions"]["observability_worker.work"]
+    assert function["count"] == len(ran_tasks)
+    assert function["errors"] == FAILING_TASKS
+    assert function["max_ms"] >= function["p95_ms"] > 0
+    assert body["process"]["pool_processes"] == 2
+    assert set(body["system"]) >= {"cpu_percent", "memory_percent", "disk_percent"}
+
+
+def test_task_lines_are_json_with_the_task_context(worker: Worker,
+                                                   ran_tasks: list[str]) -> None:
+    records = [json.loads(line) for _, line in worker.lines()]
+    for execution_id in ran_tasks:
+        mine = [r for r in records if r.get("execution_id") == execution_id]
+        messages = {r["message"] for r in mine}
+        assert f"processing execution {execution_id}" in messages
+        assert "stdlib line with args" in messages
+        assert "a line printed by the task" in messages  # print() redirected into the log
+        task_ids = {r["task_id"] for r in mine}
+        assert len(task_ids) == 1
+        assert all(r["task_name"] == TASK and r["organization_id"] == worker.org_id
+                   for r in mine)
+        stdlib = next(r for r in mine if r["message"] == "stdlib line with args")
+        assert stdlib["kind"] == "extra" and stdlib["logger"] == "plain.stdlib"
+    failures = [r for r in records if r.get("level") == "ERROR" and "exception" in r
+                and r.get("logger") == "celery.app.trace"]
+    assert len(failures) == FAILING_TASKS
+    assert all(r["exception"]["type"] == "ValueError" and r["task_id"] for r in failures)
+    # Outside tasks, no task field leaks into the next line of the same child.
+    for record in records:
+        if record["message"].startswith("celery worker") or record["logger"] == "celery.apps":
+            assert "task_id" not in record
+
+
+def test_health_over_http(worker: Worker, ran_tasks: list[str]) -> None:
+    status, body = worker.get("/health")
+    assert status == 200, body
+    assert list(body) == ["status", "timestamp", "uptime_seconds", "worker_name", "checks"]
+    assert body["worker_name"] == worker.queue
+    assert {name: check["status"] for name, check in body["checks"].items()} == {
+        "api_connectivity": "healthy", "system_resources": body["checks"]["system_resources"][
+            "status"], "worker_process": "healthy"}
+    process = body["checks"]["worker_process"]["details"]
+    assert process["consumer_connected"] is True
+    assert [child["fresh"] for child in process["pool_processes"]] == [True, True]
+    quick_status, quick = worker.get("/health/quick")
+    assert quick_status in (200, 503) and list(quick) == list(body)
+    assert worker.get("/livez")[0] == 200
+    assert worker.get("/nope")[1]["error"] == "not_found"
+    history = worker.get("/health/history")[1]
+    assert history["count"] >= 2
+    for _, line in worker.lines():
+        assert worker.api_key not in line
+
+
+def test_backend_down_livez_answers_readyz_does_not(worker: Worker, backend: LiveBackend,
+                                                   ran_tasks: list[str]) -> None:
+    backend.stop()
+    try:
+        wait_until(lambda: _status(worker, "/readyz") == 503, 30, "/readyz to turn 503")
+        assert _status(worker, "/livez") == 200
+        status, body = worker.get("/health")
+        assert status == 503
+        assert body["checks"]["api_connectivity"]["status"] == "unhealthy"
+        assert worker.get("/readyz")[1]["checks"]["backend"]["ok"] is False
+    finally:
+        backend.start()
+    wait_until(lambda: _status(worker, "/readyz") == 200, 90, "/readyz to recover")
+
+
+def test_every_line_is_json_through_shutdown(worker: Worker, ran_tasks: list[str]) -> None:
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.process.wait(timeout=60) == 0
+    lines = worker.lines()
+    assert lines
+    for stream, line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            pytest.fail(f"not a JSON line on {stream}: {line!r}")
+        assert {"timestamp", "level", "logger", "message", "worker_name", "pid"} <= set(record)
+    assert any(json.loads(line)["message"] == "celery worker shutting down" for _, line in lines)
