@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from rest_framework import serializers
 
@@ -62,6 +63,19 @@ def _check_json(value: Any, depth: int = 0) -> None:
     elif isinstance(value, list):
         for item in value:
             _check_json(item, depth + 1)
+
+
+def _http_url(value: str) -> None:
+    """An http(s) URL with a host; single-label hosts (``http://receiver:8080/``) included."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise serializers.ValidationError("not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise serializers.ValidationError("must be an http(s) URL with a host")
+    if any(c.isspace() for c in value):
+        raise serializers.ValidationError("must not contain whitespace")
 
 
 class ResultField(serializers.JSONField):
@@ -159,7 +173,7 @@ class ExecutionUpdateSerializer(StrictSerializer):
 
 
 class StatusUpdateSerializer(StrictSerializer):
-    """Body of ``POST workflow-executions/{id}/status/``."""
+    """Body of ``POST workflow-executions/{id}/status/`` (a null optional field: no change)."""
 
     status = serializers.ChoiceField(
         choices=ExecutionStatus.choices,
@@ -168,9 +182,9 @@ class StatusUpdateSerializer(StrictSerializer):
         },
     )
     error_message = serializers.CharField(
-        max_length=10000, required=False, allow_blank=True, trim_whitespace=False
+        max_length=10000, required=False, allow_blank=True, allow_null=True, trim_whitespace=False
     )
-    attempts = _count(required=False)
+    attempts = _count(required=False, allow_null=True)
     execution_time = _seconds(required=False, allow_null=True)
 
 
@@ -200,7 +214,7 @@ class WebhookDeliverySerializer(serializers.ModelSerializer):
 class WebhookDeliveryCreateSerializer(StrictSerializer):
     """Body of ``POST webhook-deliveries/``."""
 
-    url = serializers.URLField(max_length=2048)
+    url = serializers.CharField(max_length=2048, validators=[_http_url])
     execution_id = serializers.UUIDField(required=False, allow_null=True)
     status_code = serializers.IntegerField(
         min_value=100, max_value=599, required=False, allow_null=True

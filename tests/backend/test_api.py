@@ -386,6 +386,8 @@ def test_status_fields_are_recorded(api: Api) -> None:
     execution = at_status(api, "IN_PROGRESS")
     started = execution["started_at"]
     retried = set_status(api, execution["id"], "IN_PROGRESS", attempts=2).json()
+    nulls = set_status(api, execution["id"], "IN_PROGRESS", attempts=None, error_message=None)
+    assert nulls.json()["attempts"] == 2
     assert (retried["attempts"], retried["started_at"]) == (2, started)
     done = set_status(
         api, execution["id"], "ERROR", error_message="boom", attempts=3, execution_time=1.5
@@ -572,7 +574,7 @@ def test_webhook_deliveries(api: Api) -> None:
     assert {k: delivery[k] for k in body} == body
     assert delivery["organization_id"] == api.org_id and delivery["error_message"] == ""
     unlinked = api.call(
-        "POST", "webhook-deliveries/", {"url": "https://x.example/", "outcome": "blocked"}
+        "POST", "webhook-deliveries/", {"url": "http://receiver:8080/hook", "outcome": "blocked"}
     ).json()
     assert unlinked["execution_id"] is None and unlinked["attempts"] == 1
     by_execution = api.call("GET", f"webhook-deliveries/?execution_id={execution['id']}").json()
@@ -592,6 +594,9 @@ def test_webhook_deliveries(api: Api) -> None:
     [
         ({"url": "https://x.example/", "outcome": "lost"}, "outcome"),
         ({"url": "not a url", "outcome": "failed"}, "url"),
+        ({"url": "ftp://x.example/", "outcome": "failed"}, "url"),
+        ({"url": "http://:80/", "outcome": "failed"}, "url"),
+        ({"url": "http://x.example:99999/", "outcome": "failed"}, "url"),
         ({"outcome": "failed"}, "url"),
         ({"url": "https://x.example/", "outcome": "failed", "status_code": 99}, "status_code"),
         ({"url": "https://x.example/", "outcome": "failed", "duration": -1}, "duration"),
