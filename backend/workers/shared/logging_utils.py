@@ -315,6 +315,17 @@ class WorkerLogger:
         _celery.install_if_celery_loaded()
 
     @classmethod
+    def reset(cls) -> None:
+        """Remove the handler ``configure`` installed (for test suites); loggers then hand
+        their events to whatever other handlers exist, as plain text with fields."""
+        with _state.lock:
+            if _state.handler is not None:
+                logging.getLogger().removeHandler(_state.handler)
+            _state.handler = None
+            _state.configured = False
+            _PROCESSORS[:] = [structlog.stdlib.filter_by_level, _to_stdlib]
+
+    @classmethod
     def get_logger(cls, name: str | None = None) -> structlog.stdlib.BoundLogger:
         """A logger taking f-strings, ``%s`` arguments, keyword fields and ``exc_info``."""
         return structlog.stdlib.get_logger(name)
