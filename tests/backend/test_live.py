@@ -396,3 +396,10 @@ def test_database_gone_is_503_with_retry_after_never_500() -> None:
                     assert response.headers["Retry-After"] == "1"
             logs = backend.logs()
         assert "database unavailable" in logs and "Traceback" not in logs
+
+
+def test_the_shared_backend_never_logged_its_key(live_backend: LiveBackend) -> None:
+    """Defined last: by now the session's SQLite backend has served every test above."""
+    logs = live_backend.logs()
+    assert '"logger": "backend.access"' in logs
+    assert live_backend.api_key not in logs and live_backend.api_key[:8] not in logs
