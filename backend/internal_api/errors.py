@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from django.db import InterfaceError, OperationalError
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from rest_framework import exceptions, status
 from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
@@ -28,14 +28,11 @@ DB_RETRY_AFTER_SECONDS = 1
 class APIError(exceptions.APIException):
     """An error answer with an explicit HTTP status, error code and message."""
 
-    def __init__(
-        self, status_code: int, code: str, detail: str, headers: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, status_code: int, code: str, detail: str) -> None:
         super().__init__(detail=detail, code=code)
         self.status_code = status_code
         self.error_code = code
         self.message = detail
-        self.headers = headers or {}
 
 
 def json_error(
@@ -117,13 +114,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         body, headers = _database_unavailable()
         return Response(body, status=status.HTTP_503_SERVICE_UNAVAILABLE, headers=headers)
     if isinstance(exc, APIError):
-        return Response(
-            {"error": exc.error_code, "detail": exc.message},
-            status=exc.status_code,
-            headers=exc.headers,
-        )
-    from django.http import Http404
-
+        return Response({"error": exc.error_code, "detail": exc.message}, status=exc.status_code)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound("not found")
     if not isinstance(exc, exceptions.APIException):

@@ -15,18 +15,14 @@ from typing import Any
 import structlog
 
 EXTRA_FIELDS = {
-    "method",
+    "method",  # access line
     "path",
     "status",
-    "status_code",
     "duration_ms",
-    "organization_id",
-    "execution_id",
-    "error_code",
-    "from_status",
-    "to_status",
+    "status_code",  # Django's request lines
+    "error_code",  # refusals
     "idempotency",
-    "deleted",
+    "deleted",  # purge of expired idempotency records
 }
 
 
