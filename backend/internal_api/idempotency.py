@@ -8,13 +8,16 @@ keyed POST runs in one transaction that
 2. answers from the record when one exists (unexpired): the stored response with
    ``Idempotent-Replayed: true`` when method, path and body are the same, else 422
    ``idempotency_key_reused``;
-3. otherwise runs the view and inserts the record with its response, committing both
-   together: a response is stored exactly when the view's writes are.
+3. otherwise runs the view and, when it succeeded (2xx), inserts the record with its
+   response, committing both together: a response is stored exactly when the view's writes
+   are.
 
 A request that finds the key locked answers 409 ``idempotency_in_flight`` with
 ``Retry-After``: another request with that key is running. On SQLite, whose writers are
 serialized by the database lock, the second request waits for the first and then gets the
-replay. 5xx answers are rolled back and not stored, so a retry runs again. A lock dies with
+replay. Refusals (4xx: bad input, unknown organization, illegal transition) are not stored
+and 5xx answers are rolled back, so a retry with the same key runs again and sees the state
+of the moment. A lock dies with
 its transaction, so a crashed request never leaves its key blocked. Expired records are
 deleted lazily (at most every ``PURGE_INTERVAL`` seconds per process) and by
 ``manage.py purge_idempotency_records``.
@@ -99,9 +102,8 @@ class IdempotencyMiddleware:
             response = self.get_response(request)
             if response.status_code >= 500:
                 transaction.set_rollback(True)
-            elif not _insert(key_hash, fingerprint, response, now):
-                transaction.set_rollback(True)
-                raise _LostRace
+            elif response.status_code < 400 and not _insert(key_hash, fingerprint, response, now):
+                raise _LostRace  # leaving the block by an exception rolls the view back
             return response
 
     def _purge_expired(self) -> None:

@@ -502,13 +502,23 @@ def test_idempotent_status_update_replays_even_after_the_state_moved(api: Api) -
     assert replay.json() == done.json() and replay["Idempotent-Replayed"] == "true"
 
 
-def test_refused_requests_are_stored_too(api: Api) -> None:
+def test_refusals_are_not_stored_so_a_retry_runs_again(api: Api) -> None:
     execution = at_status(api, "COMPLETED")
     path = f"workflow-executions/{execution['id']}/status/"
     first = post_with_key(api, path, {"status": "ERROR"}, "k-5")
     again = post_with_key(api, path, {"status": "ERROR"}, "k-5")
     assert error_of(first) == error_of(again) == (409, "illegal_transition")
-    assert again["Idempotent-Replayed"] == "true"
+    assert not again.has_header("Idempotent-Replayed")
+    org_id = f"org-late-{uuid.uuid4().hex[:8]}"
+    body = {"workflow_id": "w"}
+    early = post_with_key(api, "workflow-executions/", body, "k-5b", org_id)
+    assert error_of(early) == (404, "organization_not_found")
+    from backend.internal_api.models import Organization
+
+    Organization.objects.create(pk=org_id)
+    late = post_with_key(api, "workflow-executions/", body, "k-5b", org_id)
+    assert late.status_code == 201 and late.json()["organization_id"] == org_id
+    assert IdempotencyRecord.objects.count() == 1
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "tab\there"])
