@@ -30,7 +30,8 @@ def test_valid_values(value: str, seconds: float) -> None:
 
 
 @pytest.mark.parametrize("value", [None, "", "  ", "-5", "1.5", "soon", "Mon, 99 Foo 2023",
-                                   "12abc", "0x10"])
+                                   "12abc", "0x10",
+                                   "\u00b2", "\u0661\u0662"])  # digits, but not ASCII ones
 def test_invalid_values_are_ignored(value: str | None) -> None:
     assert parse_retry_after(value, now=NOW) is None
 
