@@ -359,6 +359,36 @@ def test_client_errors_do_not_open_the_breaker(server: FaultServer) -> None:
     assert client.breaker.state is CircuitState.CLOSED
 
 
+def test_only_backend_failures_count_for_the_breaker(server: FaultServer) -> None:
+    config = make_config(server, api_retry_attempts=0, circuit_breaker_failure_threshold=2,
+                         circuit_breaker_recovery_timeout=60.0)
+    client = InternalAPIClient(config)
+    server.push(Respond(200, "<html>not json</html>"), Respond(200, "<html>again</html>"))
+    for _ in range(2):  # the backend answered, badly: not a sign it is down
+        with pytest.raises(APIResponseError):
+            client.get_workflow_execution("x")
+    for _ in range(2):  # the caller's mistake, found before anything is sent
+        with pytest.raises(Exception, match="non-printable"):
+            client.get("bad\x00path/")
+    assert client.breaker.state is CircuitState.CLOSED
+    assert client.get_workflow_execution("x").id == EXECUTION["id"]
+
+    server.push(Respond(429, b""), Respond(408, b""))  # shedding load, too slow: failures
+    for kind in (RateLimitedError, APITimeoutError):
+        with pytest.raises(kind):
+            client.get_workflow_execution("x")
+    assert client.breaker.state is CircuitState.OPEN
+
+
+def test_breaker_settings_conflict_fails_at_construction(server: FaultServer) -> None:
+    config = make_config(server, circuit_breaker_failure_threshold=5)
+    InternalAPIClient(config)
+    other = config.model_copy(update={"circuit_breaker_failure_threshold": 7})
+    with pytest.raises(ValueError, match="failure_threshold"):
+        InternalAPIClient(other)
+    assert server.requests == []
+
+
 # --- error mapping and bodies ------------------------------------------------------------
 
 
@@ -393,6 +423,28 @@ def test_non_json_success_body_is_a_response_error_with_excerpt(server: FaultSer
     assert info.value.status == 200 and "<html>xxx" in info.value.detail
     assert len(str(info.value)) < 400
     assert len(server.requests) == 1  # a bad body is not retried
+
+
+def test_secret_at_the_excerpt_cut_is_hidden_whole(server: FaultServer) -> None:
+    # The secret straddles the excerpt's end: not even its first characters may show.
+    server.push(Respond(502, " " * 600 + "x" * 190 + SECRET + " tail"))
+    with pytest.raises(ServerError) as info:
+        InternalAPIClient(make_config(server, api_retry_attempts=0)).get_workflow_execution("x")
+    assert SECRET[:10] not in str(info.value) and "xxx" in info.value.detail
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [Respond(200, b"\x00 not gzip at all", {"Content-Encoding": "gzip"}),
+     Respond(200, b"[" * 100_000 + b"]" * 100_000, {"Content-Type": "application/json"})],
+    ids=["undecodable", "nested-too-deep"],
+)
+def test_unusable_success_bodies_are_response_errors(server: FaultServer, answer: Respond) -> None:
+    server.push(answer)
+    with pytest.raises(APIResponseError) as info:
+        InternalAPIClient(make_config(server)).get_workflow_execution("x")
+    assert len(str(info.value)) < 400
+    assert len(server.requests) == 1  # not retried
 
 
 def test_json_of_the_wrong_shape_is_a_response_error(server: FaultServer) -> None:
@@ -443,6 +495,21 @@ def test_every_request_carries_auth_user_agent_and_request_id(server: FaultServe
     assert first.headers["x-request-id"] == "task-42"
     assert second.headers["x-request-id"] and second.headers["x-request-id"] != "task-42"
     assert "idempotency-key" not in first.headers
+
+
+def test_header_values_are_checked_or_made_safe(server: FaultServer) -> None:
+    client = InternalAPIClient(make_config(server))
+    with log_context(request_id="tâche 7\r\nX-Evil: 1"):
+        client.get_workflow_execution("x")
+    assert server.requests[0].headers["x-request-id"] == "t_che_7__X-Evil:_1"
+    assert "x-evil" not in server.requests[0].headers
+    with pytest.raises(ValueError, match="WORKER_NAME"):
+        InternalAPIClient(make_config(server, worker_name="travailleur-é"))
+    with pytest.raises(ValueError, match="organization_id"):
+        client.set_organization_context("org\nb")
+    with pytest.raises(ValueError, match="organization_id"):
+        client.get_workflow_execution("x", organization_id="orgé")
+    assert len(server.requests) == 1
 
 
 def test_request_id_prefers_execution_context(server: FaultServer) -> None:

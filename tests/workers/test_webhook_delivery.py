@@ -16,7 +16,10 @@ from standardwebhooks.webhooks import Webhook
 from backend.workers.shared import retry_utils
 from backend.workers.shared.api_client import (
     InternalAPIClient,
+    InternalAPIError,
+    NotFoundError,
     WebhookError,
+    WebhookNotRecordedError,
     WebhookResult,
 )
 from backend.workers.shared.config import WorkerConfig
@@ -177,3 +180,45 @@ def test_delivery_for_an_execution(live_backend: LiveBackend, receiver: FaultSer
     second = client.send_webhook(hook_url(receiver), {"step": 2}, execution_id=execution.id)
     listed = [d.id for d in client.list_webhook_deliveries(execution_id=execution.id)]
     assert listed == [second.delivery_id, first.delivery_id]
+
+
+def test_unknown_execution_is_refused_before_sending(live_backend: LiveBackend,
+                                                     receiver: FaultServer) -> None:
+    client = make_client(live_backend)
+    with pytest.raises(NotFoundError):
+        client.send_webhook(hook_url(receiver), {"a": 1}, execution_id=str(uuid.uuid4()))
+    assert receiver.requests == []  # nothing went out, so nothing is left unrecorded
+
+
+def test_delivery_that_cannot_be_recorded_says_so_and_is_not_transient(
+    live_backend: LiveBackend, receiver: FaultServer
+) -> None:
+    # The execution exists when checked, and the recording is then refused (a backend that
+    # lost it meanwhile): the webhook went out once, and the error says so.
+    execution = {"id": str(uuid.uuid4()), "workflow_id": "wf", "status": "COMPLETED"}
+    refused = {"error": "validation_error", "detail": "execution_id: no such workflow execution"}
+    with FaultServer(default=Respond(400, refused)) as backend:
+        backend.push(Respond(200, execution))
+        values: dict[str, Any] = {"internal_service_api_key": "swi-test-key-7Q2xK9-record",
+                                  "django_app_backend_url": backend.url}
+        client = make_client(live_backend, **values)
+        with pytest.raises(WebhookNotRecordedError) as info:
+            client.send_webhook(hook_url(receiver), {"a": 1}, execution_id=execution["id"])
+        assert [r.method for r in backend.requests] == ["GET", "POST"]
+    error = info.value
+    assert isinstance(error, InternalAPIError) and isinstance(error, WebhookError)
+    assert not error.transient and error.status == 400
+    assert "delivered" in str(error) and "do not send it again" in str(error)
+    assert len(receiver.requests) == 1
+    assert error.result.ok and error.result.delivery_id == ""
+    assert error.result.message_id == receiver.requests[0].headers["webhook-id"]
+    assert error.record["execution_id"] == execution["id"]
+    assert error.record["outcome"] == "delivered"
+
+    # The record can be made later, once, with the delivery's message id as the key.
+    real = make_client(live_backend)
+    target = real.create_workflow_execution(f"wf-{uuid.uuid4().hex[:8]}")
+    record = {**error.record, "execution_id": target.id}
+    first = real.post("webhook-deliveries/", record, idempotency_key=error.result.message_id)
+    again = real.post("webhook-deliveries/", record, idempotency_key=error.result.message_id)
+    assert first["id"] == again["id"]

@@ -7,9 +7,12 @@ them without importing the client.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .retry_utils import CircuitBreakerOpenError
+
+if TYPE_CHECKING:
+    from .api_client import WebhookResult
 
 #: Longest ``detail`` kept in an exception (the backend's text, or a body excerpt).
 MAX_DETAIL = 300
@@ -165,3 +168,32 @@ class WebhookError(Exception):
 class WebhookURLRefusedError(WebhookError, ValueError):
     """The SSRF guard refused the webhook URL (or a redirect target); nothing was sent to it
     and nothing was recorded. The message names the URL's host and the reason."""
+
+
+class WebhookNotRecordedError(InternalAPIError, WebhookError):
+    """The webhook went out, but recording the delivery with the backend failed.
+
+    Not transient: sending again would deliver twice. ``result`` is what the delivery did
+    (its ``delivery_id`` is empty), ``record`` the body to record it later, idempotently,
+    with ``client.post("webhook-deliveries/", error.record,
+    idempotency_key=error.result.message_id)``. The recording's error is ``__cause__``; its
+    status, code, request id, method and path are copied here.
+    """
+
+    def __init__(
+        self, result: WebhookResult, record: dict[str, Any], cause: InternalAPIError
+    ) -> None:
+        answered = f"status {result.status_code}" if result.status_code else "no answer"
+        InternalAPIError.__init__(
+            self,
+            f"webhook {result.message_id} was {result.outcome} ({answered}, "
+            f"{result.attempts} attempt(s)) but recording it failed: {cause.detail}; "
+            "do not send it again",
+            status=cause.status,
+            error_code=cause.error_code,
+            request_id=cause.request_id,
+            method=cause.method,
+            path=cause.path,
+        )
+        self.result = result
+        self.record = record

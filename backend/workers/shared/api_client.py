@@ -39,10 +39,15 @@ Exceptions (every class is importable from this module)::
     +-- APITimeoutError              connect/read/write/pool timeout, 408     [transient]
     +-- APIConnectionError           refused, reset, dropped before answer    [transient]
     +-- APICircuitOpenError          breaker open, not sent; also a
-                                     retry_utils.CircuitBreakerOpenError      [transient]
+    |                                retry_utils.CircuitBreakerOpenError      [transient]
+    +-- WebhookNotRecordedError      webhook sent, recording it failed (also a WebhookError)
     WebhookError                     a webhook could not be sent as asked
     +-- WebhookURLRefusedError       the SSRF guard refused the URL or a redirect target
-                                     (also a ValueError)
+    |                                (also a ValueError)
+    +-- WebhookNotRecordedError      (see above)
+
+The circuit breaker (one per backend URL, shared by the process, or through Redis) counts
+only connection failures, timeouts, 5xx, 408 and 429 as the backend's failures.
 
 Which failures are retried: connection errors, timeouts, 429, 502, 503, 504, and 500 for GET
 only, plus a 409 ``idempotency_in_flight`` (the backend is still applying the same POST).
@@ -58,8 +63,8 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final
@@ -82,6 +87,7 @@ from ._errors import (
     RateLimitedError,
     ServerError,
     WebhookError,
+    WebhookNotRecordedError,
     WebhookURLRefusedError,
     one_line,
 )
@@ -116,6 +122,7 @@ __all__ = [
     "ServerError",
     "WebhookDelivery",
     "WebhookError",
+    "WebhookNotRecordedError",
     "WebhookResult",
     "WebhookURLRefusedError",
     "WorkflowExecution",
@@ -130,6 +137,9 @@ MAX_PAGE_SIZE = 500
 BODY_EXCERPT = 200
 _RETRYABLE_STATUSES: Final = frozenset({429, 502, 503, 504})
 _IN_FLIGHT_CODE = "idempotency_in_flight"
+#: Longest ``X-Request-ID`` taken from the bound context.
+MAX_REQUEST_ID = 200
+_UNSAFE_ID_CHARS = re.compile(r"[^\x21-\x7e]")
 _ID_SEGMENT = re.compile(r"^(?:[0-9a-fA-F-]{32,36}|\d+)$")
 
 
@@ -204,7 +214,8 @@ class BackendHealth(_Result):
 class WebhookResult:
     """What ``send_webhook`` did: ``outcome`` is ``delivered`` (2xx) or ``failed``.
 
-    ``delivery_id`` is the backend's record of it, ``message_id`` the ``webhook-id`` the
+    ``delivery_id`` is the backend's record of it (empty only in a
+    :class:`WebhookNotRecordedError`), ``message_id`` the ``webhook-id`` the
     receiver saw, ``status_code`` the receiver's last answer (``None`` if none came),
     ``duration`` seconds over all attempts, ``error`` why it failed, ``response_body`` the
     first 64 KiB at most of the receiver's answer.
@@ -218,7 +229,7 @@ class WebhookResult:
     attempts: int
     duration: float
     error: str | None = None
-    response_body: bytes = b""
+    response_body: bytes = field(default=b"", repr=False)
 
     @property
     def ok(self) -> bool:
@@ -254,30 +265,52 @@ def _forget_after_fork() -> None:
     _policies.clear()
 
 
-def _should_retry(method: str, exc: BaseException) -> bool:
-    if isinstance(exc, APICircuitOpenError) or not isinstance(exc, InternalAPIError):
-        return False
+# The policy hands these only InternalAPIErrors (its ``exceptions``), and never an open
+# breaker (retry_utils does not retry CircuitBreakerOpenError).
+def _should_retry_write(exc: BaseException) -> bool:
     if isinstance(exc, APIConnectionError | APITimeoutError | RateLimitedError):
         return True
     if isinstance(exc, ServerError):
-        return exc.status in _RETRYABLE_STATUSES or (exc.status == 500 and method == "GET")
+        return exc.status in _RETRYABLE_STATUSES
     return isinstance(exc, ConflictError) and exc.error_code == _IN_FLIGHT_CODE
 
 
+def _should_retry_read(exc: BaseException) -> bool:
+    return _should_retry_write(exc) or (isinstance(exc, ServerError) and exc.status == 500)
+
+
 def _is_breaker_failure(exc: BaseException) -> bool:
-    # A 4xx (other than 408/429) says the request was wrong, not that the backend is unwell.
-    status = getattr(exc, "status", None)
-    return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
+    # Only a sign that the backend (or the way to it) is unwell counts: no answer, or a 5xx,
+    # 408 or 429. Another 4xx, an unusable body or a bug on our side is not its failure.
+    if isinstance(exc, APIConnectionError | APITimeoutError):
+        return True
+    status = getattr(exc, "status", None) if isinstance(exc, InternalAPIError) else None
+    return status is not None and (status >= 500 or status == 429)
+
+
+def _backend_breaker(config: WorkerConfig) -> CircuitBreaker:
+    _metrics.subscribe_resilience()  # breaker states and retries in /metrics (idempotent)
+    return get_breaker(
+        f"internal-api {config.internal_api_base_url}",
+        failure_threshold=config.circuit_breaker_failure_threshold,
+        recovery_timeout=config.circuit_breaker_recovery_timeout,
+        is_failure=_is_breaker_failure,
+        redis_url=config.circuit_breaker_redis_url,
+    )
+
+
+def _header_value(name: str, value: str) -> str:
+    # httpx2 sends header values as ASCII; say which setting is wrong instead of failing each
+    # call with a UnicodeEncodeError (or a protocol error for a line break).
+    text = str(value)
+    if not text.strip() or not text.isascii() or not text.isprintable():
+        raise ValueError(f"{name} must be non-empty printable ASCII, got {text!r}")
+    return text
 
 
 def _endpoint_template(path: str) -> str:
     # Bounded metric labels: ids in a path become {id}.
     return "/".join("{id}" if _ID_SEGMENT.match(p) else p for p in path.split("/"))
-
-
-def _excerpt(body: bytes) -> str:
-    text = body[: BODY_EXCERPT * 4].decode("utf-8", errors="replace")
-    return repr(one_line(text, BODY_EXCERPT))
 
 
 @dataclass
@@ -308,8 +341,15 @@ class InternalAPIClient:
         self.config = config
         self.base_url = config.internal_api_base_url + "/"
         self._organization_id = organization_id or config.organization_id
-        self._user_agent = f"{config.worker_name}/{config.worker_version}"
+        self._user_agent = _header_value(
+            "WORKER_NAME/WORKER_VERSION", f"{config.worker_name}/{config.worker_version}"
+        )
+        if self._organization_id is not None:
+            _header_value("organization_id", self._organization_id)
         self._closed = False
+        # Resolved once: a second client of the same backend URL with other breaker settings
+        # fails here, not in the middle of a call.
+        self._breaker = _backend_breaker(config)
 
     # --- lifecycle and context --------------------------------------------------------
     def __enter__(self) -> InternalAPIClient:
@@ -336,12 +376,12 @@ class InternalAPIClient:
     @property
     def breaker(self) -> CircuitBreaker:
         """The circuit breaker of this client's backend URL (shared by the whole process)."""
-        return self._breaker()
+        return self._breaker
 
     def set_organization_context(self, organization_id: str | None) -> None:
         """Use ``organization_id`` for this client's org-scoped calls (``None`` clears it)."""
-        if organization_id is not None and not str(organization_id).strip():
-            raise ValueError("organization_id must be a non-empty string or None")
+        if organization_id is not None:
+            _header_value("organization_id", organization_id)
         self._organization_id = organization_id
 
     # --- workflow executions ----------------------------------------------------------
@@ -471,10 +511,13 @@ class InternalAPIClient:
         """POST ``payload`` as JSON to ``url`` from this worker, and record the delivery.
 
         The URL must pass the SSRF guard (:class:`WebhookURLRefusedError` otherwise, with
-        nothing sent or recorded). The body is signed per Standard Webhooks when
-        ``WEBHOOK_SIGNING_SECRET`` is set; 5xx, 429, timeouts and connection failures are
-        retried, a 410 (or another 4xx) stops. A receiver that keeps failing is reported in
-        the result (``outcome="failed"``), not raised.
+        nothing sent or recorded). With ``execution_id``, the execution is read first, so an
+        unknown one is a :class:`NotFoundError` with nothing sent. The body is signed per
+        Standard Webhooks when ``WEBHOOK_SIGNING_SECRET`` is set; 5xx, 429, timeouts and
+        connection failures are retried, a 410 (or another 4xx) stops. A receiver that keeps
+        failing is reported in the result (``outcome="failed"``), not raised. When the
+        webhook went out but the backend would not record it, :class:`WebhookNotRecordedError`
+        says so (not transient: sending again would deliver twice).
         """
         from ._webhooks import deliver, new_message_id
 
@@ -485,6 +528,10 @@ class InternalAPIClient:
             raise WebhookError(f"webhook payload is not JSON-serialisable: {exc}") from None
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be a positive number of seconds")
+        if execution_id is not None:
+            # The backend refuses to record a delivery of an unknown execution: find out
+            # before the webhook goes out, not after.
+            self.get_workflow_execution(execution_id, organization_id=org)
         message_id = new_message_id()
         secret = self.config.webhook_signing_secret
         extra_headers = {k.lower(): v for k, v in (headers or {}).items()}
@@ -508,12 +555,8 @@ class InternalAPIClient:
             "outcome": report.outcome,
             "error_message": report.error or "",
         }
-        data = self._call(
-            "POST", "webhook-deliveries/", org, json_body=record, idempotency_key=message_id
-        )
-        delivery = self._parse(WebhookDelivery, data, "POST", "webhook-deliveries/")
-        return WebhookResult(
-            delivery_id=delivery.id,
+        result = WebhookResult(
+            delivery_id="",
             message_id=message_id,
             url=url,
             outcome=report.outcome,
@@ -523,6 +566,14 @@ class InternalAPIClient:
             error=report.error,
             response_body=report.response_body,
         )
+        try:
+            data = self._call(
+                "POST", "webhook-deliveries/", org, json_body=record, idempotency_key=message_id
+            )
+            delivery = self._parse(WebhookDelivery, data, "POST", "webhook-deliveries/")
+        except InternalAPIError as exc:
+            raise WebhookNotRecordedError(result, record, exc) from exc
+        return replace(result, delivery_id=delivery.id)
 
     def get_webhook_delivery(
         self, delivery_id: str, *, organization_id: OrgArg = _DEFAULT_ORG
@@ -724,7 +775,7 @@ class InternalAPIClient:
             "x-request-id": _request_id(),
         }
         if organization_id:
-            headers["x-organization-id"] = organization_id
+            headers["x-organization-id"] = _header_value("organization_id", organization_id)
         body: bytes | None = None
         if json_body is not None or method in ("POST", "PUT", "PATCH"):
             body = json.dumps(json_body, separators=(",", ":")).encode("utf-8")
@@ -744,13 +795,26 @@ class InternalAPIClient:
             timeout=timeout or config.api_timeout,
             deadline=time.monotonic() + config.api_deadline,
         )
-        breaker = self._breaker()
+        breaker = self._breaker
 
         def attempt() -> Any:
+            # Everything up to the bytes on the wire happens outside the breaker: only what
+            # the backend (or the network to it) does may count as its failure.
+            remaining = call.deadline - time.monotonic()
+            if remaining <= 0:
+                raise APITimeoutError(
+                    f"deadline of {config.api_deadline:g}s passed",
+                    method=method,
+                    path=path,
+                    request_id=call.headers["x-request-id"],
+                )
+            pool = _http.get_pool(self.base_url)
+            limit = min(call.timeout, remaining)
+            request = pool.build_request(
+                method, path, params=params, content=body, headers=headers, timeout=limit
+            )
             try:
-                return breaker.call(self._send, call)
-            except APICircuitOpenError:
-                raise
+                return breaker.call(self._send, pool, request, call, limit)
             except CircuitBreakerOpenError as exc:
                 raise APICircuitOpenError(
                     exc.breaker_name,
@@ -765,37 +829,23 @@ class InternalAPIClient:
             return attempt()
         return self._policy(method).call(attempt)
 
-    def _send(self, call: _Call) -> Any:
+    def _send(
+        self, pool: httpx2.Client, request: httpx2.Request, call: _Call, limit: float
+    ) -> Any:
         import httpx2
 
         call.attempts += 1
         if call.attempts > 1 and call.last_failure:
             _metrics.api_retry(call.method, call.endpoint, call.last_failure)
-        remaining = call.deadline - time.monotonic()
         request_id = call.headers["x-request-id"]
-        if remaining <= 0:
-            raise APITimeoutError(
-                f"deadline of {self.config.api_deadline:g}s passed",
-                method=call.method,
-                path=call.path,
-                request_id=request_id,
-            )
-        pool = _http.get_pool(self.base_url)
         started = time.perf_counter()
         status: int | str
         try:
-            response = pool.request(
-                call.method,
-                call.path,
-                params=call.params,
-                content=call.body,
-                headers=call.headers,
-                timeout=min(call.timeout, remaining),
-            )
+            response = pool.send(request)
         except httpx2.TimeoutException as exc:
             status = "timeout"
             error: InternalAPIError = APITimeoutError(
-                f"no answer within {min(call.timeout, remaining):.3g}s ({type(exc).__name__})",
+                f"no answer within {limit:.3g}s ({type(exc).__name__})",
                 method=call.method,
                 path=call.path,
                 request_id=request_id,
@@ -805,6 +855,14 @@ class InternalAPIClient:
             error = APIConnectionError(
                 f"cannot reach {pool.base_url.host}:{pool.base_url.port} "
                 f"({type(exc).__name__}: {one_line(str(exc), 120)})",
+                method=call.method,
+                path=call.path,
+                request_id=request_id,
+            )
+        except httpx2.DecodingError as exc:
+            status = "bad_response"
+            error = APIResponseError(
+                f"body cannot be decoded ({one_line(str(exc), 120)})",
                 method=call.method,
                 path=call.path,
                 request_id=request_id,
@@ -831,9 +889,9 @@ class InternalAPIClient:
                 return _Ok(None)
             try:
                 return _Ok(json.loads(raw))
-            except ValueError:
+            except (ValueError, RecursionError):
                 return APIResponseError(
-                    f"body is not JSON: {_excerpt(raw)}",
+                    f"body is not JSON: {self._excerpt(raw)}",
                     status=status,
                     method=call.method,
                     path=call.path,
@@ -841,8 +899,9 @@ class InternalAPIClient:
                 )
         code, detail = _error_body(raw)
         if detail is None:
-            detail = f"HTTP {status} {response.reason_phrase}; body {_excerpt(raw)}"
-        detail = self._scrub(detail)
+            detail = f"HTTP {status} {response.reason_phrase}; body {self._excerpt(raw)}"
+        else:
+            detail = self._scrub(detail)
         kind = _ERROR_BY_STATUS.get(status)
         if kind is None:
             kind = ServerError if status >= 500 else APIResponseError
@@ -855,6 +914,11 @@ class InternalAPIClient:
             path=call.path,
             retry_after=parse_retry_after(response.headers.get("retry-after")),
         )
+
+    def _excerpt(self, body: bytes) -> str:
+        # Secrets go before the text is cut, so no part of one can be left at the cut.
+        text = self._scrub(body.decode("utf-8", errors="replace"))
+        return repr(one_line(text, BODY_EXCERPT))
 
     def _scrub(self, text: str) -> str:
         for secret in self.config.secret_values():
@@ -879,17 +943,6 @@ class InternalAPIClient:
         else:
             logger.warning("internal API call failed: %s", error, extra=fields)
 
-    def _breaker(self) -> CircuitBreaker:
-        config = self.config
-        _metrics.subscribe_resilience()  # breaker states and retries in /metrics (idempotent)
-        return get_breaker(
-            f"internal-api {config.internal_api_base_url}",
-            failure_threshold=config.circuit_breaker_failure_threshold,
-            recovery_timeout=config.circuit_breaker_recovery_timeout,
-            is_failure=_is_breaker_failure,
-            redis_url=config.circuit_breaker_redis_url,
-        )
-
     def _policy(self, method: str) -> RetryPolicy:
         config = self.config
         key = (
@@ -904,11 +957,6 @@ class InternalAPIClient:
         )
         policy = _policies.get(key)
         if policy is None:
-            retry_if: Callable[[BaseException], bool] = (
-                (lambda exc: _should_retry("GET", exc))
-                if method == "GET"
-                else (lambda exc: _should_retry("POST", exc))
-            )
             policy = RetryPolicy(
                 max_attempts=config.api_retry_attempts + 1,
                 base_delay=config.api_retry_base_delay,
@@ -916,7 +964,7 @@ class InternalAPIClient:
                 backoff="exponential",
                 jitter=True,
                 exceptions=(InternalAPIError,),
-                retry_if=retry_if,
+                retry_if=_should_retry_read if method == "GET" else _should_retry_write,
                 budget=_retry_budget(config),
                 deadline=config.api_deadline,
             )
@@ -978,7 +1026,7 @@ def _reason(error: InternalAPIError) -> str:
 def _error_body(raw: bytes) -> tuple[str | None, str | None]:
     try:
         data = json.loads(raw) if raw else None
-    except ValueError:
+    except (ValueError, RecursionError):
         return None, None
     if not isinstance(data, dict):
         return None, None
@@ -1009,7 +1057,8 @@ def _request_id() -> str:
     for name in ("request_id", "task_id", "execution_id"):
         value = context.get(name)
         if value:
-            return str(value)
+            # A header value: visible ASCII only, bounded (a bound id may hold anything).
+            return _UNSAFE_ID_CHARS.sub("_", str(value))[:MAX_REQUEST_ID]
     return uuid.uuid4().hex
 
 
