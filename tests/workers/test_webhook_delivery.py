@@ -162,6 +162,48 @@ def test_response_body_read_is_bounded(live_backend: LiveBackend,
     assert result.ok and len(result.response_body) == 64 * 1024
 
 
+def test_compressed_answer_is_read_raw_and_bounded(live_backend: LiveBackend,
+                                                   receiver: FaultServer) -> None:
+    # An answer claiming gzip is neither decoded (no decompression bomb, no decoding error)
+    # nor asked for: the bound applies to the bytes received.
+    receiver.reset(default=Respond(200, b"\x00 not gzip" * 10_000, {"Content-Encoding": "gzip"}))
+    result = make_client(live_backend).send_webhook(hook_url(receiver), {"a": 1})
+    assert result.ok and result.response_body.startswith(b"\x00 not gzip")
+    assert len(result.response_body) == 64 * 1024
+    assert receiver.requests[0].headers["accept-encoding"] == "identity"
+
+
+def test_credentials_do_not_follow_a_redirect_to_another_origin(
+    live_backend: LiveBackend, receiver: FaultServer
+) -> None:
+    client = make_client(live_backend, webhook_allowed_hosts="localhost,127.0.0.1")
+    with FaultServer(default=Respond(200, b"")) as hop:
+        hop.push(Respond(307, b"", {"Location": "/same-origin"}),
+                 Respond(307, b"", {"Location": f"http://127.0.0.1:{receiver.port}/other"}))
+        result = client.send_webhook(
+            f"http://localhost:{hop.port}/start", {"a": 1},
+            headers={"Authorization": "Bearer receiver-token", "Cookie": "s=1", "X-Keep": "1"})
+        assert result.ok
+        assert [r.headers.get("authorization") for r in hop.requests] == [
+            "Bearer receiver-token", "Bearer receiver-token"]
+    moved = receiver.requests[0]
+    assert "authorization" not in moved.headers and "cookie" not in moved.headers
+    assert moved.headers["x-keep"] == "1"
+    Webhook(SIGNING_SECRET).verify(moved.body, moved.headers)  # still signed
+
+
+def test_password_in_the_url_is_neither_recorded_nor_shown(
+    live_backend: LiveBackend, receiver: FaultServer
+) -> None:
+    client = make_client(live_backend)
+    url = f"http://hook-user:s3cr3t-pw@localhost:{receiver.port}/h"
+    result = client.send_webhook(url, {"a": 1})
+    assert result.ok and receiver.requests[0].headers["authorization"].startswith("Basic ")
+    assert "s3cr3t-pw" not in result.url and "s3cr3t-pw" not in repr(result)
+    assert client.get_webhook_delivery(result.delivery_id).url == (
+        f"http://localhost:{receiver.port}/h")
+
+
 def test_bad_payload_and_secret_are_clear_errors(live_backend: LiveBackend,
                                                  receiver: FaultServer) -> None:
     with pytest.raises(WebhookError, match="not JSON-serialisable"):

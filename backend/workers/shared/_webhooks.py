@@ -36,6 +36,8 @@ MAX_REDIRECTS = 3
 #: Most bytes of the receiver's answer that are read; the rest is discarded unread.
 MAX_RESPONSE_BYTES = 64 * 1024
 _REDIRECTS = (301, 302, 307, 308)
+#: The caller's headers not sent on to another origin when a redirect leads there.
+_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -64,8 +66,7 @@ def refusal_reason(address: IPAddress) -> str | None:
             "shared address space (100.64.0.0/10)",
         ),
         (
-            isinstance(address, ipaddress.IPv6Address)
-            and address in _UNIQUE_LOCAL,
+            isinstance(address, ipaddress.IPv6Address) and address in _UNIQUE_LOCAL,
             "unique-local address",
         ),
         (address.is_private, "private address"),
@@ -182,6 +183,14 @@ def signature_headers(secret: str, message_id: str, body: str) -> dict[str, str]
     }
 
 
+def public_url(url: str) -> str:
+    """``url`` without its ``user:password@`` part: what is recorded and reported."""
+    import httpx2
+
+    parsed = httpx2.URL(url)
+    return str(parsed.copy_with(userinfo=b"")) if parsed.userinfo else url
+
+
 def new_message_id() -> str:
     """A fresh Standard Webhooks message id (kept across the retries of one delivery)."""
     return f"msg_{uuid.uuid4().hex}"
@@ -191,8 +200,6 @@ def new_message_id() -> str:
 class DeliveryReport:
     """What happened to one delivery, attempts and redirects included."""
 
-    url: str
-    message_id: str
     outcome: str = "failed"
     status_code: int | None = None
     attempts: int = 0
@@ -229,7 +236,7 @@ def deliver(
     import httpx2
 
     check_url(url, allowed_hosts)  # refuse before anything is sent
-    report = DeliveryReport(url=url, message_id=message_id)
+    report = DeliveryReport()
     payload = body.encode("utf-8")
     started = time.monotonic()
 
@@ -237,6 +244,8 @@ def deliver(
         report.attempts += 1
         sent = dict(headers)
         sent["content-type"] = "application/json"
+        # Uncompressed, so the 64 KiB bound is on the bytes received (no decompression bomb).
+        sent.setdefault("accept-encoding", "identity")
         if secret is not None:
             sent.update(signature_headers(secret, message_id, body))
         status, response_body, final_url, retry_after = _post_following_redirects(
@@ -325,16 +334,23 @@ def _post_following_redirects(
             location = response.headers.get("location")
             retry_after = parse_retry_after(response.headers.get("retry-after"))
         if status in _REDIRECTS and location:
-            current = current.join(location)
+            following = current.join(location)
+            if _origin(following) != _origin(current):
+                headers = {k: v for k, v in headers.items() if k.lower() not in _CREDENTIAL_HEADERS}
+            current = following
             continue
         return status, body, str(current), retry_after
     raise AttemptFailed(f"more than {MAX_REDIRECTS} redirects", status=None, transient=False)
 
 
+def _origin(url: httpx2.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port
+
+
 def _read_bounded(response: httpx2.Response) -> bytes:
     chunks: list[bytes] = []
     size = 0
-    for chunk in response.iter_bytes():
+    for chunk in response.iter_raw():
         chunks.append(chunk[: MAX_RESPONSE_BYTES - size])
         size += len(chunks[-1])
         if size >= MAX_RESPONSE_BYTES:

@@ -519,7 +519,7 @@ class InternalAPIClient:
         webhook went out but the backend would not record it, :class:`WebhookNotRecordedError`
         says so (not transient: sending again would deliver twice).
         """
-        from ._webhooks import deliver, new_message_id
+        from ._webhooks import deliver, new_message_id, public_url
 
         org = self._require_org(organization_id, "send_webhook")
         try:
@@ -546,8 +546,9 @@ class InternalAPIClient:
             allowed_hosts=self.config.webhook_allowed_hosts,
             policy=self._webhook_policy(),
         )
+        shown_url = public_url(url)  # a password in the URL is neither recorded nor shown
         record = {
-            "url": url,
+            "url": shown_url,
             "execution_id": execution_id,
             "status_code": report.status_code,
             "attempts": report.attempts,
@@ -558,7 +559,7 @@ class InternalAPIClient:
         result = WebhookResult(
             delivery_id="",
             message_id=message_id,
-            url=url,
+            url=shown_url,
             outcome=report.outcome,
             status_code=report.status_code,
             attempts=report.attempts,
@@ -829,9 +830,7 @@ class InternalAPIClient:
             return attempt()
         return self._policy(method).call(attempt)
 
-    def _send(
-        self, pool: httpx2.Client, request: httpx2.Request, call: _Call, limit: float
-    ) -> Any:
+    def _send(self, pool: httpx2.Client, request: httpx2.Request, call: _Call, limit: float) -> Any:
         import httpx2
 
         call.attempts += 1
