@@ -82,16 +82,19 @@ MULTIPROCESS_SCRIPT = textwrap.dedent("""
     _metrics.enable_multiprocess(sys.argv[1])
     _metrics.task_finished("parent.task", "success", 0.1)  # the parent counts too
     children = []
+    ready_r, ready_w = os.pipe()
     for n in range(3):
         pid = os.fork()
         if pid == 0:
             for _ in range(n + 1):
                 _metrics.task_finished("child.task", "success", 0.2)
             _metrics.breaker_state("api", "open" if n == 0 else "closed")
-            if n == 2:  # stays alive until told to exit
+            if n == 2:  # says it is done, then stays alive until killed
+                os.write(ready_w, b"x")
                 time.sleep(30)
             os._exit(0)
         children.append(pid)
+    os.read(ready_r, 1)
     for pid in children[:2]:
         os.waitpid(pid, 0)
     for pid in children[:2]:

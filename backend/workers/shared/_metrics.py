@@ -34,8 +34,27 @@ if TYPE_CHECKING:
 ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
 BREAKER_STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 # Seconds: from a fast loopback call (1 ms) to a long task (10 min).
-_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            30.0, 60.0, 120.0, 300.0, 600.0, float("inf"))
+_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    float("inf"),
+)
 
 
 class _Metrics:
@@ -60,30 +79,57 @@ class _Metrics:
             self.registry = registry
             f = self.families
             f["api_requests"] = Counter(
-                "worker_api_requests", "Internal API requests by method, endpoint and status",
-                ["method", "endpoint", "status"], registry=registry)
+                "worker_api_requests",
+                "Internal API requests by method, endpoint and status",
+                ["method", "endpoint", "status"],
+                registry=registry,
+            )
             f["api_duration"] = Histogram(
-                "worker_api_request_duration_seconds", "Internal API request duration",
-                ["method", "endpoint"], registry=registry, buckets=_BUCKETS)
+                "worker_api_request_duration_seconds",
+                "Internal API request duration",
+                ["method", "endpoint"],
+                registry=registry,
+                buckets=_BUCKETS,
+            )
             f["api_retries"] = Counter(
-                "worker_api_retries", "Internal API requests retried, by reason",
-                ["method", "endpoint", "reason"], registry=registry)
+                "worker_api_retries",
+                "Internal API requests retried, by reason",
+                ["method", "endpoint", "reason"],
+                registry=registry,
+            )
             f["breaker"] = Gauge(
                 "worker_circuit_breaker_state",
                 "Circuit breaker state: 0 closed, 1 half_open, 2 open",
-                ["breaker"], registry=registry, multiprocess_mode="livemax")
+                ["breaker"],
+                registry=registry,
+                multiprocess_mode="livemax",
+            )
             f["tasks"] = Counter(
-                "worker_tasks", "Celery tasks finished, by outcome",
-                ["task", "outcome"], registry=registry)
+                "worker_tasks",
+                "Celery tasks finished, by outcome",
+                ["task", "outcome"],
+                registry=registry,
+            )
             f["task_duration"] = Histogram(
-                "worker_task_duration_seconds", "Celery task run time",
-                ["task"], registry=registry, buckets=_BUCKETS)
+                "worker_task_duration_seconds",
+                "Celery task run time",
+                ["task"],
+                registry=registry,
+                buckets=_BUCKETS,
+            )
             f["function"] = Histogram(
-                "worker_function_duration_seconds", "Run time of monitored functions",
-                ["function", "outcome"], registry=registry, buckets=_BUCKETS)
+                "worker_function_duration_seconds",
+                "Run time of monitored functions",
+                ["function", "outcome"],
+                registry=registry,
+                buckets=_BUCKETS,
+            )
             f["retries"] = Counter(
-                "worker_retries", "Retries made by the retry engine, by function",
-                ["function"], registry=registry)
+                "worker_retries",
+                "Retries made by the retry engine, by function",
+                ["function"],
+                registry=registry,
+            )
             self.built = True
         if "backend.workers.shared.retry_utils" in sys.modules:
             subscribe_resilience()

@@ -19,28 +19,40 @@ MASK = "**********"
 SECRET_ENV_VARS = ("INTERNAL_SERVICE_API_KEY", "WEBHOOK_SIGNING_SECRET")
 # Shorter values are too likely to occur by chance in ordinary text to be scrubbed.
 MIN_SECRET_LENGTH = 4
-_SENSITIVE_WORDS = frozenset({
-    "authorization", "auth", "token", "secret", "password", "passwd", "pwd", "apikey",
-    "cookie", "credential", "credentials", "signature",
-})
+_SENSITIVE_WORDS = frozenset(
+    {
+        "authorization",
+        "auth",
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "pwd",
+        "apikey",
+        "cookie",
+        "credential",
+        "credentials",
+        "signature",
+    }
+)
 _SENSITIVE_PAIRS = ("api_key", "access_key", "private_key", "secret_key", "client_secret")
 _WORD_SPLIT = re.compile(r"[_\-.\s]+")
 
 _lock = threading.Lock()
 _secrets: tuple[str, ...] = ()
-_key_cache: dict[str, bool] = {}
+KEY_CACHE: dict[str, bool] = {}  # field name -> sensitive, filled by is_sensitive_key
 
 
 def is_sensitive_key(key: str) -> bool:
     """True for a field name like ``authorization``, ``api_key``, ``x-auth-token``, ``password``."""
-    cached = _key_cache.get(key)
+    cached = KEY_CACHE.get(key)
     if cached is None:
         norm = _WORD_SPLIT.sub("_", key.lower()).strip("_")
         cached = any(pair in norm for pair in _SENSITIVE_PAIRS) or any(
             word in _SENSITIVE_WORDS for word in norm.split("_")
         )
-        if len(_key_cache) < 4096:
-            _key_cache[key] = cached
+        if len(KEY_CACHE) < 4096:
+            KEY_CACHE[key] = cached
     return cached
 
 
@@ -88,11 +100,3 @@ def redact_fields(fields: dict[str, Any], depth: int = 0) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def needs_redaction(fields: dict[str, Any]) -> bool:
-    """Cheap pre-check: does any name, or any nested mapping, call for :func:`redact_fields`?"""
-    for key, value in fields.items():
-        if isinstance(value, dict) or (isinstance(key, str) and is_sensitive_key(key)):
-            return True
-    return False

@@ -54,8 +54,13 @@ class CallStats:
         """Raw figures per name, JSON-serialisable, for merging across processes."""
         with self._lock:
             return {
-                name: {"count": e.count, "errors": e.errors, "total": e.total, "max": e.max,
-                       "samples": list(e.samples)}
+                name: {
+                    "count": e.count,
+                    "errors": e.errors,
+                    "total": e.total,
+                    "max": e.max,
+                    "samples": list(e.samples),
+                }
                 for name, e in self._entries.items()
             }
 
@@ -75,13 +80,14 @@ def merge(snapshots: Iterable[dict[str, dict[str, Any]]]) -> dict[str, dict[str,
     out: dict[str, dict[str, Any]] = {}
     for snap in snapshots:
         for name, fig in snap.items():
-            acc = out.setdefault(name, {"count": 0, "errors": 0, "total": 0.0, "max": 0.0,
-                                        "samples": []})
+            acc = out.setdefault(
+                name, {"count": 0, "errors": 0, "total": 0.0, "max": 0.0, "samples": []}
+            )
             acc["count"] += int(fig["count"])
             acc["errors"] += int(fig["errors"])
             acc["total"] += float(fig["total"])
             acc["max"] = max(acc["max"], float(fig["max"]))
-            acc["samples"] = (acc["samples"] + list(fig["samples"]))[-4 * SAMPLES:]
+            acc["samples"] = (acc["samples"] + list(fig["samples"]))[-4 * SAMPLES :]
     return out
 
 

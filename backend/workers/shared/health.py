@@ -152,7 +152,8 @@ class _Run:
             result = _as_result(self.name, self.fn())
         except Exception as exc:  # a failing check is a finding, not a crash
             result = HealthCheckResult(
-                self.name, HealthStatus.UNHEALTHY,
+                self.name,
+                HealthStatus.UNHEALTHY,
                 _redact.scrub(f"check raised {type(exc).__name__}: {exc}"),
             )
         result.duration_ms = round((time.perf_counter() - started) * 1000, 3)
@@ -170,7 +171,8 @@ def _as_result(name: str, value: Any) -> HealthCheckResult:
             return HealthCheckResult(name, HealthStatus.HEALTHY, "OK")
         return HealthCheckResult(name, HealthStatus.UNHEALTHY, "check returned False")
     return HealthCheckResult(
-        name, HealthStatus.UNHEALTHY,
+        name,
+        HealthStatus.UNHEALTHY,
         f"check returned {type(value).__name__}, expected HealthCheckResult or bool",
     )
 
@@ -188,7 +190,8 @@ class HealthChecker:
             high = getattr(config, f"health_{kind}_unhealthy_percent")
             if low > high:
                 problems[f"HEALTH_{kind.upper()}_DEGRADED_PERCENT"] = (
-                    f"must not exceed HEALTH_{kind.upper()}_UNHEALTHY_PERCENT ({low} > {high})")
+                    f"must not exceed HEALTH_{kind.upper()}_UNHEALTHY_PERCENT ({low} > {high})"
+                )
         if problems:
             raise ConfigurationError(problems)
         self.config = config
@@ -215,8 +218,9 @@ class HealthChecker:
         self.add_custom_check("worker_process", self.check_worker_process)
 
     # --- registration ---------------------------------------------------------------
-    def add_custom_check(self, name: str, check: CheckFunction, *,
-                         timeout: float | None = None) -> None:
+    def add_custom_check(
+        self, name: str, check: CheckFunction, *, timeout: float | None = None
+    ) -> None:
         """Add (or replace) a check: ``check()`` returns a HealthCheckResult or a bool."""
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"check name must be a non-empty string, got {name!r}")
@@ -267,7 +271,8 @@ class HealthChecker:
         else:
             elapsed = time.monotonic() - run.started
             result = HealthCheckResult(
-                name, HealthStatus.UNHEALTHY,
+                name,
+                HealthStatus.UNHEALTHY,
                 f"check did not finish within {bound:g} s (running for {elapsed:.1f} s)",
                 duration_ms=round(elapsed * 1000, 3),
             )
@@ -308,8 +313,9 @@ class HealthChecker:
         return report
 
     def _run_all(self) -> HealthReport:
-        started = [(name, s) for name in self.check_names
-                   if (s := self._start_or_join(name)) is not None]
+        started = [
+            (name, s) for name in self.check_names if (s := self._start_or_join(name)) is not None
+        ]
         checks = {name: self._collect(name, run, bound) for name, (run, bound) in started}
         report = HealthReport(
             status=worst([r.status for r in checks.values()]),
@@ -364,7 +370,8 @@ class HealthChecker:
 
         self._stop.clear()
         self._background = threading.Thread(
-            target=self._loop, args=(float(every),), name="health-checker", daemon=True)
+            target=self._loop, args=(float(every),), name="health-checker", daemon=True
+        )
         self._background.start()
 
     def _loop(self, every: float) -> None:
@@ -396,15 +403,21 @@ class HealthChecker:
         except InternalAPIError as exc:
             status = getattr(exc, "status", None)
             why = type(exc).__name__ + (f", HTTP {status}" if status else "")
-            return HealthCheckResult("api_connectivity", HealthStatus.UNHEALTHY,
-                                     f"backend unreachable ({why})")
+            return HealthCheckResult(
+                "api_connectivity", HealthStatus.UNHEALTHY, f"backend unreachable ({why})"
+            )
         latency = round((time.perf_counter() - started) * 1000, 3)
         details = {"latency_ms": latency, "backend_status": answer.status}
         if answer.status != "healthy":
-            return HealthCheckResult("api_connectivity", HealthStatus.DEGRADED,
-                                     f"backend reports {answer.status!r}", details)
-        return HealthCheckResult("api_connectivity", HealthStatus.HEALTHY,
-                                 "API connectivity OK", details)
+            return HealthCheckResult(
+                "api_connectivity",
+                HealthStatus.DEGRADED,
+                f"backend reports {answer.status!r}",
+                details,
+            )
+        return HealthCheckResult(
+            "api_connectivity", HealthStatus.HEALTHY, "API connectivity OK", details
+        )
 
     def check_system_resources(self) -> HealthCheckResult:
         """Memory, disk (of ``WORKER_DATA_DIR``) and CPU use against the thresholds."""
@@ -434,26 +447,40 @@ class HealthChecker:
         details: dict[str, Any] = {"pid": os.getpid()}
         if not _heartbeat.worker_attached():
             details["celery_worker"] = False
-            return HealthCheckResult("worker_process", HealthStatus.HEALTHY,
-                                     "Worker process healthy", details)
+            return HealthCheckResult(
+                "worker_process", HealthStatus.HEALTHY, "Worker process healthy", details
+            )
         children = _heartbeat.child_heartbeats(self.config.health_heartbeat_timeout)
         connected = _heartbeat.consumer_connected()
-        details.update(celery_worker=True, consumer_connected=connected,
-                       consumer_ready=_heartbeat.STATE.ready, pool_processes=children)
+        details.update(
+            celery_worker=True,
+            consumer_connected=connected,
+            consumer_ready=_heartbeat.STATE.ready,
+            pool_processes=children,
+        )
         stale = [c["pid"] for c in children if not c["fresh"]]
         if not connected:
-            return HealthCheckResult("worker_process", HealthStatus.UNHEALTHY,
-                                     "consumer not connected to the broker", details)
+            return HealthCheckResult(
+                "worker_process",
+                HealthStatus.UNHEALTHY,
+                "consumer not connected to the broker",
+                details,
+            )
         if stale:
             return HealthCheckResult(
-                "worker_process", HealthStatus.UNHEALTHY,
+                "worker_process",
+                HealthStatus.UNHEALTHY,
                 f"{len(stale)} of {len(children)} pool processes without a heartbeat for "
-                f"{self.config.health_heartbeat_timeout:g} s: {stale}", details)
+                f"{self.config.health_heartbeat_timeout:g} s: {stale}",
+                details,
+            )
         if not _heartbeat.STATE.ready:
-            return HealthCheckResult("worker_process", HealthStatus.DEGRADED,
-                                     "consumer starting", details)
-        return HealthCheckResult("worker_process", HealthStatus.HEALTHY,
-                                 "Worker process healthy", details)
+            return HealthCheckResult(
+                "worker_process", HealthStatus.DEGRADED, "consumer starting", details
+            )
+        return HealthCheckResult(
+            "worker_process", HealthStatus.HEALTHY, "Worker process healthy", details
+        )
 
     # --- probes ---------------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -461,8 +488,7 @@ class HealthChecker:
         consumer attached (when a Celery worker runs here). Returns (ready, reasons)."""
         checks: dict[str, Any] = {}
         api = self.run_check("api_connectivity", max_age=READY_MAX_AGE)
-        checks["backend"] = {"ok": api.status is not HealthStatus.UNHEALTHY,
-                             "message": api.message}
+        checks["backend"] = {"ok": api.status is not HealthStatus.UNHEALTHY, "message": api.message}
         open_breakers = _open_breakers()
         checks["circuit_breakers"] = {"ok": not open_breakers, "open": open_breakers}
         if _heartbeat.worker_attached():
@@ -477,9 +503,12 @@ class HealthChecker:
         functions, tasks = _heartbeat.merged_stats()
         me = psutil.Process()
         with me.oneshot():
-            process = {"pid": me.pid, "rss_bytes": me.memory_info().rss,
-                       "threads": me.num_threads(),
-                       "pool_processes": len(_heartbeat.pool_pids())}
+            process = {
+                "pid": me.pid,
+                "rss_bytes": me.memory_info().rss,
+                "threads": me.num_threads(),
+                "pool_processes": len(_heartbeat.pool_pids()),
+            }
         return {
             "timestamp": _now_iso(),
             "worker_name": self.config.worker_name,
@@ -489,7 +518,8 @@ class HealthChecker:
                 "cpu_percent": psutil.cpu_percent(interval=None),
                 "memory_percent": psutil.virtual_memory().percent,
                 "disk_percent": psutil.disk_usage(
-                    str(_existing(self.config.worker_data_dir))).percent,
+                    str(_existing(self.config.worker_data_dir))
+                ).percent,
                 "load_average": [round(x, 2) for x in os.getloadavg()],
             },
             "process": process,
@@ -537,6 +567,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     timeout = 5.0  # a silent client holds only its own thread, and not for long
+    # Headers and body leave in one send (flushed after each request), without Nagle's
+    # delay: two small writes would otherwise wait for the client's delayed ACK (~40 ms).
+    wbufsize = 64 * 1024
+    disable_nagle_algorithm = True
     server_version = "worker-health"
     sys_version = ""
     checker: HealthChecker  # set on the per-server subclass
@@ -544,8 +578,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("health request: " + format, *args)
 
-    def _send(self, status: int, body: bytes, content_type: str = "application/json",
-              extra: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        extra: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -556,8 +595,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _error(self, status: int, code: str, detail: str,
-               extra: dict[str, str] | None = None) -> None:
+    def _error(
+        self, status: int, code: str, detail: str, extra: dict[str, str] | None = None
+    ) -> None:
         self._send(status, _json_body({"error": code, "detail": detail}), extra=extra)
 
     def do_GET(self) -> None:
@@ -576,8 +616,12 @@ class _Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def _not_allowed(self) -> None:
-        self._error(405, "method_not_allowed", f"{self.command} is not allowed; use GET",
-                    extra={"Allow": "GET, HEAD"})
+        self._error(
+            405,
+            "method_not_allowed",
+            f"{self.command} is not allowed; use GET",
+            extra={"Allow": "GET, HEAD"},
+        )
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _not_allowed
 
@@ -591,11 +635,19 @@ class _Handler(BaseHTTPRequestHandler):
         """``/health/quick``: the last report as it was."""
         last = self.checker.last_report_json()
         if last is None:
-            self._send(503, _json_body({
-                "status": HealthStatus.UNHEALTHY.value, "timestamp": _now_iso(),
-                "uptime_seconds": self.checker.uptime_seconds(),
-                "worker_name": self.checker.config.worker_name, "checks": {},
-                "message": "no health report yet"}))
+            self._send(
+                503,
+                _json_body(
+                    {
+                        "status": HealthStatus.UNHEALTHY.value,
+                        "timestamp": _now_iso(),
+                        "uptime_seconds": self.checker.uptime_seconds(),
+                        "worker_name": self.checker.config.worker_name,
+                        "checks": {},
+                        "message": "no health report yet",
+                    }
+                ),
+            )
             return
         self._send(last[0].http_status, last[1])
 
@@ -611,21 +663,38 @@ class _Handler(BaseHTTPRequestHandler):
             if not text.isdigit() or int(text) < 1:
                 self._error(400, "bad_limit", f"limit must be a positive integer, got {text!r}")
                 return
-            reports = reports[-int(text):]
-        self._send(200, _json_body({"worker_name": self.checker.config.worker_name,
-                                    "count": len(reports),
-                                    "history": [r.to_dict() for r in reports]}))
+            reports = reports[-int(text) :]
+        self._send(
+            200,
+            _json_body(
+                {
+                    "worker_name": self.checker.config.worker_name,
+                    "count": len(reports),
+                    "history": [r.to_dict() for r in reports],
+                }
+            ),
+        )
 
     def livez(self, _query: dict[str, list[str]]) -> None:
         """``/livez``: this process and its server answer."""
-        self._send(200, _json_body({"status": "alive", "pid": os.getpid(),
-                                    "uptime_seconds": self.checker.uptime_seconds()}))
+        self._send(
+            200,
+            _json_body(
+                {
+                    "status": "alive",
+                    "pid": os.getpid(),
+                    "uptime_seconds": self.checker.uptime_seconds(),
+                }
+            ),
+        )
 
     def readyz(self, _query: dict[str, list[str]]) -> None:
         """``/readyz``: 200 when ready to take work, else 503 with the failed parts."""
         ready, checks = self.checker.readiness()
-        self._send(200 if ready else 503,
-                   _json_body({"status": "ready" if ready else "not_ready", "checks": checks}))
+        self._send(
+            200 if ready else 503,
+            _json_body({"status": "ready" if ready else "not_ready", "checks": checks}),
+        )
 
     def prometheus(self, _query: dict[str, list[str]]) -> None:
         """``/metrics``: Prometheus text exposition."""
@@ -652,8 +721,9 @@ class _Server(ThreadingHTTPServer):
 class HealthServer:
     """HTTP server of the health endpoints, in a daemon thread of the main process."""
 
-    def __init__(self, health_checker: HealthChecker, port: int = 8080,
-                 host: str = "0.0.0.0") -> None:
+    def __init__(
+        self, health_checker: HealthChecker, port: int = 8080, host: str = "0.0.0.0"
+    ) -> None:
         if not isinstance(health_checker, HealthChecker):
             raise TypeError(f"health_checker must be a HealthChecker, got {health_checker!r}")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
@@ -698,22 +768,34 @@ class HealthServer:
         except OSError as exc:
             reason = exc.strerror or str(exc)
             self.error = HealthServerError(
-                exc.errno, f"health server cannot listen on {self.host}:{self._requested_port}"
-                           f": {reason}")
-            log.error("%s; the worker runs without health endpoints", self.error.strerror,
-                      extra={"port": self._requested_port, "host": self.host})
+                exc.errno,
+                f"health server cannot listen on {self.host}:{self._requested_port}: {reason}",
+            )
+            log.error(
+                "%s; the worker runs without health endpoints",
+                self.error.strerror,
+                extra={"port": self._requested_port, "host": self.host},
+            )
             return
         self.error = None
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
-                                         name="health-server", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.5},
+            name="health-server",
+            daemon=True,
+        )
         self._thread.start()
         self.health_checker.start_background()
         from . import _celery
 
         _celery.install_if_celery_loaded()
-        log.info("health server listening on %s:%s", self.host, self.port,
-                 extra={"port": self.port, "host": self.host})
+        log.info(
+            "health server listening on %s:%s",
+            self.host,
+            self.port,
+            extra={"port": self.port, "host": self.host},
+        )
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop serving, close the socket and stop the background checks."""

@@ -1,9 +1,11 @@
 """Structured logging, log context and performance monitoring for workers.
 
 One pipeline: structlog over the standard library. ``WorkerLogger.configure()`` puts one
-handler on the root logger whose formatter (structlog's ``ProcessorFormatter``) renders every
-record the same way, whether it comes from :meth:`WorkerLogger.get_logger`, from a plain
-``logging.getLogger(...)`` call with ``extra=`` fields, or from Celery, kombu and httpx2:
+handler on the root logger whose formatter renders every record the same way, whether it
+comes from :meth:`WorkerLogger.get_logger`, from a plain ``logging.getLogger(...)`` call with
+``extra=`` fields, or from Celery, kombu and httpx2. (structlog's events reach the formatter
+unrendered, as with its ``ProcessorFormatter``, minus that class's per-line record copy,
+which measured at twice the cost of a line.) Formats:
 
 - ``structured``: one JSON object per line with ``timestamp`` (UTC ISO-8601), ``level``,
   ``logger``, ``message``, ``worker_name``, ``pid``, the bound context fields, the call's own
@@ -29,7 +31,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from typing import IO, Any, ParamSpec, TypeVar, cast, overload
@@ -49,13 +51,12 @@ DEFAULT_SLOW_THRESHOLD_MS = 1000.0
 # is written with a trailing underscore instead of replacing one.
 CORE_FIELDS = ("timestamp", "level", "logger", "message", "worker_name", "pid")
 _CORE = frozenset(CORE_FIELDS)
+_STRUCTLOG_MARK = "_worker_structlog_event"
+_MARK_EXTRA = {_STRUCTLOG_MARK: True}
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
-    "message",
-    "asctime",
-    "taskName",
-    "_logger",
-    "_name",
+    "message", "asctime", "taskName", _STRUCTLOG_MARK,
 }
+_SENSITIVE_CACHE = _redact.KEY_CACHE
 
 _EMPTY: Mapping[str, Any] = {}
 _CONTEXT: ContextVar[Mapping[str, Any]] = ContextVar("worker_log_context", default=_EMPTY)
@@ -157,14 +158,36 @@ def _format_message(message: Any, args: Any) -> str:
     return text
 
 
-def _assemble(_logger: Any, _method: str, ed: MutableMapping[str, Any]) -> dict[str, Any]:
-    """Turn structlog's event dict (either origin) into the ordered fields of one line."""
-    record: logging.LogRecord = ed.pop("_record")
-    from_structlog = ed.pop("_from_structlog", False)
-    args = ed.pop("positional_args", None)
-    message = _format_message(ed.pop("event", ""), args) if from_structlog else ed.pop("event", "")
-    exc_info = ed.pop("exc_info", None)
-    ed.pop("stack_info", None)
+def _put(out: dict[str, Any], key: str, value: Any) -> None:
+    """Add one field, masked when its name is sensitive (nested mappings checked too)."""
+    sensitive = _SENSITIVE_CACHE.get(key)
+    if sensitive is None:
+        sensitive = _redact.is_sensitive_key(key)
+    if sensitive:
+        out[key] = _redact.MASK if value is not None else None
+    elif type(value) is dict:
+        out[key] = _redact.redact_fields(value, 1)
+    else:
+        out[key] = value
+
+
+def _assemble(record: logging.LogRecord) -> dict[str, Any]:
+    """The ordered, redacted fields of one line, from a structlog event or a stdlib record."""
+    event = record.msg
+    if getattr(record, _STRUCTLOG_MARK, False) and type(event) is dict:
+        fields = dict(event)
+        message = _format_message(fields.pop("event", ""), fields.pop("positional_args", None))
+        exc_info = fields.pop("exc_info", None)
+        fields.pop("stack_info", None)
+        args: Any = None
+    else:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError, KeyError):  # arguments that do not fit the format
+            message = f"{record.msg} {record.args!r}"
+        exc_info = record.exc_info
+        args = record.args
+        fields = {k: v for k, v in record.__dict__.items() if k not in _RECORD_ATTRS}
     out: dict[str, Any] = {
         "timestamp": _timestamp(record.created),
         "level": record.levelname,
@@ -173,28 +196,38 @@ def _assemble(_logger: Any, _method: str, ed: MutableMapping[str, Any]) -> dict[
         "worker_name": _state.worker_name,
         "pid": record.process,
     }
-    context = _CONTEXT.get()
-    if context:
-        out.update(context)
-    if not from_structlog:
-        for key, value in record.__dict__.items():
-            if key not in _RECORD_ATTRS:
-                ed[key] = value
-        if isinstance(args, Mapping) and record.name.startswith("celery"):
-            # Celery's task lines carry the task in their format arguments.
-            if "id" in args:
-                out.setdefault("task_id", args["id"])
-            if "name" in args:
-                out.setdefault("task_name", args["name"])
-    for key, value in ed.items():
-        out[f"{key}_" if key in _CORE else key] = value
+    for key, value in _CONTEXT.get().items():
+        _put(out, key, value)
+    if isinstance(args, Mapping) and record.name.startswith("celery"):
+        # Celery's task lines carry the task in their format arguments.
+        if "id" in args:
+            out.setdefault("task_id", args["id"])
+        if "name" in args:
+            out.setdefault("task_name", args["name"])
+    for key, value in fields.items():
+        _put(out, f"{key}_" if key in _CORE else key, value)
     if exc_info:
         exception = _exception_fields(exc_info)
         if exception is not None:
             out["exception"] = exception
-    if _redact.needs_redaction(out):
-        out = _redact.redact_fields(out)
     return out
+
+
+class _Formatter(logging.Formatter):
+    """The one formatter: every record, whatever logger made it, in the configured format."""
+
+    def __init__(self, render: Callable[[dict[str, Any]], str]) -> None:
+        super().__init__()
+        self._render = render
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render ``record`` as one line (JSON or simple), redacted and scrubbed."""
+        return self._render(_assemble(record))
+
+
+def _to_formatter(_logger: Any, _method: str, ed: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """After ``configure``: pass the event dict on untouched, marked for :class:`_Formatter`."""
+    return (ed,), {"extra": _MARK_EXTRA}
 
 
 def _json_default(value: Any) -> Any:
@@ -203,7 +236,7 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _render_json(_logger: Any, _method: str, out: MutableMapping[str, Any]) -> str:
+def _render_json(out: dict[str, Any]) -> str:
     try:
         line = json.dumps(out, default=_json_default, ensure_ascii=False)
     except (TypeError, ValueError) as exc:  # e.g. a circular structure in a field
@@ -213,7 +246,7 @@ def _render_json(_logger: Any, _method: str, out: MutableMapping[str, Any]) -> s
     return _redact.scrub(line)
 
 
-def _render_simple(_logger: Any, _method: str, out: MutableMapping[str, Any]) -> str:
+def _render_simple(out: dict[str, Any]) -> str:
     exception = out.pop("exception", None)
     head = (
         f"{out.pop('timestamp')} {out.pop('level'):<8} {out.pop('logger')} "
@@ -238,11 +271,16 @@ def _to_stdlib(logger: Any, method: str, ed: dict[str, Any]) -> tuple[tuple[Any,
     return (str(message), *args), kwargs
 
 
+def _stdlib_logger(*args: Any) -> logging.Logger:
+    """structlog's logger factory: the standard library logger of that name."""
+    return logging.getLogger(args[0] if args else None)
+
+
 # One list object: configure() replaces its content, so loggers cached before see the change.
 _PROCESSORS: list[Any] = [structlog.stdlib.filter_by_level, _to_stdlib]
 structlog.configure(
     processors=_PROCESSORS,
-    logger_factory=structlog.stdlib.LoggerFactory(),
+    logger_factory=_stdlib_logger,
     wrapper_class=structlog.stdlib.BoundLogger,
     cache_logger_on_first_use=True,
 )
@@ -284,9 +322,7 @@ class WorkerLogger:
         if worker_name is not None and not str(worker_name).strip():
             raise ValueError("worker_name must not be empty")
         renderer = _render_json if fmt == "structured" else _render_simple
-        formatter = structlog.stdlib.ProcessorFormatter(
-            processors=[_assemble, renderer], use_get_message=True, pass_foreign_args=True
-        )
+        formatter = _Formatter(renderer)
         handler = logging.StreamHandler(stream or _default_stream())
         handler.setFormatter(formatter)
         with _state.lock:
@@ -305,7 +341,7 @@ class WorkerLogger:
             )
             _PROCESSORS[:] = [
                 structlog.stdlib.filter_by_level,
-                structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+                _to_formatter,
             ]
             _state.configured = True
         logging.captureWarnings(True)  # warnings become log lines in the same format
