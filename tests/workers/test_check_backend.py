@@ -90,3 +90,10 @@ def test_invalid_configuration_is_exit_2(good_env: dict[str, str], tmp_path: Pat
     result = run_check({**good_env, "DJANGO_APP_BACKEND_URL": "ftp://nope"}, tmp_path)
     assert result.returncode == 2
     assert "DJANGO_APP_BACKEND_URL" in result.stderr
+
+
+def test_worker_name_unusable_in_a_header_is_exit_2(good_env: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    result = run_check({**good_env, "WORKER_NAME": "travailleur-\u00e9"}, tmp_path)
+    assert result.returncode == 2
+    assert "WORKER_NAME" in result.stderr and "Traceback" not in result.stderr

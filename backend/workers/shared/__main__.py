@@ -17,10 +17,17 @@ def check(*, backend: bool = True) -> int:
     (the message names what is wrong: URL, key, organization or network).
     ``backend=False`` (``--no-backend``) validates the configuration only.
     """
+    from .api_client import InternalAPIClient
+
     try:
         config = WorkerConfig()
+        # The client checks what goes into headers (WORKER_NAME, ORGANIZATION_ID, ...).
+        InternalAPIClient(config)
     except ConfigurationError as exc:
         print(exc, file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"configuration refused by the API client: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(config.public_settings(), indent=2, default=str))
     print("configuration OK")
