@@ -587,6 +587,32 @@ def test_list_is_lazy_and_checks_arguments_first(server: FaultServer) -> None:
         client.list_workflow_executions(limit=-1)
 
 
+def test_list_with_a_cursor_that_does_not_move_stops_with_an_error(server: FaultServer) -> None:
+    stuck = {"results": [EXECUTION], "next_cursor": "same"}
+    server.reset(default=Respond(200, stuck))
+    items = InternalAPIClient(make_config(server)).list_workflow_executions()
+    seen = []
+    with pytest.raises(APIResponseError, match="next_cursor"):
+        for item in items:
+            seen.append(item)
+            assert len(seen) < 10, "endless iteration over the same page"
+    assert len(seen) == 2 and len(server.requests) == 2
+
+
+def test_delete_whose_answer_was_lost_is_done(server: FaultServer) -> None:
+    gone = {"error": "not_found", "detail": "no such workflow execution"}
+    server.push(Drop(), Respond(404, gone))
+    client = InternalAPIClient(make_config(server))
+    assert client.delete_workflow_execution("x") is None  # the dropped attempt deleted it
+    server.reset(default=Respond(503, b""))
+    server.push(Respond(503, b""), Respond(404, gone))
+    with pytest.raises(NotFoundError):  # answered 503: nothing deleted, so 404 is real
+        client.delete_workflow_execution("x")
+    server.reset(default=Respond(404, gone))
+    with pytest.raises(NotFoundError):
+        client.delete_workflow_execution("x")
+
+
 def test_closed_client_refuses_calls_but_pool_stays(server: FaultServer) -> None:
     config = make_config(server)
     with InternalAPIClient(config) as client:

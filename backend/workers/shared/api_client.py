@@ -137,6 +137,7 @@ MAX_PAGE_SIZE = 500
 BODY_EXCERPT = 200
 _RETRYABLE_STATUSES: Final = frozenset({429, 502, 503, 504})
 _IN_FLIGHT_CODE = "idempotency_in_flight"
+_NO_ANSWER: Final = frozenset({"timeout", "connection_error"})  # _reason() of a lost answer
 #: Longest ``X-Request-ID`` taken from the bound context.
 MAX_REQUEST_ID = 200
 _UNSAFE_ID_CHARS = re.compile(r"[^\x21-\x7e]")
@@ -488,7 +489,8 @@ class InternalAPIClient:
     def delete_workflow_execution(
         self, execution_id: str, *, organization_id: OrgArg = _DEFAULT_ORG
     ) -> None:
-        """Delete an execution."""
+        """Delete an execution. A 404 after an attempt whose answer was lost counts as
+        deleted (that attempt did it); otherwise :class:`NotFoundError`."""
         self._org_call(
             "DELETE",
             f"workflow-executions/{_seg(execution_id)}/",
@@ -677,7 +679,8 @@ class InternalAPIClient:
     def delete(
         self, path: str, *, organization_id: OrgArg = _DEFAULT_ORG, timeout: float | None = None
     ) -> Any:
-        """``DELETE`` an endpoint; returns the decoded JSON body (``None`` for 204)."""
+        """``DELETE`` an endpoint; returns the decoded JSON body (``None`` for 204, and for a
+        404 after an attempt whose answer was lost)."""
         return self._call("DELETE", _relative(path), self._org(organization_id), timeout=timeout)
 
     # --- internals ----------------------------------------------------------------------
@@ -731,9 +734,17 @@ class InternalAPIClient:
                         remaining -= 1
                         if remaining == 0:
                             return
-                cursor = data.get("next_cursor")
-                if not cursor:
+                following = data.get("next_cursor")
+                if not following:
                     return
+                if not isinstance(following, str) or following == cursor:
+                    # A cursor that does not move would make this iterator endless.
+                    raise APIResponseError(
+                        f"list answer has an unusable next_cursor {str(following)[:80]!r}",
+                        method="GET",
+                        path=path,
+                    )
+                cursor = following
 
         return pages()
 
@@ -883,6 +894,9 @@ class InternalAPIClient:
         status = response.status_code
         request_id = call.headers["x-request-id"]
         raw = response.content
+        if status == 404 and call.method == "DELETE" and call.last_failure in _NO_ANSWER:
+            # The attempt whose answer was lost deleted it: gone is what was asked.
+            return _Ok(None)
         if 200 <= status < 300:
             if status == 204 or not raw:
                 return _Ok(None)
