@@ -509,6 +509,10 @@ def test_header_values_are_checked_or_made_safe(server: FaultServer) -> None:
         client.set_organization_context("org\nb")
     with pytest.raises(ValueError, match="organization_id"):
         client.get_workflow_execution("x", organization_id="orgé")
+    with pytest.raises(ValueError, match="idempotency_key"):
+        client.create_workflow_execution("wf-1", idempotency_key="clé-1")
+    with pytest.raises(ValueError, match="JSON compliant"):
+        client.update_workflow_execution("x", result={"score": float("nan")})
     assert len(server.requests) == 1
 
 

@@ -208,6 +208,8 @@ def test_bad_payload_and_secret_are_clear_errors(live_backend: LiveBackend,
                                                  receiver: FaultServer) -> None:
     with pytest.raises(WebhookError, match="not JSON-serialisable"):
         make_client(live_backend).send_webhook(hook_url(receiver), {"when": object()})
+    with pytest.raises(WebhookError, match="not JSON-serialisable"):  # Infinity is not JSON
+        make_client(live_backend).send_webhook(hook_url(receiver), {"n": float("inf")})
     with pytest.raises(WebhookError, match="WEBHOOK_SIGNING_SECRET") as info:
         make_client(live_backend, webhook_signing_secret="!!!!").send_webhook(
             hook_url(receiver), {"a": 1})

@@ -525,7 +525,7 @@ class InternalAPIClient:
 
         org = self._require_org(organization_id, "send_webhook")
         try:
-            body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+            body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise WebhookError(f"webhook payload is not JSON-serialisable: {exc}") from None
         if timeout is not None and timeout <= 0:
@@ -790,13 +790,14 @@ class InternalAPIClient:
             headers["x-organization-id"] = _header_value("organization_id", organization_id)
         body: bytes | None = None
         if json_body is not None or method in ("POST", "PUT", "PATCH"):
-            body = json.dumps(json_body, separators=(",", ":")).encode("utf-8")
+            # NaN and infinities are not JSON: refused here, not by the backend.
+            body = json.dumps(json_body, separators=(",", ":"), allow_nan=False).encode()
             headers["content-type"] = "application/json"
         if method == "POST":
             key = idempotency_key or uuid.uuid4().hex
             if len(key) > 255:
                 raise ValueError("idempotency_key must be at most 255 characters")
-            headers["idempotency-key"] = key
+            headers["idempotency-key"] = _header_value("idempotency_key", key)
         call = _Call(
             method=method,
             path=path,
