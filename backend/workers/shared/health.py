@@ -717,6 +717,14 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log a failed connection (socketserver would print a raw traceback to stderr)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            log.debug("health client %s went away: %s", client_address[0], exc)
+        else:
+            log.error("health request from %s failed", client_address[0], exc_info=True)
+
 
 class HealthServer:
     """HTTP server of the health endpoints, in a daemon thread of the main process."""

@@ -158,19 +158,6 @@ def _format_message(message: Any, args: Any) -> str:
     return text
 
 
-def _put(out: dict[str, Any], key: str, value: Any) -> None:
-    """Add one field, masked when its name is sensitive (nested mappings checked too)."""
-    sensitive = _SENSITIVE_CACHE.get(key)
-    if sensitive is None:
-        sensitive = _redact.is_sensitive_key(key)
-    if sensitive:
-        out[key] = _redact.MASK if value is not None else None
-    elif type(value) is dict:
-        out[key] = _redact.redact_fields(value, 1)
-    else:
-        out[key] = value
-
-
 def _assemble(record: logging.LogRecord) -> dict[str, Any]:
     """The ordered, redacted fields of one line, from a structlog event or a stdlib record."""
     event = record.msg
@@ -196,16 +183,26 @@ def _assemble(record: logging.LogRecord) -> dict[str, Any]:
         "worker_name": _state.worker_name,
         "pid": record.process,
     }
-    for key, value in _CONTEXT.get().items():
-        _put(out, key, value)
+    context = _CONTEXT.get()
+    items = [*context.items(), *fields.items()] if context else fields.items()
     if isinstance(args, Mapping) and record.name.startswith("celery"):
         # Celery's task lines carry the task in their format arguments.
         if "id" in args:
             out.setdefault("task_id", args["id"])
         if "name" in args:
             out.setdefault("task_name", args["name"])
-    for key, value in fields.items():
-        _put(out, f"{key}_" if key in _CORE else key, value)
+    for key, value in items:
+        if key in _CORE:
+            key = f"{key}_"
+        sensitive = _SENSITIVE_CACHE.get(key)
+        if sensitive is None:
+            sensitive = _redact.is_sensitive_key(key)
+        if sensitive:
+            out[key] = _redact.MASK if value is not None else None
+        elif type(value) is dict:
+            out[key] = _redact.redact_fields(value, 1)
+        else:
+            out[key] = value
     if exc_info:
         exception = _exception_fields(exc_info)
         if exception is not None:
@@ -236,9 +233,12 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+_ENCODER = json.JSONEncoder(default=_json_default, ensure_ascii=False)
+
+
 def _render_json(out: dict[str, Any]) -> str:
     try:
-        line = json.dumps(out, default=_json_default, ensure_ascii=False)
+        line = _ENCODER.encode(out)
     except (TypeError, ValueError) as exc:  # e.g. a circular structure in a field
         out = {key: out[key] for key in CORE_FIELDS}
         out["render_error"] = f"{type(exc).__name__}: {exc}"
