@@ -10,8 +10,24 @@ line per request, with the request id. Command-line options override these value
 from __future__ import annotations
 
 import os
+from typing import Any
+
+from gunicorn.glogging import Logger
 
 from backend.internal_api.logconfig import logging_config
+
+
+class JsonLogger(Logger):
+    """gunicorn's logger minus its access log, which the request middleware replaces.
+
+    With ``logconfig_dict`` set, gunicorn would otherwise build its access-log fields for
+    every request only to drop them.
+    """
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        """No gunicorn access line: the middleware writes one, with the request id."""
+
+
 
 wsgi_app = "backend.wsgi:application"
 worker_class = "gthread"
@@ -20,6 +36,7 @@ threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 keepalive = 75
 graceful_timeout = 10
 accesslog = None
+logger_class = JsonLogger
 # gunicorn's control socket has one fixed path per user: several servers on one machine (tests
 # run side by side) would fight over it, and nothing here uses it.
 control_socket_disable = True

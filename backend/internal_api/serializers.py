@@ -7,6 +7,7 @@ naming the field, never a 500.
 
 from __future__ import annotations
 
+import copy
 import math
 from datetime import UTC, datetime
 from typing import Any
@@ -28,7 +29,16 @@ OUTCOME_VALUES = ", ".join(DeliveryOutcome.values)
 
 
 class StrictSerializer(serializers.Serializer):
-    """A serializer that names any field it does not know instead of ignoring it."""
+    """A serializer that names any field it does not know instead of ignoring it.
+
+    Its fields are plain scalar fields, so each instance gets shallow copies of them rather
+    than DRF's deep copies (a declared field holds no per-request state until it is bound);
+    this is most of DRF's cost per validated request body.
+    """
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        """Fresh, unbound copies of the declared fields."""
+        return {name: copy.copy(field) for name, field in self._declared_fields.items()}
 
     def to_internal_value(self, data: Any) -> Any:
         """Validate, first refusing fields this serializer does not declare."""
