@@ -56,12 +56,14 @@ _EXPORTS: dict[str, str] = {
     # logging_utils.py
     "WorkerLogger": "logging_utils",
     "log_context": "logging_utils",
+    "current_context": "logging_utils",
     "monitor_performance": "logging_utils",
     # health.py
     "HealthChecker": "health",
     "HealthServer": "health",
     "HealthCheckResult": "health",
     "HealthStatus": "health",
+    "HealthServerError": "health",
     # tasks.py
     "ExecutionTask": "tasks",
     "is_transient": "tasks",
@@ -115,10 +117,12 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers
         HealthChecker as HealthChecker,
         HealthCheckResult as HealthCheckResult,
         HealthServer as HealthServer,
+        HealthServerError as HealthServerError,
         HealthStatus as HealthStatus,
     )
     from .logging_utils import (
         WorkerLogger as WorkerLogger,
+        current_context as current_context,
         log_context as log_context,
         monitor_performance as monitor_performance,
     )
