@@ -6,7 +6,9 @@ Workers, all ``celery worker`` prefork with 4 processes on the same Redis broker
     over HTTP;
 (b) a bare Celery worker with a no-op task (the floor any Celery worker pays);
 (c) a worker that sets up the Django backend and does the example task's work through
-    the ORM (the same ``apply_status`` transitions the backend applies).
+    the ORM (the same ``apply_status`` transitions the backend applies);
+(b2) for comparison, (b) with the example worker's one memory measure (``gc.freeze()``
+    before the pool forks).
 
 Printed: total PSS (main process plus children, idle after start, from
 ``/proc/<pid>/smaps_rollup``) and time from launch to Celery's "ready" line for each; end to
@@ -70,6 +72,16 @@ app.config_from_object(CONF)
 @app.task(name="bench.noop")
 def noop(*args, **kwargs):
     return None
+{freeze}"""
+
+# (b2): the bare worker with the example worker's one memory measure, for comparison.
+FREEZE = """
+from celery import signals
+import gc
+
+@signals.worker_init.connect
+def freeze(**_):
+    gc.freeze()
 """
 
 ORM_WORKER = """
@@ -252,7 +264,9 @@ def main() -> int:
             print(f"bench_worker: {service} is not running on localhost", file=sys.stderr)
             return 1
     tmp = Path(tempfile.mkdtemp(prefix="bench-worker-"))
-    (tmp / "bench_bare.py").write_text(BARE_WORKER.format(conf=textwrap.dedent(COMMON_CONF)))
+    conf = textwrap.dedent(COMMON_CONF)
+    (tmp / "bench_bare.py").write_text(BARE_WORKER.format(conf=conf, freeze=""))
+    (tmp / "bench_frozen.py").write_text(BARE_WORKER.format(conf=conf, freeze=FREEZE))
     (tmp / "bench_orm.py").write_text(ORM_WORKER.format(conf=textwrap.dedent(COMMON_CONF)))
     with LiveBackend.postgres(workers=2) as backend:
         run_id = uuid.uuid4().hex[:6]
@@ -263,6 +277,7 @@ def main() -> int:
             "a": ("example worker", WORKER_PYTHON, "backend.workers.shared.example_worker",
                   orgs["a"]),
             "b": ("bare Celery", WORKER_PYTHON, "bench_bare", orgs["a"]),
+            "b2": ("bare + gc.freeze", WORKER_PYTHON, "bench_frozen", orgs["a"]),
             "c": ("Django ORM worker", sys.executable, "bench_orm", orgs["c"]),
         }
         results: dict[str, dict[str, Any]] = {}
@@ -286,13 +301,15 @@ def main() -> int:
           f"backend gunicorn (2 gthread workers) + PostgreSQL")
     print(f"(a), (b) and the import timing run on {WORKER_PYTHON}; (c) on {sys.executable}")
     print(f"{'worker':<22}{'start-up':>10}{'PSS total':>14}{'procs':>7}{'exec/s':>10}")
-    for key in "abc":
+    for key in ("a", "b", "b2", "c"):
         r = results[key]
         rate = f"{r['throughput']:.1f}" if "throughput" in r else "-"
-        print(f"({key}) {r['label']:<18}{r['startup']:>9.2f}s{mib(r['pss']):>14}"
+        print(f"({key}){'' if len(key) > 1 else ' '}{r['label']:<17}{r['startup']:>9.2f}s"
+              f"{mib(r['pss']):>14}"
               f"{r['processes']:>7}{rate:>10}")
     a, b, c = results["a"], results["b"], results["c"]
-    print(f"PSS (a)/(b) = {a['pss'] / b['pss']:.2f}  (target <= 1.2)")
+    print(f"PSS (a)/(b) = {a['pss'] / b['pss']:.2f}  (target <= 1.2); "
+          f"(a)/(b2) = {a['pss'] / results['b2']['pss']:.2f} (both with gc.freeze)")
     print(f"PSS (a)/(c) = {a['pss'] / c['pss']:.2f}  (target < 1)")
     print(f"start-up (a)/(b) = {a['startup'] / b['startup']:.2f}, "
           f"(a)/(c) = {a['startup'] / c['startup']:.2f}")

@@ -248,6 +248,23 @@ def engine_check() -> HealthCheckResult:
 _health_server: HealthServer | None = None
 
 
+@signals.worker_init.connect
+def share_with_pool(**_: Any) -> None:
+    """In the main process, before the pool forks: make the children share memory.
+
+    The modules every task uses are imported once here instead of once per child, and
+    ``gc.freeze()`` moves the heap out of the collector's reach: a child's garbage
+    collections would otherwise write to every object header and copy the pages that the
+    fork shared (measured: a third of the idle worker's memory, see bench_worker).
+    """
+    import gc
+
+    import httpx2  # noqa: F401
+    import prometheus_client  # noqa: F401
+
+    gc.freeze()
+
+
 @signals.worker_ready.connect
 def start_health_server(**_: Any) -> None:
     """Start the health server in the worker's main process once its pool has forked.
