@@ -283,9 +283,9 @@ def _should_retry_read(exc: BaseException) -> bool:
 def _is_breaker_failure(exc: BaseException) -> bool:
     # Only a sign that the backend (or the way to it) is unwell counts: no answer, or a 5xx,
     # 408 or 429. Another 4xx, an unusable body or a bug on our side is not its failure.
-    if isinstance(exc, APIConnectionError | APITimeoutError):
+    if isinstance(exc, APIConnectionError | APITimeoutError):  # 408 included
         return True
-    status = getattr(exc, "status", None) if isinstance(exc, InternalAPIError) else None
+    status = exc.status if isinstance(exc, InternalAPIError) else None
     return status is not None and (status >= 500 or status == 429)
 
 
