@@ -8,6 +8,8 @@ filesystem broker in a temporary directory; counts are read back from ``/metrics
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import signal
@@ -70,9 +72,9 @@ def backend() -> Iterator[LiveBackend]:
         live.close()
 
 
-@pytest.fixture(scope="module")
-def worker(backend: LiveBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    tmp = tmp_path_factory.mktemp("observability")
+@contextlib.contextmanager
+def running_worker(backend: LiveBackend, tmp: Path, *pool: str) -> Iterator[Worker]:
+    """A ``celery worker`` subprocess with ``pool`` options, ready; warm-stopped at the end."""
     queue = f"obs-{uuid.uuid4().hex[:10]}"
     port = free_port()
     env = {k: v for k, v in os.environ.items()
@@ -92,18 +94,18 @@ def worker(backend: LiveBackend, tmp_path_factory: pytest.TempPathFactory) -> It
     out_path, err_path = tmp / "stdout.log", tmp / "stderr.log"
     with out_path.open("wb") as out, err_path.open("wb") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "observability_worker", "worker",
-             "--pool", "prefork", "--concurrency", "2", "--loglevel", "INFO",
-             "-Q", queue, "--hostname", f"{queue}@%h"],
+            [sys.executable, "-m", "celery", "-A", "observability_worker", "worker", *pool,
+             "--loglevel", "INFO", "-Q", queue, "--hostname", f"{queue}@%h"],
             cwd=tmp, env=env, stdout=out, stderr=err, start_new_session=True,
         )
     running = Worker(process, f"http://127.0.0.1:{port}", queue, tmp / "data", out_path,
                      err_path, backend.api_key, backend.org_id)
     try:
-        wait_until(lambda: _status(running, "/readyz") == 200, 90, "the worker to be ready")
+        try:
+            wait_until(lambda: _status(running, "/readyz") == 200, 90, "the worker to be ready")
+        except TimeoutError:
+            pytest.fail(f"worker did not become ready; its log:\n{running.log_tail()}")
         yield running
-    except TimeoutError:
-        pytest.fail(f"worker did not become ready; its log:\n{running.log_tail()}")
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)  # the main process only: a warm shutdown
@@ -112,6 +114,13 @@ def worker(backend: LiveBackend, tmp_path_factory: pytest.TempPathFactory) -> It
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def worker(backend: LiveBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    tmp = tmp_path_factory.mktemp("observability")
+    with running_worker(backend, tmp, "--pool", "prefork", "--concurrency", "2") as running:
+        yield running
 
 
 def _status(worker: Worker, path: str) -> int:
@@ -239,6 +248,31 @@ def test_health_over_http(worker: Worker, ran_tasks: list[str]) -> None:
     assert history["count"] >= 2
     for _, line in worker.lines():
         assert worker.api_key not in line
+
+
+def test_thread_pool_keeps_each_tasks_context(backend: LiveBackend, tmp_path: Path) -> None:
+    with running_worker(backend, tmp_path, "--pool", "threads", "--concurrency", "4") as pool:
+        ids = [f"thr-{i}-{uuid.uuid4().hex[:6]}" for i in range(8)]
+        for execution_id in ids:
+            _send(pool, execution_id=execution_id, pause=0.3)
+        wait_until(lambda: _sample(pool.get("/metrics")[1], "worker_tasks_total", task=TASK,
+                                   outcome="success") == len(ids), 60, "the thread pool's tasks")
+        records = [json.loads(line) for _, line in pool.lines()]
+    by_task: dict[str, set[str]] = {}
+    for record in records:
+        if "task_id" in record and "execution_id" in record:
+            by_task.setdefault(record["task_id"], set()).add(record["execution_id"])
+    assert len(by_task) == len(ids)
+    assert sorted(e for found in by_task.values() for e in found) == sorted(ids)
+    assert all(len(found) == 1 for found in by_task.values())  # never a neighbour's id
+    # The tasks really ran side by side in threads of one process (their spans overlap).
+    spans = []
+    for task_id in by_task:
+        times = [r["timestamp"] for r in records if r.get("task_id") == task_id]
+        spans.append((min(times), max(times)))
+    spans.sort()
+    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
+    assert len({r["pid"] for r in records if "task_id" in r}) == 1
 
 
 def test_backend_down_livez_answers_readyz_does_not(worker: Worker, backend: LiveBackend,
