@@ -207,6 +207,7 @@ class LiveBackend:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> LiveBackend:
+        """Start (first start: migrate and create ``org_id``)."""
         return self.start()
 
     def __exit__(
@@ -215,6 +216,7 @@ class LiveBackend:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        """Stop and clean up (see ``close``)."""
         self.close()
 
     @property
