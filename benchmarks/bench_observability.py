@@ -89,7 +89,7 @@ def bench_log_lines() -> tuple[float, float]:
 
     plain = logging.getLogger("bench.plain")
     plain.propagate = False
-    handler = logging.StreamHandler(sink)  # type: ignore[arg-type]
+    handler = logging.StreamHandler(sink)
     handler.setFormatter(_PlainJson())
     plain.addHandler(handler)
     plain.setLevel(logging.INFO)

@@ -88,6 +88,7 @@ def running_worker(backend: LiveBackend, tmp: Path, *pool: str) -> Iterator[Work
         "METRICS_PORT": str(port),
         "HEALTH_CHECK_INTERVAL": "0.5",
         "HEALTH_CHECK_TIMEOUT": "3",
+        "HEALTH_HEARTBEAT_TIMEOUT": "6",
         "LOG_LEVEL": "INFO",
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(HERE)]),
     })
@@ -273,6 +274,26 @@ def test_thread_pool_keeps_each_tasks_context(backend: LiveBackend, tmp_path: Pa
     spans.sort()
     assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
     assert len({r["pid"] for r in records if "task_id" in r}) == 1
+
+
+def test_a_frozen_child_makes_worker_process_unhealthy(worker: Worker,
+                                                       ran_tasks: list[str]) -> None:
+    def worker_process() -> dict[str, Any]:
+        return dict(worker.get("/health")[1]["checks"]["worker_process"])
+
+    children = [c["pid"] for c in worker_process()["details"]["pool_processes"]]
+    assert len(children) == 2
+    os.kill(children[0], signal.SIGSTOP)  # alive, but its heartbeat stops
+    try:
+        wait_until(lambda: worker_process()["status"] == "unhealthy", 30,
+                   "the frozen child's heartbeat to go stale")
+        check = worker_process()
+        assert str(children[0]) in check["message"]
+        stale = [c for c in check["details"]["pool_processes"] if not c["fresh"]]
+        assert [c["pid"] for c in stale] == [children[0]]
+    finally:
+        os.kill(children[0], signal.SIGCONT)
+    wait_until(lambda: worker_process()["status"] == "healthy", 30, "the child to recover")
 
 
 def test_backend_down_livez_answers_readyz_does_not(worker: Worker, backend: LiveBackend,

@@ -326,3 +326,28 @@ def test_server_arguments_are_checked(make_config: Callable[..., WorkerConfig],
                                       kwargs: dict[str, Any], word: str) -> None:
     with pytest.raises(ValueError, match=word):
         HealthServer(HealthChecker(make_config()), **kwargs)
+
+
+def test_a_forked_child_does_not_hold_the_port(make_config: Callable[..., WorkerConfig]) -> None:
+    import os
+    import time
+
+    server = HealthServer(HealthChecker(make_config()), port=0, host="127.0.0.1")
+    server.start()
+    port = server.port
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a prefork child: lives on after the main process stops its server
+        os.close(read_end)
+        os.write(write_end, b"up")
+        time.sleep(10)
+        os._exit(0)
+    try:
+        os.close(write_end)
+        assert os.read(read_end, 2) == b"up"
+        server.stop()
+        with socket.socket() as again:
+            again.bind(("127.0.0.1", port))  # EADDRINUSE if the child still held it
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
