@@ -292,6 +292,9 @@ def render() -> tuple[bytes, str]:
     if directory is not None:
         from prometheus_client import multiprocess
 
+        if not os.path.isdir(directory):  # removed at worker shutdown: nothing left to show
+            return b"", CONTENT_TYPE_LATEST
+
         _reap_dead_gauges(directory)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=directory)
