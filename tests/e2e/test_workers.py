@@ -120,13 +120,31 @@ def test_backend_down_15s_executions_wait_and_complete(live_backend: Any, tmp_pa
         assert requeued, "no task met the outage"
 
 
-def test_make_demo_exits_0() -> None:
+def test_make_demo_exits_0(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_")}
+    env["DEMO_DATA_DIR"] = str(tmp_path / "demo")
     done = subprocess.run([sys.executable, "scripts/demo.py"], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "demo OK" in done.stdout
     assert "COMPLETED" in done.stdout
+    assert "signatures verified by the receiver" in done.stdout
+    assert processes_using(str(tmp_path)) == [], "the demo left processes behind"
+
+
+def processes_using(text: str) -> list[int]:
+    """Pids of the processes whose command line or environment mentions ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in blob:
+            found.append(int(entry.name))
+    return found
 
 
 def test_transient_failures_requeue_permanent_ones_mark_error(
