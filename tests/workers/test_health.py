@@ -111,20 +111,24 @@ def test_health_against_the_live_backend(live_config: WorkerConfig,
     assert all(c["duration_ms"] >= 0 and c["timestamp"] for c in body["checks"].values())
     assert get_json(server.url + "/readyz") == (200, {"status": "ready", "checks": {
         "backend": {"ok": True, "message": "API connectivity OK"},
-        "circuit_breakers": {"ok": True, "open": []}}})
+        "circuit_breaker": {"ok": True, "state": "closed"}}})
 
 
 def test_backend_down_is_unhealthy_but_alive(make_config: Callable[..., WorkerConfig],
                                             serve: Callable[[HealthChecker], HealthServer]
                                             ) -> None:
-    checker = HealthChecker(make_config(f"http://127.0.0.1:{free_port()}"))
+    checker = HealthChecker(make_config(f"http://127.0.0.1:{free_port()}",
+                                        circuit_breaker_failure_threshold=1))
     server = serve(checker)
     status, body = get_json(server.url + "/health")
     assert status == 503
     api = body["checks"]["api_connectivity"]
     assert api["status"] == "unhealthy"
     assert api["message"].startswith("backend unreachable (")
-    assert get_json(server.url + "/readyz")[0] == 503
+    status, ready = get_json(server.url + "/readyz")
+    assert status == 503 and ready["status"] == "not_ready"
+    assert ready["checks"]["backend"]["ok"] is False
+    assert ready["checks"]["circuit_breaker"] == {"ok": False, "state": "open"}
     assert get_json(server.url + "/livez")[0] == 200
 
 

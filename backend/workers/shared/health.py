@@ -15,7 +15,7 @@ connection and the prefork children's heartbeats). The overall status is the wor
 ``/health/metrics`` system figures, task and monitored-function statistics (all children)
 ``/health/history`` the last 100 reports
 ``/livez``         the process and its server answer (never depends on backend or broker)
-``/readyz``        backend reachable, no circuit breaker open, consumer attached
+``/readyz``        backend reachable, its circuit breaker not open, consumer attached
 ``/metrics``       Prometheus text format, aggregated over prefork children
 =================  ==========================================================================
 
@@ -484,13 +484,17 @@ class HealthChecker:
 
     # --- probes ---------------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Whether this worker should take work: backend reachable, no breaker open,
-        consumer attached (when a Celery worker runs here). Returns (ready, reasons)."""
+        """Whether this worker should take work: backend reachable, the backend's circuit
+        breaker not open, consumer attached (when a Celery worker runs here).
+
+        Returns (ready, the parts and their findings)."""
         checks: dict[str, Any] = {}
         api = self.run_check("api_connectivity", max_age=READY_MAX_AGE)
         checks["backend"] = {"ok": api.status is not HealthStatus.UNHEALTHY, "message": api.message}
-        open_breakers = _open_breakers()
-        checks["circuit_breakers"] = {"ok": not open_breakers, "open": open_breakers}
+        from .api_client import _backend_breaker  # the one breaker guarding backend calls
+
+        state = _backend_breaker(self.config).state.value
+        checks["circuit_breaker"] = {"ok": state != "open", "state": state}
         if _heartbeat.worker_attached():
             attached = _heartbeat.STATE.ready and _heartbeat.consumer_connected()
             checks["consumer"] = {"ok": attached}
@@ -526,13 +530,6 @@ class HealthChecker:
             "tasks": _stats.summarize(tasks),
             "functions": _stats.summarize(functions),
         }
-
-
-def _open_breakers() -> list[str]:
-    module = sys.modules.get("backend.workers.shared.retry_utils")
-    if module is None:
-        return []
-    return [b.name for b in module.all_breakers() if b.state.value == "open"]
 
 
 def _existing(path: Path) -> Path:
