@@ -158,6 +158,38 @@ def _format_message(message: Any, args: Any) -> str:
     return text
 
 
+def _redact_items(items: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields ready for a line: core names suffixed, sensitive values masked."""
+    out: dict[str, Any] = {}
+    for key, value in items.items():
+        if key in _CORE:
+            key = f"{key}_"
+        sensitive = _SENSITIVE_CACHE.get(key)
+        if sensitive is None:
+            sensitive = _redact.is_sensitive_key(key)
+        if sensitive:
+            out[key] = _redact.MASK if value is not None else None
+        elif type(value) is dict:
+            out[key] = _redact.redact_fields(value, 1)
+        else:
+            out[key] = value
+    return out
+
+
+# Bound contexts are never mutated (each bind makes a new mapping): the last one's redacted
+# form is reused by every line written inside the same block.
+_context_cache: tuple[Mapping[str, Any], dict[str, Any]] = (_EMPTY, {})
+
+
+def _redacted_context(context: Mapping[str, Any]) -> dict[str, Any]:
+    global _context_cache
+    cached_for, redacted = _context_cache
+    if cached_for is not context:
+        redacted = _redact_items(context)
+        _context_cache = (context, redacted)
+    return redacted
+
+
 def _assemble(record: logging.LogRecord) -> dict[str, Any]:
     """The ordered, redacted fields of one line, from a structlog event or a stdlib record."""
     event = record.msg
@@ -184,25 +216,16 @@ def _assemble(record: logging.LogRecord) -> dict[str, Any]:
         "pid": record.process,
     }
     context = _CONTEXT.get()
-    items = [*context.items(), *fields.items()] if context else fields.items()
+    if context:
+        out.update(_redacted_context(context))
     if isinstance(args, Mapping) and record.name.startswith("celery"):
         # Celery's task lines carry the task in their format arguments.
         if "id" in args:
             out.setdefault("task_id", args["id"])
         if "name" in args:
             out.setdefault("task_name", args["name"])
-    for key, value in items:
-        if key in _CORE:
-            key = f"{key}_"
-        sensitive = _SENSITIVE_CACHE.get(key)
-        if sensitive is None:
-            sensitive = _redact.is_sensitive_key(key)
-        if sensitive:
-            out[key] = _redact.MASK if value is not None else None
-        elif type(value) is dict:
-            out[key] = _redact.redact_fields(value, 1)
-        else:
-            out[key] = value
+    if fields:
+        out.update(_redact_items(fields))
     if exc_info:
         exception = _exception_fields(exc_info)
         if exception is not None:
