@@ -20,9 +20,11 @@ from backend.workers.shared import (
     monitor_performance,
 )
 
-WorkerLogger.configure(
-    log_level=os.getenv("LOG_LEVEL", "INFO"), log_format="structured", worker_name="obs-worker"
-)
+if os.getenv("OBS_SKIP_CONFIGURE") != "1":  # else the Celery wiring configures from the env
+    WorkerLogger.configure(
+        log_level=os.getenv("LOG_LEVEL", "INFO"), log_format="structured",
+        worker_name="obs-worker",
+    )
 logger = WorkerLogger.get_logger(__name__)
 config = WorkerConfig()
 

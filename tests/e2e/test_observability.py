@@ -73,7 +73,8 @@ def backend() -> Iterator[LiveBackend]:
 
 
 @contextlib.contextmanager
-def running_worker(backend: LiveBackend, tmp: Path, *pool: str) -> Iterator[Worker]:
+def running_worker(backend: LiveBackend, tmp: Path, *pool: str,
+                   extra_env: dict[str, str] | None = None) -> Iterator[Worker]:
     """A ``celery worker`` subprocess with ``pool`` options, ready; warm-stopped at the end."""
     queue = f"obs-{uuid.uuid4().hex[:10]}"
     port = free_port()
@@ -91,6 +92,7 @@ def running_worker(backend: LiveBackend, tmp: Path, *pool: str) -> Iterator[Work
         "HEALTH_HEARTBEAT_TIMEOUT": "6",
         "LOG_LEVEL": "INFO",
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(HERE)]),
+        **(extra_env or {}),
     })
     out_path, err_path = tmp / "stdout.log", tmp / "stderr.log"
     with out_path.open("wb") as out, err_path.open("wb") as err:
@@ -274,6 +276,26 @@ def test_thread_pool_keeps_each_tasks_context(backend: LiveBackend, tmp_path: Pa
     spans.sort()
     assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
     assert len({r["pid"] for r in records if "task_id" in r}) == 1
+
+
+def test_without_configure_the_celery_wiring_logs_json(backend: LiveBackend,
+                                                       tmp_path: Path) -> None:
+    env = {"OBS_SKIP_CONFIGURE": "1", "LOG_FORMAT": "structured"}
+    with running_worker(backend, tmp_path, "--pool", "prefork", "--concurrency", "1",
+                        extra_env=env) as bare:
+        _send(bare, execution_id="bare-1")
+        wait_until(lambda: _sample(bare.get("/metrics")[1], "worker_tasks_total", task=TASK,
+                                   outcome="success") == 1, 60, "the task")
+        bare.process.send_signal(signal.SIGTERM)
+        assert bare.process.wait(timeout=60) == 0
+    records = []
+    for stream, line in bare.lines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"not a JSON line on {stream}: {line!r}")
+    task_line = next(r for r in records if r["message"] == "processing execution bare-1")
+    assert task_line["task_id"] and task_line["worker_name"] == bare.queue
 
 
 def test_a_frozen_child_makes_worker_process_unhealthy(worker: Worker,

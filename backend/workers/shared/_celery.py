@@ -4,9 +4,10 @@ It runs automatically when a worker follows the seed's Quick Start: from
 ``WorkerConfig.get_celery_config()``, from ``WorkerLogger.configure()`` and from
 ``HealthServer.start()`` (the last two when Celery is imported). What it connects:
 
-- ``setup_logging``: Celery leaves the root logger, its handlers and ``sys.stdout`` alone
-  (our handler stays the only one); if nothing configured logging yet, it is configured
-  from ``LOG_LEVEL``/``LOG_FORMAT``/``WORKER_NAME`` (``--loglevel`` when given).
+- ``celeryd_init`` and ``setup_logging``: Celery leaves the root logger, its handlers and
+  ``sys.stdout`` alone (our handler stays the only one); if nothing configured logging yet,
+  it is configured from ``LOG_LEVEL``/``LOG_FORMAT``/``WORKER_NAME`` (``--loglevel`` when
+  given) before Celery's first start-up warning.
 - ``celeryd_after_setup``: in ``structured`` format the ASCII banner becomes one JSON line;
   ``print`` output is redirected into the log when ``worker_redirect_stdouts`` is on.
 - ``worker_init`` / ``worker_ready`` / ``worker_shutdown`` (main process): the run directory,
@@ -52,6 +53,7 @@ def install() -> None:
         from celery import signals
 
         handlers = {
+            signals.celeryd_init: _on_celeryd_init,
             signals.setup_logging: _on_setup_logging,
             signals.celeryd_after_setup: _on_after_setup,
             signals.worker_init: _on_worker_init,
@@ -79,7 +81,8 @@ def install_if_celery_loaded() -> None:
 # --- logging --------------------------------------------------------------------------
 
 
-def _on_setup_logging(loglevel: Any = None, **_: Any) -> None:
+def _configure_if_needed(loglevel: Any) -> None:
+    """Configure logging from the environment (and ``--loglevel``) unless done already."""
     from . import logging_utils
 
     if logging_utils.WorkerLogger.is_configured():
@@ -87,9 +90,20 @@ def _on_setup_logging(loglevel: Any = None, **_: Any) -> None:
     level = os.environ.get("LOG_LEVEL") or "INFO"
     if isinstance(loglevel, int) and loglevel:
         level = logging.getLevelName(loglevel)
+    elif isinstance(loglevel, str) and loglevel.strip():
+        level = loglevel.strip().upper()
     logging_utils.WorkerLogger.configure(
         log_level=level, log_format=os.environ.get("LOG_FORMAT") or "structured"
     )
+
+
+def _on_celeryd_init(options: Any = None, **_: Any) -> None:
+    # The first worker signal: Celery's own start-up warnings come right after it.
+    _configure_if_needed((options or {}).get("loglevel"))
+
+
+def _on_setup_logging(loglevel: Any = None, **_: Any) -> None:
+    _configure_if_needed(loglevel)
 
 
 def _on_after_setup(sender: Any = None, instance: Any = None, **_: Any) -> None:
