@@ -133,12 +133,12 @@ def _status(worker: Worker, path: str) -> int:
         return 0
 
 
-def _send(worker: Worker, **kwargs: Any) -> None:
+def _send(worker: Worker, broker_url: str | None = None, **kwargs: Any) -> None:
     from celery import Celery
 
     from backend.workers.shared.config import WorkerConfig
 
-    config = WorkerConfig(internal_service_api_key=worker.api_key,
+    config = WorkerConfig(internal_service_api_key=worker.api_key, celery_broker_url=broker_url,
                           worker_data_dir=worker.data_dir, worker_name=worker.queue)
     producer = Celery("observability_producer")
     producer.config_from_object(config.get_celery_config())
@@ -296,6 +296,25 @@ def test_without_configure_the_celery_wiring_logs_json(backend: LiveBackend,
             pytest.fail(f"not a JSON line on {stream}: {line!r}")
     task_line = next(r for r in records if r["message"] == "processing execution bare-1")
     assert task_line["task_id"] and task_line["worker_name"] == bare.queue
+
+
+@pytest.mark.redis
+def test_redis_broker_counts_and_readiness(backend: LiveBackend, tmp_path: Path) -> None:
+    broker = "redis://127.0.0.1:6379/13"  # a queue of our own on a db the others leave alone
+    with running_worker(backend, tmp_path, "--pool", "prefork", "--concurrency", "2",
+                        extra_env={"CELERY_BROKER_URL": broker}) as on_redis:
+        for n in range(4):
+            _send(on_redis, broker, execution_id=f"redis-{n}", organization_id=on_redis.org_id)
+        wait_until(lambda: _sample(on_redis.get("/metrics")[1], "worker_tasks_total", task=TASK,
+                                   outcome="success") == 4, 60, "the Redis tasks")
+        status, ready = on_redis.get("/readyz")
+        assert status == 200 and ready["checks"]["consumer"] == {"ok": True}
+        process = on_redis.get("/health")[1]["checks"]["worker_process"]
+        assert process["status"] == "healthy"
+        assert process["details"]["consumer_connected"] is True
+    lines = [json.loads(line) for _, line in on_redis.lines()]
+    assert {r["execution_id"] for r in lines if "execution_id" in r} == {
+        f"redis-{n}" for n in range(4)}
 
 
 def test_a_frozen_child_makes_worker_process_unhealthy(worker: Worker,
