@@ -117,10 +117,10 @@ class Fleet:
         self.app = producer(self.env)
         self.workers: list[WorkerProcess] = []
 
-    def start_worker(self) -> WorkerProcess:
-        """Start one more example worker process on the fleet's queue."""
+    def start_worker(self, command: list[str] | None = None) -> WorkerProcess:
+        """Start one more example worker on the fleet's queue (``python -m`` by default)."""
         log = self.tmp / f"worker-{len(self.workers)}.log"
-        worker = WorkerProcess(self.env, log).start()
+        worker = WorkerProcess(self.env, log, command=command).start()
         self.workers.append(worker)
         return worker
 

@@ -29,7 +29,10 @@ def test_200_executions_complete_with_legal_histories(
     live_backend: Any, tmp_path: Path, broker: str
 ) -> None:
     with fleet(live_backend, tmp_path, broker) as crew:
-        crew.start_worker()
+        # Both ways the example worker runs: `python -m ...` and `celery -A ... -Q <name>`.
+        celery_command = [sys.executable, "-m", "celery", "-A",
+                          "backend.workers.shared.example_worker", "worker", "-Q", crew.name]
+        crew.start_worker(celery_command if broker == "rabbitmq" else None)
         ids = crew.create(200)
         with StatusRecorder(crew.client) as recorder:
             crew.submit(ids)
