@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import sys
 import threading
 from pathlib import Path
@@ -223,11 +222,6 @@ def _on_retry(event: Any) -> None:
     retry_made(event.function)
 
 
-def multiprocess_dir() -> str | None:
-    """The directory of multiprocess values, or None in single-process mode."""
-    return _state.multiprocess_dir
-
-
 def enable_multiprocess(directory: str | os.PathLike[str]) -> None:
     """Switch to multiprocess values in ``directory`` (emptied first); call before forking.
 
@@ -247,13 +241,6 @@ def enable_multiprocess(directory: str | os.PathLike[str]) -> None:
         values.ValueClass = values.MultiProcessValue()
     _state.reset()
     _state.multiprocess_dir = str(path)
-
-
-def remove_multiprocess_dir() -> None:
-    """Delete the multiprocess directory (at the end of the main process)."""
-    directory = _state.multiprocess_dir
-    if directory is not None:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def mark_process_dead(pid: int) -> None:

@@ -64,11 +64,6 @@ class CallStats:
                 for name, e in self._entries.items()
             }
 
-    def clear(self) -> None:
-        """Forget everything."""
-        with self._lock:
-            self._entries = {}
-
     def reset_after_fork(self) -> None:
         """Start empty in a forked child, with a fresh lock (the parent's may be held)."""
         self._lock = threading.Lock()

@@ -34,14 +34,11 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from typing import IO, Any, ParamSpec, TypeVar, cast, overload
+from typing import IO, Any, TypeVar, cast, overload
 
 import structlog
 
 from . import _metrics, _redact, _stats
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("structured", "simple")
