@@ -299,7 +299,9 @@ def test_stop_releases_the_port(make_config: Callable[..., WorkerConfig]) -> Non
 def test_no_secret_in_any_response(make_config: Callable[..., WorkerConfig],
                                    serve: Callable[[HealthChecker], HealthServer]) -> None:
     key = "swi-test-key-7Q2xK9-never-shown"
-    checker = HealthChecker(make_config(api_key=key))
+    backend_address = f"127.0.0.1:{free_port()}"  # down: its breaker opens and is exported
+    checker = HealthChecker(make_config(f"http://{backend_address}", api_key=key,
+                                        circuit_breaker_failure_threshold=1))
     checker.add_custom_check("leaky", lambda: HealthCheckResult(
         "leaky", HealthStatus.DEGRADED, f"tried key {key}", {"key": key}))
     server = serve(checker)
@@ -307,7 +309,9 @@ def test_no_secret_in_any_response(make_config: Callable[..., WorkerConfig],
                  "/livez", "/metrics"):
         _, _, body = get(server.url + path)
         assert key.encode() not in body, path
-        assert b"127.0.0.1:9" not in body  # no configuration beyond name and version
+        assert backend_address.encode() not in body, path  # no configuration values
+    _, _, metrics = get(server.url + "/metrics")
+    assert b'worker_circuit_breaker_state{breaker="internal-api"} 2.0' in metrics
 
 
 def test_resource_thresholds(make_config: Callable[..., WorkerConfig]) -> None:

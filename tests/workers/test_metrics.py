@@ -47,6 +47,15 @@ def test_breaker_state_values_and_a_bad_state() -> None:
         _metrics.breaker_state(name, "ajar")
 
 
+def test_breaker_labels_never_carry_urls() -> None:
+    tag = uuid.uuid4().hex[:8]
+    _metrics.breaker_state(f"api-{tag} https://user:pw@backend.internal:8443/internal/v1", "open")
+    text = _text()
+    assert f'worker_circuit_breaker_state{{breaker="api-{tag}"}} 2.0' in text
+    assert "backend.internal" not in text and "pw@" not in text
+    assert _metrics.breaker_label("http://only-a-url/") == "breaker"
+
+
 def test_real_breakers_and_retries_are_recorded_through_listeners() -> None:
     _metrics.subscribe_resilience()
     name = f"metrics-{uuid.uuid4().hex[:8]}"

@@ -12,7 +12,7 @@ Metric names and labels (base units, ``_total`` counters):
 - ``worker_api_request_duration_seconds{method,endpoint}``
 - ``worker_api_retries_total{method,endpoint,reason}``
 - ``worker_circuit_breaker_state{breaker}`` (0 closed, 1 half_open, 2 open; the worst
-  state among live processes)
+  state among live processes; URLs in a breaker's name are left out of the label)
 - ``worker_tasks_total{task,outcome}`` and ``worker_task_duration_seconds{task}``
 - ``worker_function_duration_seconds{function,outcome}`` (``monitor_performance``)
 - ``worker_retries_total{function}`` (every retry made by ``retry_utils``)
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -166,8 +167,19 @@ def api_retry(method: str, endpoint: str, reason: str) -> None:
     _state.child("api_retries", (method, endpoint, reason)).inc()
 
 
+_URL = re.compile(r"\s*[a-z][a-z0-9+.-]*://\S*", re.IGNORECASE)
+
+
+def breaker_label(name: str) -> str:
+    """A breaker's name as a label: URLs removed (configuration, maybe credentials)."""
+    return _URL.sub("", name).strip() or "breaker"
+
+
 def breaker_state(name: str, state_value: str) -> None:
-    """Publish a circuit breaker's state (``closed``, ``half_open`` or ``open``)."""
+    """Publish a circuit breaker's state (``closed``, ``half_open`` or ``open``).
+
+    The label is :func:`breaker_label` of the name: ``/metrics`` never shows a URL.
+    """
     try:
         value = BREAKER_STATES[state_value]
     except KeyError:
@@ -175,7 +187,7 @@ def breaker_state(name: str, state_value: str) -> None:
             f"unknown circuit breaker state {state_value!r}; "
             f"expected one of {', '.join(BREAKER_STATES)}"
         ) from None
-    _state.child("breaker", (name,)).set(value)
+    _state.child("breaker", (breaker_label(name),)).set(value)
 
 
 def task_finished(task_name: str, outcome: str, seconds: float) -> None:
