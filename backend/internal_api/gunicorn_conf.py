@@ -28,7 +28,6 @@ class JsonLogger(Logger):
         """No gunicorn access line: the middleware writes one, with the request id."""
 
 
-
 wsgi_app = "backend.wsgi:application"
 worker_class = "gthread"
 workers = int(os.environ.get("GUNICORN_WORKERS", "2"))

@@ -92,14 +92,15 @@ class InternalAuthMiddleware:
         except AuthProblem as problem:
             logger.warning("authentication failed", extra={"error_code": problem.code})
             return json_error(401, problem.code, problem.detail, {"WWW-Authenticate": "Bearer"})
-        length = request.META.get("CONTENT_LENGTH") or "0"
-        if not length.isdigit() or int(length) > settings.MAX_REQUEST_BODY:
+        raw_length = request.META.get("CONTENT_LENGTH") or "0"
+        length = int(raw_length) if raw_length.isascii() and raw_length.isdigit() else -1
+        if not 0 <= length <= settings.MAX_REQUEST_BODY:
             response = json_error(
                 413,
                 "payload_too_large",
                 f"the request body exceeds {settings.MAX_REQUEST_BODY} bytes",
             )
-            if not _discard_body(request, int(length) if length.isdigit() else -1):
+            if not _discard_body(request, length):
                 response["Connection"] = "close"
             return response
         return self.get_response(request)

@@ -104,10 +104,15 @@ def require_organization(request: Request) -> str:
     now = time.monotonic()
     if _known_orgs.get(org_id, 0.0) > now:
         return org_id
-    if len(org_id) > 64 or not Organization.objects.filter(pk=org_id).exists():
+    if len(org_id) > 64 or "\x00" in org_id or not Organization.objects.filter(pk=org_id).exists():
         raise APIError(404, "organization_not_found", "no such organization")
     _known_orgs[org_id] = now + settings.ORGANIZATION_CACHE_SECONDS
     return org_id
+
+
+def _is_decimal(text: str) -> bool:
+    """Only ASCII digits (``str.isdigit`` also accepts '²', which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def _validated(serializer_class: type[serializers.Serializer], data: Any) -> dict[str, Any]:
@@ -124,7 +129,7 @@ def _encode_cursor(row: WorkflowExecution | WebhookDelivery) -> str:
 def _page(request: Request, rows: QuerySet[Any]) -> tuple[list[Any], str | None]:
     """Newest first, ``limit`` rows after ``cursor``; the cursor of the next page or None."""
     raw_limit = request.query_params.get("limit", str(DEFAULT_PAGE))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+    if not _is_decimal(raw_limit) or not 1 <= int(raw_limit) <= MAX_PAGE:
         raise APIError(400, "validation_error", f"limit: must be an integer from 1 to {MAX_PAGE}")
     limit = int(raw_limit)
     cursor = request.query_params.get("cursor")
@@ -207,6 +212,10 @@ class ExecutionListView(APIView):
             rows = rows.filter(status=status)
         workflow_id = request.query_params.get("workflow_id")
         if workflow_id is not None:
+            if "\x00" in workflow_id:
+                raise APIError(
+                    400, "validation_error", "workflow_id: must not contain NUL characters"
+                )
             rows = rows.filter(workflow_id=workflow_id)
         items, next_cursor = _page(request, rows)
         return Response(

@@ -145,7 +145,7 @@ def test_organization_header_is_required(api: Api, method: str, path: str) -> No
 
 
 def test_unknown_organization_is_404(api: Api) -> None:
-    for org_id in ("no-such-org", "x" * 300):
+    for org_id in ("no-such-org", "x" * 300, "org\x00"):
         response = api.call("GET", "workflow-executions/", org_id=org_id)
         assert error_of(response) == (404, "organization_not_found")
 
@@ -245,6 +245,18 @@ def test_body_over_one_mebibyte_is_413(api: Api) -> None:
     assert error_of(api.call("POST", "workflow-executions/", raw=raw)) == (413, "payload_too_large")
 
 
+def test_content_length_that_is_not_ascii_digits_is_413(api: Api) -> None:
+    for length in ("²", "-1", "1e3"):
+        response = api.client.post(
+            "/internal/v1/workflow-executions/",
+            data="{}",
+            content_type="application/json",
+            headers=api.headers(),
+            CONTENT_LENGTH=length,
+        )
+        assert error_of(response) == (413, "payload_too_large")
+
+
 def test_bad_uuid_unknown_path_and_method(api: Api) -> None:
     assert error_of(api.call("GET", "workflow-executions/not-a-uuid/")) == (404, "not_found")
     assert error_of(api.call("GET", f"workflow-executions/{uuid.uuid4()}/")) == (404, "not_found")
@@ -325,6 +337,8 @@ def test_list_pages_newest_first_with_filters(api: Api) -> None:
         ("limit=0", "validation_error", "limit"),
         ("limit=501", "validation_error", "limit"),
         ("limit=ten", "validation_error", "limit"),
+        ("limit=%C2%B2", "validation_error", "limit"),  # '²' is a digit to str.isdigit()
+        ("workflow_id=a%00b", "validation_error", "workflow_id"),
         ("cursor=%%%", "invalid_cursor", "cursor"),
         ("cursor=bm90LWEtY3Vyc29y", "invalid_cursor", "cursor"),
     ],
