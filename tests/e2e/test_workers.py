@@ -196,3 +196,24 @@ def test_transient_failures_requeue_permanent_ones_mark_error(
         line = wait_for_log(crew, lambda r: r.get("message") ==
                             "could not mark the execution ERROR", 30, "the refusal line")
         assert line["execution_id"] == missing and line["error_type"] == "NotFoundError"
+
+
+def test_ctrl_c_stops_the_example_worker_and_its_pool(live_backend: Any, tmp_path: Path) -> None:
+    with fleet(live_backend, tmp_path, "filesystem") as crew:
+        worker = crew.start_worker()
+        children = worker.children()
+        assert len(children) == 4
+        assert worker.proc is not None
+        worker.proc.send_signal(signal.SIGINT)
+        assert worker.proc.wait(60) == 0, worker.log_tail()
+        wait_until(lambda: not any(_running(pid) for pid in children), 10,
+                   "the pool processes to exit")
+
+
+def _running(pid: int) -> bool:
+    """True when ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
