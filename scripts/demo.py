@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -65,6 +66,15 @@ def _progress(counts: Counter[str], total: int, width: int = 40) -> str:
     filled = int(width * done / total)
     parts = " ".join(f"{s} {counts[s]}" for s in ("IN_PROGRESS", "COMPLETED", "ERROR") if counts[s])
     return f"\r[{'#' * filled}{'.' * (width - filled)}] {done:3d}/{total}  {parts:<45}"
+
+
+def _without_password(url: str) -> str:
+    """``url`` with any password replaced by ``***``, fit to print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -117,7 +127,7 @@ def run(data_dir: Path) -> dict[str, Any]:
             },
         )
         print(f"starting the example worker (prefork, {CONCURRENCY} processes, broker "
-              f"{broker_url or 'filesystem'}) ...")
+              f"{_without_password(broker_url) if broker_url else 'filesystem'}) ...")
         worker = WorkerProcess(env, data_dir / "worker.log").start()
 
         config = WorkerConfig(
