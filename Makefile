@@ -37,7 +37,8 @@ lint: $(STAMP)
 test: lint $(WSTAMP)
 	$(WPY) -c "import django" 2>/dev/null && { echo "Django leaked into $(WORKER_VENV)"; exit 1; } || true
 	BACKEND_PYTHON=$(abspath $(PY)) $(WPY) -m pytest tests/workers
-	$(PY) -m pytest tests/backend tests/e2e
+	$(PY) -m pytest tests/backend
+	$(PY) -m pytest tests/e2e
 
 bench: $(STAMP)
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
