@@ -93,8 +93,14 @@ class InternalAuthMiddleware:
             logger.warning("authentication failed", extra={"error_code": problem.code})
             return json_error(401, problem.code, problem.detail, {"WWW-Authenticate": "Bearer"})
         raw_length = request.META.get("CONTENT_LENGTH") or "0"
-        length = int(raw_length) if raw_length.isascii() and raw_length.isdigit() else -1
-        if not 0 <= length <= settings.MAX_REQUEST_BODY:
+        if not (raw_length.isascii() and raw_length.isdigit()):
+            response = json_error(
+                400, "bad_request", "the Content-Length header is not a number of bytes"
+            )
+            response["Connection"] = "close"  # where the body ends is unknown
+            return response
+        length = int(raw_length)
+        if length > settings.MAX_REQUEST_BODY:
             response = json_error(
                 413,
                 "payload_too_large",
@@ -109,7 +115,7 @@ class InternalAuthMiddleware:
 def _discard_body(request: HttpRequest, length: int) -> bool:
     """Read and drop a refused body of moderate size, so that a client still sending it gets
     the 413 instead of a reset connection. False when the body is too big to bother with."""
-    if not 0 <= length <= DRAIN_LIMIT:
+    if length > DRAIN_LIMIT:
         return False
     stream = request.META["wsgi.input"]
     remaining = length

@@ -86,10 +86,10 @@ REQUEST_ID_PARAMETER = OpenApiParameter(
     required=False,
     description="Echoed in the response and in the backend's log lines.",
 )
-# Errors any endpoint may answer (auth, body size, database unavailable).
-COMMON = (401, 413, 503)
+# Errors any endpoint may answer (Host or Content-Length header, auth, body size, database).
+COMMON = (400, 401, 413, 503)
 # Errors of every org-scoped endpoint.
-SCOPED = (*COMMON, 400, 404)
+SCOPED = (*COMMON, 404)
 # Errors of a POST (or PATCH) with a body (the 409/422 come from Idempotency-Key).
 WRITE = (*SCOPED, 409, 415, 422)
 
