@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -338,7 +339,6 @@ def test_server_arguments_are_checked(make_config: Callable[..., WorkerConfig],
 
 def test_a_forked_child_does_not_hold_the_port(make_config: Callable[..., WorkerConfig]) -> None:
     import os
-    import time
 
     server = HealthServer(HealthChecker(make_config()), port=0, host="127.0.0.1")
     server.start()
@@ -359,3 +359,74 @@ def test_a_forked_child_does_not_hold_the_port(make_config: Callable[..., Worker
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
+
+
+def _shared_breaker(check: dict[str, Any], label: str) -> dict[str, Any]:
+    (found,) = [b for b in check["details"]["circuit_breakers"]
+                if b["breaker"] == label and "shared_state_ok" in b]
+    return dict(found)
+
+
+@pytest.mark.redis
+def test_a_shared_breaker_that_lost_redis_is_reported(
+        live_backend: LiveBackend, make_config: Callable[..., WorkerConfig],
+        serve: Callable[[HealthChecker], HealthServer]) -> None:
+    """The backend's breaker shares its state through Redis behind a real proxy; when the
+    proxy cuts the line the breaker runs on local state, and /health, /readyz and /metrics
+    say so (by the breaker's name without its URL); when the line returns, so does health."""
+    from tests.workers.test_breaker_redis import FaultyProxy
+
+    proxy = FaultyProxy(("127.0.0.1", 6379))
+    # "localhost": a breaker name of its own (the session's other tests use 127.0.0.1).
+    config = make_config(live_backend.url.replace("127.0.0.1", "localhost"),
+                         live_backend.api_key, circuit_breaker_redis_url=proxy.url)
+    checker = HealthChecker(config)
+    checker.remove_check("system_resources")  # this machine's load is not the subject
+    server = serve(checker)
+    key = "worker:breaker:internal-api " + config.internal_api_base_url
+    try:
+        status, body = get_json(server.url + "/health")
+        assert status == 200 and body["status"] == "healthy", body
+        process = body["checks"]["worker_process"]
+        assert process["status"] == "healthy"
+        assert _shared_breaker(process, "internal-api") == {
+            "breaker": "internal-api", "state": "closed", "shared_state_ok": True}
+        ready = get_json(server.url + "/readyz")
+        assert ready == (200, {"status": "ready", "checks": {
+            "backend": {"ok": True, "message": "API connectivity OK"},
+            "circuit_breaker": {"ok": True, "state": "closed", "shared_state_ok": True}}})
+
+        proxy.cut("reset")
+        status, body = get_json(server.url + "/health")
+        assert status == 200 and body["status"] == "degraded", body
+        process = body["checks"]["worker_process"]
+        assert process["status"] == "degraded"
+        assert process["message"] == ("circuit breaker internal-api: shared state (Redis) "
+                                      "unreachable, running on this process's local state")
+        assert _shared_breaker(process, "internal-api")["shared_state_ok"] is False
+        status, ready = get_json(server.url + "/readyz")
+        assert status == 200  # still protected, locally: not a reason to stop taking work
+        assert ready["checks"]["circuit_breaker"]["shared_state_ok"] is False
+        assert "internal-api" in ready["checks"]["breaker_shared_state"][
+            "running_on_local_state"]
+        metrics = get(server.url + "/metrics")[2].decode()
+        assert 'worker_circuit_breaker_shared_state{breaker="internal-api"} 0.0' in metrics
+        for _, _, raw in (get(server.url + path) for path in ("/health", "/readyz", "/metrics")):
+            text = raw.decode()
+            assert "localhost:" not in text and live_backend.api_key not in text
+            assert proxy.url not in text
+
+        proxy.restore()
+        deadline = time.monotonic() + 15  # the breaker asks Redis again after 1 s
+        while get_json(server.url + "/health")[1]["status"] != "healthy":
+            assert time.monotonic() < deadline, "the breaker never found Redis again"
+            time.sleep(0.2)
+        metrics = get(server.url + "/metrics")[2].decode()
+        assert 'worker_circuit_breaker_shared_state{breaker="internal-api"} 1.0' in metrics
+    finally:
+        proxy.stop()
+        import redis
+
+        client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        client.delete(key)
+        client.close()

@@ -13,6 +13,9 @@ Metric names and labels (base units, ``_total`` counters):
 - ``worker_api_retries_total{method,endpoint,reason}``
 - ``worker_circuit_breaker_state{breaker}`` (0 closed, 1 half_open, 2 open; the worst
   state among live processes; URLs in a breaker's name are left out of the label)
+- ``worker_circuit_breaker_shared_state{breaker}`` (Redis-shared breakers: 1 shared state
+  reachable, 0 running on local state; the lowest among live processes; set at
+  subscription and on every loss or recovery)
 - ``worker_tasks_total{task,outcome}`` and ``worker_task_duration_seconds{task}``
 - ``worker_function_duration_seconds{function,outcome}`` (``monitor_performance``)
 - ``worker_retries_total{function}`` (every retry made by ``retry_utils``)
@@ -104,6 +107,13 @@ class _Metrics:
                 registry=registry,
                 multiprocess_mode="livemax",
             )
+            f["breaker_shared"] = Gauge(
+                "worker_circuit_breaker_shared_state",
+                "Redis-shared circuit breaker: 1 shared state reachable, 0 on local state",
+                ["breaker"],
+                registry=registry,
+                multiprocess_mode="livemin",
+            )
             f["tasks"] = Counter(
                 "worker_tasks",
                 "Celery tasks finished, by outcome",
@@ -190,6 +200,11 @@ def breaker_state(name: str, state_value: str) -> None:
     _state.child("breaker", (breaker_label(name),)).set(value)
 
 
+def breaker_shared_state(name: str, ok: bool) -> None:
+    """Publish whether a Redis-shared breaker reaches Redis (False: it runs on local state)."""
+    _state.child("breaker_shared", (breaker_label(name),)).set(1.0 if ok else 0.0)
+
+
 def task_finished(task_name: str, outcome: str, seconds: float) -> None:
     """Count a finished Celery task (``outcome`` e.g. ``success``/``failure``) and its time."""
     _state.child("tasks", (task_name, outcome)).inc()
@@ -210,7 +225,8 @@ _subscribed = False
 
 
 def subscribe_resilience() -> None:
-    """Record every breaker state change and every retry of ``retry_utils`` (idempotent)."""
+    """Record every breaker state change, every loss or recovery of a breaker's shared
+    state and every retry of ``retry_utils`` (idempotent)."""
     global _subscribed
     if _subscribed:
         return
@@ -220,14 +236,21 @@ def subscribe_resilience() -> None:
         if _subscribed:
             return
         retry_utils.add_state_listener(_on_breaker_change)
+        retry_utils.add_shared_state_listener(_on_shared_state)
         retry_utils.add_retry_listener(_on_retry)
         _subscribed = True
     for breaker in retry_utils.all_breakers():
         breaker_state(breaker.name, breaker.state.value)
+        if breaker.shared:
+            breaker_shared_state(breaker.name, breaker.shared_state_ok)
 
 
 def _on_breaker_change(breaker: Any, _old: Any, new: Any) -> None:
     breaker_state(breaker.name, str(getattr(new, "value", new)))
+
+
+def _on_shared_state(breaker: Any, ok: bool) -> None:
+    breaker_shared_state(breaker.name, ok)
 
 
 def _on_retry(event: Any) -> None:

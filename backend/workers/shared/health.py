@@ -5,7 +5,9 @@
 or a blocked probe. Built in: ``api_connectivity`` (an authenticated call to the backend's
 health endpoint, one attempt, short timeout), ``system_resources`` (memory, disk, CPU against
 the ``HEALTH_*_PERCENT`` thresholds) and ``worker_process`` (the Celery consumer's broker
-connection and the prefork children's heartbeats). The overall status is the worst check.
+connection, the prefork children's heartbeats, and the circuit breakers: degraded while a
+Redis-shared breaker has lost Redis and runs on local state). The overall status is the
+worst check.
 
 :class:`HealthServer` serves, from the main process (standard library threading server):
 
@@ -16,6 +18,7 @@ connection and the prefork children's heartbeats). The overall status is the wor
 ``/health/history`` the last 100 reports
 ``/livez``         the process and its server answer (never depends on backend or broker)
 ``/readyz``        backend reachable, its circuit breaker not open, consumer attached
+                   (details: a Redis-shared breaker running on local state)
 ``/metrics``       Prometheus text format, aggregated over prefork children
 =================  ==========================================================================
 
@@ -443,13 +446,29 @@ class HealthChecker:
         return HealthCheckResult("system_resources", worst(statuses), message, details)
 
     def check_worker_process(self) -> HealthCheckResult:
-        """The main process, the consumer's broker connection, the pool's heartbeats."""
+        """The main process, the consumer's broker connection, the pool's heartbeats, and
+        the circuit breakers (degraded while a Redis-shared one runs on local state)."""
         details: dict[str, Any] = {"pid": os.getpid()}
+        status, message = self._process_status(details)
+        breakers = breaker_findings()
+        if breakers:
+            details["circuit_breakers"] = breakers
+        lost = [b["breaker"] for b in breakers if b.get("shared_state_ok") is False]
+        if lost:
+            local = (
+                f"circuit breaker {', '.join(lost)}: shared state (Redis) unreachable, "
+                "running on this process's local state"
+            )
+            if status is HealthStatus.HEALTHY:
+                status, message = HealthStatus.DEGRADED, local
+            else:
+                message = f"{message}; {local}"
+        return HealthCheckResult("worker_process", status, message, details)
+
+    def _process_status(self, details: dict[str, Any]) -> tuple[HealthStatus, str]:
         if not _heartbeat.worker_attached():
             details["celery_worker"] = False
-            return HealthCheckResult(
-                "worker_process", HealthStatus.HEALTHY, "Worker process healthy", details
-            )
+            return HealthStatus.HEALTHY, "Worker process healthy"
         children = _heartbeat.child_heartbeats(self.config.health_heartbeat_timeout)
         connected = _heartbeat.consumer_connected()
         details.update(
@@ -460,27 +479,16 @@ class HealthChecker:
         )
         stale = [c["pid"] for c in children if not c["fresh"]]
         if not connected:
-            return HealthCheckResult(
-                "worker_process",
-                HealthStatus.UNHEALTHY,
-                "consumer not connected to the broker",
-                details,
-            )
+            return HealthStatus.UNHEALTHY, "consumer not connected to the broker"
         if stale:
-            return HealthCheckResult(
-                "worker_process",
+            return (
                 HealthStatus.UNHEALTHY,
                 f"{len(stale)} of {len(children)} pool processes without a heartbeat for "
                 f"{self.config.health_heartbeat_timeout:g} s: {stale}",
-                details,
             )
         if not _heartbeat.STATE.ready:
-            return HealthCheckResult(
-                "worker_process", HealthStatus.DEGRADED, "consumer starting", details
-            )
-        return HealthCheckResult(
-            "worker_process", HealthStatus.HEALTHY, "Worker process healthy", details
-        )
+            return HealthStatus.DEGRADED, "consumer starting"
+        return HealthStatus.HEALTHY, "Worker process healthy"
 
     # --- probes ---------------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -493,8 +501,14 @@ class HealthChecker:
         checks["backend"] = {"ok": api.status is not HealthStatus.UNHEALTHY, "message": api.message}
         from .api_client import _backend_breaker  # the one breaker guarding backend calls
 
-        state = _backend_breaker(self.config).state.value
+        breaker = _backend_breaker(self.config)
+        state = breaker.state.value
         checks["circuit_breaker"] = {"ok": state != "open", "state": state}
+        if breaker.shared:
+            checks["circuit_breaker"]["shared_state_ok"] = breaker.shared_state_ok
+        lost = [b["breaker"] for b in breaker_findings() if b.get("shared_state_ok") is False]
+        if lost:  # still ready: each breaker goes on protecting on local state
+            checks["breaker_shared_state"] = {"ok": True, "running_on_local_state": lost}
         if _heartbeat.worker_attached():
             attached = _heartbeat.STATE.ready and _heartbeat.consumer_connected()
             checks["consumer"] = {"ok": attached}
@@ -530,6 +544,24 @@ class HealthChecker:
             "tasks": _stats.summarize(tasks),
             "functions": _stats.summarize(functions),
         }
+
+
+def breaker_findings() -> list[dict[str, Any]]:
+    """Every circuit breaker of this process: name (URLs left out), state, and for a
+    Redis-shared one whether its shared state is reachable (False: running on local state)."""
+    module = sys.modules.get("backend.workers.shared._breaker")
+    if module is None:  # no breaker can exist yet
+        return []
+    found = []
+    for breaker in module.all_breakers():
+        entry: dict[str, Any] = {
+            "breaker": _metrics.breaker_label(breaker.name),
+            "state": breaker.state.value,  # read first: a shared read may notice Redis' loss
+        }
+        if breaker.shared:
+            entry["shared_state_ok"] = breaker.shared_state_ok
+        found.append(entry)
+    return found
 
 
 def _existing(path: Path) -> Path:
