@@ -87,10 +87,6 @@ _DRF_CODES: dict[type[exceptions.APIException], str] = {
     exceptions.MethodNotAllowed: "method_not_allowed",
     exceptions.UnsupportedMediaType: "unsupported_media_type",
     exceptions.NotAcceptable: "not_acceptable",
-    exceptions.Throttled: "rate_limited",
-    exceptions.AuthenticationFailed: "authentication_failed",
-    exceptions.NotAuthenticated: "authentication_required",
-    exceptions.PermissionDenied: "permission_denied",
 }
 
 
@@ -119,18 +115,12 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         exc = exceptions.NotFound("not found")
     if not isinstance(exc, exceptions.APIException):
         return None
-    extra_headers: dict[str, str] = {}
     if isinstance(exc, exceptions.ValidationError):
         code, detail = "validation_error", "; ".join(_flatten(exc.detail))
     else:
         code = next((c for t, c in _DRF_CODES.items() if isinstance(exc, t)), "bad_request")
         detail = str(exc.detail)
-    wait = getattr(exc, "wait", None)
-    if wait:
-        extra_headers["Retry-After"] = str(int(wait))
-    return Response(
-        {"error": code, "detail": detail}, status=exc.status_code, headers=extra_headers
-    )
+    return Response({"error": code, "detail": detail}, status=exc.status_code)
 
 
 def handler400(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
