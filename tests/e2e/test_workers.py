@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.fleet import StatusRecorder, fleet, legal_history, wait_for_log
-from tests.e2e.harness import REPO_ROOT, wait_until
+from tests.e2e.harness import REPO_ROOT, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -196,6 +196,22 @@ def test_transient_failures_requeue_permanent_ones_mark_error(
         line = wait_for_log(crew, lambda r: r.get("message") ==
                             "could not mark the execution ERROR", 30, "the refusal line")
         assert line["execution_id"] == missing and line["error_type"] == "NotFoundError"
+
+
+def test_hard_time_limit_marks_the_execution_error(live_backend: Any, tmp_path: Path) -> None:
+    """A task killed at its hard time limit runs no code of its own; the worker's main process
+    marks its execution ERROR (the message is acknowledged: nothing would run it again)."""
+    with fleet(live_backend, tmp_path, "filesystem", concurrency=1,
+               work={"TASK_SOFT_TIME_LIMIT": "1", "TASK_TIME_LIMIT": "2"}) as crew:
+        command = [sys.executable, "-m", "celery", "-A", "tests.e2e.rules_worker", "worker",
+                   "-Q", crew.name, "--pool=prefork", "--concurrency=1"]
+        crew.workers.append(WorkerProcess(crew.env, tmp_path / "rules.log", command).launch())
+        (execution_id,) = crew.create(1)
+        crew.app.send_task("rules.runaway", args=[execution_id],
+                           kwargs={"organization_id": crew.organization_id}, queue=crew.name)
+        crew.wait_all([execution_id], "ERROR", timeout=60)
+        execution = crew.client.get_workflow_execution(execution_id)
+        assert execution.error_message.startswith("TimeLimitExceeded"), execution.error_message
 
 
 def test_ctrl_c_stops_the_example_worker_and_its_pool(live_backend: Any, tmp_path: Path) -> None:

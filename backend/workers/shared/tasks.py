@@ -17,7 +17,10 @@ When the task body raises, the failure is sorted once, here:
   ``max_retries`` re-queues are spent does the task give up and mark it.
 - **permanent** (validation, not found, a conflict, a bug in the task, a soft time limit):
   the execution is marked ``ERROR`` with a one-line message naming the exception, and the
-  exception propagates so Celery records the failure.
+  exception propagates so Celery records the failure. A task killed at its hard time limit
+  runs no code of its own: Celery's ``on_failure`` hook in the worker's main process marks
+  its execution ``ERROR`` instead (in a thread, so the consumer is never blocked), since the
+  message is acknowledged and the task will not run again.
 
 The execution is found by the task's ``execution_id`` argument (positional or keyword), and
 its organization by an ``organization_id`` argument or ``ORGANIZATION_ID``. Logging context,
@@ -30,11 +33,13 @@ from __future__ import annotations
 import inspect
 import logging
 import random
+import threading
 from typing import Any, ClassVar
 
 from celery import Task
-from celery.exceptions import TaskPredicate
+from celery.exceptions import TaskPredicate, TimeLimitExceeded
 
+from . import _redact
 from .config import WorkerConfig
 from .retry_utils import CircuitBreakerOpenError
 
@@ -124,6 +129,26 @@ class ExecutionTask(Task):
                 extra={"execution_id": execution_id, "retries": self.request.retries},
             )
 
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Celery's failure hook: after a hard time limit, mark the execution ``ERROR``.
+
+        Celery calls it in the worker's main process once it killed the task's process; the
+        mark runs in a thread so that the consumer is not held up by the backend.
+        """
+        if not isinstance(exc, TimeLimitExceeded):
+            return  # every other failure was sorted in __call__, inside the task's process
+        execution_id, organization_id = self._execution_of(tuple(args or ()), dict(kwargs or {}))
+        if execution_id is None:
+            return
+        self.config()
+        message = _error_message(exc, 0)
+        threading.Thread(
+            target=self._mark_or_log,
+            args=(execution_id, organization_id, message, None),
+            name=f"mark-error-{execution_id}",
+            daemon=True,
+        ).start()
+
     def _mark_error(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Mark the task's execution ``ERROR`` with a message naming ``exc``.
 
@@ -131,40 +156,54 @@ class ExecutionTask(Task):
         failure is then seen again and marked on a later run); any other refusal (the
         execution is unknown or already terminal) is logged.
         """
-        from .api_client import InternalAPIClient, InternalAPIError
-
         execution_id, organization_id = self._execution_of(args, kwargs)
         if execution_id is None:
             logger.error(
                 "task failed and has no execution_id argument to mark ERROR",
                 extra={"error_type": type(exc).__name__},
+                exc_info=exc,
             )
             return
-        config = self.config()
-        message = _error_message(exc, self.request.retries, config.secret_values())
         logger.error(
-            "permanent failure, execution marked ERROR",
+            "task failed",
             extra={"execution_id": execution_id, "error_type": type(exc).__name__},
             exc_info=exc,
         )
+        self.config()  # built first: it registers the secrets the message is scrubbed of
+        message = _error_message(exc, self.request.retries)
+        attempts = self.request.retries + 1
         try:
-            with InternalAPIClient(config) as client:
-                if organization_id is not None:
-                    client.set_organization_context(organization_id)
-                client.update_workflow_execution_status(
-                    execution_id, "ERROR", error_message=message, attempts=self.request.retries + 1
-                )
-        except InternalAPIError as mark_exc:
+            self._mark(execution_id, organization_id, message, attempts)
+        except Exception as mark_exc:
             if is_transient(mark_exc):
                 self._requeue(mark_exc, args, kwargs)
-            logger.error(
-                "could not mark the execution ERROR",
-                extra={
-                    "execution_id": execution_id,
-                    "error_type": type(mark_exc).__name__,
-                    "error": str(mark_exc),
-                },
+            _log_not_marked(execution_id, mark_exc)
+
+    def _mark_or_log(
+        self, execution_id: str, organization_id: str | None, message: str, attempts: int | None
+    ) -> None:
+        """Mark the execution ``ERROR``; a refusal is logged (for use outside the task)."""
+        try:
+            self._mark(execution_id, organization_id, message, attempts)
+        except Exception as exc:
+            _log_not_marked(execution_id, exc)
+
+    def _mark(
+        self, execution_id: str, organization_id: str | None, message: str, attempts: int | None
+    ) -> None:
+        """Move the execution to ``ERROR`` with ``message`` (and ``attempts`` when known)."""
+        from .api_client import InternalAPIClient
+
+        fields: dict[str, Any] = {} if attempts is None else {"attempts": attempts}
+        with InternalAPIClient(self.config()) as client:
+            if organization_id is not None:
+                client.set_organization_context(organization_id)
+            client.update_workflow_execution_status(
+                execution_id, "ERROR", error_message=message, **fields
             )
+        logger.error(
+            "execution marked ERROR", extra={"execution_id": execution_id, "error": message}
+        )
 
     def _execution_of(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -182,12 +221,16 @@ class ExecutionTask(Task):
         )
 
 
-def _error_message(exc: BaseException, retries: int, secrets: tuple[str, ...]) -> str:
+def _log_not_marked(execution_id: str, exc: Exception) -> None:
+    logger.error(
+        "could not mark the execution ERROR",
+        extra={"execution_id": execution_id, "error_type": type(exc).__name__, "error": str(exc)},
+    )
+
+
+def _error_message(exc: BaseException, retries: int) -> str:
     """One line for the execution's ``error_message``: type, text, retries; no secret."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "**********")
+    text = " ".join(_redact.scrub(f"{type(exc).__name__}: {exc}").split())
     if retries:
         text += f" (after {retries} re-queue(s))"
     if len(text) > MAX_ERROR_MESSAGE:
