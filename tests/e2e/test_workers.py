@@ -50,6 +50,7 @@ def test_200_executions_complete_with_legal_histories(
             assert execution.attempts >= 1
             assert execution.successful_files == execution.total_files == 2
             assert execution.started_at is not None and execution.finished_at is not None
+            assert execution.created_at is not None
             assert execution.created_at <= execution.started_at <= execution.finished_at
         # The recorder saw work in flight, not only before and after.
         assert any("IN_PROGRESS" in h for h in recorder.histories.values())
@@ -186,9 +187,9 @@ def test_transient_failures_requeue_permanent_ones_mark_error(
         (permanent,) = crew.create(1)
         crew.submit([permanent])
         crew.wait_all([permanent], "ERROR", timeout=60)
-        execution = crew.client.get_workflow_execution(permanent)
-        assert execution.error_message.startswith("APIValidationError: 422 validation_error")
-        assert "workflow is invalid" in execution.error_message
+        message = str(crew.client.get_workflow_execution(permanent).error_message)
+        assert message.startswith("APIValidationError: 422 validation_error")
+        assert "workflow is invalid" in message
 
         # A task for an execution that does not exist: nothing to mark, and it says so.
         missing = str(uuid.uuid4())
@@ -210,8 +211,8 @@ def test_hard_time_limit_marks_the_execution_error(live_backend: Any, tmp_path: 
         crew.app.send_task("rules.runaway", args=[execution_id],
                            kwargs={"organization_id": crew.organization_id}, queue=crew.name)
         crew.wait_all([execution_id], "ERROR", timeout=60)
-        execution = crew.client.get_workflow_execution(execution_id)
-        assert execution.error_message.startswith("TimeLimitExceeded"), execution.error_message
+        message = str(crew.client.get_workflow_execution(execution_id).error_message)
+        assert message.startswith("TimeLimitExceeded"), message
 
 
 def test_ctrl_c_stops_the_example_worker_and_its_pool(live_backend: Any, tmp_path: Path) -> None:
