@@ -1,4 +1,4 @@
-"""The module README stays true of the code: every setting, variable and endpoint in it."""
+"""The module README stays true of the code: every setting, variable, public name and endpoint."""
 
 from __future__ import annotations
 
@@ -7,15 +7,59 @@ import re
 from tests.e2e.harness import REPO_ROOT
 
 README = (REPO_ROOT / "backend" / "workers" / "shared" / "README.md").read_text()
+# What the README shows for a default the code computes rather than states.
+COMPUTED_DEFAULTS = {"CELERY_BROKER_URL": "filesystem://"}
 
 
-def test_every_setting_is_in_the_configuration_reference() -> None:
+def configuration_table() -> dict[str, str]:
+    """Variable -> its Default cell, from the README's configuration reference table."""
+    section = README.split("### Environment Variables", 1)[1].split("\n## ", 1)[0]
+    table: dict[str, str] = {}
+    for row in re.findall(r"^\|(.+)\|$", section, re.M):
+        cells = [c.strip() for c in row.split("|")]
+        names = re.findall(r"`([A-Z][A-Z0-9_]+)`", cells[0])
+        if not names:
+            continue
+        defaults = [d.strip() for d in cells[1].split(" / ")] if len(names) > 1 else [cells[1]]
+        table.update(zip(names, defaults, strict=True))
+    return table
+
+
+def shown(default: object) -> str:
+    """How the README's table writes a default value."""
+    if default is None or default == []:
+        return "*none*"
+    if isinstance(default, float) and default.is_integer():
+        default = int(default)
+    return f"`{default}`"
+
+
+def test_every_setting_is_in_the_table_with_its_default() -> None:
+    from pydantic_core import PydanticUndefined
+
     from backend.workers.shared.config import WorkerConfig
 
-    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", README))
-    missing = [name.upper() for name in WorkerConfig.model_fields
-               if name.upper() not in documented]
-    assert missing == []
+    table = configuration_table()
+    wrong = {}
+    for name, field in WorkerConfig.model_fields.items():
+        variable = name.upper()
+        if field.default is PydanticUndefined and field.default_factory is None:
+            expected = "*required*"
+        elif variable in COMPUTED_DEFAULTS:
+            expected = f"`{COMPUTED_DEFAULTS[variable]}`"
+        else:
+            default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+            expected = shown(default)
+        cell = table.get(variable, "missing from the table")
+        if not cell.startswith(expected):
+            wrong[variable] = f"{cell!r}, the code says {expected}"
+    assert wrong == {}
+
+
+def test_every_public_name_is_documented() -> None:
+    import backend.workers.shared as shared
+
+    assert sorted(n for n in shared.__all__ if not re.search(rf"\b{n}\b", README)) == []
 
 
 def test_every_example_worker_variable_is_documented() -> None:
