@@ -385,16 +385,18 @@ def test_a_shared_breaker_that_lost_redis_is_reported(
     server = serve(checker)
     key = "worker:breaker:internal-api " + config.internal_api_base_url
     try:
+        # /readyz first: it makes the backend's breaker (the checks of one /health run are
+        # concurrent, so worker_process may look before api_connectivity made it).
+        ready = get_json(server.url + "/readyz")
+        assert ready == (200, {"status": "ready", "checks": {
+            "backend": {"ok": True, "message": "API connectivity OK"},
+            "circuit_breaker": {"ok": True, "state": "closed", "shared_state_ok": True}}})
         status, body = get_json(server.url + "/health")
         assert status == 200 and body["status"] == "healthy", body
         process = body["checks"]["worker_process"]
         assert process["status"] == "healthy"
         assert _shared_breaker(process, "internal-api") == {
             "breaker": "internal-api", "state": "closed", "shared_state_ok": True}
-        ready = get_json(server.url + "/readyz")
-        assert ready == (200, {"status": "ready", "checks": {
-            "backend": {"ok": True, "message": "API connectivity OK"},
-            "circuit_breaker": {"ok": True, "state": "closed", "shared_state_ok": True}}})
 
         proxy.cut("reset")
         status, body = get_json(server.url + "/health")
