@@ -365,11 +365,18 @@ class HealthChecker:
             return
         # Import what the checks import lazily now, in the caller's thread: a prefork pool
         # forked while the checker thread is inside an import gives its children a module
-        # lock that nobody will release (their first API call then hangs for ever).
-        import httpx2  # noqa: F401
+        # lock that nobody will release (their first API call then hangs for ever). That
+        # includes what httpx2 imports when a client is built (httpcore2, h11, anyio) and
+        # what the first request and its metrics need.
+        import encodings.idna  # noqa: F401  (host names of the first request)
+
+        import httpx2
+        import prometheus_client  # noqa: F401
         import psutil  # noqa: F401
 
-        from . import api_client  # noqa: F401
+        from . import api_client, logging_utils  # noqa: F401
+
+        httpx2.Client(trust_env=False).close()
 
         self._stop.clear()
         self._background = threading.Thread(
