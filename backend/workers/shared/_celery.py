@@ -11,7 +11,12 @@ It runs automatically when a worker follows the seed's Quick Start: from
 - ``celeryd_after_setup``: in ``structured`` format the ASCII banner becomes one JSON line;
   ``print`` output is redirected into the log when ``worker_redirect_stdouts`` is on.
 - ``worker_init`` / ``worker_ready`` / ``worker_shutdown`` (main process): the run directory,
-  prometheus-client multiprocess mode (cleaned before the pool forks), consumer state.
+  prometheus-client multiprocess mode (cleaned before the pool forks), consumer state; and,
+  before a prefork pool forks, the modules every task uses imported once and the heap frozen
+  (``gc.freeze()``), so the children share those pages instead of copying them.
+- Celery's shutdown messages (``worker: Warm shutdown (MainProcess)``, ``Hitting Ctrl+C
+  again ...``), written raw to the terminal by its signal handlers, become log lines in the
+  ``structured`` format.
 - ``worker_process_init`` / ``worker_process_shutdown`` (prefork child): heartbeat thread,
   last heartbeat, dead child's live gauges dropped.
 - ``task_prerun`` / ``task_postrun``: ``task_id``, ``task_name``, and ``execution_id`` /
@@ -66,6 +71,7 @@ def install() -> None:
         }
         for signal, handler in handlers.items():
             signal.connect(handler, weak=False, dispatch_uid=_UID + handler.__name__)
+        _route_shutdown_messages()
         _installed = True
     _metrics.subscribe_resilience()
 
@@ -138,20 +144,37 @@ def _on_after_setup(sender: Any = None, instance: Any = None, **_: Any) -> None:
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     _heartbeat.start_main(sender)
+    if _forks_a_pool(sender):
+        _share_with_pool()
+
+
+def _forks_a_pool(worker: Any) -> bool:
+    pool = getattr(worker, "pool_cls", None)  # still the name here, or a class
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    return name in ("prefork", "processes") or name.endswith(".prefork")
+
+
+def _share_with_pool() -> None:
+    """In the main process, before the pool forks: make the children share memory.
+
+    The modules every task uses (the API client, httpx2, prometheus-client) are imported
+    once here instead of once per child, and ``gc.freeze()`` moves the heap out of the
+    collector's reach: a child's collections would otherwise write to every object header
+    and copy the pages the fork shared (about a third of an idle worker's memory, see
+    ``benchmarks/bench_worker.py``).
+    """
+    import gc
+
+    import httpx2  # noqa: F401
+    import prometheus_client  # noqa: F401
+
+    from . import api_client  # noqa: F401
+
+    gc.freeze()
 
 
 def _on_worker_ready(**_: Any) -> None:
     _heartbeat.set_ready(True)
-    from . import logging_utils
-
-    worker = _heartbeat.STATE.worker
-    if worker is not None and logging_utils.WorkerLogger.settings()["log_format"] == "structured":
-        # Celery's SIGTERM/SIGQUIT handlers print a raw "worker: Warm shutdown" line to
-        # stdout; the same handlers without it (the shutdown is logged as JSON instead).
-        from celery.apps import worker as celery_worker
-
-        celery_worker.install_worker_term_handler(worker, verbose=False)
-        celery_worker.install_worker_term_hard_handler(worker, verbose=False)
 
 
 def _on_worker_shutdown(**_: Any) -> None:
@@ -165,6 +188,27 @@ def _on_child_init(**_: Any) -> None:
 
 def _on_child_shutdown(**_: Any) -> None:
     _heartbeat.child_exiting()
+
+
+def _route_shutdown_messages() -> None:
+    """Celery's signal handlers write their messages with ``safe_say`` straight to the
+    terminal; in the ``structured`` format they become log lines instead."""
+    from celery.apps import worker as celery_worker
+
+    raw = celery_worker.safe_say
+    if getattr(raw, "_worker_logged", False):
+        return
+
+    def say(msg: str, *args: Any, **kwargs: Any) -> None:
+        from . import logging_utils
+
+        if logging_utils.WorkerLogger.settings()["log_format"] != "structured":
+            raw(msg, *args, **kwargs)
+            return
+        logging.getLogger(celery_worker.__name__).warning(str(msg).strip())
+
+    say._worker_logged = True  # type: ignore[attr-defined]
+    celery_worker.safe_say = say
 
 
 # --- tasks ----------------------------------------------------------------------------

@@ -11,7 +11,9 @@ Run it as a prefork worker with its health server on ``METRICS_PORT``::
     celery -A backend.workers.shared.example_worker worker -Q "$WORKER_NAME"
 
 Importing the module starts nothing: the health server starts when the worker is ready
-(``worker_ready``) and stops with it (``worker_shutdown``).
+(``worker_ready``) and stops with it (``worker_shutdown``). The shared package's Celery
+wiring does the rest (task context in the log, heartbeats, metrics, and, before the pool
+forks, the shared imports and ``gc.freeze()`` that keep the children's memory shared).
 
 Settings of the simulated work (beyond :class:`WorkerConfig`'s):
 
@@ -45,6 +47,7 @@ from . import (
     InternalAPIClient,
     InternalAPIError,
     ResilientExecutor,
+    WebhookNotRecordedError,
     WorkerConfig,
     WorkerLogger,
     log_context,
@@ -232,6 +235,16 @@ def notify(client: InternalAPIClient, url: str, execution_id: str, elapsed: floa
     }
     try:
         outcome = client.send_webhook(url, payload, execution_id=execution_id)
+    except WebhookNotRecordedError as exc:
+        # It went out: sending it again would deliver it twice. Only the record is missing.
+        logger.warning(
+            f"completion webhook sent but not recorded: {exc.__cause__}",
+            webhook_id=exc.result.message_id,
+            outcome=exc.result.outcome,
+            attempts=exc.result.attempts,
+            error_type=type(exc.__cause__).__name__,
+        )
+        return
     except (InternalAPIError, ValueError) as exc:
         logger.error(f"completion webhook not sent: {exc}")
         return
@@ -246,23 +259,6 @@ def engine_check() -> HealthCheckResult:
 
 
 _health_server: HealthServer | None = None
-
-
-@signals.worker_init.connect
-def share_with_pool(**_: Any) -> None:
-    """In the main process, before the pool forks: make the children share memory.
-
-    The modules every task uses are imported once here instead of once per child, and
-    ``gc.freeze()`` moves the heap out of the collector's reach: a child's garbage
-    collections would otherwise write to every object header and copy the pages that the
-    fork shared (measured: a third of the idle worker's memory, see bench_worker).
-    """
-    import gc
-
-    import httpx2  # noqa: F401
-    import prometheus_client  # noqa: F401
-
-    gc.freeze()
 
 
 @signals.worker_ready.connect
