@@ -75,12 +75,13 @@ def close_all() -> None:
 
 
 def _quiet_httpx2_request_lines() -> None:
-    # httpx2 logs every request at INFO ("HTTP Request: GET <url> ..."); the API client logs
-    # each attempt itself (DEBUG on success, WARNING on failure), so that line would repeat
-    # it at INFO. An explicit level set by the application is left alone.
-    httpx_logger = logging.getLogger("httpx2")
-    if httpx_logger.level == logging.NOTSET:
-        httpx_logger.setLevel(logging.WARNING)
+    # httpx2 logs every request at INFO ("HTTP Request: GET <url> ..."), httpcore2 each step
+    # at DEBUG; the API client logs each attempt itself (DEBUG on success, WARNING on
+    # failure). An explicit level set by the application is left alone.
+    for name in ("httpx2", "httpcore2"):
+        httpx_logger = logging.getLogger(name)
+        if httpx_logger.level == logging.NOTSET:
+            httpx_logger.setLevel(logging.WARNING)
 
 
 def _new_pool(base_url: str) -> httpx2.Client:
