@@ -6,6 +6,7 @@ setting comes from the environment the test prepares.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -15,6 +16,7 @@ from celery import Celery
 from backend.workers.shared import (
     HealthChecker,
     HealthServer,
+    InternalAPIClient,
     WorkerConfig,
     WorkerLogger,
     monitor_performance,
@@ -40,8 +42,12 @@ health_server.start()
 @monitor_performance
 def work(self: object, execution_id: str, organization_id: str | None = None,
          fail: bool = False, pause: float = 0.0) -> dict[str, int]:
-    """Log in every way a task can, optionally fail; returns the child's pid."""
-    logger.info(f"processing execution {execution_id}", step="start")
+    """Log in every way a task can, call the backend once, optionally fail; returns the
+    child's pid. The start line tells how many objects the pool's fork left frozen."""
+    logger.info(f"processing execution {execution_id}", step="start",
+                frozen_objects=gc.get_freeze_count())
+    with InternalAPIClient(config) as client:
+        client.health_check()
     logging.getLogger("plain.stdlib").info("stdlib line %s", "with args", extra={"kind": "extra"})
     print("a line printed by the task")
     time.sleep(pause)

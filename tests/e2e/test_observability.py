@@ -74,7 +74,8 @@ def backend() -> Iterator[LiveBackend]:
 
 @contextlib.contextmanager
 def running_worker(backend: LiveBackend, tmp: Path, *pool: str,
-                   extra_env: dict[str, str] | None = None) -> Iterator[Worker]:
+                   extra_env: dict[str, str] | None = None,
+                   loglevel: str = "INFO") -> Iterator[Worker]:
     """A ``celery worker`` subprocess with ``pool`` options, ready; warm-stopped at the end."""
     queue = f"obs-{uuid.uuid4().hex[:10]}"
     port = free_port()
@@ -98,7 +99,7 @@ def running_worker(backend: LiveBackend, tmp: Path, *pool: str,
     with out_path.open("wb") as out, err_path.open("wb") as err:
         process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "observability_worker", "worker", *pool,
-             "--loglevel", "INFO", "-Q", queue, "--hostname", f"{queue}@%h"],
+             "--loglevel", loglevel, "-Q", queue, "--hostname", f"{queue}@%h"],
             cwd=tmp, env=env, stdout=out, stderr=err, start_new_session=True,
         )
     running = Worker(process, f"http://127.0.0.1:{port}", queue, tmp / "data", out_path,
@@ -222,6 +223,12 @@ def test_task_lines_are_json_with_the_task_context(worker: Worker,
                    for r in mine)
         stdlib = next(r for r in mine if r["message"] == "stdlib line with args")
         assert stdlib["kind"] == "extra" and stdlib["logger"] == "plain.stdlib"
+        # The Celery wiring froze the heap before the pool forked (shared, not copied).
+        start = next(r for r in mine if r["message"] == f"processing execution {execution_id}")
+        assert start["frozen_objects"] > 0
+    # Each task called the backend once: at INFO that is not a line (neither ours nor httpx2's).
+    assert not [r for r in records if r["logger"].startswith(("httpx2", "httpcore2"))]
+    assert not [r for r in records if r["message"] == "internal API call"]
     failures = [r for r in records if r.get("level") == "ERROR" and "exception" in r
                 and r.get("logger") == "celery.app.trace"]
     assert len(failures) == FAILING_TASKS
@@ -276,13 +283,14 @@ def test_thread_pool_keeps_each_tasks_context(backend: LiveBackend, tmp_path: Pa
     spans.sort()
     assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
     assert len({r["pid"] for r in records if "task_id" in r}) == 1
+    assert {r["frozen_objects"] for r in records if "frozen_objects" in r} == {0}  # no fork
 
 
 def test_without_configure_the_celery_wiring_logs_json(backend: LiveBackend,
                                                        tmp_path: Path) -> None:
     env = {"OBS_SKIP_CONFIGURE": "1", "LOG_FORMAT": "structured"}
     with running_worker(backend, tmp_path, "--pool", "prefork", "--concurrency", "1",
-                        extra_env=env) as bare:
+                        extra_env=env, loglevel="DEBUG") as bare:
         _send(bare, execution_id="bare-1")
         wait_until(lambda: _sample(bare.get("/metrics")[1], "worker_tasks_total", task=TASK,
                                    outcome="success") == 1, 60, "the task")
@@ -296,6 +304,13 @@ def test_without_configure_the_celery_wiring_logs_json(backend: LiveBackend,
             pytest.fail(f"not a JSON line on {stream}: {line!r}")
     task_line = next(r for r in records if r["message"] == "processing execution bare-1")
     assert task_line["task_id"] and task_line["worker_name"] == bare.queue
+    # At DEBUG, the task's one API call is one line: the client's, not httpx2's or httpcore2's.
+    assert not [r for r in records if r["logger"].startswith(("httpx2", "httpcore2"))]
+    calls = [r for r in records if r.get("task_id") == task_line["task_id"]
+             and r["logger"].startswith(("httpx2", "httpcore2", "backend.workers.shared"))
+             and r["logger"] != "backend.workers.shared.logging_utils.performance"]
+    assert [(r["message"], r["method"], r["path"]) for r in calls] == [
+        ("internal API call", "GET", "health/")]
 
 
 @pytest.mark.redis
@@ -363,4 +378,35 @@ def test_every_line_is_json_through_shutdown(worker: Worker, ran_tasks: list[str
         except ValueError:
             pytest.fail(f"not a JSON line on {stream}: {line!r}")
         assert {"timestamp", "level", "logger", "message", "worker_name", "pid"} <= set(record)
-    assert any(json.loads(line)["message"] == "celery worker shutting down" for _, line in lines)
+    messages = [json.loads(line)["message"] for _, line in lines]
+    assert "celery worker shutting down" in messages
+    assert "worker: Warm shutdown (MainProcess)" in messages  # Celery's notice, as JSON
+
+
+def _records(worker: Worker) -> list[dict[str, Any]]:
+    records = []
+    for stream, line in worker.lines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"not a JSON line on {stream}: {line!r}")
+    return records
+
+
+def test_every_line_is_json_through_ctrl_c(backend: LiveBackend, tmp_path: Path) -> None:
+    """Ctrl-C twice during a task (the terminal signals the whole process group): Celery's
+    warm and cold shutdown notices come out as JSON lines like everything else."""
+    with running_worker(backend, tmp_path, "--pool", "prefork", "--concurrency", "1") as w:
+        _send(w, execution_id="ctrl-c", pause=60)
+        wait_until(lambda: any(r["message"] == "processing execution ctrl-c"
+                               for r in _records(w)), 60, "the task to start")
+        os.killpg(w.process.pid, signal.SIGINT)
+        wait_until(lambda: any("Hitting Ctrl+C again" in r["message"] for r in _records(w)),
+                   30, "the warm shutdown notice")
+        os.killpg(w.process.pid, signal.SIGINT)  # again: cold shutdown, the task is cancelled
+        w.process.wait(timeout=60)
+    messages = [r["message"] for r in _records(w)]
+    assert "worker: Warm shutdown (MainProcess)" in messages
+    assert ("worker: Hitting Ctrl+C again will initiate cold shutdown, terminating all "
+            "running tasks!") in messages
+    assert "worker: Hitting Ctrl+C again will terminate all running tasks!" in messages
