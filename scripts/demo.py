@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from tests.conftest import free_port  # noqa: E402
 from tests.e2e.harness import (  # noqa: E402
     WebhookReceiver,
     WorkerProcess,
@@ -53,19 +54,11 @@ class DemoFailure(Exception):
     """The demo could not show what it promises; the message says why."""
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _progress(counts: Counter[str], total: int, width: int = 40) -> str:
     done = sum(counts[s] for s in TERMINAL)
     filled = int(width * done / total)
     parts = " ".join(f"{s} {counts[s]}" for s in ("IN_PROGRESS", "COMPLETED", "ERROR") if counts[s])
-    return f"\r[{'#' * filled}{'.' * (width - filled)}] {done:3d}/{total}  {parts:<45}"
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done:3d}/{total}  {parts:<45}"
 
 
 def _without_password(url: str) -> str:
@@ -115,7 +108,7 @@ def run(data_dir: Path) -> dict[str, Any]:
             organization_id=backend.org_id,
             worker_name=worker_name,
             data_dir=data_dir / "worker",
-            metrics_port=_free_port(),
+            metrics_port=free_port(),
             broker_url=broker_url,
             concurrency=CONCURRENCY,
             extra={
@@ -156,7 +149,7 @@ def run(data_dir: Path) -> dict[str, Any]:
                 bar = _progress(counts, EXECUTIONS)
                 if bar != shown[0]:
                     # A terminal gets one bar redrawn in place; a log gets one line a change.
-                    print(bar if tty else bar.lstrip("\r").rstrip(), end="" if tty else "\n",
+                    print(f"\r{bar}" if tty else bar.rstrip(), end="" if tty else "\n",
                           flush=True)
                     shown[0] = bar
                 return sum(counts[s] for s in TERMINAL) >= EXECUTIONS
@@ -164,7 +157,8 @@ def run(data_dir: Path) -> dict[str, Any]:
             try:
                 wait_until(finished, RUN_TIMEOUT, f"{EXECUTIONS} executions to finish", 0.25)
             finally:
-                print()
+                if tty:
+                    print()
             wall = time.monotonic() - started
             executions = list(client.list_workflow_executions())
             deliveries = list(client.list_webhook_deliveries())
@@ -175,6 +169,7 @@ def run(data_dir: Path) -> dict[str, Any]:
                    10.0, "the completion webhooks")
         _, metrics = http_get(worker.health_url + "/metrics")
         health_status, health = worker.health("/health")
+        (data_dir / "health.json").write_text(json.dumps(health, indent=2) + "\n")
         metrics_text = metrics.decode()
         times = [float(e.execution_time) for e in completed if e.execution_time is not None]
         return {
@@ -192,6 +187,7 @@ def run(data_dir: Path) -> dict[str, Any]:
             "completed": len(completed),
             "health_status": health_status,
             "health": health,
+            "health_file": data_dir / "health.json",
         }
     finally:
         if worker is not None:
@@ -225,16 +221,23 @@ def report(summary: dict[str, Any]) -> None:
     print(f"\n{EXECUTIONS} executions in {summary['wall_seconds']:.1f}s")
     for status, count in sorted(summary["by_status"].items()):
         print(f"  {status:<12} {count}")
+    if summary["errors"]:
+        rate = float(DEMO_WORK["EXAMPLE_FAILURE_RATE"])
+        print(f"  (the demo makes {rate:.0%} of inputs invalid on purpose: EXAMPLE_FAILURE_RATE)")
     for execution_id, message in summary["errors"]:
-        print(f"    ERROR {execution_id}: {message}")
+        short = execution_id[:8]
+        print(f"    {short}  {message.replace(execution_id, short)}")
     print(f"task time      p50 {summary['task_time_p50']:.3f}s   "
           f"p95 {summary['task_time_p95']:.3f}s")
     print(f"retries        {summary['retries_in_place']:.0f} in place (retry/executor), "
           f"{summary['api_retries']:.0f} API, {summary['task_requeues']:.0f} task re-queues")
     print(f"webhooks       {summary['webhooks_recorded']} delivered (recorded by the backend), "
           f"{summary['webhooks_verified']} signatures verified by the receiver")
-    print(f"worker /health {summary['health_status']}")
-    print(json.dumps(summary["health"], indent=2))
+    health = summary["health"]
+    print(f"worker /health {summary['health_status']} {health.get('status')}  "
+          f"(full answer in {summary['health_file']})")
+    for name, check in health.get("checks", {}).items():
+        print(f"    {name:<18} {check.get('status'):<10} {check.get('message')}")
 
 
 def _stop_on_signal(signum: int, _frame: FrameType | None) -> None:

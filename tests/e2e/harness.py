@@ -50,6 +50,26 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return int(exc.code), exc.read()
 
 
+def serve_in_thread(
+    handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1", port: int = 0,
+    tls: ssl.SSLContext | None = None, name: str = "http-server",
+) -> ThreadingHTTPServer:
+    """Bind a threading HTTP server (HTTPS with ``tls``) and serve it in a daemon thread."""
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True, name=name).start()
+    return server
+
+
+def stop_server(server: ThreadingHTTPServer | None) -> None:
+    """Stop a server of :func:`serve_in_thread` and close its socket (``None``: nothing)."""
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+
+
 def new_webhook_secret() -> str:
     """A fresh Standard Webhooks secret (``whsec_`` + base64 of 32 random bytes)."""
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
@@ -113,21 +133,14 @@ class WebhookReceiver:
             def log_message(self, format: str, *args: Any) -> None:
                 return
 
-        server = ThreadingHTTPServer((self.host, self.port), Handler)
-        server.daemon_threads = True
-        if self.tls is not None:
-            server.socket = self.tls.wrap_socket(server.socket, server_side=True)
-        self.port = int(server.server_address[1])
-        self._server = server
-        threading.Thread(target=server.serve_forever, daemon=True, name="webhooks").start()
+        self._server = serve_in_thread(Handler, self.host, self.port, self.tls, "webhooks")
+        self.port = int(self._server.server_address[1])
         return self
 
     def stop(self) -> None:
         """Stop serving and close the socket."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        stop_server(self._server)
+        self._server = None
 
 
 def worker_env(

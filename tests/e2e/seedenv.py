@@ -13,14 +13,13 @@ from __future__ import annotations
 import http.client
 import re
 import subprocess
-import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tests.e2e.harness import REPO_ROOT
+from tests.e2e.harness import REPO_ROOT, serve_in_thread, stop_server
 
 SEED = REPO_ROOT.parent / "shared" / "seed" / "000_c1692ca2f3b27064.txt"
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "host", "content-length"}
@@ -117,18 +116,13 @@ class PlaceholderProxy:
             def log_message(self, format: str, *args: Any) -> None:
                 return
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        self._server = server
-        threading.Thread(target=server.serve_forever, daemon=True, name="proxy").start()
+        self._server = serve_in_thread(Handler, name="proxy")
         return self
 
     def stop(self) -> None:
         """Stop serving."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        stop_server(self._server)
+        self._server = None
 
 
 def self_signed_certificate(host: str, folder: Path) -> tuple[Path, Path]:
