@@ -263,11 +263,16 @@ def main() -> int:
         if not service_up(service):
             print(f"bench_worker: {service} is not running on localhost", file=sys.stderr)
             return 1
-    tmp = Path(tempfile.mkdtemp(prefix="bench-worker-"))
+    with tempfile.TemporaryDirectory(prefix="bench-worker-") as folder:
+        return measure(Path(folder))
+
+
+def measure(tmp: Path) -> int:
+    """Start each worker from modules written into ``tmp``, measure, print."""
     conf = textwrap.dedent(COMMON_CONF)
     (tmp / "bench_bare.py").write_text(BARE_WORKER.format(conf=conf, freeze=""))
     (tmp / "bench_frozen.py").write_text(BARE_WORKER.format(conf=conf, freeze=FREEZE))
-    (tmp / "bench_orm.py").write_text(ORM_WORKER.format(conf=textwrap.dedent(COMMON_CONF)))
+    (tmp / "bench_orm.py").write_text(ORM_WORKER.format(conf=conf))
     with LiveBackend.postgres(workers=2) as backend:
         run_id = uuid.uuid4().hex[:6]
         orgs = {k: f"bench-{k}-{run_id}" for k in ("a", "c")}
