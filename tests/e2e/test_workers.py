@@ -168,27 +168,34 @@ def test_transient_failures_requeue_permanent_ones_mark_error(
         wait_until(lambda: any(r.path.endswith("/health/") for r in fault.requests), 30,
                    "the worker's first health check")
 
-        # Transient: a 503 with Retry-After: the task is re-queued with that countdown.
-        shed = Respond(503, {"error": "unavailable", "detail": "shedding load"},
-                       headers={"Retry-After": "2"})
-        fault.push(shed)
+        def seen() -> list[tuple[str, str]]:
+            return [(r.method, r.path) for r in fault.requests]
+
+        # Transient: every call answers 503 with Retry-After until the task is re-queued
+        # (whatever else calls meanwhile); then the backend is back and the task completes.
+        fault.reset(default=Respond(503, {"error": "unavailable", "detail": "shedding load"},
+                                    headers={"Retry-After": "3"}))
         (transient,) = crew.create(1)
         crew.submit([transient])
-        crew.wait_all([transient], "COMPLETED", timeout=60)
         requeue = wait_for_log(crew, lambda r: r.get("message") ==
-                               "transient failure, task re-queued", 5, "the re-queue line")
+                               "transient failure, task re-queued", 30,
+                               f"the re-queue line (requests: {seen()})")
+        fault.reset(default=Forward(live_backend.url))
         assert requeue["execution_id"] == transient
-        assert requeue["countdown"] == 2.0
+        assert requeue["countdown"] == 3.0
         assert requeue["error_type"] == "ServerError"
+        crew.wait_all([transient], "COMPLETED", timeout=60)
         assert crew.client.get_workflow_execution(transient).attempts == 2
 
         # Permanent: the backend rejects the input: the execution is marked ERROR, once.
+        # The 422 goes to the next request, so no other request may be in flight.
+        quiet(fault)
         fault.push(Respond(422, {"error": "validation_error", "detail": "workflow is invalid"}))
         (permanent,) = crew.create(1)
         crew.submit([permanent])
         crew.wait_all([permanent], "ERROR", timeout=60)
         message = str(crew.client.get_workflow_execution(permanent).error_message)
-        assert message.startswith("APIValidationError: 422 validation_error")
+        assert message.startswith("APIValidationError: 422 validation_error"), (message, seen())
         assert "workflow is invalid" in message
 
         # A task for an execution that does not exist: nothing to mark, and it says so.
@@ -197,6 +204,17 @@ def test_transient_failures_requeue_permanent_ones_mark_error(
         line = wait_for_log(crew, lambda r: r.get("message") ==
                             "could not mark the execution ERROR", 30, "the refusal line")
         assert line["execution_id"] == missing and line["error_type"] == "NotFoundError"
+
+
+def quiet(fault: Any, seconds: float = 1.0) -> None:
+    """Wait until ``fault`` has received no request for ``seconds``."""
+    count = [-1]
+
+    def still() -> bool:
+        before, count[0] = count[0], len(fault.requests)
+        return before == count[0]
+
+    wait_until(still, 30, "the fault server to be quiet", seconds)
 
 
 def test_hard_time_limit_marks_the_execution_error(live_backend: Any, tmp_path: Path) -> None:
