@@ -41,13 +41,14 @@ health_server.start()
 @app.task(bind=True)
 @monitor_performance
 def work(self: object, execution_id: str, organization_id: str | None = None,
-         fail: bool = False, pause: float = 0.0) -> dict[str, int]:
-    """Log in every way a task can, call the backend once, optionally fail; returns the
+         fail: bool = False, pause: float = 0.0, call_backend: bool = False) -> dict[str, int]:
+    """Log in every way a task can, optionally call the backend once and fail; returns the
     child's pid. The start line tells how many objects the pool's fork left frozen."""
     logger.info(f"processing execution {execution_id}", step="start",
                 frozen_objects=gc.get_freeze_count())
-    with InternalAPIClient(config) as client:
-        client.health_check()
+    if call_backend:
+        with InternalAPIClient(config) as client:
+            client.health_check()
     logging.getLogger("plain.stdlib").info("stdlib line %s", "with args", extra={"kind": "extra"})
     print("a line printed by the task")
     time.sleep(pause)

@@ -139,6 +139,7 @@ def _send(worker: Worker, broker_url: str | None = None, **kwargs: Any) -> None:
 
     from backend.workers.shared.config import WorkerConfig
 
+    kwargs.setdefault("call_backend", True)  # one API call per task, from the child
     config = WorkerConfig(internal_service_api_key=worker.api_key, celery_broker_url=broker_url,
                           worker_data_dir=worker.data_dir, worker_name=worker.queue)
     producer = Celery("observability_producer")
@@ -394,16 +395,18 @@ def _records(worker: Worker) -> list[dict[str, Any]]:
 
 
 def test_every_line_is_json_through_ctrl_c(backend: LiveBackend, tmp_path: Path) -> None:
-    """Ctrl-C twice during a task (the terminal signals the whole process group): Celery's
-    warm and cold shutdown notices come out as JSON lines like everything else."""
+    """Ctrl-C (SIGINT to the main process) twice during a task: Celery's warm and cold
+    shutdown notices come out as JSON lines like everything else."""
     with running_worker(backend, tmp_path, "--pool", "prefork", "--concurrency", "1") as w:
-        _send(w, execution_id="ctrl-c", pause=60)
+        # Long enough for both presses to come during the task; a cold shutdown still waits
+        # for a running task's process, so not much longer.
+        _send(w, execution_id="ctrl-c", pause=10)
         wait_until(lambda: any(r["message"] == "processing execution ctrl-c"
                                for r in _records(w)), 60, "the task to start")
-        os.killpg(w.process.pid, signal.SIGINT)
+        w.process.send_signal(signal.SIGINT)
         wait_until(lambda: any("Hitting Ctrl+C again" in r["message"] for r in _records(w)),
                    30, "the warm shutdown notice")
-        os.killpg(w.process.pid, signal.SIGINT)  # again: cold shutdown, the task is cancelled
+        w.process.send_signal(signal.SIGINT)  # again: cold shutdown, the task is cancelled
         w.process.wait(timeout=60)
     messages = [r["message"] for r in _records(w)]
     assert "worker: Warm shutdown (MainProcess)" in messages
