@@ -181,17 +181,21 @@ def curl_health() -> dict[str, Any]:
     return dict(json.loads(done.stdout))
 
 
-def port_8080_free() -> bool:
+def wait_for_port_8080() -> None:
+    """Wait until nothing listens on 8080 (the seed's port; another run may hold it a while)."""
     import socket
 
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", 8080)) != 0
+    def free() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", 8080)) != 0
+
+    wait_until(free, 120, "port 8080 to be free: the seed's health server needs it", 1.0)
 
 
 def test_usage_snippets_run_unedited(live_backend: Any, client: Any, proxy: PlaceholderProxy,
                                      seed_dir: Path, example_com: dict[str, Any],
                                      placeholder_execution: str) -> None:
-    assert port_8080_free(), "port 8080 is taken: the seed's health snippet needs it"
+    wait_for_port_8080()
     blocks = seed_dir / "blocks.json"
     blocks.write_text(json.dumps([{"line": b.line, "text": b.text} for b in SNIPPETS]))
     runner = seed_dir / "run_blocks.py"
@@ -220,7 +224,7 @@ def test_usage_snippets_run_unedited(live_backend: Any, client: Any, proxy: Plac
 def _run_and_check_worker(command: list[str], live_backend: Any, client: Any,
                           proxy: PlaceholderProxy, seed_dir: Path,
                           example_com: dict[str, Any], task_name: str, log_name: str) -> None:
-    assert port_8080_free(), "port 8080 is taken: the seed's health server needs it"
+    wait_for_port_8080()
     env = seed_environment(live_backend, proxy, seed_dir, example_com)
     env["METRICS_PORT"] = env_assignments(ENV_BLOCK)["METRICS_PORT"]
     worker = WorkerProcess(env, seed_dir / log_name, command=command, cwd=seed_dir).launch()
