@@ -28,7 +28,9 @@ Responses carry no secret and no configuration beyond the worker's name and vers
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import enum
+import functools
 import json
 import logging
 import os
@@ -39,6 +41,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -594,6 +597,22 @@ class HealthServerError(OSError):
     """The health server could not listen (the message names the address and port)."""
 
 
+_PHRASES = {code: HTTPStatus(code).phrase for code in (200, 400, 404, 405, 500, 503)}
+_DEBUG_ON = functools.partial(log.isEnabledFor, logging.DEBUG)
+_date: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The ``Date`` header's value, formatted once per second."""
+    global _date
+    now = int(time.time())
+    second, text = _date
+    if second != now:
+        text = email.utils.formatdate(now, usegmt=True)
+        _date = (now, text)
+    return text
+
+
 def _json_body(payload: Any) -> bytes:
     return _redact.scrub(json.dumps(payload, default=str)).encode()
 
@@ -621,15 +640,23 @@ class _Handler(BaseHTTPRequestHandler):
         content_type: str = "application/json",
         extra: dict[str, str] | None = None,
     ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for key, value in (extra or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        # The status line and headers are built as one string (send_response/send_header
+        # cost a method call, a format and a buffer append per line) and leave with the
+        # body in one write; the request line is logged only when DEBUG is on.
+        head = (
+            f"HTTP/1.1 {status} {_PHRASES.get(status) or HTTPStatus(status).phrase}\r\n"
+            f"Server: worker-health\r\nDate: {_http_date()}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Cache-Control: no-store\r\n"
+        )
+        if extra:
+            head += "".join(f"{key}: {value}\r\n" for key, value in extra.items())
+        data = (head + "\r\n").encode("latin-1")
+        if self.request_version == "HTTP/0.9":  # no status line or headers in HTTP/0.9
+            data = b""
+        self.wfile.write(data if self.command == "HEAD" else data + body)
+        if _DEBUG_ON():
+            self.log_request(status, len(body))
 
     def _error(
         self, status: int, code: str, detail: str, extra: dict[str, str] | None = None
@@ -638,6 +665,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         """Answer a probe."""
+        if self.path == "/health/quick":  # the hot path: the orchestrator's frequent probe
+            self.quick({})
+            return
         parts = urlsplit(self.path)
         route = _ROUTES.get(parts.path.rstrip("/") or "/")
         if route is None:
