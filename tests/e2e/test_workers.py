@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import selectors
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -204,6 +209,88 @@ def test_transient_failures_requeue_permanent_ones_mark_error(
         line = wait_for_log(crew, lambda r: r.get("message") ==
                             "could not mark the execution ERROR", 30, "the refusal line")
         assert line["execution_id"] == missing and line["error_type"] == "NotFoundError"
+
+
+class DoorProxy:
+    """A TCP proxy on 127.0.0.1 to ``upstream``; while ``open`` is false, new connections are
+    closed at once (connections already piped keep working)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.open = True
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._accept, daemon=True, name="door").start()
+
+    @property
+    def port(self) -> int:
+        """The port it listens on."""
+        return int(self._listener.getsockname()[1])
+
+    def close(self) -> None:
+        """Stop listening (piped connections end when their peers close)."""
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self.open:
+                client.close()
+                continue
+            threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
+
+    def _pipe(self, client: socket.socket) -> None:
+        with client, socket.create_connection(self.upstream) as server:
+            peers = {client: server, server: client}
+            with selectors.DefaultSelector() as selector:
+                for sock in peers:
+                    selector.register(sock, selectors.EVENT_READ)
+                while True:
+                    for key, _ in selector.select():
+                        sock = key.fileobj
+                        assert isinstance(sock, socket.socket)
+                        with contextlib.suppress(OSError):
+                            data = sock.recv(65536)
+                            if data:
+                                peers[sock].sendall(data)
+                                continue
+                        return
+
+
+@pytest.mark.redis
+def test_a_requeue_the_broker_refuses_puts_the_message_back(
+    live_backend: Any, tmp_path: Path
+) -> None:
+    """Backend down and the broker refusing new connections: Celery cannot publish the retry
+    and would drop the message (Reject, requeue=False); it goes back to the queue instead."""
+    from tests.fault_server import FaultServer, Forward, Respond
+
+    door = DoorProxy(("127.0.0.1", 6379))
+    database = random.randint(1, 15)
+    try:
+        with FaultServer(default=Forward(live_backend.url)) as fault, fleet(
+            live_backend, tmp_path, "redis", concurrency=1,
+            work={"DJANGO_APP_BACKEND_URL": fault.url, "API_RETRY_ATTEMPTS": "0",
+                  "CELERY_BROKER_URL": f"redis://127.0.0.1:{door.port}/{database}"},
+        ) as crew:
+            crew.start_worker()
+            (execution_id,) = crew.create(1)
+            # The task's first call is held 3 s, long enough to shut the door behind it.
+            fault.reset(default=Respond(503, {"error": "unavailable", "detail": "down"},
+                                        headers={"Retry-After": "1"}, delay=3.0))
+            crew.submit([execution_id])
+            wait_until(lambda: any(execution_id in r.path for r in fault.requests), 30,
+                       "the task's first call")
+            door.open = False
+            wait_for_log(crew, lambda r: "requeue=" in str(r.get("message")), 60,
+                         "Celery's line about the rejected task")
+            door.open = True
+            fault.reset(default=Forward(live_backend.url))
+            crew.wait_all([execution_id], "COMPLETED", timeout=60)
+    finally:
+        door.close()
 
 
 def quiet(fault: Any, seconds: float = 1.0) -> None:

@@ -14,7 +14,8 @@ When the task body raises, the failure is sorted once, here:
   (the server's ``Retry-After`` or the breaker's remaining open time) when it has one, else
   exponential backoff with full jitter (``retry_backoff`` doubling up to
   ``retry_backoff_max``). The execution is **not** marked ``ERROR``. Only when
-  ``max_retries`` re-queues are spent does the task give up and mark it.
+  ``max_retries`` re-queues are spent does the task give up and mark it. If the broker
+  refuses the re-queued task, the message goes back to the queue (Celery would drop it).
 - **permanent** (validation, not found, a conflict, a bug in the task, a soft time limit):
   the execution is marked ``ERROR`` with a one-line message naming the exception, and the
   exception propagates so Celery records the failure. A task killed at its hard time limit
@@ -37,7 +38,7 @@ import threading
 from typing import Any, ClassVar
 
 from celery import Task
-from celery.exceptions import TaskPredicate, TimeLimitExceeded
+from celery.exceptions import Reject, TaskPredicate, TimeLimitExceeded
 
 from . import _redact
 from .config import WorkerConfig
@@ -119,6 +120,16 @@ class ExecutionTask(Task):
             )
         try:
             raise self.retry(exc=exc, countdown=countdown)
+        except Reject as rejected:
+            if rejected.requeue:
+                raise
+            # Celery could not publish the retry (the broker refused it) and would drop the
+            # message: it goes back to the queue instead, to be delivered again.
+            logger.error(
+                "could not publish the re-queued task; message returned to the queue",
+                extra={"execution_id": execution_id, "error": str(rejected.reason)},
+            )
+            raise Reject(rejected.reason, requeue=True) from exc
         except TaskPredicate:
             raise
         except Exception as final:
