@@ -249,12 +249,12 @@ class DoorProxy:
                     selector.register(sock, selectors.EVENT_READ)
                 while True:
                     for key, _ in selector.select():
-                        sock = key.fileobj
-                        assert isinstance(sock, socket.socket)
+                        ready = key.fileobj
+                        assert isinstance(ready, socket.socket)
                         with contextlib.suppress(OSError):
-                            data = sock.recv(65536)
+                            data = ready.recv(65536)
                             if data:
-                                peers[sock].sendall(data)
+                                peers[ready].sendall(data)
                                 continue
                         return
 
