@@ -147,8 +147,13 @@ class WorkerConfig(BaseSettings):
             return value.strip().lower()
         raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
 
-    @field_validator("organization_id", "celery_broker_url", "celery_result_backend",
-                     "circuit_breaker_redis_url", mode="before")
+    @field_validator(
+        "organization_id",
+        "celery_broker_url",
+        "celery_result_backend",
+        "circuit_breaker_redis_url",
+        mode="before",
+    )
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         if isinstance(value, str) and not value.strip():
@@ -250,9 +255,7 @@ class WorkerConfig(BaseSettings):
             conf["result_backend"] = self.celery_result_backend
         if self.broker_url.startswith("filesystem://"):
             # The embedded broker: producer and consumer share one folder pair.
-            folders = {
-                name: self.broker_dir / name for name in ("queue", "processed", "control")
-            }
+            folders = {name: self.broker_dir / name for name in ("queue", "processed", "control")}
             for folder in folders.values():
                 folder.mkdir(parents=True, exist_ok=True)
             conf["broker_transport_options"] = {
@@ -292,4 +295,3 @@ def _configuration_error(exc: ValidationError) -> ConfigurationError:
                 why += f" (got {error.get('input')!r})"
         problems[name] = f"{problems[name]}; {why}" if name in problems else why
     return ConfigurationError(problems)
-
