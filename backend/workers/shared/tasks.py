@@ -11,7 +11,8 @@ When the task body raises, the failure is sorted once, here:
   retries, an open circuit breaker: any exception whose ``transient`` attribute is true, and
   every :class:`~backend.workers.shared.retry_utils.CircuitBreakerOpenError`): the task is
   re-queued with Celery's ``retry``. The countdown is the exception's ``retry_after``
-  (the server's ``Retry-After`` or the breaker's remaining open time) when it has one, else
+  (the server's ``Retry-After`` or the breaker's remaining open time, plus up to a quarter
+  more at random) when it has one, else
   exponential backoff with full jitter (``retry_backoff`` doubling up to
   ``retry_backoff_max``). The execution is **not** marked ``ERROR``. Only when
   ``max_retries`` re-queues are spent does the task give up and mark it. If the broker
@@ -61,9 +62,10 @@ class ExecutionTask(Task):
     Task options (``@app.task(base=ExecutionTask, max_retries=..., worker_config=...)``):
     ``max_retries`` re-queues for transient failures (default 20), ``retry_backoff`` the first
     backoff in seconds (default 1), ``retry_backoff_max`` the cap on one countdown, also on a
-    server's ``Retry-After`` (default 120), ``retry_jitter`` full jitter on the backoff
-    (default on), ``worker_config`` the :class:`WorkerConfig` used to reach the backend
-    (default: read from the environment on first use).
+    server's ``Retry-After`` (default 120), ``retry_jitter`` full jitter on the backoff and
+    up to a quarter added to a ``Retry-After`` (default on), ``worker_config`` the
+    :class:`WorkerConfig` used to reach the backend (default: read from the environment on
+    first use).
     """
 
     max_retries: ClassVar[int | None] = 20
@@ -89,7 +91,10 @@ class ExecutionTask(Task):
         """Seconds before the re-queued task runs again after the transient ``exc``."""
         retry_after = getattr(exc, "retry_after", None)
         if isinstance(retry_after, int | float) and retry_after > 0:
-            return float(min(retry_after, self.retry_backoff_max))
+            # "Not before": jitter only adds (up to a quarter), so tasks re-queued by one
+            # outage do not all come back in the same instant the breaker half-opens.
+            wait = float(min(retry_after, self.retry_backoff_max))
+            return wait + random.uniform(0, wait / 4) if self.retry_jitter else wait
         delay = min(self.retry_backoff_max, self.retry_backoff * 2**self.request.retries)
         return random.uniform(0, delay) if self.retry_jitter else delay
 
