@@ -258,6 +258,8 @@ class WorkerConfig(BaseSettings):
             folders = {name: self.broker_dir / name for name in ("queue", "processed", "control")}
             for folder in folders.values():
                 folder.mkdir(parents=True, exist_ok=True)
+            # kombu's own transport can hand a consumer a half-written message file.
+            conf["broker_transport"] = "backend.workers.shared._fs_transport:Transport"
             conf["broker_transport_options"] = {
                 "data_folder_in": str(folders["queue"]),
                 "data_folder_out": str(folders["queue"]),

@@ -1,0 +1,42 @@
+"""kombu's filesystem transport with atomic message files (the embedded default broker).
+
+kombu writes a message straight into its final ``*.msg`` name, and a consumer polling the
+folder may move and read it before the write ends: the half-written JSON kills the worker
+("Unrecoverable error: JSONDecodeError"). Here a message is written to a hidden temporary
+name, which the consumer never matches, and renamed into place once complete.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from time import monotonic
+from typing import Any
+
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem
+from kombu.utils.json import dumps
+
+
+class Channel(filesystem.Channel):
+    """A filesystem channel whose messages appear in the queue folder whole or not at all."""
+
+    # kombu names this argument "message" in one base class and "payload" in the other.
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        final = os.path.join(self.data_folder_out, name)
+        partial = os.path.join(self.data_folder_out, f".{name}.part")
+        try:
+            with open(partial, "wb") as handle:
+                handle.write(dumps(message).encode())
+            os.replace(partial, final)
+        except OSError as exc:
+            if os.path.exists(partial):
+                os.unlink(partial)
+            raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+
+class Transport(filesystem.Transport):
+    """The filesystem transport with :class:`Channel`'s atomic writes."""
+
+    Channel = Channel
