@@ -47,6 +47,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             require_service(name)
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` for test subprocesses: SIGTERM when the test process dies (Linux).
+
+    A test run killed mid-way (a timeout, Ctrl-C twice) then leaves no server behind.
+    """
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:

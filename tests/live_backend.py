@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.conftest import POSTGRES_ADMIN_URL, free_port
+from tests.conftest import POSTGRES_ADMIN_URL, die_with_parent, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_KEY_PREFIX = "swi-test-key-7Q2xK9"
@@ -178,6 +178,7 @@ class LiveBackend:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         finally:
             log.close()

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import die_with_parent, free_port
 from tests.e2e.harness import http_get, wait_until
 from tests.live_backend import LiveBackend
 
@@ -101,6 +101,7 @@ def running_worker(backend: LiveBackend, tmp: Path, *pool: str,
             [sys.executable, "-m", "celery", "-A", "observability_worker", "worker", *pool,
              "--loglevel", loglevel, "-Q", queue, "--hostname", f"{queue}@%h"],
             cwd=tmp, env=env, stdout=out, stderr=err, start_new_session=True,
+            preexec_fn=die_with_parent,
         )
     running = Worker(process, f"http://127.0.0.1:{port}", queue, tmp / "data", out_path,
                      err_path, backend.api_key, backend.org_id)
