@@ -7,7 +7,7 @@ Workers, all ``celery worker`` prefork with 4 processes on the same Redis broker
 (b) a bare Celery worker with a no-op task (the floor any Celery worker pays);
 (c) a worker that sets up the Django backend and does the example task's work through
     the ORM (the same ``apply_status`` transitions the backend applies);
-(b2) for comparison, (b) with the example worker's one memory measure (``gc.freeze()``
+(b2) for comparison, (b) with the one memory measure every worker of ours gets (``gc.freeze()``
     before the pool forks).
 
 Printed: total PSS (main process plus children, idle after start, from
@@ -74,7 +74,7 @@ def noop(*args, **kwargs):
     return None
 {freeze}"""
 
-# (b2): the bare worker with the example worker's one memory measure, for comparison.
+# (b2): the bare worker with our workers' one memory measure (gc.freeze), for comparison.
 FREEZE = """
 from celery import signals
 import gc
