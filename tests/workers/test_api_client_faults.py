@@ -632,7 +632,11 @@ def test_logging_never_shows_the_key_and_levels_match(
     server: FaultServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     server.push(Respond(503, {"error": "unavailable", "detail": f"echo {SECRET}"}))
-    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="httpx2"):
+    with (
+        caplog.at_level(logging.DEBUG),
+        caplog.at_level(logging.DEBUG, logger="httpx2"),
+        caplog.at_level(logging.DEBUG, logger="httpcore2"),
+    ):
         InternalAPIClient(make_config(server)).get_workflow_execution("x")
     assert any(r.name.startswith("httpcore2") for r in caplog.records)  # all loggers seen
     api_records = [r for r in caplog.records if r.name == "backend.workers.shared.api_client"]

@@ -1,0 +1,20 @@
+"""Fixtures for the worker suite (runs in the worker-only venv, without Django)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from backend.workers.shared import _breaker
+
+
+@pytest.fixture(autouse=True)
+def isolated_breaker_registry() -> Iterator[None]:
+    """Each test sees only the circuit breakers it made (health lists every registered one)."""
+    with _breaker._registry_lock:
+        saved = dict(_breaker._registry)
+    yield
+    with _breaker._registry_lock:
+        _breaker._registry.clear()
+        _breaker._registry.update(saved)
