@@ -32,7 +32,7 @@ import httpx2  # noqa: E402
 from backend.workers.shared import _http  # noqa: E402
 from backend.workers.shared.api_client import InternalAPIClient  # noqa: E402
 from backend.workers.shared.config import WorkerConfig  # noqa: E402
-from tests.fault_server import CountingProxy  # noqa: E402
+from tests.fault_server import TcpProxy  # noqa: E402
 from tests.live_backend import LiveBackend  # noqa: E402
 
 ITERATIONS = 2000
@@ -119,7 +119,7 @@ def main() -> int:
         print(f"ratio a/c = {a_rate / c_rate:.1f}x")
 
         _http.close_all()  # (a) again from cold, through a proxy that counts connections
-        with CountingProxy(("127.0.0.1", backend.port)) as proxy:
+        with TcpProxy("127.0.0.1", backend.port) as proxy:
             counted = WorkerConfig(
                 internal_service_api_key=backend.api_key,
                 django_app_backend_url=proxy.url,

@@ -4,7 +4,8 @@
 request: answer with any status, headers (``Retry-After`` in either form) and body (malformed
 ones included), stall, reset the connection, drop it without answering, cut a response short,
 or forward the request to a real upstream (the live backend) and then relay or drop the
-answer. :class:`CountingProxy` is a plain TCP proxy that counts the connections it accepts.
+answer. :class:`TcpProxy` is a TCP proxy that counts the connections it accepts and can
+reset, stall or refuse them on demand.
 
 Both bind a free port on 127.0.0.1, run in daemon threads, and are context managers::
 
@@ -268,37 +269,77 @@ class FaultServer:
             return self._queue.popleft() if self._queue else self.default
 
 
-class CountingProxy:
-    """A TCP proxy on 127.0.0.1 to ``upstream`` (host, port) that counts accepted connections."""
+class TcpProxy:
+    """A TCP proxy on 127.0.0.1 to a loopback upstream whose ``mode`` cuts the line on demand.
 
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
+    Modes (set :attr:`mode` any time):
+
+    * ``"forward"``: relay bytes both ways.
+    * ``"reset"``: abort every connection, new and already open, with a TCP reset.
+    * ``"stall"``: accept new connections and keep every connection open, but drop every
+      byte, so a client waits for an answer that never comes.
+    * ``"refuse"``: close new connections at once; connections already open keep working.
+
+    ``connections_accepted`` counts every connection the proxy accepted, whatever the mode.
+    """
+
+    MODES = ("forward", "reset", "stall", "refuse")
+
+    def __init__(self, upstream_host: str, upstream_port: int, *, scheme: str = "http") -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.scheme = scheme
         self.connections_accepted = 0
+        self._mode = "forward"
+        self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.1)
         self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._relays: list[threading.Thread] = []
         self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True)
         self._accept_thread.start()
 
     @property
+    def port(self) -> int:
+        """The port the proxy listens on."""
+        return int(self._listener.getsockname()[1])
+
+    @property
     def url(self) -> str:
-        """``http://127.0.0.1:PORT`` of the proxy."""
-        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        """``<scheme>://127.0.0.1:PORT`` of the proxy."""
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def mode(self) -> str:
+        """How the proxy treats connections now: one of :attr:`MODES`."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"unknown proxy mode {mode!r}; expected one of {self.MODES}")
+        self._mode = mode
 
     def stop(self) -> None:
-        """Stop accepting and end every piped connection."""
+        """Stop accepting and close every connection."""
         self._stopping.set()
         self._accept_thread.join(timeout=5)
         self._listener.close()
-        for thread in self._threads:
+        with self._lock:
+            relays = list(self._relays)
+        for thread in relays:
             thread.join(timeout=5)
 
-    def __enter__(self) -> CountingProxy:
+    def __enter__(self) -> TcpProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    @staticmethod
+    def _abort(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
 
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
@@ -308,39 +349,50 @@ class CountingProxy:
                 continue
             except OSError:
                 return
-            self.connections_accepted += 1
-            thread = threading.Thread(target=self._pipe, args=(client,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
+            with self._lock:
+                self.connections_accepted += 1
+            if self._mode == "reset":
+                self._abort(client)
+            elif self._mode == "refuse":
+                client.close()
+            else:
+                thread = threading.Thread(target=self._relay, args=(client,), daemon=True)
+                with self._lock:
+                    self._relays.append(thread)
+                thread.start()
 
-    def _pipe(self, client: socket.socket) -> None:
+    def _relay(self, client: socket.socket) -> None:
+        """Pipe ``client`` to the upstream until either side closes, the proxy stops, or the
+        mode turns to "reset" (checked at least every 0.2 s and before relaying any bytes)."""
         try:
             server = socket.create_connection(self.upstream, timeout=10)
         except OSError:
-            client.close()
+            self._abort(client)
             return
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        server.settimeout(None)
+        for sock in (client, server):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peers = {client: server, server: client}
         with selectors.DefaultSelector() as selector:
             for sock in peers:
-                sock.setblocking(False)
                 selector.register(sock, selectors.EVENT_READ)
-            open_ = True
-            while open_ and not self._stopping.is_set():
-                for key, _ in selector.select(timeout=0.2):
+            while not self._stopping.is_set():
+                events = selector.select(timeout=0.2)
+                if self._mode == "reset":
+                    self._abort(client)
+                    self._abort(server)
+                    return
+                for key, _ in events:
                     source: socket.socket = key.fileobj  # type: ignore[assignment]
                     try:
                         data = source.recv(65536)
-                    except (BlockingIOError, InterruptedError):
-                        continue
+                        if data and self._mode != "stall":
+                            peers[source].sendall(data)
                     except OSError:
                         data = b""
                     if not data:
-                        open_ = False
-                        break
-                    peers[source].setblocking(True)
-                    peers[source].sendall(data)
-                    peers[source].setblocking(False)
+                        client.close()
+                        server.close()
+                        return
         client.close()
         server.close()

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import selectors
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -211,63 +207,15 @@ def test_transient_failures_requeue_permanent_ones_mark_error(
         assert line["execution_id"] == missing and line["error_type"] == "NotFoundError"
 
 
-class DoorProxy:
-    """A TCP proxy on 127.0.0.1 to ``upstream``; while ``open`` is false, new connections are
-    closed at once (connections already piped keep working)."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.open = True
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        threading.Thread(target=self._accept, daemon=True, name="door").start()
-
-    @property
-    def port(self) -> int:
-        """The port it listens on."""
-        return int(self._listener.getsockname()[1])
-
-    def close(self) -> None:
-        """Stop listening (piped connections end when their peers close)."""
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            if not self.open:
-                client.close()
-                continue
-            threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
-
-    def _pipe(self, client: socket.socket) -> None:
-        with client, socket.create_connection(self.upstream) as server:
-            peers = {client: server, server: client}
-            with selectors.DefaultSelector() as selector:
-                for sock in peers:
-                    selector.register(sock, selectors.EVENT_READ)
-                while True:
-                    for key, _ in selector.select():
-                        ready = key.fileobj
-                        assert isinstance(ready, socket.socket)
-                        with contextlib.suppress(OSError):
-                            data = ready.recv(65536)
-                            if data:
-                                peers[ready].sendall(data)
-                                continue
-                        return
-
-
 @pytest.mark.redis
 def test_a_requeue_the_broker_refuses_puts_the_message_back(
     live_backend: Any, tmp_path: Path
 ) -> None:
     """Backend down and the broker refusing new connections: Celery cannot publish the retry
     and would drop the message (Reject, requeue=False); it goes back to the queue instead."""
-    from tests.fault_server import FaultServer, Forward, Respond
+    from tests.fault_server import FaultServer, Forward, Respond, TcpProxy
 
-    door = DoorProxy(("127.0.0.1", 6379))
+    door = TcpProxy("127.0.0.1", 6379)
     database = random.randint(1, 15)
     try:
         with FaultServer(default=Forward(live_backend.url)) as fault, fleet(
@@ -283,14 +231,14 @@ def test_a_requeue_the_broker_refuses_puts_the_message_back(
             crew.submit([execution_id])
             wait_until(lambda: any(execution_id in r.path for r in fault.requests), 30,
                        "the task's first call")
-            door.open = False
+            door.mode = "refuse"
             wait_for_log(crew, lambda r: "requeue=" in str(r.get("message")), 60,
                          "Celery's line about the rejected task")
-            door.open = True
+            door.mode = "forward"
             fault.reset(default=Forward(live_backend.url))
             crew.wait_all([execution_id], "COMPLETED", timeout=60)
     finally:
-        door.close()
+        door.stop()
 
 
 def quiet(fault: Any, seconds: float = 1.0) -> None:

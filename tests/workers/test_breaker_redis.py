@@ -11,8 +11,6 @@ import contextlib
 import multiprocessing
 import os
 import signal
-import socket
-import struct
 import threading
 import time
 import uuid
@@ -30,6 +28,7 @@ from backend.workers.shared.retry_utils import (
     add_shared_state_listener,
     remove_shared_state_listener,
 )
+from tests.fault_server import TcpProxy
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 
@@ -298,108 +297,15 @@ def test_state_is_read_from_redis(prefix: str) -> None:
 # --------------------------------------------------------------------------- Redis going away
 
 
-class FaultyProxy:
-    """A TCP proxy on 127.0.0.1 in front of Redis that can cut the line.
-
-    ``mode`` "forward" relays bytes; "reset" aborts every connection (open ones too) with a
-    TCP reset; "stall" keeps connections (and accepts new ones) but never answers.
-    """
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.mode = "forward"
-        self._sockets: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.1)
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
-
-    def cut(self, mode: str = "reset") -> None:
-        """Stop relaying: "reset" aborts open connections at once; "stall" keeps them open
-        but drops every byte, so the client waits for an answer that never comes."""
-        self.mode = mode
-        if mode != "reset":
-            return
-        with self._lock:
-            victims = list(self._sockets)
-            self._sockets.clear()
-        for sock in victims:
-            self._abort(sock)
-
-    def restore(self) -> None:
-        self.mode = "forward"
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self.cut("reset")
-        self._thread.join(timeout=5)
-        self._listener.close()
-
-    @staticmethod
-    def _abort(sock: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()
-
-    def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if self.mode == "reset":
-                self._abort(client)
-            elif self.mode == "stall":
-                with self._lock:
-                    self._sockets.add(client)  # held open, never answered
-            else:
-                threading.Thread(target=self._relay, args=(client,), daemon=True).start()
-
-    def _relay(self, client: socket.socket) -> None:
-        try:
-            server = socket.create_connection(self.upstream, timeout=5)
-        except OSError:
-            self._abort(client)
-            return
-        with self._lock:
-            self._sockets.update((client, server))
-        for source, sink in ((client, server), (server, client)):
-            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                if self.mode == "forward":
-                    sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with self._lock:
-                    self._sockets.discard(sock)
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)  # wakes the other direction's pump
-                sock.close()
-
-
 @pytest.fixture
-def proxy() -> Iterator[FaultyProxy]:
-    line = FaultyProxy(("127.0.0.1", 6379))
-    yield line
-    line.stop()
+def proxy() -> Iterator[TcpProxy]:
+    with TcpProxy("127.0.0.1", 6379, scheme="redis") as line:
+        yield line
 
 
 @pytest.mark.parametrize("fault", ["reset", "stall"])
 def test_falls_back_to_local_state_and_recovers(
-    prefix: str, proxy: FaultyProxy, fault: str
+    prefix: str, proxy: TcpProxy, fault: str
 ) -> None:
     name = f"outage-{fault}"
     events: list[tuple[str, bool]] = []
@@ -420,7 +326,7 @@ def test_falls_back_to_local_state_and_recovers(
         assert breaker.call(ok) == "ok"
         assert (breaker.shared, breaker.degraded, breaker.shared_state_ok) == (True, False, True)
 
-        proxy.cut(fault)
+        proxy.mode = fault
         assert breaker.call(ok) == "ok"  # the call still runs, on local state
         assert breaker.degraded and not breaker.shared_state_ok
         assert events == [(name, False)]
@@ -432,7 +338,7 @@ def test_falls_back_to_local_state_and_recovers(
         assert breaker.state is CircuitState.OPEN
         assert events == [(name, False)]  # announced once, not on every call
 
-        proxy.restore()
+        proxy.mode = "forward"
         time.sleep(0.25)  # past reconnect_interval: the next call asks Redis again
         assert breaker.call(ok) == "ok"  # Redis' state (closed) is the fleet's truth again
         assert (breaker.degraded, breaker.shared_state_ok) == (False, True)
@@ -442,23 +348,23 @@ def test_falls_back_to_local_state_and_recovers(
         remove_shared_state_listener(on_shared)
 
 
-def test_reading_the_state_notices_that_redis_is_back(prefix: str, proxy: FaultyProxy) -> None:
+def test_reading_the_state_notices_that_redis_is_back(prefix: str, proxy: TcpProxy) -> None:
     """Health reads ``state`` and ``shared_state_ok`` without making calls: a read that
     reaches Redis again ends the degraded mode (and says so)."""
     breaker = shared("outage-read", prefix, url=proxy.url, reconnect_interval=0.2)
     events: list[bool] = []
     breaker.add_shared_state_listener(lambda _, ok_: events.append(ok_))
-    proxy.cut("reset")
+    proxy.mode = "reset"
     assert breaker.call(ok) == "ok"
     assert breaker.degraded
-    proxy.restore()
+    proxy.mode = "forward"
     time.sleep(0.25)  # past reconnect_interval
     assert breaker.state is CircuitState.CLOSED
     assert (breaker.degraded, breaker.shared_state_ok) == (False, True)
     assert events == [False, True]
 
 
-def test_fleet_degrades_and_recovers_together(prefix: str, proxy: FaultyProxy) -> None:
+def test_fleet_degrades_and_recovers_together(prefix: str, proxy: TcpProxy) -> None:
     """4 processes reach Redis through the proxy; each falls back to local state while the
     line is cut, recovers when it returns, and then they share one failure count again."""
     barrier = SPAWN.Barrier(PROCESSES + 1)
@@ -474,10 +380,10 @@ def test_fleet_degrades_and_recovers_together(prefix: str, proxy: FaultyProxy) -
         member.start()
     try:
         barrier.wait(timeout=60)
-        proxy.cut("reset")
+        proxy.mode = "reset"
         barrier.wait(timeout=60)
         barrier.wait(timeout=60)
-        proxy.restore()
+        proxy.mode = "forward"
         for _ in range(3):
             barrier.wait(timeout=60)
         collected = sorted(results.get(timeout=60) for _ in members)

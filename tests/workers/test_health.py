@@ -374,9 +374,9 @@ def test_a_shared_breaker_that_lost_redis_is_reported(
     """The backend's breaker shares its state through Redis behind a real proxy; when the
     proxy cuts the line the breaker runs on local state, and /health, /readyz and /metrics
     say so (by the breaker's name without its URL); when the line returns, so does health."""
-    from tests.workers.test_breaker_redis import FaultyProxy
+    from tests.fault_server import TcpProxy
 
-    proxy = FaultyProxy(("127.0.0.1", 6379))
+    proxy = TcpProxy("127.0.0.1", 6379, scheme="redis")
     # "localhost": a breaker name of its own (the session's other tests use 127.0.0.1).
     config = make_config(live_backend.url.replace("127.0.0.1", "localhost"),
                          live_backend.api_key, circuit_breaker_redis_url=proxy.url)
@@ -398,7 +398,7 @@ def test_a_shared_breaker_that_lost_redis_is_reported(
         assert _shared_breaker(process, "internal-api") == {
             "breaker": "internal-api", "state": "closed", "shared_state_ok": True}
 
-        proxy.cut("reset")
+        proxy.mode = "reset"
         status, body = get_json(server.url + "/health")
         assert status == 200 and body["status"] == "degraded", body
         process = body["checks"]["worker_process"]
@@ -418,7 +418,7 @@ def test_a_shared_breaker_that_lost_redis_is_reported(
             assert "localhost:" not in text and live_backend.api_key not in text
             assert proxy.url not in text
 
-        proxy.restore()
+        proxy.mode = "forward"
         deadline = time.monotonic() + 15  # the breaker asks Redis again after 1 s
         while get_json(server.url + "/health")[1]["status"] != "healthy":
             assert time.monotonic() < deadline, "the breaker never found Redis again"
