@@ -60,6 +60,12 @@ return {'half_open', 'reject', left, failures}
 # ARGV[1] outcome ('success'|'failure'|'release'), ARGV[2] the call's token,
 # ARGV[3] failure threshold, ARGV[4] key TTL (ms).  Returns the state after the outcome.
 _RECORD = """
+local function open_breaker()
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', now, 'failures', 0)
+  return 'open'
+end
 local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
 local outcome = ARGV[1]
 if state == 'half_open' then
@@ -74,10 +80,7 @@ if state == 'half_open' then
     redis.call('HDEL', KEYS[1], 'opened_at')
     state = 'closed'
   elseif outcome == 'failure' then
-    local clock = redis.call('TIME')
-    local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-    redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', now, 'failures', 0)
-    state = 'open'
+    state = open_breaker()
   end
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   return state
@@ -93,10 +96,7 @@ if outcome == 'success' then
 end
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
 if failures >= tonumber(ARGV[3]) then
-  local clock = redis.call('TIME')
-  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', now, 'failures', 0)
-  state = 'open'
+  state = open_breaker()
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return state
