@@ -11,6 +11,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -195,10 +196,9 @@ def test_state_machine_stays_consistent_under_concurrent_load(name: str) -> None
         assert new == old  # each transition starts where the previous one ended
 
 
-def test_probe_lease_expires_when_the_probe_hangs(name: str) -> None:
-    breaker = CircuitBreaker(name, failure_threshold=1, recovery_timeout=0.02, probe_timeout=0.1)
-    trip(breaker, 1)
-    time.sleep(0.03)
+@contextlib.contextmanager
+def holding_the_probe(breaker: CircuitBreaker) -> Iterator[None]:
+    """A thread's call holds the half-open probe lease, hanging, until the block ends."""
     started = threading.Event()
     release = threading.Event()
 
@@ -206,16 +206,26 @@ def test_probe_lease_expires_when_the_probe_hangs(name: str) -> None:
         started.set()
         release.wait(10)
 
-    hung = threading.Thread(target=breaker.call, args=(hang,))
-    hung.start()
-    assert started.wait(10)  # the hanging call holds the probe lease
-    with pytest.raises(CircuitBreakerOpenError) as caught:
-        breaker.call(ok)
-    time.sleep(caught.value.retry_after + 0.01)
-    assert breaker.call(ok) == "ok"  # the lease ran out: a second probe ran and closed it
-    assert breaker.state is CLOSED
-    release.set()
-    hung.join()
+    holder = threading.Thread(target=breaker.call, args=(hang,))
+    holder.start()
+    assert started.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_probe_lease_expires_when_the_probe_hangs(name: str) -> None:
+    breaker = CircuitBreaker(name, failure_threshold=1, recovery_timeout=0.02, probe_timeout=0.1)
+    trip(breaker, 1)
+    time.sleep(0.03)
+    with holding_the_probe(breaker):
+        with pytest.raises(CircuitBreakerOpenError) as caught:
+            breaker.call(ok)
+        time.sleep(caught.value.retry_after + 0.01)
+        assert breaker.call(ok) == "ok"  # the lease ran out: a second probe ran and closed it
+        assert breaker.state is CLOSED
 
 
 def test_interrupted_probe_frees_the_probe_slot(name: str) -> None:
@@ -506,26 +516,15 @@ def test_forked_child_does_not_wait_for_a_probe_of_the_parent(name: str) -> None
     breaker = CircuitBreaker(name, failure_threshold=1, recovery_timeout=0.01, probe_timeout=60.0)
     trip(breaker, 1)
     time.sleep(0.02)
-    started = threading.Event()
-    release = threading.Event()
-
-    def probing() -> None:
-        started.set()
-        release.wait(10)
-
-    holder = threading.Thread(target=breaker.call, args=(probing,))
-    holder.start()
-    assert started.wait(10)  # the parent's thread holds the probe lease
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            if breaker.call(ok) == "ok" and breaker.state is CLOSED:
-                code = 0
-        finally:
-            os._exit(code)
-    release.set()
-    holder.join()
+    with holding_the_probe(breaker):  # the parent's thread holds the probe lease
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                if breaker.call(ok) == "ok" and breaker.state is CLOSED:
+                    code = 0
+            finally:
+                os._exit(code)
     assert wait_for_child(pid) == 0
 
 
