@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from backend.workers.shared import _breaker
+from backend.workers.shared import _breaker, retry_utils
 
 
 @pytest.fixture(autouse=True)
@@ -18,3 +18,11 @@ def isolated_breaker_registry() -> Iterator[None]:
     with _breaker._registry_lock:
         _breaker._registry.clear()
         _breaker._registry.update(saved)
+
+
+@pytest.fixture
+def no_sleep() -> Iterator[None]:
+    """Retries run without sleeping, through the documented ``set_testing`` switch."""
+    retry_utils.set_testing(True)
+    yield
+    retry_utils.set_testing(False)

@@ -57,11 +57,7 @@ EXECUTION = {
 }
 
 
-@pytest.fixture(autouse=True)
-def no_sleep() -> Iterator[None]:
-    retry_utils.set_testing(True)
-    yield
-    retry_utils.set_testing(False)
+pytestmark = pytest.mark.usefixtures("no_sleep")  # retries run without sleeping
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from backend.workers.shared import retry_utils
 from backend.workers.shared.api_client import (
     APIValidationError,
     AuthenticationError,
@@ -38,11 +37,7 @@ def backend(request: pytest.FixtureRequest) -> LiveBackend:
     return live
 
 
-@pytest.fixture(autouse=True)
-def no_sleep() -> Iterator[None]:
-    retry_utils.set_testing(True)
-    yield
-    retry_utils.set_testing(False)
+pytestmark = pytest.mark.usefixtures("no_sleep")  # retries run without sleeping
 
 
 def make_config(url: str, backend: LiveBackend, **overrides: Any) -> WorkerConfig:

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from backend.workers.shared.retry_utils import RetryBudget, RetryPolicy, set_testing
+from backend.workers.shared.retry_utils import RetryBudget, RetryPolicy
 
-
-@pytest.fixture(autouse=True)
-def no_sleep() -> Iterator[None]:
-    set_testing(True)
-    yield
-    set_testing(False)
+pytestmark = pytest.mark.usefixtures("no_sleep")  # retries run without sleeping
 
 
 def spend_all(budget: RetryBudget) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,15 +17,9 @@ from backend.workers.shared.retry_utils import (
     RetryPolicy,
     add_retry_listener,
     remove_retry_listener,
-    set_testing,
 )
 
-
-@pytest.fixture(autouse=True)
-def no_sleep() -> Iterator[None]:
-    set_testing(True)
-    yield
-    set_testing(False)
+pytestmark = pytest.mark.usefixtures("no_sleep")  # retries run without sleeping
 
 
 @pytest.fixture

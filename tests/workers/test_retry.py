@@ -31,12 +31,7 @@ from backend.workers.shared.retry_utils import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def no_sleep() -> Iterator[None]:
-    """Retries in these tests run without sleeping, through the documented switch."""
-    set_testing(True)
-    yield
-    set_testing(False)
+pytestmark = pytest.mark.usefixtures("no_sleep")  # retries run without sleeping
 
 
 @pytest.fixture

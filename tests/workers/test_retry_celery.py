@@ -19,7 +19,6 @@ import sys
 import textwrap
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import pytest
 from celery import Celery
 from celery.exceptions import Retry
 
-from backend.workers.shared import monitor_performance, retry, set_testing
+from backend.workers.shared import monitor_performance, retry
 
 REPO = Path(__file__).resolve().parents[2]
 attempts: Counter[str] = Counter()
@@ -64,11 +63,7 @@ def task_using_celery_retry(self: Any, execution_id: str) -> str:
     return f"done after {self.request.retries} celery retry"
 
 
-@pytest.fixture(autouse=True)
-def no_sleep() -> Iterator[None]:
-    set_testing(True)
-    yield
-    set_testing(False)
+pytestmark = pytest.mark.usefixtures("no_sleep")  # retries run without sleeping
 
 
 def test_seed_stack_retries_inside_the_task_and_keeps_identity() -> None:

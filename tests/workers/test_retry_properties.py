@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from fractions import Fraction
 
 import pytest
@@ -14,7 +13,6 @@ from backend.workers.shared.retry_utils import (
     RetryPolicy,
     add_retry_listener,
     remove_retry_listener,
-    set_testing,
 )
 
 delays = st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_infinity=False)
@@ -35,11 +33,7 @@ def policies(draw: st.DrawFn, jitter: bool | None = None) -> RetryPolicy:
     )
 
 
-@pytest.fixture(autouse=True)
-def no_sleep() -> Iterator[None]:
-    set_testing(True)
-    yield
-    set_testing(False)
+pytestmark = pytest.mark.usefixtures("no_sleep")  # retries run without sleeping
 
 
 def expected(policy: RetryPolicy, n: int) -> float:

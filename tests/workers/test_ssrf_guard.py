@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from hypothesis import given, strategies as st
 
-from backend.workers.shared import retry_utils
 from backend.workers.shared._webhooks import check_url, refusal_reason
 from backend.workers.shared.api_client import InternalAPIClient, WebhookURLRefusedError
 from backend.workers.shared.config import WorkerConfig
@@ -75,11 +74,7 @@ HOSTILE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def no_sleep() -> Iterator[None]:
-    retry_utils.set_testing(True)
-    yield
-    retry_utils.set_testing(False)
+pytestmark = pytest.mark.usefixtures("no_sleep")  # retries run without sleeping
 
 
 @pytest.fixture(scope="module")

@@ -30,11 +30,7 @@ from tests.live_backend import LiveBackend
 SIGNING_SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-@pytest.fixture(autouse=True)
-def no_sleep() -> Iterator[None]:
-    retry_utils.set_testing(True)
-    yield
-    retry_utils.set_testing(False)
+pytestmark = pytest.mark.usefixtures("no_sleep")  # retries run without sleeping
 
 
 @pytest.fixture
