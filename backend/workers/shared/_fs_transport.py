@@ -4,6 +4,10 @@ kombu writes a message straight into its final ``*.msg`` name, and a consumer po
 folder may move and read it before the write ends: the half-written JSON kills the worker
 ("Unrecoverable error: JSONDecodeError"). Here a message is written to a hidden temporary
 name, which the consumer never matches, and renamed into place once complete.
+
+The folders are the whole address: the transport has no host. kombu's virtual transports claim
+a default host of ``localhost``, so every connection to ``filesystem://`` (the worker's, each
+producer's, each clone) logged WARNING "No hostname was supplied"; here no default host exists.
 """
 
 from __future__ import annotations
@@ -40,3 +44,8 @@ class Transport(filesystem.Transport):
     """The filesystem transport with :class:`Channel`'s atomic writes."""
 
     Channel = Channel
+
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        """No default host: a ``filesystem://`` URL names none, and none is needed."""
+        return {"port": self.default_port}
