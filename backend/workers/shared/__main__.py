@@ -1,4 +1,4 @@
-"""Command line of the shared package: ``python -m backend.workers.shared check``."""
+"""Command line of the shared package: ``python -m backend.workers.shared check|send``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 import sys
+import time
+import uuid
 
 from .config import ConfigurationError, WorkerConfig
 
@@ -100,6 +102,81 @@ def check_backend(config: WorkerConfig) -> str | None:
     return None
 
 
+def send(task: str, *, queue: str | None, workflow_id: str | None, wait: float) -> int:
+    """Create an execution and send ``task`` (by name) to a queue with its id as argument.
+
+    The configuration is the worker's (environment and ``.env``): the same broker, the same
+    organization, the queue ``WORKER_NAME`` unless ``queue`` names another. The execution is
+    created with the Celery task id and marked ``QUEUED`` before the message goes out; a
+    message the broker refuses marks it ``ERROR``. The worker module is never imported, so no
+    second health server starts. With ``wait`` > 0, waits that many seconds for a final status.
+
+    Exit codes: 0 sent (with ``wait``: ended ``COMPLETED``), 2 the configuration is invalid or
+    names no organization, 1 anything else (backend, broker, an end other than ``COMPLETED``,
+    no end in time).
+    """
+    from celery import Celery
+    from kombu.exceptions import KombuError
+
+    from .api_client import InternalAPIClient, InternalAPIError
+
+    try:
+        config = WorkerConfig()
+    except ConfigurationError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if config.organization_id is None:
+        print(
+            "ORGANIZATION_ID is not set: executions belong to an organization. Set it to one "
+            "the backend knows (`manage.py create_organization <id>` creates one)",
+            file=sys.stderr,
+        )
+        return 2
+    queue = queue or config.worker_name
+    task_id = str(uuid.uuid4())
+    app = Celery("sender")
+    app.config_from_object(config.get_celery_config())
+    try:
+        with InternalAPIClient(config) as client:
+            execution = client.create_workflow_execution(workflow_id or task, task_id=task_id)
+            client.update_workflow_execution_status(execution.id, "QUEUED")
+            try:
+                app.send_task(task, args=[execution.id], queue=queue, task_id=task_id)
+            except (KombuError, OSError) as exc:
+                reason = f"not sent: the broker refused the message ({type(exc).__name__})"
+                client.update_workflow_execution_status(execution.id, "ERROR", reason)
+                print(f"execution {execution.id}: {reason}: {exc}", file=sys.stderr)
+                return 1
+            print(
+                f"execution {execution.id}: {task} sent to queue {queue!r} (task {task_id})",
+                flush=True,
+            )
+            if wait <= 0:
+                return 0
+            deadline = time.monotonic() + wait
+            while not execution.is_final and time.monotonic() < deadline:
+                time.sleep(0.5)
+                execution = client.get_workflow_execution(execution.id)
+    except InternalAPIError as exc:
+        print(f"the backend refused or failed: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"configuration refused by the API client: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        app.close()
+    if not execution.is_final:
+        print(
+            f"execution {execution.id}: still {execution.status} after {wait:g}s "
+            f"(is a worker consuming queue {queue!r}?)",
+            file=sys.stderr,
+        )
+        return 1
+    detail = f": {execution.error_message}" if execution.error_message else ""
+    print(f"execution {execution.id}: {execution.status}{detail}")
+    return 0 if execution.status == "COMPLETED" else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch the sub-command named on the command line."""
     parser = argparse.ArgumentParser(prog="python -m backend.workers.shared")
@@ -110,9 +187,26 @@ def main(argv: list[str] | None = None) -> int:
     check_parser.add_argument(
         "--no-backend", action="store_true", help="skip the backend connectivity check"
     )
+    send_parser = sub.add_parser(
+        "send", help="create an execution and send a worker's task for it (by task name)"
+    )
+    send_parser.add_argument("task", help="the Celery task's name, e.g. my_worker.my_task")
+    send_parser.add_argument("--queue", help="the queue to send to (default: WORKER_NAME)")
+    send_parser.add_argument(
+        "--workflow-id", help="the new execution's workflow_id (default: the task's name)"
+    )
+    send_parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the execution to end; exit 0 only when COMPLETED",
+    )
     args = parser.parse_args(argv)
     if args.command == "check":
         return check(backend=not args.no_backend)
+    if args.command == "send":
+        return send(args.task, queue=args.queue, workflow_id=args.workflow_id, wait=args.wait)
     return 2
 
 

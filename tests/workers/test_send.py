@@ -1,0 +1,124 @@
+"""``python -m backend.workers.shared send TASK``: an execution created, its task sent by name."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backend.workers.shared import InternalAPIClient, WorkflowExecution
+from backend.workers.shared.config import WorkerConfig
+from tests.conftest import free_port
+from tests.live_backend import LiveBackend
+
+REPO = Path(__file__).resolve().parents[2]
+_CONFIG_NAMES = {f.upper() for f in WorkerConfig.model_fields} | {"ENV_FILE"}
+
+
+def run_send(env_vars: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k.upper() not in _CONFIG_NAMES}
+    return subprocess.run(
+        [sys.executable, "-m", "backend.workers.shared", "send", *args],
+        env={**clean, "PYTHONPATH": str(REPO), "ENV_FILE": os.devnull, **env_vars},
+        cwd=cwd, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def backend_env(live_backend: LiveBackend, tmp_path: Path) -> dict[str, str]:
+    return {
+        "INTERNAL_SERVICE_API_KEY": live_backend.api_key,
+        "DJANGO_APP_BACKEND_URL": live_backend.url,
+        "ORGANIZATION_ID": live_backend.org_id,
+        "WORKER_NAME": "send-test",
+        "WORKER_DATA_DIR": str(tmp_path / ".data"),
+    }
+
+
+def read_execution(live_backend: LiveBackend, execution_id: str) -> WorkflowExecution:
+    config = WorkerConfig(
+        _env_file=None, internal_service_api_key=live_backend.api_key,
+        django_app_backend_url=live_backend.url, organization_id=live_backend.org_id,
+    )  # fmt: skip
+    with InternalAPIClient(config) as client:
+        return client.get_workflow_execution(execution_id)
+
+
+# A worker module in the sender's directory that leaves a mark when imported.
+IMPORTED_MARKER = "open('imported', 'w').close()\n"
+
+
+def sent_id(stdout: str) -> str:
+    """The execution id from ``send``'s first line (``execution <id>: ...``)."""
+    first = stdout.splitlines()[0]
+    assert first.startswith("execution "), stdout
+    return first.split()[1].rstrip(":")
+
+
+@pytest.mark.parametrize("organization", [None, ""])
+def test_no_organization_is_refused_with_the_way_to_get_one(
+    tmp_path: Path, organization: str | None
+) -> None:
+    env = {"INTERNAL_SERVICE_API_KEY": "k", "DJANGO_APP_BACKEND_URL": "http://127.0.0.1:9"}
+    if organization is not None:
+        env["ORGANIZATION_ID"] = organization
+    result = run_send(env, tmp_path, "my_worker.my_task")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "ORGANIZATION_ID is not set" in result.stderr
+    assert "manage.py create_organization" in result.stderr
+    assert result.stdout == ""
+
+
+def test_an_invalid_configuration_exits_2(tmp_path: Path) -> None:
+    result = run_send({"ORGANIZATION_ID": "acme"}, tmp_path, "my_worker.my_task")
+    assert result.returncode == 2
+    assert "INTERNAL_SERVICE_API_KEY" in result.stderr
+
+
+def test_the_task_goes_to_the_queue_by_name_with_the_execution_id(
+    live_backend: LiveBackend, tmp_path: Path
+) -> None:
+    (tmp_path / "my_worker.py").write_text(IMPORTED_MARKER)
+    env = backend_env(live_backend, tmp_path)
+    result = run_send(env, tmp_path, "my_worker.my_task", "--workflow-id", "wf-send")
+    assert result.returncode == 0, result.stderr
+    execution_id = sent_id(result.stdout)
+    execution = read_execution(live_backend, execution_id)
+    assert execution.status == "QUEUED"
+    assert execution.workflow_id == "wf-send"
+    messages = list((tmp_path / ".data" / "broker" / "queue").glob("*.send-test.msg"))
+    assert len(messages) == 1, messages
+    message = json.loads(messages[0].read_text())
+    assert message["headers"]["task"] == "my_worker.my_task"
+    assert message["headers"]["id"] == execution.task_id
+    args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+    assert (args, kwargs) == ([execution_id], {})
+    assert not (tmp_path / "imported").exists()  # the worker module (its health server) never ran
+
+
+def test_waiting_without_a_worker_ends_1_naming_the_queue(
+    live_backend: LiveBackend, tmp_path: Path
+) -> None:
+    env = backend_env(live_backend, tmp_path)
+    result = run_send(env, tmp_path, "my_worker.my_task", "--queue", "nobody", "--wait", "1")
+    assert result.returncode == 1
+    assert "still QUEUED after 1s" in result.stderr
+    assert "queue 'nobody'" in result.stderr
+
+
+def test_a_message_the_broker_refuses_marks_the_execution_error(
+    live_backend: LiveBackend, tmp_path: Path
+) -> None:
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    env = {**backend_env(live_backend, tmp_path), "CELERY_BROKER_URL": closed}
+    result = run_send(env, tmp_path, "my_worker.my_task")
+    assert result.returncode == 1
+    execution_id = sent_id(result.stderr)
+    execution = read_execution(live_backend, execution_id)
+    assert execution.status == "ERROR"
+    assert "not sent" in execution.error_message
+    assert live_backend.api_key not in result.stdout + result.stderr
