@@ -8,21 +8,25 @@ PY := $(VENV)/bin/python
 WPY := $(WORKER_VENV)/bin/python
 STAMP := $(VENV)/.installed
 WSTAMP := $(WORKER_VENV)/.installed
+# pip shows errors only (-qq): a failed install still prints pip's error and the build's output
+# and stops make, but not pip's progress nor the build backend's notes (setuptools prints an
+# "Editable installation" banner at every editable install of a flat layout).
+PIP_INSTALL := -m pip install -qq --disable-pip-version-check
 
 .PHONY: demo test lint bench backend install clean
 
 # Full environment: worker, backend and test tools.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[backend,test,backend-test]"
+	$(PY) $(PIP_INSTALL) --upgrade pip
+	$(PY) $(PIP_INSTALL) -e ".[backend,test,backend-test]"
 	touch $@
 
 # Worker-only environment: proves the worker package and its tests need no Django.
 $(WSTAMP): pyproject.toml
 	test -x $(WPY) || $(PYTHON) -m venv $(WORKER_VENV)
-	$(WPY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(WPY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(WPY) $(PIP_INSTALL) --upgrade pip
+	$(WPY) $(PIP_INSTALL) -e ".[test]"
 	touch $@
 
 install: $(STAMP) $(WSTAMP)
@@ -43,9 +47,11 @@ test: lint $(WSTAMP)
 bench: $(STAMP)
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
+# exec: gunicorn replaces the recipe's shell, so the SIGTERM that make passes to its child
+# reaches gunicorn (a shell in between would die and leave gunicorn listening).
 backend: $(STAMP)
 	$(PY) manage.py migrate --noinput
-	$(VENV)/bin/gunicorn -c python:backend.internal_api.gunicorn_conf --bind $${BIND:-127.0.0.1:8000}
+	exec $(VENV)/bin/gunicorn -c python:backend.internal_api.gunicorn_conf --bind $${BIND:-127.0.0.1:8000}
 
 clean:
 	rm -rf $(VENV) $(WORKER_VENV) .data
