@@ -222,8 +222,7 @@ def report(summary: dict[str, Any]) -> None:
     for status, count in sorted(summary["by_status"].items()):
         print(f"  {status:<12} {count}")
     rate = float(DEMO_WORK["EXAMPLE_FAILURE_RATE"])
-    print(f"  (on purpose, each input is invalid with a {rate:.0%} chance and ends ERROR: "
-          "EXAMPLE_FAILURE_RATE; a run may have none)")
+    print(f"  (each input is invalid with a {rate:.0%} chance, on purpose: EXAMPLE_FAILURE_RATE)")
     for execution_id, message in summary["errors"]:
         short = execution_id[:8]
         print(f"    {short}  {message.replace(execution_id, short)}")
