@@ -118,7 +118,10 @@ def test_the_quick_start_says_how_to_get_an_organization_and_send_a_task() -> No
     assert create[3] == organization, create
     send = shlex.split(readme_command("python -m backend.workers.shared send"))
     assert send[4] == "my_worker.my_task", send
-    worker = env_assignments(spec("quick start environment"))["WORKER_NAME"]
+    environment = env_assignments(spec("quick start environment"))
+    backend_key = readme_command("export INTERNAL_SERVICE_API_KEY=").split("=", 1)[1].split()[0]
+    assert backend_key == environment["INTERNAL_SERVICE_API_KEY"]  # the backend takes its key
+    worker = environment["WORKER_NAME"]
     assert spec("run command").text.strip().endswith(f"-Q {worker}")
 
 
