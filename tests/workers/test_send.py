@@ -122,3 +122,20 @@ def test_a_message_the_broker_refuses_marks_the_execution_error(
     assert execution.status == "ERROR"
     assert "not sent" in execution.error_message
     assert live_backend.api_key not in result.stdout + result.stderr
+
+
+def test_an_unreachable_backend_ends_1_pointing_at_check(tmp_path: Path) -> None:
+    env = {
+        "INTERNAL_SERVICE_API_KEY": "swi-send-test-key",
+        "DJANGO_APP_BACKEND_URL": f"http://127.0.0.1:{free_port()}",
+        "ORGANIZATION_ID": "acme",
+        "API_RETRY_ATTEMPTS": "0",
+        "WORKER_DATA_DIR": str(tmp_path / ".data"),
+    }
+    result = run_send(env, tmp_path, "my_worker.my_task")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "python -m backend.workers.shared check" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "swi-send-test-key" not in result.stderr
+    assert not list((tmp_path / ".data" / "broker" / "queue").glob("*.msg"))  # nothing sent

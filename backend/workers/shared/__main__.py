@@ -118,6 +118,7 @@ def send(task: str, *, queue: str | None, workflow_id: str | None, wait: float) 
     from celery import Celery
     from kombu.exceptions import KombuError
 
+    from ._redact import scrub
     from .api_client import InternalAPIClient, InternalAPIError
 
     try:
@@ -145,7 +146,7 @@ def send(task: str, *, queue: str | None, workflow_id: str | None, wait: float) 
             except (KombuError, OSError) as exc:
                 reason = f"not sent: the broker refused the message ({type(exc).__name__})"
                 client.update_workflow_execution_status(execution.id, "ERROR", reason)
-                print(f"execution {execution.id}: {reason}: {exc}", file=sys.stderr)
+                print(f"execution {execution.id}: {reason}: {scrub(str(exc))}", file=sys.stderr)
                 return 1
             print(
                 f"execution {execution.id}: {task} sent to queue {queue!r} (task {task_id})",
@@ -158,11 +159,18 @@ def send(task: str, *, queue: str | None, workflow_id: str | None, wait: float) 
                 time.sleep(0.5)
                 execution = client.get_workflow_execution(execution.id)
     except InternalAPIError as exc:
-        print(f"the backend refused or failed: {exc}", file=sys.stderr)
+        print(
+            f"the backend refused or failed: {exc} "
+            "(`python -m backend.workers.shared check` says what is wrong)",
+            file=sys.stderr,
+        )
         return 1
     except ValueError as exc:
         print(f"configuration refused by the API client: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted (a task already sent stays queued)", file=sys.stderr)
+        return 130
     finally:
         app.close()
     if not execution.is_final:
