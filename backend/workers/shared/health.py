@@ -832,8 +832,8 @@ class HealthServer:
 
     def start(self) -> None:
         """Listen and serve in a daemon thread, and start the background checks; returns at
-        once. When the port cannot be bound, logs an error naming it, keeps ``error`` and
-        returns: the worker itself keeps running."""
+        once, after logging the port actually bound. When the port cannot be bound, logs a
+        warning naming it and what to do, keeps ``error`` and returns: the process runs on."""
         if self.running:
             return
         handler = type("HealthHandler", (_Handler,), {"checker": self.health_checker})
@@ -845,9 +845,14 @@ class HealthServer:
                 exc.errno,
                 f"health server cannot listen on {self.host}:{self._requested_port}: {reason}",
             )
-            log.error(
-                "%s; the worker runs without health endpoints",
+            # A warning: the process runs on. The usual cause is a second HealthServer, e.g.
+            # a sender script importing the worker module that starts one at import.
+            log.warning(
+                "%s; this process runs on without health endpoints. If another process (or "
+                "another HealthServer in this one) holds port %s, give this one another port "
+                "(METRICS_PORT=0 or HealthServer(port=0) for an ephemeral one)",
                 self.error.strerror,
+                self._requested_port,
                 extra={"port": self._requested_port, "host": self.host},
             )
             return
