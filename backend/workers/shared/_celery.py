@@ -21,7 +21,8 @@ It runs automatically when a worker follows the seed's Quick Start: from
   last heartbeat, dead child's live gauges dropped.
 - ``task_prerun`` / ``task_postrun``: ``task_id``, ``task_name``, and ``execution_id`` /
   ``organization_id`` when the task receives them, bound to the log context for the task
-  (any pool: prefork, threads, solo); task count and duration recorded.
+  (any pool: prefork, threads, solo); task count and duration recorded, and the outcome
+  (the exception type of a failed or retried task) for the ``worker_process`` check.
 """
 
 from __future__ import annotations
@@ -214,6 +215,16 @@ def _route_shutdown_messages() -> None:
 # --- tasks ----------------------------------------------------------------------------
 
 
+def _failure_type(outcome: str, retval: Any) -> str | None:
+    """The exception type a finished task failed with (a retried one: the cause of the retry),
+    or None when it did not fail."""
+    if outcome not in ("failure", "retry"):
+        return None
+    cause = getattr(retval, "exc", None) if outcome == "retry" else None
+    failed = cause if isinstance(cause, BaseException) else retval
+    return type(failed).__name__ if isinstance(failed, BaseException) else outcome.upper()
+
+
 def _positional_names(task: Any) -> tuple[str, ...]:
     names = _positional.get(task.name)
     if names is None:
@@ -257,7 +268,11 @@ def _on_task_prerun(
 
 
 def _on_task_postrun(
-    task_id: str | None = None, task: Any = None, state: str | None = None, **_: Any
+    task_id: str | None = None,
+    task: Any = None,
+    state: str | None = None,
+    retval: Any = None,
+    **_: Any,
 ) -> None:
     entry = _running.pop(task_id, None) if task_id is not None else None
     if entry is None or task is None:
@@ -267,6 +282,7 @@ def _on_task_postrun(
     outcome = (state or "unknown").lower()
     _metrics.task_finished(task.name, outcome, seconds)
     _stats.TASKS.record(task.name, seconds, outcome == "success")
+    _stats.RECENT.record(task.name, _failure_type(outcome, retval))
     _heartbeat.task_done()
     from . import logging_utils
 

@@ -5,9 +5,9 @@
 or a blocked probe. Built in: ``api_connectivity`` (an authenticated call to the backend's
 health endpoint, one attempt, short timeout), ``system_resources`` (memory, disk, CPU against
 the ``HEALTH_*_PERCENT`` thresholds) and ``worker_process`` (the Celery consumer's broker
-connection, the prefork children's heartbeats, and the circuit breakers: degraded while a
-Redis-shared breaker has lost Redis and runs on local state). The overall status is the
-worst check.
+connection, the prefork children's heartbeats, the recent tasks' failures, and the circuit
+breakers: degraded while a Redis-shared breaker has lost Redis and runs on local state). The
+overall status is the worst check.
 
 :class:`HealthServer` serves, from the main process (standard library threading server):
 
@@ -17,8 +17,9 @@ worst check.
 ``/health/metrics`` system figures, task and monitored-function statistics (all children)
 ``/health/history`` the last 100 reports
 ``/livez``         the process and its server answer (never depends on backend or broker)
-``/readyz``        backend reachable, its circuit breaker not open, consumer attached
-                   (details: a Redis-shared breaker running on local state)
+``/readyz``        backend reachable, its circuit breaker not open, consumer attached, not
+                   every recent task failing (details: a Redis-shared breaker running on
+                   local state)
 ``/metrics``       Prometheus text format, aggregated over prefork children
 =================  ==========================================================================
 
@@ -60,6 +61,13 @@ log = logging.getLogger(__name__)
 
 HISTORY_SIZE = 100
 READY_MAX_AGE = 2.0  # seconds a backend check result is reused by /readyz
+#: The recent tasks judged by ``worker_process``: the last ``_stats.RECENT_SIZE`` (50) tasks
+#: of the worker (all pool children merged) that finished within this many seconds.
+TASK_WINDOW_SECONDS = 600.0
+#: Fewer recent tasks than this say nothing (one failed task is not a failing worker).
+TASK_MIN_SAMPLE = 3
+#: Share of failed recent tasks from which the worker is degraded; all failed is unhealthy.
+TASK_DEGRADED_SHARE = 0.5
 CheckFunction = Callable[[], "HealthCheckResult | bool"]
 
 
@@ -459,10 +467,19 @@ class HealthChecker:
         return HealthCheckResult("system_resources", worst(statuses), message, details)
 
     def check_worker_process(self) -> HealthCheckResult:
-        """The main process, the consumer's broker connection, the pool's heartbeats, and
-        the circuit breakers (degraded while a Redis-shared one runs on local state)."""
+        """The main process, the consumer's broker connection, the pool's heartbeats, the
+        recent tasks (degraded when half of them failed, unhealthy when all did), and the
+        circuit breakers (degraded while a Redis-shared one runs on local state)."""
         details: dict[str, Any] = {"pid": os.getpid()}
         status, message = self._process_status(details)
+        tasks = recent_task_findings()
+        if tasks["count"]:
+            details["recent_tasks"] = tasks
+        verdict = _task_verdict(tasks)
+        if verdict is not None and verdict[0].rank > status.rank:
+            status, message = verdict
+        elif verdict is not None:
+            message = f"{message}; {verdict[1]}"
         breakers = breaker_findings()
         if breakers:
             details["circuit_breakers"] = breakers
@@ -525,6 +542,16 @@ class HealthChecker:
         if _heartbeat.worker_attached():
             attached = _heartbeat.STATE.ready and _heartbeat.consumer_connected()
             checks["consumer"] = {"ok": attached}
+        tasks = recent_task_findings()
+        if tasks["count"]:  # every recent task failing: a rollout should stop here
+            verdict = _task_verdict(tasks)
+            failing = verdict is not None and verdict[0] is HealthStatus.UNHEALTHY
+            checks["recent_tasks"] = {
+                "ok": not failing,
+                "count": tasks["count"],
+                "failed": tasks["failed"],
+                "failures": tasks["failures"],
+            }
         return all(c["ok"] for c in checks.values()), checks
 
     def metrics(self) -> dict[str, Any]:
@@ -557,6 +584,38 @@ class HealthChecker:
             "tasks": _stats.summarize(tasks),
             "functions": _stats.summarize(functions),
         }
+
+
+def recent_task_findings() -> dict[str, Any]:
+    """The worker's recent tasks (see :data:`TASK_WINDOW_SECONDS`): how many, how many
+    failed, and how often each exception type (and each task) failed."""
+    since = time.time() - TASK_WINDOW_SECONDS
+    recent = [item for item in _heartbeat.recent_tasks() if item[0] >= since]
+    failures: dict[str, int] = {}
+    failing_tasks: dict[str, int] = {}
+    for _when, name, error in recent:
+        if error is not None:
+            failures[error] = failures.get(error, 0) + 1
+            failing_tasks[name] = failing_tasks.get(name, 0) + 1
+    return {
+        "count": len(recent),
+        "failed": sum(failures.values()),
+        "failures": dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "failing_tasks": dict(sorted(failing_tasks.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "window": f"the last {_stats.RECENT_SIZE} tasks within {TASK_WINDOW_SECONDS:g} s",
+    }
+
+
+def _task_verdict(tasks: dict[str, Any]) -> tuple[HealthStatus, str] | None:
+    """Unhealthy when every recent task failed, degraded from TASK_DEGRADED_SHARE; None
+    below TASK_MIN_SAMPLE tasks or under the share."""
+    count, failed = tasks["count"], tasks["failed"]
+    if count < TASK_MIN_SAMPLE or failed < count * TASK_DEGRADED_SHARE:
+        return None
+    kinds = ", ".join(f"{name} x{n}" for name, n in tasks["failures"].items())
+    if failed == count:
+        return HealthStatus.UNHEALTHY, f"all {count} recent tasks failed ({kinds})"
+    return HealthStatus.DEGRADED, f"{failed} of {count} recent tasks failed ({kinds})"
 
 
 def breaker_findings() -> list[dict[str, Any]]:
