@@ -187,12 +187,13 @@ def test_a_refused_redirect_is_raised_and_recorded_as_blocked(
 
 
 @pytest.mark.parametrize("headers", [
+    ["X-Bad", "v"], "X-Bad: v", {5: "v"},
     {"X-Bad": "a\nb"}, {"X-Bad": "a\r\nInjected: 1"}, {"X-Bad": "nul\x00"},
     {"X-Bad": "caf\xe9"}, {"X-Bad": "\ud800"}, {"Bad Name": "v"}, {"X-Bad:": "v"},
     {"": "v"}, {"X-Bad": 5},
 ])
 def test_headers_that_cannot_be_sent_are_a_webhook_error_naming_them(
-        headers: dict[str, Any], decoy: FaultServer, backend: FaultServer) -> None:
+        headers: Any, decoy: FaultServer, backend: FaultServer) -> None:
     client = make_client(backend, webhook_allowed_hosts="localhost")
     backend.reset()
     before = decoy.connections_accepted
@@ -249,3 +250,17 @@ def test_allow_list_entry_with_a_port_exempts_that_port_only() -> None:
     assert check_url("http://localhost:8123/", ["localhost:8123"]).allow_listed
     with pytest.raises(WebhookURLRefusedError, match="loopback"):
         check_url("http://localhost:8124/", ["localhost:8123"])
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), 1e999, True, "5"])
+def test_a_bad_timeout_is_a_value_error_naming_it(timeout: Any, backend: FaultServer) -> None:
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        make_client(backend).send_webhook("http://localhost/", {}, timeout=timeout)
+
+
+@pytest.mark.parametrize("url", [None, b"http://localhost/", 5, ["http://localhost/"]])
+def test_a_url_that_is_not_a_string_is_refused(url: Any, backend: FaultServer) -> None:
+    backend.reset()
+    with pytest.raises(WebhookURLRefusedError, match="expected a string"):
+        make_client(backend).send_webhook(url, {})
+    assert backend.requests == []

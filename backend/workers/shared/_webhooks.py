@@ -21,6 +21,7 @@ import re
 import socket
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -129,6 +130,8 @@ def check_url(url: str | httpx2.URL, allowed_hosts: list[str] | tuple[str, ...])
     """Resolve and check ``url``; raise :class:`WebhookURLRefusedError` when it is not allowed."""
     import httpx2
 
+    if not isinstance(url, str | httpx2.URL):
+        raise WebhookURLRefusedError(f"webhook URL refused: expected a string, got {type(url)}")
     try:
         parsed = httpx2.URL(url) if isinstance(url, str) else url
     except (httpx2.InvalidURL, TypeError, ValueError) as exc:
@@ -174,8 +177,10 @@ def _check_numeric_host(host: str) -> None:
         )
 
 
-def check_headers(headers: dict[str, str]) -> None:
+def check_headers(headers: Mapping[str, str]) -> None:
     """Refuse a header that cannot be sent as given (the message names it, not its value)."""
+    if not isinstance(headers, Mapping):
+        raise WebhookError(f"webhook headers must be a mapping, got {type(headers).__name__}")
     for name, value in headers.items():
         if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
             raise WebhookError(f"webhook header name {name!r} is not a valid HTTP token")
@@ -277,7 +282,6 @@ def deliver(
     a permanent answer (a 4xx such as 410 Gone), or the policy gives up."""
     import httpx2
 
-    check_headers(headers)
     check_url(url, allowed_hosts)  # refuse before anything is sent
     report = DeliveryReport()
     payload = body.encode("utf-8")

@@ -523,15 +523,20 @@ class InternalAPIClient:
         webhook went out but the backend would not record it, :class:`WebhookNotRecordedError`
         says so (not transient: sending again would deliver twice).
         """
-        from ._webhooks import deliver, new_message_id, public_url
+        from ._webhooks import check_headers, deliver, new_message_id, public_url
 
         org = self._require_org(organization_id, "send_webhook")
         try:
             body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise WebhookError(f"webhook payload is not JSON-serialisable: {exc}") from None
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be a positive number of seconds")
+        if timeout is not None and not (
+            isinstance(timeout, int | float)
+            and not isinstance(timeout, bool)
+            and 0 < timeout < float("inf")
+        ):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        check_headers(headers or {})
         if execution_id is not None:
             # The backend refuses to record a delivery of an unknown execution: find out
             # before the webhook goes out, not after.
