@@ -712,6 +712,7 @@ def _first_bad(text: str, allowed: re.Pattern[str]) -> str:
 
 
 _PRINTABLE = re.compile(r"[\x21-\x7e]")
+_TARGET = re.compile(r"[\x21-\x7e]+")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -797,7 +798,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Refused(
                 400, "bad_method", f"the method is not a token: {_first_bad(method, _TOKEN)}"
             )
-        if not target or not all(_PRINTABLE.fullmatch(c) for c in target):
+        if not _TARGET.fullmatch(target):
             raise _Refused(
                 400,
                 "bad_request_target",
