@@ -180,7 +180,8 @@ def test_a_worker_whose_tasks_all_fail_is_unhealthy_and_not_ready(worker: Worker
     assert report["checks"]["api_connectivity"]["status"] == "healthy"  # only the tasks fail
     status, ready = worker.get("/readyz")
     assert status == 503 and ready["checks"]["recent_tasks"] == {
-        "ok": False, "count": 4, "failed": 4, "failures": {"OrganizationRequiredError": 4}}
+        "ok": False, "count": 4, "failed": 4, "failed_permanently": 4,
+        "failures": {"OrganizationRequiredError": 4}}
     assert worker.get("/livez")[0] == 200  # a restart would not fix a configuration error
 
     # Not retried: OrganizationRequiredError says it is not transient.
@@ -200,3 +201,46 @@ def test_a_worker_whose_tasks_all_fail_is_unhealthy_and_not_ready(worker: Worker
     assert worker.get("/readyz")[0] == 200
     assert worker.get("/health")[0] == 200
 
+
+
+def test_transient_failures_make_the_worker_unhealthy_but_leave_readiness_to_the_backend_check(
+        tmp_path: Path) -> None:
+    from celery import Celery
+
+    from backend.workers.shared import _celery
+    from backend.workers.shared.api_client import APIConnectionError, AuthenticationError
+    from backend.workers.shared.config import WorkerConfig
+    from backend.workers.shared.health import HealthChecker
+
+    _celery.install()
+    app = Celery("transient_failures", set_as_current=False)
+    app.conf.update(broker_url="memory://", task_always_eager=True, task_store_eager_result=False)
+
+    @app.task
+    def down() -> None:
+        raise APIConnectionError("cannot reach the backend")
+
+    @app.task
+    def refused() -> None:
+        raise AuthenticationError("bad key", status=401)
+
+    checker = HealthChecker(WorkerConfig(
+        internal_service_api_key="swi-test-key-transient-1",
+        django_app_backend_url="http://127.0.0.1:9", worker_data_dir=tmp_path,
+        api_retry_attempts=0, _env_file=None))
+    for _ in range(3):
+        down.apply(throw=False)
+    check = checker.check_worker_process()
+    assert check.status.value == "unhealthy"
+    assert check.message == "all 3 recent tasks failed (APIConnectionError x3)"
+    tasks = checker.readiness()[1]["recent_tasks"]
+    assert tasks["ok"] is True and tasks["failed_permanently"] == 0
+
+    for _ in range(3):
+        refused.apply(throw=False)
+    assert checker.readiness()[1]["recent_tasks"]["ok"] is True  # 3 of 6 are transient
+    for _ in range(47):
+        refused.apply(throw=False)  # the window keeps the last 50: all permanent now
+    tasks = checker.readiness()[1]["recent_tasks"]
+    assert tasks == {"ok": False, "count": 50, "failed": 50, "failed_permanently": 50,
+                     "failures": {"AuthenticationError": 50}}

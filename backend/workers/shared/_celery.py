@@ -21,8 +21,9 @@ It runs automatically when a worker follows the seed's Quick Start: from
   last heartbeat, dead child's live gauges dropped.
 - ``task_prerun`` / ``task_postrun``: ``task_id``, ``task_name``, and ``execution_id`` /
   ``organization_id`` when the task receives them, bound to the log context for the task
-  (any pool: prefork, threads, solo); task count and duration recorded, and the outcome
-  (the exception type of a failed or retried task) for the ``worker_process`` check.
+  (any pool: prefork, threads, solo); task count and duration recorded, and the outcome of
+  each finished task (the exception type of a failed one, and whether it is transient) for
+  the ``worker_process`` check and ``/readyz``.
 """
 
 from __future__ import annotations
@@ -215,14 +216,16 @@ def _route_shutdown_messages() -> None:
 # --- tasks ----------------------------------------------------------------------------
 
 
-def _failure_type(outcome: str, retval: Any) -> str | None:
-    """The exception type a finished task failed with (a retried one: the cause of the retry),
-    or None when it did not fail."""
-    if outcome not in ("failure", "retry"):
-        return None
-    cause = getattr(retval, "exc", None) if outcome == "retry" else None
-    failed = cause if isinstance(cause, BaseException) else retval
-    return type(failed).__name__ if isinstance(failed, BaseException) else outcome.upper()
+def _failure(outcome: str, retval: Any) -> tuple[str | None, bool]:
+    """The exception type a finished task failed with (None when it succeeded), and whether
+    that exception is transient (see :func:`tasks.is_transient`)."""
+    if outcome != "failure":
+        return None, False
+    if not isinstance(retval, BaseException):
+        return "FAILURE", False
+    from .tasks import is_transient
+
+    return type(retval).__name__, is_transient(retval)
 
 
 def _positional_names(task: Any) -> tuple[str, ...]:
@@ -282,7 +285,8 @@ def _on_task_postrun(
     outcome = (state or "unknown").lower()
     _metrics.task_finished(task.name, outcome, seconds)
     _stats.TASKS.record(task.name, seconds, outcome == "success")
-    _stats.RECENT.record(task.name, _failure_type(outcome, retval))
+    if outcome in ("success", "failure"):  # finished (a re-queued task counts when it ends)
+        _stats.RECENT.record(task.name, *_failure(outcome, retval))
     _heartbeat.task_done()
     from . import logging_utils
 

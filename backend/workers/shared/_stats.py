@@ -108,8 +108,9 @@ def summarize(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-#: One task outcome: (unix time, task name, exception type name or None when it succeeded).
-Outcome = tuple[float, str, str | None]
+#: One finished task: (unix time, task name, the exception's type name or None when it
+#: succeeded, whether that exception is transient, i.e. trying again later may succeed).
+Outcome = tuple[float, str, str | None, bool]
 
 
 class RecentOutcomes:
@@ -119,10 +120,10 @@ class RecentOutcomes:
         self._lock = threading.Lock()
         self._items: deque[Outcome] = deque(maxlen=RECENT_SIZE)
 
-    def record(self, name: str, error: str | None) -> None:
+    def record(self, name: str, error: str | None, transient: bool = False) -> None:
         """Add one finished task: ``error`` is the exception's type name, None on success."""
         with self._lock:
-            self._items.append((time.time(), name, error))
+            self._items.append((time.time(), name, error, transient))
 
     def snapshot(self) -> list[Outcome]:
         """The outcomes, oldest first (JSON-serialisable as lists)."""
@@ -138,7 +139,7 @@ class RecentOutcomes:
 def merge_recent(snapshots: Iterable[Iterable[Any]]) -> list[Outcome]:
     """The last :data:`RECENT_SIZE` outcomes of several processes, oldest first."""
     merged = [
-        (float(item[0]), str(item[1]), None if item[2] is None else str(item[2]))
+        (float(item[0]), str(item[1]), None if item[2] is None else str(item[2]), bool(item[3]))
         for snap in snapshots
         for item in snap
     ]

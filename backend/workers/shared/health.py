@@ -18,8 +18,8 @@ overall status is the worst check.
 ``/health/history`` the last 100 reports
 ``/livez``         the process and its server answer (never depends on backend or broker)
 ``/readyz``        backend reachable, its circuit breaker not open, consumer attached, not
-                   every recent task failing (details: a Redis-shared breaker running on
-                   local state)
+                   every recent task failing with a permanent error (details: a
+                   Redis-shared breaker running on local state)
 ``/metrics``       Prometheus text format, aggregated over prefork children
 =================  ==========================================================================
 
@@ -523,7 +523,8 @@ class HealthChecker:
     # --- probes ---------------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Whether this worker should take work: backend reachable, the backend's circuit
-        breaker not open, consumer attached (when a Celery worker runs here).
+        breaker not open, consumer attached (when a Celery worker runs here), and not every
+        recent task failed with a permanent error.
 
         Returns (ready, the parts and their findings)."""
         checks: dict[str, Any] = {}
@@ -543,13 +544,18 @@ class HealthChecker:
             attached = _heartbeat.STATE.ready and _heartbeat.consumer_connected()
             checks["consumer"] = {"ok": attached}
         tasks = recent_task_findings()
-        if tasks["count"]:  # every recent task failing: a rollout should stop here
-            verdict = _task_verdict(tasks)
-            failing = verdict is not None and verdict[0] is HealthStatus.UNHEALTHY
+        if tasks["count"]:
+            # Every recent task failed with an error that waiting will not fix (a missing
+            # ORGANIZATION_ID, a refused key): not ready, so a rollout stops here. Transient
+            # failures are left to the backend check, which recovers on its own.
+            hopeless = tasks["count"] >= TASK_MIN_SAMPLE and (
+                tasks["failed_permanently"] == tasks["count"]
+            )
             checks["recent_tasks"] = {
-                "ok": not failing,
+                "ok": not hopeless,
                 "count": tasks["count"],
                 "failed": tasks["failed"],
+                "failed_permanently": tasks["failed_permanently"],
                 "failures": tasks["failures"],
             }
         return all(c["ok"] for c in checks.values()), checks
@@ -588,18 +594,22 @@ class HealthChecker:
 
 def recent_task_findings() -> dict[str, Any]:
     """The worker's recent tasks (see :data:`TASK_WINDOW_SECONDS`): how many, how many
-    failed, and how often each exception type (and each task) failed."""
+    failed (and of those, how many with an exception that is not transient), and how often
+    each exception type (and each task) failed."""
     since = time.time() - TASK_WINDOW_SECONDS
     recent = [item for item in _heartbeat.recent_tasks() if item[0] >= since]
     failures: dict[str, int] = {}
     failing_tasks: dict[str, int] = {}
-    for _when, name, error in recent:
+    permanent = 0
+    for _when, name, error, transient in recent:
         if error is not None:
             failures[error] = failures.get(error, 0) + 1
             failing_tasks[name] = failing_tasks.get(name, 0) + 1
+            permanent += not transient
     return {
         "count": len(recent),
         "failed": sum(failures.values()),
+        "failed_permanently": permanent,
         "failures": dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))),
         "failing_tasks": dict(sorted(failing_tasks.items(), key=lambda kv: (-kv[1], kv[0]))),
         "window": f"the last {_stats.RECENT_SIZE} tasks within {TASK_WINDOW_SECONDS:g} s",
