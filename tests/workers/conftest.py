@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from backend.workers.shared import _breaker, retry_utils
+from backend.workers.shared import _breaker, _stats, retry_utils
 
 
 @pytest.fixture(autouse=True)
@@ -18,6 +18,12 @@ def isolated_breaker_registry() -> Iterator[None]:
     with _breaker._registry_lock:
         _breaker._registry.clear()
         _breaker._registry.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def isolated_task_outcomes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test sees only the task outcomes of its own tasks (worker_process judges them)."""
+    monkeypatch.setattr(_stats, "RECENT", _stats.RecentOutcomes())
 
 
 @pytest.fixture

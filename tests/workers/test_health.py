@@ -283,8 +283,29 @@ def test_port_in_use_is_a_clear_error_and_nothing_stops(
     finally:
         WorkerLogger.reset()
         logging.getLogger().setLevel(logging.WARNING)
-    errors = [json.loads(line) for line in buffer.getvalue().splitlines()]
-    assert any(r["level"] == "ERROR" and str(port) in r["message"] for r in errors)
+    records = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    warned = [r for r in records if f"cannot listen on 127.0.0.1:{port}" in r["message"]]
+    assert len(warned) == 1 and warned[0]["level"] == "WARNING"  # the process runs on
+    assert "METRICS_PORT=0" in warned[0]["message"] and warned[0]["port"] == port
+    assert not [r for r in records if r["level"] in ("ERROR", "CRITICAL")]
+
+
+def test_an_ephemeral_port_is_logged_as_bound(make_config: Callable[..., WorkerConfig]) -> None:
+    buffer = io.StringIO()
+    WorkerLogger.configure(log_level="INFO", stream=buffer)
+    server = HealthServer(HealthChecker(make_config()), port=0, host="127.0.0.1")
+    try:
+        server.start()
+        bound = server.port
+    finally:
+        server.stop()
+        WorkerLogger.reset()
+        logging.getLogger().setLevel(logging.WARNING)
+    assert bound != 0
+    records = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    listening = [r for r in records if r["message"].startswith("health server listening")]
+    assert [r["port"] for r in listening] == [bound]
+    assert listening[0]["message"].endswith(f":{bound}")
 
 
 def test_stop_releases_the_port(make_config: Callable[..., WorkerConfig]) -> None:

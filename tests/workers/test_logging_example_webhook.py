@@ -68,3 +68,34 @@ def test_a_webhook_sent_but_not_recorded_is_logged_as_sent(tmp_path: Path) -> No
     assert "no such workflow execution" in line["message"]
     assert (line["webhook_id"], line["outcome"], line["attempts"]) == (webhook_id, "delivered", 1)
     assert line["error_type"] == "APIValidationError"
+
+
+def test_a_refused_redirect_is_caught_logged_and_recorded_as_blocked(tmp_path: Path) -> None:
+    execution = {"id": str(uuid.uuid4()), "workflow_id": "wf", "status": "COMPLETED"}
+    with FaultServer(default=Respond(302, b"", {"Location": "http://0177.0.0.1/"})) as receiver, \
+            FaultServer(default=Respond(201, {"id": "d-9", "url": "u", "outcome": "blocked"})) \
+            as backend:
+        backend.push(Respond(200, execution))  # the execution is there when checked
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("EXAMPLE_", "LOG_"))}
+        env.update({
+            "INTERNAL_SERVICE_API_KEY": "swi-test-key-7Q2xK9-notify",
+            "DJANGO_APP_BACKEND_URL": backend.url,
+            "WEBHOOK_ALLOWED_HOSTS": "localhost",
+            "ORGANIZATION_ID": "org-notify",
+            "WORKER_NAME": "notify-test",
+            "WORKER_DATA_DIR": str(tmp_path),
+            "LOG_FORMAT": "structured",
+            "PYTHONPATH": str(REPO_ROOT),
+        })
+        url = f"http://localhost:{receiver.port}/hooks/done"
+        run = subprocess.run([sys.executable, "-c", SCRIPT, url, execution["id"]], env=env,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=90)
+        assert run.returncode == 0, run.stderr  # caught: the completion stands
+        assert "Traceback" not in run.stderr and "InvalidURL" not in run.stderr
+        recorded = [r.json() for r in backend.requests if r.method == "POST"]
+        assert [r["outcome"] for r in recorded] == ["blocked"], run.stderr
+    records = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
+    about = [r for r in records if r["message"].startswith("completion webhook")]
+    assert len(about) == 1, about
+    assert about[0]["message"].startswith("completion webhook blocked: webhook URL refused: ")
+    assert about[0]["delivery_id"] == "d-9"

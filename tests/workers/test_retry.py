@@ -16,6 +16,11 @@ from pathlib import Path
 import pytest
 
 from backend.workers.shared import retry_utils
+from backend.workers.shared.api_client import (
+    NotFoundError,
+    OrganizationRequiredError,
+    ServerError,
+)
 from backend.workers.shared.retry_utils import (
     BackoffStrategy,
     CircuitBreakerOpenError,
@@ -144,6 +149,56 @@ def test_an_open_breaker_is_never_retried() -> None:
     assert flaky.calls == 1
     assert caught.value.breaker_name == "api"
     assert caught.value.retry_after == 12.5
+
+
+class SaysPermanent(Exception):
+    transient = False
+
+
+class SaysTransient(Exception):
+    transient = True
+
+
+@pytest.mark.parametrize(("failure", "calls"), [
+    (OrganizationRequiredError("no organization for get_workflow_execution"), 1),
+    (NotFoundError("gone", status=404), 1),
+    (SaysPermanent("config error"), 1),
+    (SaysTransient("try again"), 3),
+    (ServerError("boom", status=503), 3),
+    (ValueError("no transient attribute: retried as before"), 3),
+])
+def test_by_default_an_exception_saying_it_is_not_transient_is_not_retried(
+        failure: Exception, calls: int, events: list[RetryEvent]) -> None:
+    flaky = Flaky(*([failure] * 5))
+    with pytest.raises(type(failure)):
+        retry(max_attempts=3)(flaky)()
+    assert flaky.calls == calls
+    assert len(events) == calls - 1
+
+
+def test_the_not_transient_rule_survives_replace_and_async() -> None:
+    policy = retry(max_attempts=3).replace(max_attempts=4)
+    flaky = Flaky(*[SaysPermanent("x")] * 5)
+    with pytest.raises(SaysPermanent):
+        policy.call(flaky)
+    assert flaky.calls == 1
+
+    async def fails() -> None:
+        flaky()
+
+    with pytest.raises(SaysPermanent):
+        asyncio.run(policy.acall(fails))
+    assert flaky.calls == 2
+
+
+def test_explicit_exceptions_retry_exactly_those_classes_transient_or_not() -> None:
+    flaky = Flaky(OrganizationRequiredError("no org"), OrganizationRequiredError("no org"))
+    assert retry(max_attempts=3, exceptions=(OrganizationRequiredError,))(flaky)() == "ok"
+    assert flaky.calls == 3
+    flaky = Flaky(SaysPermanent("a"), SaysPermanent("b"))
+    assert retry(max_attempts=3, exceptions=(Exception,))(flaky)() == "ok"
+    assert flaky.calls == 3
+    assert retry(max_attempts=2, exceptions=(Exception,)).replace(max_attempts=3).exceptions_given
 
 
 def test_retry_if_predicate_decides() -> None:

@@ -16,7 +16,11 @@ import pytest
 from hypothesis import given, strategies as st
 
 from backend.workers.shared._webhooks import check_url, refusal_reason
-from backend.workers.shared.api_client import InternalAPIClient, WebhookURLRefusedError
+from backend.workers.shared.api_client import (
+    InternalAPIClient,
+    WebhookError,
+    WebhookURLRefusedError,
+)
 from backend.workers.shared.config import WorkerConfig
 from tests.fault_server import FaultServer, Respond
 
@@ -134,40 +138,69 @@ def test_refusal_names_the_reason(backend: FaultServer) -> None:
         client.send_webhook("file:///etc/passwd", {})
 
 
-def test_redirect_to_a_private_address_is_refused(decoy: FaultServer,
-                                                  backend: FaultServer) -> None:
+REFUSED_REDIRECTS = [
+    # odd IPv4 spellings (httpx2 raised a raw InvalidURL for the octal one)
+    "http://0177.0.0.1:{port}/", "http://0x7f.1:{port}/", "http://0x7f000001:{port}/",
+    "http://2130706433:{port}/", "http://127.1:{port}/", "http://0:{port}/",
+    "http://1.2.3.4.5/", "http://256.0.0.1/", "http://017700000001:{port}/",
+    # refused addresses
+    "http://127.0.0.1:{port}/inner", "http://169.254.169.254/latest/",
+    "http://[::ffff:127.0.0.1]:{port}/", "http://[::1]:{port}/", "http://10.0.0.1/",
+    "http://[fe80::1%25eth0]/",
+    # credentials, other schemes, no host
+    "http://user:pw@localhost:{port}/", "http://localhost@127.0.0.1:{port}/",
+    "http://:@localhost:{port}/", "file:///etc/passwd", "gopher://localhost:{port}/_",
+    "ftp://localhost/", "javascript:alert(1)", "data:text/plain,x", "http:///x", "///x", "//",
+    "http://", "http:/localhost:{port}/", "http:localhost", "/\\127.0.0.1/", "\\\\evil/",
+    # not URLs, IDN oddities, ports out of range
+    "http://[::1/", "http://[not-ipv6]/", "http://l\xf3calhost:{port}/", "http://m\xfcnchen.de/",
+    "http://xn--/", "http://exa mple.com/", "http://localhost:99999/", "http://localhost:-1/",
+    "http://localhost:0/", "http://" + "a" * 64 + ".invalid/", "http://a..b/",
+]
+
+
+def test_redirect_table_is_wide() -> None:
+    assert len(REFUSED_REDIRECTS) >= 40
+
+
+@pytest.mark.parametrize("template", REFUSED_REDIRECTS)
+def test_a_refused_redirect_is_raised_and_recorded_as_blocked(
+        template: str, decoy: FaultServer, backend: FaultServer) -> None:
     client = make_client(backend, webhook_allowed_hosts="localhost")
-    targets = [f"http://127.0.0.1:{decoy.port}/inner", "http://169.254.169.254/latest/",
-               f"http://[::ffff:127.0.0.1]:{decoy.port}/", "file:///etc/passwd"]
-    for target in targets:
-        with FaultServer(default=Respond(302, b"", {"Location": target})) as hop:
-            before = decoy.connections_accepted
-            backend.reset()
-            with pytest.raises(WebhookURLRefusedError):
-                client.send_webhook(f"http://localhost:{hop.port}/start", {"a": 1})
-            assert len(hop.requests) == 1  # the allowed first hop was asked
-            assert decoy.connections_accepted == before  # the redirect target never was
-            assert backend.requests == []
+    location = template.format(port=decoy.port)
+    with FaultServer(default=Respond(302, b"", {"Location": location})) as hop:
+        before = decoy.connections_accepted
+        backend.reset()
+        with pytest.raises(WebhookURLRefusedError) as info:
+            client.send_webhook(f"http://localhost:{hop.port}/start", {"a": 1})
+        assert len(hop.requests) == 1  # the allowed first hop was asked, once (no retry)
+        assert decoy.connections_accepted == before  # the redirect target never was
+    message = str(info.value)
+    assert message.startswith("webhook URL refused:") and "\n" not in message
+    assert "pw" not in message
+    recorded = [r.json() for r in backend.requests if r.method == "POST"]
+    assert len(recorded) == 1 and recorded[0]["outcome"] == "blocked", recorded
+    assert recorded[0]["status_code"] == 302 and recorded[0]["attempts"] == 1
+    assert recorded[0]["error_message"] == message
+    assert info.value.result is not None and info.value.result.outcome == "blocked"
+    assert info.value.result.delivery_id == "d-1"
 
 
-def test_redirects_within_the_allow_list_are_followed_at_most_three_times(
-    backend: FaultServer,
-) -> None:
+@pytest.mark.parametrize("headers", [
+    ["X-Bad", "v"], "X-Bad: v", {5: "v"},
+    {"X-Bad": "a\nb"}, {"X-Bad": "a\r\nInjected: 1"}, {"X-Bad": "nul\x00"},
+    {"X-Bad": "caf\xe9"}, {"X-Bad": "\ud800"}, {"Bad Name": "v"}, {"X-Bad:": "v"},
+    {"": "v"}, {"X-Bad": 5},
+])
+def test_headers_that_cannot_be_sent_are_a_webhook_error_naming_them(
+        headers: Any, decoy: FaultServer, backend: FaultServer) -> None:
     client = make_client(backend, webhook_allowed_hosts="localhost")
-    with FaultServer(default=Respond(200, {"ok": True})) as hop:
-        base = f"http://localhost:{hop.port}"
-        hop.push(Respond(307, b"", {"Location": f"{base}/2"}),
-                 Respond(308, b"", {"Location": "/3"}),
-                 Respond(301, b"", {"Location": f"{base}/4"}))
-        result = client.send_webhook(f"{base}/1", {"n": 1})
-        assert result.ok and result.attempts == 1
-        assert [r.path for r in hop.requests] == ["/1", "/2", "/3", "/4"]
-        assert all(r.method == "POST" and r.json() == {"n": 1} for r in hop.requests)
-
-        hop.reset(default=Respond(302, b"", {"Location": f"{base}/again"}))
-        looping = client.send_webhook(f"{base}/loop", {"n": 2})
-        assert not looping.ok and "more than 3 redirects" in (looping.error or "")
-        assert len(hop.requests) == 4  # the first request and three redirects, not retried
+    backend.reset()
+    before = decoy.connections_accepted
+    with pytest.raises(WebhookError, match="webhook header") as info:
+        client.send_webhook(f"http://localhost:{decoy.port}/h", {"a": 1}, headers=headers)
+    assert not isinstance(info.value, WebhookURLRefusedError)
+    assert decoy.connections_accepted == before and backend.requests == []
 
 
 @pytest.mark.parametrize(
@@ -217,3 +250,17 @@ def test_allow_list_entry_with_a_port_exempts_that_port_only() -> None:
     assert check_url("http://localhost:8123/", ["localhost:8123"]).allow_listed
     with pytest.raises(WebhookURLRefusedError, match="loopback"):
         check_url("http://localhost:8124/", ["localhost:8123"])
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), 1e999, True, "5"])
+def test_a_bad_timeout_is_a_value_error_naming_it(timeout: Any, backend: FaultServer) -> None:
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        make_client(backend).send_webhook("http://localhost/", {}, timeout=timeout)
+
+
+@pytest.mark.parametrize("url", [None, b"http://localhost/", 5, ["http://localhost/"]])
+def test_a_url_that_is_not_a_string_is_refused(url: Any, backend: FaultServer) -> None:
+    backend.reset()
+    with pytest.raises(WebhookURLRefusedError, match="expected a string"):
+        make_client(backend).send_webhook(url, {})
+    assert backend.requests == []

@@ -21,6 +21,7 @@ from backend.workers.shared.api_client import (
     WebhookError,
     WebhookNotRecordedError,
     WebhookResult,
+    WebhookURLRefusedError,
 )
 from backend.workers.shared.config import WorkerConfig
 from backend.workers.shared.retry_utils import RetryEvent
@@ -262,3 +263,22 @@ def test_delivery_that_cannot_be_recorded_says_so_and_is_not_transient(
     first = real.post("webhook-deliveries/", record, idempotency_key=error.result.message_id)
     again = real.post("webhook-deliveries/", record, idempotency_key=error.result.message_id)
     assert first["id"] == again["id"]
+
+
+def test_a_refused_redirect_is_recorded_as_blocked_on_the_backend(
+    live_backend: LiveBackend, receiver: FaultServer
+) -> None:
+    receiver.reset(default=Respond(302, b"", {"Location": "http://0177.0.0.1/"}))
+    client = make_client(live_backend)
+    execution = client.create_workflow_execution(f"wf-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(WebhookURLRefusedError, match="not a valid URL") as info:
+        client.send_webhook(hook_url(receiver), {"a": 1}, execution_id=execution.id)
+    assert isinstance(info.value, WebhookError) and isinstance(info.value, ValueError)
+    assert len(receiver.requests) == 1
+    result = info.value.result
+    assert result is not None and result.outcome == "blocked" and not result.ok
+    record = client.get_webhook_delivery(result.delivery_id)
+    assert (record.outcome, record.status_code, record.attempts) == ("blocked", 302, 1)
+    assert record.error_message == str(info.value)
+    listed = [d.id for d in client.list_webhook_deliveries(execution_id=execution.id)]
+    assert listed == [result.delivery_id]

@@ -21,7 +21,9 @@ It runs automatically when a worker follows the seed's Quick Start: from
   last heartbeat, dead child's live gauges dropped.
 - ``task_prerun`` / ``task_postrun``: ``task_id``, ``task_name``, and ``execution_id`` /
   ``organization_id`` when the task receives them, bound to the log context for the task
-  (any pool: prefork, threads, solo); task count and duration recorded.
+  (any pool: prefork, threads, solo); task count and duration recorded, and the outcome of
+  each finished task (the exception type of a failed one, and whether it is transient) for
+  the ``worker_process`` check and ``/readyz``.
 """
 
 from __future__ import annotations
@@ -214,6 +216,18 @@ def _route_shutdown_messages() -> None:
 # --- tasks ----------------------------------------------------------------------------
 
 
+def _failure(outcome: str, retval: Any) -> tuple[str | None, bool]:
+    """The exception type a finished task failed with (None when it succeeded), and whether
+    that exception is transient (see :func:`tasks.is_transient`)."""
+    if outcome != "failure":
+        return None, False
+    if not isinstance(retval, BaseException):
+        return "FAILURE", False
+    from .tasks import is_transient
+
+    return type(retval).__name__, is_transient(retval)
+
+
 def _positional_names(task: Any) -> tuple[str, ...]:
     names = _positional.get(task.name)
     if names is None:
@@ -257,7 +271,11 @@ def _on_task_prerun(
 
 
 def _on_task_postrun(
-    task_id: str | None = None, task: Any = None, state: str | None = None, **_: Any
+    task_id: str | None = None,
+    task: Any = None,
+    state: str | None = None,
+    retval: Any = None,
+    **_: Any,
 ) -> None:
     entry = _running.pop(task_id, None) if task_id is not None else None
     if entry is None or task is None:
@@ -267,6 +285,8 @@ def _on_task_postrun(
     outcome = (state or "unknown").lower()
     _metrics.task_finished(task.name, outcome, seconds)
     _stats.TASKS.record(task.name, seconds, outcome == "success")
+    if outcome in ("success", "failure"):  # finished (a re-queued task counts when it ends)
+        _stats.RECENT.record(task.name, *_failure(outcome, retval))
     _heartbeat.task_done()
     from . import logging_utils
 

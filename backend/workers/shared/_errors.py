@@ -166,8 +166,11 @@ class WebhookError(Exception):
 
 
 class WebhookURLRefusedError(WebhookError, ValueError):
-    """The SSRF guard refused the webhook URL (or a redirect target); nothing was sent to it
-    and nothing was recorded. The message names the URL's host and the reason."""
+    """The SSRF guard refused the webhook URL (or a redirect target); nothing was sent to it.
+    The message names the URL's host and the reason. A refused first URL is not recorded; a
+    refused redirect is recorded as ``blocked``, and ``result`` is that recorded delivery."""
+
+    result: WebhookResult | None = None
 
 
 class WebhookNotRecordedError(InternalAPIError, WebhookError):

@@ -40,6 +40,7 @@ class _MainState:
         self.heartbeat_dir: Path | None = None
         self.retired_functions: dict[str, dict[str, Any]] = {}
         self.retired_tasks: dict[str, dict[str, Any]] = {}
+        self.retired_recent: list[_stats.Outcome] = []
 
 
 STATE = _MainState()
@@ -77,6 +78,7 @@ class _ChildBeat:
                 "time": time.time(),
                 "functions": _stats.FUNCTIONS.snapshot(),
                 "tasks": _stats.TASKS.snapshot(),
+                "recent_tasks": _stats.RECENT.snapshot(),
             }
         )
         tmp = path.with_suffix(".tmp")
@@ -205,28 +207,45 @@ def _process_age(pid: int) -> float | None:
         return None
 
 
+def _live_beats() -> list[dict[str, Any]]:
+    """The heartbeats of live children; an exited child's figures move to the retired ones."""
+    directory = STATE.heartbeat_dir
+    if directory is None:
+        return []
+    beats = []
+    with STATE.lock:
+        for path in directory.glob("*.json"):
+            try:
+                beat = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # replaced or removed while we read it
+            pid = int(beat.get("pid", 0))
+            if pid and not _metrics.pid_alive(pid):
+                STATE.retired_functions = _stats.merge([STATE.retired_functions, beat["functions"]])
+                STATE.retired_tasks = _stats.merge([STATE.retired_tasks, beat["tasks"]])
+                STATE.retired_recent = _stats.merge_recent(
+                    [STATE.retired_recent, beat.get("recent_tasks", [])]
+                )
+                path.unlink(missing_ok=True)
+                continue
+            beats.append(beat)
+    return beats
+
+
 def merged_stats() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Function and task statistics of this process, its children and exited children."""
-    functions = [_stats.FUNCTIONS.snapshot()]
-    tasks = [_stats.TASKS.snapshot()]
-    directory = STATE.heartbeat_dir
-    if directory is not None:
-        with STATE.lock:
-            for path in directory.glob("*.json"):
-                try:
-                    beat = json.loads(path.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    continue  # replaced or removed while we read it
-                pid = int(beat.get("pid", 0))
-                if pid and not _metrics.pid_alive(pid):
-                    STATE.retired_functions = _stats.merge(
-                        [STATE.retired_functions, beat["functions"]]
-                    )
-                    STATE.retired_tasks = _stats.merge([STATE.retired_tasks, beat["tasks"]])
-                    path.unlink(missing_ok=True)
-                    continue
-                functions.append(beat["functions"])
-                tasks.append(beat["tasks"])
-            functions.append(STATE.retired_functions)
-            tasks.append(STATE.retired_tasks)
+    beats = _live_beats()
+    functions = [_stats.FUNCTIONS.snapshot(), STATE.retired_functions]
+    tasks = [_stats.TASKS.snapshot(), STATE.retired_tasks]
+    functions += [beat["functions"] for beat in beats]
+    tasks += [beat["tasks"] for beat in beats]
     return _stats.merge(functions), _stats.merge(tasks)
+
+
+def recent_tasks() -> list[_stats.Outcome]:
+    """The last task outcomes of this process, its children and exited children, oldest
+    first (at most :data:`_stats.RECENT_SIZE`)."""
+    beats = _live_beats()
+    snapshots: list[Any] = [_stats.RECENT.snapshot(), STATE.retired_recent]
+    snapshots += [beat.get("recent_tasks", []) for beat in beats]
+    return _stats.merge_recent(snapshots)

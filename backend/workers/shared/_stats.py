@@ -1,9 +1,11 @@
 """Per-process call statistics (count, errors, total, mean, max, p95) and their merging.
 
 ``monitor_performance`` records function calls in :data:`FUNCTIONS`, the Celery wiring records
-tasks in :data:`TASKS`. A prefork child publishes :func:`snapshot` through its heartbeat file;
-the main process merges the snapshots of every child with its own for ``/health/metrics``.
-A forked child starts from empty statistics, so nothing is counted twice.
+tasks in :data:`TASKS`, and the outcome of each of the last :data:`RECENT_SIZE` tasks (when,
+which task, which exception type if it failed) in :data:`RECENT` for the ``worker_process``
+check. A prefork child publishes its snapshots through its heartbeat file; the main process
+merges the snapshots of every child with its own. A forked child starts from empty
+statistics, so nothing is counted twice.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
 SAMPLES = 256  # recent durations kept per name for the p95
+RECENT_SIZE = 50  # task outcomes kept per process (and after merging) for the health check
 
 
 class _Entry:
@@ -104,13 +108,54 @@ def summarize(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+#: One finished task: (unix time, task name, the exception's type name or None when it
+#: succeeded, whether that exception is transient, i.e. trying again later may succeed).
+Outcome = tuple[float, str, str | None, bool]
+
+
+class RecentOutcomes:
+    """Thread-safe record of the last :data:`RECENT_SIZE` task outcomes of this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: deque[Outcome] = deque(maxlen=RECENT_SIZE)
+
+    def record(self, name: str, error: str | None, transient: bool = False) -> None:
+        """Add one finished task: ``error`` is the exception's type name, None on success."""
+        with self._lock:
+            self._items.append((time.time(), name, error, transient))
+
+    def snapshot(self) -> list[Outcome]:
+        """The outcomes, oldest first (JSON-serialisable as lists)."""
+        with self._lock:
+            return list(self._items)
+
+    def reset_after_fork(self) -> None:
+        """Start empty in a forked child, with a fresh lock (the parent's may be held)."""
+        self._lock = threading.Lock()
+        self._items = deque(maxlen=RECENT_SIZE)
+
+
+def merge_recent(snapshots: Iterable[Iterable[Any]]) -> list[Outcome]:
+    """The last :data:`RECENT_SIZE` outcomes of several processes, oldest first."""
+    merged = [
+        (float(item[0]), str(item[1]), None if item[2] is None else str(item[2]), bool(item[3]))
+        for snap in snapshots
+        for item in snap
+    ]
+    merged.sort(key=lambda item: item[0])
+    return merged[-RECENT_SIZE:]
+
+
 FUNCTIONS = CallStats()
 TASKS = CallStats()
+RECENT = RecentOutcomes()
 
 
 def _after_fork() -> None:
     FUNCTIONS.reset_after_fork()
     TASKS.reset_after_fork()
+    RECENT.reset_after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork)

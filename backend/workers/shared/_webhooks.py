@@ -3,19 +3,25 @@
 The guard resolves the URL's host, refuses it unless every address it resolves to is a public
 one, and then connects to the address it checked (the request goes to the IP literal with the
 original ``Host`` header and TLS server name), so a second DNS answer cannot swap in an
-internal address. Redirects are followed by hand, at most :data:`MAX_REDIRECTS`, each target
-checked the same way. Hosts named in ``WEBHOOK_ALLOWED_HOSTS`` skip the address check (local
-development), never the scheme check; an entry is a host name or address, or ``host:port``
-to exempt one port only.
+internal address. A host that is a number but not a plain dotted quad (``0177.0.0.1``,
+``0x7f.1``, ``2130706433``, ``127.1``) is refused: parsers disagree on what it means.
+Redirects are followed by hand, at most :data:`MAX_REDIRECTS`, each target checked the same
+way; a ``Location`` that is not a valid URL, names no host, or carries ``user:password@`` is
+refused too. A refused redirect (or one too many) raises :class:`WebhookURLRefusedError` after
+the delivery is recorded as ``blocked`` (the first hop did receive the webhook). Hosts named in
+``WEBHOOK_ALLOWED_HOSTS`` skip the address check (local development), never the scheme check;
+an entry is a host name or address, or ``host:port`` to exempt one port only.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import socket
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -44,6 +50,11 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _SHARED = ipaddress.ip_network("100.64.0.0/10")
 _UNIQUE_LOCAL = ipaddress.ip_network("fc00::/7")
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+#: The last label of a host that WHATWG URL parsers read as an IPv4 address (decimal or hex).
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]*")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 
 
 def refusal_reason(address: IPAddress) -> str | None:
@@ -119,6 +130,8 @@ def check_url(url: str | httpx2.URL, allowed_hosts: list[str] | tuple[str, ...])
     """Resolve and check ``url``; raise :class:`WebhookURLRefusedError` when it is not allowed."""
     import httpx2
 
+    if not isinstance(url, str | httpx2.URL):
+        raise WebhookURLRefusedError(f"webhook URL refused: expected a string, got {type(url)}")
     try:
         parsed = httpx2.URL(url) if isinstance(url, str) else url
     except (httpx2.InvalidURL, TypeError, ValueError) as exc:
@@ -130,6 +143,9 @@ def check_url(url: str | httpx2.URL, allowed_hosts: list[str] | tuple[str, ...])
     host = parsed.host.lower().rstrip(".")
     if not host:
         raise WebhookURLRefusedError("webhook URL refused: it has no host")
+    _check_numeric_host(host)
+    if parsed.port is not None and not 0 < parsed.port <= 65535:
+        raise WebhookURLRefusedError(f"webhook URL refused: port {parsed.port} is out of range")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     allow_listed = host in allowed_hosts or f"{host}:{port}" in allowed_hosts
     addresses = _resolve(host, port)
@@ -144,6 +160,35 @@ def check_url(url: str | httpx2.URL, allowed_hosts: list[str] | tuple[str, ...])
     return CheckedTarget(
         url=parsed, host=host, address=str(addresses[0]), allow_listed=allow_listed
     )
+
+
+def _check_numeric_host(host: str) -> None:
+    """Refuse a host that reads as an IPv4 address in a form other than ``a.b.c.d``."""
+    if ":" in host or not _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
+        return
+    try:
+        canonical = str(ipaddress.IPv4Address(host)) == host
+    except ValueError:
+        canonical = False
+    if not canonical:
+        raise WebhookURLRefusedError(
+            f"webhook URL refused: host {host[:80]!r} is a number but not a dotted-quad IPv4 "
+            "address (octal, hex, short or integer forms are ambiguous)"
+        )
+
+
+def check_headers(headers: Mapping[str, str]) -> None:
+    """Refuse a header that cannot be sent as given (the message names it, not its value)."""
+    if not isinstance(headers, Mapping):
+        raise WebhookError(f"webhook headers must be a mapping, got {type(headers).__name__}")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise WebhookError(f"webhook header name {name!r} is not a valid HTTP token")
+        if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+            raise WebhookError(
+                f"webhook header {name!r} must be a string of printable ASCII (no control "
+                "characters or line breaks)"
+            )
 
 
 def _resolve(host: str, port: int) -> list[IPAddress]:
@@ -206,6 +251,8 @@ class DeliveryReport:
     duration: float = 0.0
     error: str | None = None
     response_body: bytes = b""
+    #: Set when a redirect was refused (``outcome`` "blocked"): raised once recorded.
+    refused: WebhookURLRefusedError | None = None
 
 
 class AttemptFailed(Exception):
@@ -249,7 +296,7 @@ def deliver(
         if secret is not None:
             sent.update(signature_headers(secret, message_id, body))
         status, response_body, final_url, retry_after = _post_following_redirects(
-            client, url, payload, sent, timeout, allowed_hosts
+            client, url, payload, sent, timeout, allowed_hosts, report
         )
         report.status_code = status
         report.response_body = response_body
@@ -282,6 +329,10 @@ def deliver(
     except AttemptFailed as exc:
         report.outcome = "failed"
         report.error = str(exc)
+    except WebhookURLRefusedError as exc:  # a redirect target: the first hop was sent to
+        report.outcome = "blocked"
+        report.error = str(exc)
+        report.refused = exc
     finally:
         client.close()
         report.duration = time.monotonic() - started
@@ -305,6 +356,14 @@ def _attempt_mapping_transport_errors(fn: Any, client: httpx2.Client) -> None:
             status=None,
             transient=True,
         ) from None
+    except (httpx2.HTTPError, httpx2.InvalidURL, httpx2.StreamError) as exc:
+        # Nothing of httpx2 leaves a delivery unwrapped: the rest is a failed attempt.
+        logger.warning("webhook attempt failed", extra={"error": type(exc).__name__})
+        raise AttemptFailed(
+            f"request failed ({type(exc).__name__}: {one_line(str(exc), 120)})",
+            status=None,
+            transient=False,
+        ) from None
 
 
 def _post_following_redirects(
@@ -314,6 +373,7 @@ def _post_following_redirects(
     headers: dict[str, str],
     timeout: float,
     allowed_hosts: list[str],
+    report: DeliveryReport,
 ) -> tuple[int, bytes, str, float | None]:
     import httpx2
 
@@ -334,13 +394,50 @@ def _post_following_redirects(
             location = response.headers.get("location")
             retry_after = parse_retry_after(response.headers.get("retry-after"))
         if status in _REDIRECTS and location:
-            following = current.join(location)
+            report.status_code = status
+            following = _redirect_target(current, location)
             if _origin(following) != _origin(current):
                 headers = {k: v for k, v in headers.items() if k.lower() not in _CREDENTIAL_HEADERS}
             current = following
             continue
         return status, body, str(current), retry_after
-    raise AttemptFailed(f"more than {MAX_REDIRECTS} redirects", status=None, transient=False)
+    raise WebhookURLRefusedError(
+        f"webhook URL refused: more than {MAX_REDIRECTS} redirects (the last to host "
+        f"{current.host[:80]!r})"
+    )
+
+
+def _redirect_target(current: httpx2.URL, location: str) -> httpx2.URL:
+    """The URL a ``Location`` leads to from ``current``, or :class:`WebhookURLRefusedError`
+    when it is no valid URL, names no host, or carries credentials."""
+    import httpx2
+
+    if not location.isascii() or not location.isprintable() or "\\" in location:
+        raise WebhookURLRefusedError(
+            "webhook URL refused: the redirect's Location is not a printable ASCII URL "
+            "(or holds a backslash)"
+        )
+    scheme = _SCHEME.match(location)
+    rest = location[scheme.end() :] if scheme else location
+    if scheme and not rest.startswith("//"):  # "http:/x", "http:x": parsers disagree
+        raise WebhookURLRefusedError(
+            "webhook URL refused: the redirect's Location has a scheme but no //host"
+        )
+    if rest.startswith("//") and not re.split(r"[/?#]", rest[2:], maxsplit=1)[0]:
+        raise WebhookURLRefusedError("webhook URL refused: the redirect's Location names no host")
+    try:
+        following = current.join(location)
+    except (httpx2.InvalidURL, UnicodeError, ValueError) as exc:
+        raise WebhookURLRefusedError(
+            f"webhook URL refused: the redirect's Location is not a valid URL "
+            f"({one_line(str(exc), 120)})"
+        ) from None
+    if following.userinfo:
+        raise WebhookURLRefusedError(
+            f"webhook URL refused: the redirect to host {following.host[:80]!r} carries "
+            "credentials (user:password@)"
+        )
+    return following
 
 
 def _origin(url: httpx2.URL) -> tuple[str, str, int | None]:

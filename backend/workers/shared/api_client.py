@@ -513,7 +513,9 @@ class InternalAPIClient:
         """POST ``payload`` as JSON to ``url`` from this worker, and record the delivery.
 
         The URL must pass the SSRF guard (:class:`WebhookURLRefusedError` otherwise, with
-        nothing sent or recorded). With ``execution_id``, the execution is read first, so an
+        nothing sent or recorded). A redirect the guard refuses (or one too many) is recorded
+        as ``blocked`` and then raised as :class:`WebhookURLRefusedError`, its ``result``
+        the recorded delivery. With ``execution_id``, the execution is read first, so an
         unknown one is a :class:`NotFoundError` with nothing sent. The body is signed per
         Standard Webhooks when ``WEBHOOK_SIGNING_SECRET`` is set; 5xx, 429, timeouts and
         connection failures are retried, a 410 (or another 4xx) stops. A receiver that keeps
@@ -521,15 +523,20 @@ class InternalAPIClient:
         webhook went out but the backend would not record it, :class:`WebhookNotRecordedError`
         says so (not transient: sending again would deliver twice).
         """
-        from ._webhooks import deliver, new_message_id, public_url
+        from ._webhooks import check_headers, deliver, new_message_id, public_url
 
         org = self._require_org(organization_id, "send_webhook")
         try:
             body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise WebhookError(f"webhook payload is not JSON-serialisable: {exc}") from None
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be a positive number of seconds")
+        if timeout is not None and not (
+            isinstance(timeout, int | float)
+            and not isinstance(timeout, bool)
+            and 0 < timeout < float("inf")
+        ):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        check_headers(headers or {})
         if execution_id is not None:
             # The backend refuses to record a delivery of an unknown execution: find out
             # before the webhook goes out, not after.
@@ -576,7 +583,11 @@ class InternalAPIClient:
             delivery = self._parse(WebhookDelivery, data, "POST", "webhook-deliveries/")
         except InternalAPIError as exc:
             raise WebhookNotRecordedError(result, record, exc) from exc
-        return replace(result, delivery_id=delivery.id)
+        recorded = replace(result, delivery_id=delivery.id)
+        if report.refused is not None:  # a redirect refused: recorded as blocked, then raised
+            report.refused.result = recorded
+            raise report.refused
+        return recorded
 
     def get_webhook_delivery(
         self, delivery_id: str, *, organization_id: OrgArg = _DEFAULT_ORG

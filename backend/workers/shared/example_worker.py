@@ -48,6 +48,7 @@ from . import (
     InternalAPIError,
     ResilientExecutor,
     WebhookNotRecordedError,
+    WebhookURLRefusedError,
     WorkerConfig,
     WorkerLogger,
     log_context,
@@ -244,6 +245,11 @@ def notify(client: InternalAPIClient, url: str, execution_id: str, elapsed: floa
             attempts=exc.result.attempts,
             error_type=type(exc.__cause__).__name__,
         )
+        return
+    except WebhookURLRefusedError as exc:
+        # The SSRF guard refused the URL, or a redirect target (then recorded as blocked).
+        recorded = exc.result.delivery_id if exc.result is not None else None
+        logger.error(f"completion webhook blocked: {exc}", delivery_id=recorded)
         return
     except (InternalAPIError, ValueError) as exc:
         logger.error(f"completion webhook not sent: {exc}")

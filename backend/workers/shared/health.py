@@ -5,9 +5,9 @@
 or a blocked probe. Built in: ``api_connectivity`` (an authenticated call to the backend's
 health endpoint, one attempt, short timeout), ``system_resources`` (memory, disk, CPU against
 the ``HEALTH_*_PERCENT`` thresholds) and ``worker_process`` (the Celery consumer's broker
-connection, the prefork children's heartbeats, and the circuit breakers: degraded while a
-Redis-shared breaker has lost Redis and runs on local state). The overall status is the
-worst check.
+connection, the prefork children's heartbeats, the recent tasks' failures, and the circuit
+breakers: degraded while a Redis-shared breaker has lost Redis and runs on local state). The
+overall status is the worst check.
 
 :class:`HealthServer` serves, from the main process (standard library threading server):
 
@@ -17,8 +17,9 @@ worst check.
 ``/health/metrics`` system figures, task and monitored-function statistics (all children)
 ``/health/history`` the last 100 reports
 ``/livez``         the process and its server answer (never depends on backend or broker)
-``/readyz``        backend reachable, its circuit breaker not open, consumer attached
-                   (details: a Redis-shared breaker running on local state)
+``/readyz``        backend reachable, its circuit breaker not open, consumer attached, not
+                   every recent task failing with a permanent error (details: a
+                   Redis-shared breaker running on local state)
 ``/metrics``       Prometheus text format, aggregated over prefork children
 =================  ==========================================================================
 
@@ -31,9 +32,12 @@ import dataclasses
 import email.utils
 import enum
 import functools
+import http.client
 import json
 import logging
 import os
+import re
+import socket
 import sys
 import threading
 import time
@@ -57,6 +61,13 @@ log = logging.getLogger(__name__)
 
 HISTORY_SIZE = 100
 READY_MAX_AGE = 2.0  # seconds a backend check result is reused by /readyz
+#: The recent tasks judged by ``worker_process``: the last ``_stats.RECENT_SIZE`` (50) tasks
+#: of the worker (all pool children merged) that finished within this many seconds.
+TASK_WINDOW_SECONDS = 600.0
+#: Fewer recent tasks than this say nothing (one failed task is not a failing worker).
+TASK_MIN_SAMPLE = 3
+#: Share of failed recent tasks from which the worker is degraded; all failed is unhealthy.
+TASK_DEGRADED_SHARE = 0.5
 CheckFunction = Callable[[], "HealthCheckResult | bool"]
 
 
@@ -456,10 +467,19 @@ class HealthChecker:
         return HealthCheckResult("system_resources", worst(statuses), message, details)
 
     def check_worker_process(self) -> HealthCheckResult:
-        """The main process, the consumer's broker connection, the pool's heartbeats, and
-        the circuit breakers (degraded while a Redis-shared one runs on local state)."""
+        """The main process, the consumer's broker connection, the pool's heartbeats, the
+        recent tasks (degraded when half of them failed, unhealthy when all did), and the
+        circuit breakers (degraded while a Redis-shared one runs on local state)."""
         details: dict[str, Any] = {"pid": os.getpid()}
         status, message = self._process_status(details)
+        tasks = recent_task_findings()
+        if tasks["count"]:
+            details["recent_tasks"] = tasks
+        verdict = _task_verdict(tasks)
+        if verdict is not None and verdict[0].rank > status.rank:
+            status, message = verdict
+        elif verdict is not None:
+            message = f"{message}; {verdict[1]}"
         breakers = breaker_findings()
         if breakers:
             details["circuit_breakers"] = breakers
@@ -503,7 +523,8 @@ class HealthChecker:
     # --- probes ---------------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Whether this worker should take work: backend reachable, the backend's circuit
-        breaker not open, consumer attached (when a Celery worker runs here).
+        breaker not open, consumer attached (when a Celery worker runs here), and not every
+        recent task failed with a permanent error.
 
         Returns (ready, the parts and their findings)."""
         checks: dict[str, Any] = {}
@@ -522,6 +543,21 @@ class HealthChecker:
         if _heartbeat.worker_attached():
             attached = _heartbeat.STATE.ready and _heartbeat.consumer_connected()
             checks["consumer"] = {"ok": attached}
+        tasks = recent_task_findings()
+        if tasks["count"]:
+            # Every recent task failed with an error that waiting will not fix (a missing
+            # ORGANIZATION_ID, a refused key): not ready, so a rollout stops here. Transient
+            # failures are left to the backend check, which recovers on its own.
+            hopeless = tasks["count"] >= TASK_MIN_SAMPLE and (
+                tasks["failed_permanently"] == tasks["count"]
+            )
+            checks["recent_tasks"] = {
+                "ok": not hopeless,
+                "count": tasks["count"],
+                "failed": tasks["failed"],
+                "failed_permanently": tasks["failed_permanently"],
+                "failures": tasks["failures"],
+            }
         return all(c["ok"] for c in checks.values()), checks
 
     def metrics(self) -> dict[str, Any]:
@@ -554,6 +590,42 @@ class HealthChecker:
             "tasks": _stats.summarize(tasks),
             "functions": _stats.summarize(functions),
         }
+
+
+def recent_task_findings() -> dict[str, Any]:
+    """The worker's recent tasks (see :data:`TASK_WINDOW_SECONDS`): how many, how many
+    failed (and of those, how many with an exception that is not transient), and how often
+    each exception type (and each task) failed."""
+    since = time.time() - TASK_WINDOW_SECONDS
+    recent = [item for item in _heartbeat.recent_tasks() if item[0] >= since]
+    failures: dict[str, int] = {}
+    failing_tasks: dict[str, int] = {}
+    permanent = 0
+    for _when, name, error, transient in recent:
+        if error is not None:
+            failures[error] = failures.get(error, 0) + 1
+            failing_tasks[name] = failing_tasks.get(name, 0) + 1
+            permanent += not transient
+    return {
+        "count": len(recent),
+        "failed": sum(failures.values()),
+        "failed_permanently": permanent,
+        "failures": dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "failing_tasks": dict(sorted(failing_tasks.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "window": f"the last {_stats.RECENT_SIZE} tasks within {TASK_WINDOW_SECONDS:g} s",
+    }
+
+
+def _task_verdict(tasks: dict[str, Any]) -> tuple[HealthStatus, str] | None:
+    """Unhealthy when every recent task failed, degraded from TASK_DEGRADED_SHARE; None
+    below TASK_MIN_SAMPLE tasks or under the share."""
+    count, failed = tasks["count"], tasks["failed"]
+    if count < TASK_MIN_SAMPLE or failed < count * TASK_DEGRADED_SHARE:
+        return None
+    kinds = ", ".join(f"{name} x{n}" for name, n in tasks["failures"].items())
+    if failed == count:
+        return HealthStatus.UNHEALTHY, f"all {count} recent tasks failed ({kinds})"
+    return HealthStatus.DEGRADED, f"{failed} of {count} recent tasks failed ({kinds})"
 
 
 def breaker_findings() -> list[dict[str, Any]]:
@@ -617,8 +689,52 @@ def _json_body(payload: Any) -> bytes:
     return _redact.scrub(json.dumps(payload, default=str)).encode()
 
 
+#: Bounds of one request: longer lines, more headers or a bigger body are refused.
+MAX_REQUEST_LINE = 8 * 1024
+MAX_HEADER_BYTES = 32 * 1024
+MAX_HEADERS = 100
+MAX_BODY = 64 * 1024
+_LINGER_BYTES = 1024 * 1024  # read and dropped after a refusal, so the answer is not reset
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token (methods, header names)
+_VERSION = re.compile(r"HTTP/([0-9])\.[0-9]")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_ALLOWED = "GET, HEAD"
+
+
+class _Refused(Exception):
+    """The request cannot be served: answered with ``status`` and the connection closed."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+class _Gone(Exception):
+    """The client closed its side in the middle of a request: nothing to answer."""
+
+
+def _first_bad(text: str, allowed: re.Pattern[str]) -> str:
+    """Where ``text`` leaves ``allowed``: "character 0x.. at position n" (never the text)."""
+    for index, char in enumerate(text):
+        if not allowed.fullmatch(char):
+            return f"character {ord(char):#04x} at position {index}"
+    return "it is empty"
+
+
+_PRINTABLE = re.compile(r"[\x21-\x7e]")
+_TARGET = re.compile(r"[\x21-\x7e]+")
+
+
 class _Handler(BaseHTTPRequestHandler):
-    """Routes probe requests; one thread per connection, sockets time out."""
+    """Routes probe requests; one thread per connection, sockets time out.
+
+    Requests are read here, strictly and within bounds (:data:`MAX_REQUEST_LINE`,
+    :data:`MAX_HEADER_BYTES`, :data:`MAX_HEADERS`, :data:`MAX_BODY`): a body announced by
+    ``Content-Length`` is read and dropped, so it is never taken for the next request on a
+    kept-alive connection; a request whose end cannot be known for sure (``Transfer-Encoding``,
+    a duplicated or malformed ``Content-Length``, a malformed line) is answered with a JSON
+    error and the connection is closed. Every answer is JSON, except ``/metrics``.
+    """
 
     protocol_version = "HTTP/1.1"
     timeout = 5.0  # a silent client holds only its own thread, and not for long
@@ -633,6 +749,170 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("health request: " + format, *args)
 
+    # --- reading a request ----------------------------------------------------------
+    def handle_one_request(self) -> None:
+        """Read one request within bounds and answer it exactly once."""
+        self.close_connection = True
+        self.command, self.path, self.requestline = "", "", ""
+        self.request_version = "HTTP/1.1"
+        started = False
+        try:
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if line in (b"\r\n", b"\n"):  # RFC 9112 2.2: one empty line before a request
+                line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if not line:
+                return  # the client closed an idle connection
+            started = True
+            self._read_request(line)
+        except _Refused as refusal:
+            self.close_connection = True
+            self._error(refusal.status, refusal.code, refusal.detail)
+            self._linger()
+            return
+        except _Gone:
+            self.close_connection = True
+            return
+        except TimeoutError:
+            self.close_connection = True
+            if started:
+                self._error(408, "request_timeout", "the request did not arrive in time")
+                self._linger()
+            return
+        if self.command in ("GET", "HEAD"):
+            self.do_GET()
+        else:
+            self._not_allowed()
+        self.wfile.flush()
+
+    def _read_request(self, line: bytes) -> None:
+        if len(line) > MAX_REQUEST_LINE:
+            raise _Refused(414, "uri_too_long", f"request line over {MAX_REQUEST_LINE} bytes")
+        if not line.endswith(b"\n"):
+            raise _Gone
+        text = line.decode("latin-1").removesuffix("\n").removesuffix("\r")
+        self.requestline = text
+        parts = text.split(" ")
+        if len(parts) != 3:
+            raise _Refused(
+                400, "bad_request_line", "the request line must be 'METHOD TARGET HTTP/1.x'"
+            )
+        method, target, version = parts
+        match = _VERSION.fullmatch(version)
+        if match is None:
+            raise _Refused(
+                400, "bad_request_line", "the request line must end with HTTP/1.0 or HTTP/1.1"
+            )
+        if match.group(1) != "1":
+            raise _Refused(505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1")
+        if not _TOKEN.fullmatch(method):
+            raise _Refused(
+                400, "bad_method", f"the method is not a token: {_first_bad(method, _TOKEN)}"
+            )
+        if not _TARGET.fullmatch(target):
+            raise _Refused(
+                400,
+                "bad_request_target",
+                "the request target must be printable ASCII (percent-encode the rest): "
+                + _first_bad(target, _PRINTABLE),
+            )
+        self.command, self.request_version = method, version
+        self.path = "/" + target.lstrip("/") if target.startswith("//") else target
+        headers = self._read_headers()
+        self.headers = headers
+        connection = {
+            t.strip().lower() for t in ",".join(headers.get_all("Connection", [])).split(",")
+        }
+        if version == "HTTP/1.1":
+            self.close_connection = "close" in connection
+        else:
+            self.close_connection = "keep-alive" not in connection
+        self._read_body(headers)
+
+    def _read_headers(self) -> http.client.HTTPMessage:
+        headers = http.client.HTTPMessage()
+        total = 0
+        while True:
+            line = self.rfile.readline(MAX_HEADER_BYTES + 1)
+            total += len(line)
+            if total > MAX_HEADER_BYTES:
+                raise _Refused(
+                    431, "headers_too_large", f"request headers over {MAX_HEADER_BYTES} bytes"
+                )
+            if not line.endswith(b"\n"):
+                raise _Gone
+            if line in (b"\r\n", b"\n"):
+                return headers
+            if len(headers) >= MAX_HEADERS:
+                raise _Refused(431, "too_many_headers", f"more than {MAX_HEADERS} headers")
+            text = line.decode("latin-1").removesuffix("\n").removesuffix("\r")
+            name, colon, value = text.partition(":")
+            if not colon or not _TOKEN.fullmatch(name):
+                raise _Refused(
+                    400,
+                    "bad_header",
+                    f"header line {len(headers) + 1} is not 'Name: value' (a token name, "
+                    "no space before the colon, no folded line)",
+                )
+            value = value.strip(" \t")
+            if _CONTROL.search(value):
+                raise _Refused(400, "bad_header", f"header {name!r} holds a control character")
+            headers[name] = value
+
+    def _read_body(self, headers: http.client.HTTPMessage) -> None:
+        """Read and drop the body, so that it is never taken for the next request."""
+        lengths = headers.get_all("Content-Length", [])
+        if headers.get_all("Transfer-Encoding"):
+            if lengths:
+                raise _Refused(400, "bad_framing", "Transfer-Encoding and Content-Length together")
+            raise _Refused(
+                411,
+                "length_required",
+                "Transfer-Encoding is not accepted: send no body, or a Content-Length",
+            )
+        if not lengths:
+            return
+        if len(lengths) > 1:
+            raise _Refused(400, "bad_content_length", "more than one Content-Length header")
+        text = lengths[0]
+        if not text or not text.isascii() or not text.isdigit():
+            raise _Refused(
+                400, "bad_content_length", "Content-Length must be a non-negative integer"
+            )
+        stripped = text.lstrip("0")
+        if len(stripped) > len(str(MAX_BODY)) or int(stripped or "0") > MAX_BODY:
+            raise _Refused(
+                413, "payload_too_large", f"Content-Length over {MAX_BODY} bytes (probes send none)"
+            )
+        size = int(stripped or "0")
+        if size and headers.get("Expect", "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
+        if len(self.rfile.read(size)) < size:
+            raise _Gone
+
+    def _linger(self) -> None:
+        """After a refusal: send the answer, stop writing, and drop what the client still
+        sends for a moment (closing with unread input would reset the answer away)."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(1.0)
+            left = _LINGER_BYTES
+            while left > 0:
+                chunk = self.connection.recv(64 * 1024)
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass  # the client is gone: nothing left to protect
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's error page, as the documented JSON error instead."""
+        self.close_connection = True
+        phrase = HTTPStatus(code).phrase
+        self._error(code, phrase.lower().replace(" ", "_"), message or phrase)
+
+    # --- answering ------------------------------------------------------------------
     def _send(
         self,
         status: int,
@@ -649,11 +929,13 @@ class _Handler(BaseHTTPRequestHandler):
             f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
             "Cache-Control: no-store\r\n"
         )
+        if self.close_connection:
+            head += "Connection: close\r\n"
+        elif self.request_version == "HTTP/1.0":
+            head += "Connection: keep-alive\r\n"
         if extra:
             head += "".join(f"{key}: {value}\r\n" for key, value in extra.items())
         data = (head + "\r\n").encode("latin-1")
-        if self.request_version == "HTTP/0.9":  # no status line or headers in HTTP/0.9
-            data = b""
         self.wfile.write(data if self.command == "HEAD" else data + body)
         if _DEBUG_ON():
             self.log_request(status, len(body))
@@ -664,32 +946,56 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, _json_body({"error": code, "detail": detail}), extra=extra)
 
     def do_GET(self) -> None:
-        """Answer a probe."""
+        """Answer a probe (``HEAD`` too: the same answer without its body)."""
         if self.path == "/health/quick":  # the hot path: the orchestrator's frequent probe
             self.quick({})
             return
-        parts = urlsplit(self.path)
-        route = _ROUTES.get(parts.path.rstrip("/") or "/")
-        if route is None:
-            self._error(404, "not_found", f"no endpoint {parts.path!r}")
-            return
         try:
-            route(self, parse_qs(parts.query))
+            parts = urlsplit(self.path)
+        except ValueError:  # e.g. an absolute-form target with a broken [IPv6] host
+            self._error(400, "bad_request_target", "the request target is not a URL")
+            return
+        found = _ROUTES.get(parts.path.rstrip("/") or "/")
+        if found is None:
+            self._error(404, "not_found", f"no endpoint {_shown(parts.path)}")
+            return
+        route, accepted = found
+        try:
+            query = parse_qs(
+                parts.query, keep_blank_values=True, errors="strict", max_num_fields=10
+            )
+        except (UnicodeDecodeError, ValueError):
+            self._error(
+                400,
+                "bad_query",
+                "the query string is not valid percent-encoded UTF-8 with at most 10 parameters",
+            )
+            return
+        for name, values in query.items():
+            if name not in accepted:
+                known = ", ".join(sorted(accepted)) or "none"
+                self._error(
+                    400,
+                    "unknown_parameter",
+                    f"{parts.path} takes no parameter {_shown(name)} (accepted: {known})",
+                )
+                return
+            if len(values) > 1:
+                self._error(400, "repeated_parameter", f"parameter {name!r} given twice")
+                return
+        try:
+            route(self, query)
         except Exception:
             log.exception("health endpoint %s failed", parts.path)
             self._error(500, "internal_error", "the health endpoint failed; see the worker log")
-
-    do_HEAD = do_GET
 
     def _not_allowed(self) -> None:
         self._error(
             405,
             "method_not_allowed",
-            f"{self.command} is not allowed; use GET",
-            extra={"Allow": "GET, HEAD"},
+            f"{_shown(self.command)} is not allowed; use GET",
+            extra={"Allow": _ALLOWED},
         )
-
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _not_allowed
 
     # --- endpoints ---------------------------------------------------------------
     def health(self, _query: dict[str, list[str]]) -> None:
@@ -725,11 +1031,16 @@ class _Handler(BaseHTTPRequestHandler):
         """``/health/history``: past reports, oldest first (``?limit=N`` for the last N)."""
         reports = self.checker.history()
         if "limit" in query:
-            text = query["limit"][-1]
-            if not text.isdigit() or int(text) < 1:
-                self._error(400, "bad_limit", f"limit must be a positive integer, got {text!r}")
+            text = query["limit"][0]
+            digits = text.lstrip("0")
+            if not (text.isascii() and text.isdigit() and digits):
+                self._error(
+                    400, "bad_limit", f"limit must be a positive integer, got {_shown(text)}"
+                )
                 return
-            reports = reports[-int(text) :]
+            # More than the history holds means all of it (no int() of a 5000-digit text).
+            limit = HISTORY_SIZE if len(digits) > len(str(HISTORY_SIZE)) else int(digits)
+            reports = reports[-limit:]
         self._send(
             200,
             _json_body(
@@ -768,15 +1079,22 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, body, content_type)
 
 
-_ROUTES: dict[str, Callable[[_Handler, dict[str, list[str]]], None]] = {
-    "/health": _Handler.health,
-    "/health/quick": _Handler.quick,
-    "/health/metrics": _Handler.metrics_json,
-    "/health/history": _Handler.history,
-    "/livez": _Handler.livez,
-    "/readyz": _Handler.readyz,
-    "/metrics": _Handler.prometheus,
+_Route = Callable[[_Handler, dict[str, list[str]]], None]
+#: Each endpoint and the query parameters it accepts (any other is a 400).
+_ROUTES: dict[str, tuple[_Route, frozenset[str]]] = {
+    "/health": (_Handler.health, frozenset()),
+    "/health/quick": (_Handler.quick, frozenset()),
+    "/health/metrics": (_Handler.metrics_json, frozenset()),
+    "/health/history": (_Handler.history, frozenset({"limit"})),
+    "/livez": (_Handler.livez, frozenset()),
+    "/readyz": (_Handler.readyz, frozenset()),
+    "/metrics": (_Handler.prometheus, frozenset()),
 }
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """``text`` quoted for an error message: escaped, and cut to ``limit`` characters."""
+    return ascii(text if len(text) <= limit else text[:limit] + "...")
 
 
 class _Server(ThreadingHTTPServer):
@@ -832,8 +1150,8 @@ class HealthServer:
 
     def start(self) -> None:
         """Listen and serve in a daemon thread, and start the background checks; returns at
-        once. When the port cannot be bound, logs an error naming it, keeps ``error`` and
-        returns: the worker itself keeps running."""
+        once, after logging the port actually bound. When the port cannot be bound, logs a
+        warning naming it and what to do, keeps ``error`` and returns: the process runs on."""
         if self.running:
             return
         handler = type("HealthHandler", (_Handler,), {"checker": self.health_checker})
@@ -845,9 +1163,14 @@ class HealthServer:
                 exc.errno,
                 f"health server cannot listen on {self.host}:{self._requested_port}: {reason}",
             )
-            log.error(
-                "%s; the worker runs without health endpoints",
+            # A warning: the process runs on. The usual cause is a second HealthServer, e.g.
+            # a sender script importing the worker module that starts one at import.
+            log.warning(
+                "%s; this process runs on without health endpoints. If another process (or "
+                "another HealthServer in this one) holds port %s, give this one another port "
+                "(METRICS_PORT=0 or HealthServer(port=0) for an ephemeral one)",
                 self.error.strerror,
+                self._requested_port,
                 extra={"port": self._requested_port, "host": self.host},
             )
             return

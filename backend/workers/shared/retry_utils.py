@@ -3,7 +3,7 @@
 The whole public surface (one logger, ``backend.workers.shared.retry_utils``)::
 
     retry(max_attempts=3, base_delay=1.0, max_delay=60.0, backoff="exponential",
-          jitter=True, exceptions=(Exception,), permanent=(), retry_if=None,
+          jitter=True, exceptions=None, permanent=(), retry_if=None,
           budget=None, deadline=None)          -> RetryPolicy (a decorator, sync or async)
     RetryPolicy(same parameters)               the retry engine: @policy, .call(fn, *a, **kw),
                                                await .acall(...), .replace(**changes),
@@ -43,9 +43,13 @@ imported and used only after a first failure, so the success path costs about as
 plain function call. After the last attempt the original exception is raised (its traceback
 kept), never ``tenacity.RetryError``.
 
-Never retried, whatever ``exceptions`` says: :class:`CircuitBreakerOpenError`, the classes in
-``permanent``, and Celery's control-flow exceptions (``Retry``, ``Ignore``, ``Reject``, time
-limits, ``Terminated``, ``WorkerLostError``) when Celery is loaded.
+By default (``exceptions=None``) every ``Exception`` is retried except one that says it cannot
+succeed: ``exc.transient is False`` (the API client's permanent errors, such as
+``OrganizationRequiredError`` or a 404). An explicit ``exceptions=`` retries exactly those
+classes, transient or not. Never retried, whatever ``exceptions`` says:
+:class:`CircuitBreakerOpenError`, the classes in ``permanent``, and Celery's control-flow
+exceptions (``Retry``, ``Ignore``, ``Reject``, time limits, ``Terminated``,
+``WorkerLostError``) when Celery is loaded.
 
 Every retry is logged at WARNING with the ``extra`` fields ``function``, ``attempt``,
 ``max_attempts``, ``delay``, ``exception_type`` and ``exception_message``, and reported to the
@@ -312,7 +316,9 @@ class RetryPolicy:
     - ``base_delay`` / ``max_delay``: seconds; each delay is capped at ``max_delay``.
     - ``backoff``: a :class:`BackoffStrategy` or its name.
     - ``jitter``: full jitter, i.e. a delay drawn uniformly between 0 and the computed delay.
-    - ``exceptions``: the classes that are retried; ``permanent``: classes never retried.
+    - ``exceptions``: the classes that are retried; ``None`` (the default) means every
+      ``Exception`` except one whose ``transient`` attribute is ``False``.
+      ``permanent``: classes never retried.
     - ``retry_if``: optional ``predicate(exc) -> bool``; False means not retried.
     - ``budget``: an optional shared :class:`RetryBudget`; empty means the error is raised.
     - ``deadline``: seconds from the first attempt; a retry that would start after it is
@@ -330,6 +336,7 @@ class RetryPolicy:
         "budget",
         "deadline",
         "exceptions",
+        "exceptions_given",
         "jitter",
         "max_attempts",
         "max_delay",
@@ -344,7 +351,7 @@ class RetryPolicy:
         max_delay: float = 60.0,
         backoff: BackoffStrategy | str = BackoffStrategy.EXPONENTIAL,
         jitter: bool = True,
-        exceptions: ExceptionTypes = (Exception,),
+        exceptions: ExceptionTypes | None = None,
         permanent: ExceptionTypes = (),
         retry_if: Callable[[BaseException], bool] | None = None,
         budget: RetryBudget | None = None,
@@ -361,7 +368,14 @@ class RetryPolicy:
         if not isinstance(jitter, bool):
             raise ValueError(f"jitter must be True or False, got {jitter!r}")
         self.jitter = jitter
-        self.exceptions = check_exceptions("exceptions", exceptions, allow_empty=False)
+        #: True when the caller chose ``exceptions``; else an exception saying it is not
+        #: transient (``exc.transient is False``) is not retried.
+        self.exceptions_given = exceptions is not None
+        self.exceptions = (
+            check_exceptions("exceptions", exceptions, allow_empty=False)
+            if exceptions is not None
+            else (Exception,)
+        )
         self.permanent = check_exceptions("permanent", permanent, allow_empty=True)
         check_callable("retry_if", retry_if)
         self.retry_if = retry_if
@@ -385,6 +399,8 @@ class RetryPolicy:
     def replace(self, **changes: Any) -> RetryPolicy:
         """A copy of this policy with some parameters changed (validated again)."""
         params = {name: getattr(self, name) for name in _POLICY_PARAMETERS}
+        if not self.exceptions_given:
+            params["exceptions"] = None
         unknown = set(changes) - set(params)
         if unknown:
             raise ValueError(f"unknown RetryPolicy parameter(s): {', '.join(sorted(unknown))}")
@@ -421,6 +437,8 @@ class RetryPolicy:
         if not isinstance(exc, self.exceptions):
             return False
         if isinstance(exc, (*self.permanent, *_never_retried())):
+            return False
+        if not self.exceptions_given and getattr(exc, "transient", None) is False:
             return False
         return self.retry_if is None or bool(self.retry_if(exc))
 
@@ -602,7 +620,7 @@ def retry(
     max_delay: float = 60.0,
     backoff: BackoffStrategy | str = BackoffStrategy.EXPONENTIAL,
     jitter: bool = True,
-    exceptions: ExceptionTypes = (Exception,),
+    exceptions: ExceptionTypes | None = None,
     permanent: ExceptionTypes = (),
     retry_if: Callable[[BaseException], bool] | None = None,
     budget: RetryBudget | None = None,
