@@ -137,6 +137,7 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": None,
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["backend.internal_api.errors.StrictJSONParser"],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "backend.internal_api.errors.StrictContentNegotiation",
     "EXCEPTION_HANDLER": "backend.internal_api.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
 }
