@@ -22,6 +22,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from django.conf import settings
@@ -111,12 +112,9 @@ class InternalAuthMiddleware:
             return response
         length = int(raw_length)
         if length > settings.MAX_REQUEST_BODY:
-            response = json_error(
-                413,
-                "payload_too_large",
-                f"the request body exceeds {settings.MAX_REQUEST_BODY} bytes",
-            )
-            if not _discard_body(request, length):
+            response = _too_large()
+            stream = request.META["wsgi.input"]
+            if length > DRAIN_LIMIT or _drain(stream, length) < length:
                 response["Connection"] = "close"
             return response
         return self.get_response(request)
@@ -131,12 +129,13 @@ class InternalAuthMiddleware:
             response["Connection"] = "close"
             return response
         if len(body) > settings.MAX_REQUEST_BODY:
-            response = json_error(
-                413,
-                "payload_too_large",
-                f"the request body exceeds {settings.MAX_REQUEST_BODY} bytes",
-            )
-            response["Connection"] = "close"  # the rest of the body is not read
+            response = _too_large()
+            try:
+                ended = _drain(request.META["wsgi.input"], DRAIN_LIMIT + 1) <= DRAIN_LIMIT
+            except (ParseException, OSError):
+                ended = False
+            if not ended:
+                response["Connection"] = "close"
             return response
         request.META["CONTENT_LENGTH"] = str(len(body))
         request._stream = io.BytesIO(body)  # what Django's request.read() reads from
@@ -157,16 +156,19 @@ def _unstorable_parameter(request: HttpRequest) -> tuple[str, str] | None:
     return None
 
 
-def _discard_body(request: HttpRequest, length: int) -> bool:
-    """Read and drop a refused body of moderate size, so that a client still sending it gets
-    the 413 instead of a reset connection. False when the body is too big to bother with."""
-    if length > DRAIN_LIMIT:
-        return False
-    stream = request.META["wsgi.input"]
-    remaining = length
-    while remaining > 0:
-        chunk = stream.read(min(remaining, 65536))
+def _too_large() -> HttpResponse:
+    return json_error(
+        413, "payload_too_large", f"the request body exceeds {settings.MAX_REQUEST_BODY} bytes"
+    )
+
+
+def _drain(stream: Any, limit: int) -> int:
+    """Read and drop at most ``limit`` bytes of a refused body (so that a client still sending
+    it gets the 413 instead of a reset connection); returns how many there were."""
+    dropped = 0
+    while dropped < limit:
+        chunk = stream.read(min(limit - dropped, 65536))
         if not chunk:
             break
-        remaining -= len(chunk)
-    return True
+        dropped += len(chunk)
+    return dropped

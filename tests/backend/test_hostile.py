@@ -94,6 +94,18 @@ def must_be_refused(endpoint: str, field: str, kind: str, bounds: Any, literal: 
     return False
 
 
+def same_json(stored: Any, sent: Any) -> bool:
+    """Equal as JSON values; a number may come back as another type of the same value
+    (PostgreSQL's jsonb returns ``1e308`` as an integer of 309 digits)."""
+    if isinstance(sent, float) and isinstance(stored, int | float):
+        return float(stored) == sent
+    if isinstance(sent, list) and isinstance(stored, list):
+        return len(sent) == len(stored) and all(map(same_json, stored, sent))
+    if isinstance(sent, dict) and isinstance(stored, dict):
+        return sent.keys() == stored.keys() and all(same_json(stored[k], sent[k]) for k in sent)
+    return bool(stored == sent and type(stored) is type(sent))
+
+
 def check_answer(response: Any, api: Api) -> Any:
     """The invariants every answer keeps; returns the parsed body (None for a 204)."""
     assert response.status_code < 500, response.content[:500]
@@ -184,7 +196,7 @@ def test_every_body_field_with_hostile_values(
         still_readable(api, execution_id)
         if kind == "json":
             stored = api.call("GET", f"workflow-executions/{execution_id}/").json()[field]
-            assert stored == parse(literal)
+            assert same_json(stored, parse(literal))
 
 
 @pytest.mark.parametrize(
