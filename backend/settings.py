@@ -52,11 +52,19 @@ SECRET_KEY = (
 DATA_DIR = Path(os.environ.get("BACKEND_DATA_DIR") or BASE_DIR / ".data")
 _default_db = f"sqlite:///{DATA_DIR / 'backend.sqlite3'}"
 _conn_max_age = int(os.environ.get("CONN_MAX_AGE", "600"))
-DATABASES = {
-    "default": dj_database_url.parse(
-        os.environ.get("DATABASE_URL") or _default_db, conn_max_age=_conn_max_age
-    )
-}
+_database_url = os.environ.get("DATABASE_URL") or _default_db
+try:
+    DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=_conn_max_age)}
+except dj_database_url.UnknownSchemeError:
+    _scheme = _database_url.partition(":")[0][:20]
+    raise ImproperlyConfigured(
+        f"DATABASE_URL: unknown scheme {_scheme!r}: use postgresql://user@host:5432/name "
+        "or sqlite:////absolute/path.sqlite3"
+    ) from None
+except ValueError:
+    raise ImproperlyConfigured(
+        "DATABASE_URL is not a valid URL (percent-encode special characters in the password)"
+    ) from None
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # Parameters bound by the server, and statements a connection has run a few times kept
     # prepared (no parse and plan per request). Behind a transaction-pooling proxy such as
@@ -137,6 +145,7 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": None,
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["backend.internal_api.errors.StrictJSONParser"],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "backend.internal_api.errors.StrictContentNegotiation",
     "EXCEPTION_HANDLER": "backend.internal_api.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
 }

@@ -38,7 +38,7 @@ def authenticate(header: str | None, keys: tuple[str, ...]) -> None:
         raise AuthProblem(
             "invalid_authorization", "the Authorization header must be 'Bearer <api key>'"
         )
-    presented = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+    presented = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
     matched = 0
     for digest in _digests(keys):
         matched |= hmac.compare_digest(presented, digest)

@@ -2,27 +2,56 @@
 
 Views raise :class:`APIError` (or DRF's own exceptions); :func:`exception_handler` turns each
 into the shape above; the ``handler*`` views cover what happens outside DRF (unknown URL,
-Django's own 400/403, an uncaught exception). A database that cannot be reached is a 503 with
-``Retry-After``, never a 500 with a stack trace. Nothing a caller sent is echoed back except
-the offending field names and values of its JSON body.
+Django's own 400/403, an uncaught exception). Every error is written as JSON here, whatever
+the request's ``Accept`` header or ``?format=`` asked for. A database that cannot be reached is
+a 503 with ``Retry-After``, never a 500 with a stack trace. Nothing a caller sent is echoed
+back except the offending field names and values of its JSON body, escaped and shortened
+(:func:`printable`).
+
+The JSON parser refuses, anywhere in a body, what no database stores: strings with NUL or an
+unpaired surrogate (``"\\ud800"``) and numbers that overflow (``1e309``), as a 400 naming the
+field; every endpoint gets this without declaring it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from typing import Any
 
 from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse
-from rest_framework import exceptions, status
+from rest_framework import exceptions
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import JSONParser
-from rest_framework.response import Response
 
 logger = logging.getLogger("backend.internal_api")
 
 DB_RETRY_AFTER_SECONDS = 1
+# Longest echo of a caller's field name, longest message about one field (it may quote the
+# value), longest ``detail`` written.
+MAX_ECHO = 100
+MAX_MESSAGE = 300
+MAX_DETAIL = 2000
+
+
+def printable(text: str, limit: int = MAX_ECHO) -> str:
+    """``text`` safe to put in an answer or a log line: characters that are not printable
+    (control characters, NUL, unpaired surrogates) as ``\\x..``/``\\u....`` escapes, and at
+    most ``limit`` characters of it, ``...`` marking a cut."""
+    head = text[:limit]
+    if not head.isprintable():
+        head = "".join(c if c.isprintable() else _escape(c) for c in head)
+    return head + "..." if len(text) > limit else head
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 class APIError(exceptions.APIException):
@@ -40,7 +69,7 @@ def json_error(
 ) -> HttpResponse:
     """A plain Django response in the error shape (for middleware and non-DRF handlers)."""
     response = HttpResponse(
-        json.dumps({"error": code, "detail": detail}),
+        json.dumps({"error": code, "detail": printable(detail, MAX_DETAIL)}),
         status=status_code,
         content_type="application/json",
     )
@@ -50,14 +79,69 @@ def json_error(
 
 
 class StrictJSONParser(JSONParser):
-    """DRF's JSON parser, also turning too-deep nesting into a 400 instead of a crash."""
+    """DRF's JSON parser, refusing what cannot be stored and too-deep nesting (400s)."""
 
     def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
-        """Parse the body; malformed or absurdly nested JSON is a ``ParseError`` (400)."""
+        """Parse the body; malformed or absurdly nested JSON is a ``ParseError`` (400), a
+        value no database stores a ``ValidationError`` naming its field (400)."""
         try:
-            return super().parse(stream, media_type, parser_context)
+            data = super().parse(stream, media_type, parser_context)
+            problem = _unstorable(data, "")
         except RecursionError:
             raise exceptions.ParseError("JSON body is nested too deeply") from None
+        if problem is not None:
+            field, message = problem
+            raise exceptions.ValidationError({field or "body": [message]})
+        return data
+
+
+def unstorable_text(text: str) -> str | None:
+    """Why ``text`` cannot be stored (NUL, an unpaired surrogate), or None when it can."""
+    if "\x00" in text:
+        return "must not contain NUL characters"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"must not contain an unpaired surrogate ({_escape(text[exc.start])})"
+    return None
+
+
+def _unstorable(value: Any, path: str) -> tuple[str, str] | None:
+    """The first ``(field path, reason)`` of ``value`` no database stores, else None."""
+    if isinstance(value, str):
+        reason = unstorable_text(value)
+        return None if reason is None else (path, reason)
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, "numbers must be finite (out of range)")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{path}.{printable(key)}" if path else printable(key)
+            reason = unstorable_text(key)
+            problem = (name, f"field names {reason}") if reason else _unstorable(item, name)
+            if problem is not None:
+                return problem
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            problem = _unstorable(item, f"{path}[{index}]")
+            if problem is not None:
+                return problem
+    return None
+
+
+class StrictContentNegotiation(DefaultContentNegotiation):
+    """DRF's content negotiation, with a ``?format=`` no renderer serves answered 406 naming
+    the parameter (DRF answers it 404, as if the resource did not exist)."""
+
+    def filter_renderers(self, renderers: list[Any], format: str) -> list[Any]:
+        """The renderers for ``format``; 406 ``not_acceptable`` when there is none."""
+        served = [renderer for renderer in renderers if renderer.format == format]
+        if not served:
+            available = ", ".join(sorted({renderer.format for renderer in renderers}))
+            raise exceptions.NotAcceptable(
+                f'format: "{printable(format)}" is not served here; available: {available}'
+            )
+        return served
 
 
 def _flatten(detail: Any, prefix: str = "") -> list[str]:
@@ -78,7 +162,8 @@ def _flatten(detail: Any, prefix: str = "") -> list[str]:
             else:
                 out.extend(_flatten(value, prefix))
         return out
-    return [f"{prefix}: {detail}" if prefix else str(detail)]
+    message = printable(str(detail), MAX_MESSAGE)
+    return [f"{printable(prefix)}: {message}" if prefix else message]
 
 
 _DRF_CODES: dict[type[exceptions.APIException], str] = {
@@ -90,27 +175,27 @@ _DRF_CODES: dict[type[exceptions.APIException], str] = {
 }
 
 
-def _database_unavailable() -> tuple[dict[str, str], dict[str, str]]:
+def database_unavailable() -> HttpResponse:
+    """The 503 answer (with ``Retry-After``) for a database that cannot be reached."""
     logger.warning("database unavailable", extra={"error_code": "database_unavailable"})
-    return (
-        {"error": "database_unavailable", "detail": "the database is unavailable; retry later"},
+    return json_error(
+        503,
+        "database_unavailable",
+        "the database is unavailable; retry later",
         {"Retry-After": str(DB_RETRY_AFTER_SECONDS)},
     )
 
 
-def database_unavailable() -> HttpResponse:
-    """The 503 answer (with ``Retry-After``) for a database that cannot be reached."""
-    body, headers = _database_unavailable()
-    return json_error(503, body["error"], body["detail"], headers)
+def exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse | None:
+    """DRF exception handler: every error as ``{"error", "detail"}`` with the right status.
 
-
-def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
-    """DRF exception handler: every error as ``{"error", "detail"}`` with the right status."""
+    The answer is plain JSON, not a DRF ``Response``: those are rendered by the negotiated
+    renderer, which for ``schema/`` is YAML.
+    """
     if isinstance(exc, OperationalError | InterfaceError):
-        body, headers = _database_unavailable()
-        return Response(body, status=status.HTTP_503_SERVICE_UNAVAILABLE, headers=headers)
+        return database_unavailable()
     if isinstance(exc, APIError):
-        return Response({"error": exc.error_code, "detail": exc.message}, status=exc.status_code)
+        return json_error(exc.status_code, exc.error_code, exc.message)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound("not found")
     if not isinstance(exc, exceptions.APIException):
@@ -119,8 +204,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         code, detail = "validation_error", "; ".join(_flatten(exc.detail))
     else:
         code = next((c for t, c in _DRF_CODES.items() if isinstance(exc, t)), "bad_request")
-        detail = str(exc.detail)
-    return Response({"error": code, "detail": detail}, status=exc.status_code)
+        detail = printable(str(exc.detail), MAX_DETAIL)
+    return json_error(exc.status_code, code, detail)
 
 
 def handler400(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:

@@ -5,27 +5,33 @@ Order in ``settings.MIDDLEWARE`` (outermost first):
 1. :class:`RequestContextMiddleware` takes ``X-Request-ID`` from the request (or makes one),
    binds it to every log line written while serving, echoes it, and writes one access line.
 2. :class:`InternalAuthMiddleware` checks the Host header against ``ALLOWED_HOSTS`` (400)
-   and guards everything under ``/internal/``: bearer key (401), then the 1 MiB body limit
-   (413). Nothing of the ``Authorization`` header is logged or echoed.
+   and guards everything under ``/internal/``: bearer key (401), then no header or query
+   parameter holding what no database stores (NUL, an unpaired surrogate: 400 naming it),
+   then the 1 MiB body limit (413), also for a body sent ``Transfer-Encoding: chunked``,
+   which it reads here (Django itself reads only ``Content-Length`` bytes). Nothing of the
+   ``Authorization`` header is logged or echoed.
 3. ``idempotency.IdempotencyMiddleware`` gives POSTs carrying ``Idempotency-Key`` their
    replay semantics (see there).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from django.conf import settings
 from django.core.signals import request_finished
 from django.http import HttpRequest, HttpResponse
+from gunicorn.http.errors import ParseException
 
 from backend.internal_api.auth import AuthProblem, authenticate
-from backend.internal_api.errors import json_error
+from backend.internal_api.errors import json_error, printable, unstorable_text
 
 access_logger = logging.getLogger("backend.access")
 logger = logging.getLogger("backend.internal_api")
@@ -92,6 +98,11 @@ class InternalAuthMiddleware:
         except AuthProblem as problem:
             logger.warning("authentication failed", extra={"error_code": problem.code})
             return json_error(401, problem.code, problem.detail, {"WWW-Authenticate": "Bearer"})
+        refused = _unstorable_parameter(request)
+        if refused is not None:
+            return json_error(400, *refused)
+        if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
+            return self._serve_chunked(request)
         raw_length = request.META.get("CONTENT_LENGTH") or "0"
         if not (raw_length.isascii() and raw_length.isdigit()):
             response = json_error(
@@ -101,27 +112,63 @@ class InternalAuthMiddleware:
             return response
         length = int(raw_length)
         if length > settings.MAX_REQUEST_BODY:
-            response = json_error(
-                413,
-                "payload_too_large",
-                f"the request body exceeds {settings.MAX_REQUEST_BODY} bytes",
-            )
-            if not _discard_body(request, length):
+            response = _too_large()
+            stream = request.META["wsgi.input"]
+            if length > DRAIN_LIMIT or _drain(stream, length) < length:
                 response["Connection"] = "close"
             return response
         return self.get_response(request)
 
+    def _serve_chunked(self, request: HttpRequest) -> HttpResponse:
+        """Read a chunked body (the server has de-chunked ``wsgi.input``) up to the limit and
+        serve it as if it had come with a ``Content-Length``; 413 above the limit."""
+        try:
+            body = request.META["wsgi.input"].read(settings.MAX_REQUEST_BODY + 1)
+        except (ParseException, OSError):
+            response = json_error(400, "bad_request", "the chunked request body is malformed")
+            response["Connection"] = "close"
+            return response
+        if len(body) > settings.MAX_REQUEST_BODY:
+            response = _too_large()
+            try:
+                ended = _drain(request.META["wsgi.input"], DRAIN_LIMIT + 1) <= DRAIN_LIMIT
+            except (ParseException, OSError):
+                ended = False
+            if not ended:
+                response["Connection"] = "close"
+            return response
+        request.META["CONTENT_LENGTH"] = str(len(body))
+        request._stream = io.BytesIO(body)  # what Django's request.read() reads from
+        return self.get_response(request)
 
-def _discard_body(request: HttpRequest, length: int) -> bool:
-    """Read and drop a refused body of moderate size, so that a client still sending it gets
-    the 413 instead of a reset connection. False when the body is too big to bother with."""
-    if length > DRAIN_LIMIT:
-        return False
-    stream = request.META["wsgi.input"]
-    remaining = length
-    while remaining > 0:
-        chunk = stream.read(min(remaining, 65536))
+
+def _unstorable_parameter(request: HttpRequest) -> tuple[str, str] | None:
+    """``(code, detail)`` for the first query parameter or header no database stores."""
+    for name, values in request.GET.lists():
+        for text in (name, *values):
+            reason = unstorable_text(text)
+            if reason is not None:
+                return "validation_error", f"{printable(name)}: {reason}"
+    for name, value in request.headers.items():
+        reason = unstorable_text(value)
+        if reason is not None:
+            return "bad_request", f"the {printable(name)} header {reason}"
+    return None
+
+
+def _too_large() -> HttpResponse:
+    return json_error(
+        413, "payload_too_large", f"the request body exceeds {settings.MAX_REQUEST_BODY} bytes"
+    )
+
+
+def _drain(stream: Any, limit: int) -> int:
+    """Read and drop at most ``limit`` bytes of a refused body (so that a client still sending
+    it gets the 413 instead of a reset connection); returns how many there were."""
+    dropped = 0
+    while dropped < limit:
+        chunk = stream.read(min(limit - dropped, 65536))
         if not chunk:
             break
-        remaining -= len(chunk)
-    return True
+        dropped += len(chunk)
+    return dropped

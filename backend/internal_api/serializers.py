@@ -1,14 +1,16 @@
 """Request validation and response shapes of the internal API (also the OpenAPI schemas).
 
-Input serializers reject unknown fields by name, bound every number to what the database can
-hold, and refuse NUL characters anywhere (PostgreSQL cannot store them), so bad input is a 400
-naming the field, never a 500.
+Input serializers reject unknown fields and values of the wrong JSON type (``"5"`` for a
+number, ``5`` for a string) by name, and bound every number to what the database can hold; the
+JSON parser (``errors.StrictJSONParser``) has already refused NUL characters, unpaired
+surrogates and overflowing numbers anywhere in the body. Bad input is a 400 naming the field,
+never a 500.
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import re
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,6 +28,34 @@ MAX_INT = 2**31 - 1
 MAX_SECONDS = 10.0**9
 STATUS_VALUES = ", ".join(ExecutionStatus.values)
 OUTCOME_VALUES = ", ".join(DeliveryOutcome.values)
+# A UUID as the API writes it (or without hyphens), ASCII only: ``uuid.UUID`` alone also takes
+# braces, a ``urn:uuid:`` prefix and non-ASCII digits.
+UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}(-?[0-9a-fA-F]{4}){3}-?[0-9a-fA-F]{12}", re.ASCII)
+# The JSON type each kind of input field takes (checked before DRF's coercions run).
+_JSON_TYPES: tuple[tuple[type[serializers.Field], tuple[type, ...], str], ...] = (
+    (serializers.BooleanField, (bool,), "a boolean"),
+    (serializers.IntegerField, (int,), "an integer"),
+    (serializers.FloatField, (int, float), "a number"),
+    (serializers.UUIDField, (str,), "a UUID"),
+    (serializers.CharField, (str,), "a string"),
+    (serializers.ChoiceField, (str,), "a string"),
+)
+
+
+def json_type_problem(field: serializers.Field, value: Any) -> str | None:
+    """Why ``value`` (not None) has the wrong JSON type for ``field``, or None."""
+    for kind, types, what in _JSON_TYPES:
+        if not isinstance(field, kind):
+            continue
+        integral = isinstance(value, float) and kind is serializers.IntegerField
+        if integral and value.is_integer():
+            return None  # JSON's 1.0 is the integer 1
+        if isinstance(value, bool) is not (bool in types) or not isinstance(value, types):
+            return f"must be {what}"
+        if kind is serializers.UUIDField and not UUID_TEXT.fullmatch(str(value)):
+            return "must be a UUID"
+        return None
+    return None
 
 
 class StrictSerializer(serializers.Serializer):
@@ -41,11 +71,21 @@ class StrictSerializer(serializers.Serializer):
         return {name: copy.copy(field) for name, field in self._declared_fields.items()}
 
     def to_internal_value(self, data: Any) -> Any:
-        """Validate, first refusing fields this serializer does not declare."""
+        """Validate, first refusing fields this serializer does not declare and values of
+        the wrong JSON type."""
         if isinstance(data, dict):
-            unknown = sorted(set(data) - set(self.fields))
+            fields = self.fields
+            unknown = sorted(set(data) - set(fields))
             if unknown:
                 raise serializers.ValidationError({name: ["unknown field"] for name in unknown})
+            wrong = {
+                name: [problem]
+                for name, value in data.items()
+                if value is not None
+                and (problem := json_type_problem(fields[name], value)) is not None
+            }
+            if wrong:
+                raise serializers.ValidationError(wrong)
         return super().to_internal_value(data)
 
 
@@ -60,15 +100,8 @@ def _seconds(**kwargs: Any) -> serializers.FloatField:
 def _check_json(value: Any, depth: int = 0) -> None:
     if depth > 64:
         raise serializers.ValidationError("nested more than 64 levels deep")
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise serializers.ValidationError("strings must not contain NUL characters")
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise serializers.ValidationError("numbers must be finite")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_json(key, depth + 1)
+    if isinstance(value, dict):
+        for item in value.values():
             _check_json(item, depth + 1)
     elif isinstance(value, list):
         for item in value:
@@ -89,10 +122,10 @@ def _http_url(value: str) -> None:
 
 
 class ResultField(serializers.JSONField):
-    """Any JSON value that the database can store (no NUL characters, bounded nesting)."""
+    """Any JSON value, nested at most 64 levels (strings and numbers: see the parser)."""
 
     def to_internal_value(self, data: Any) -> Any:
-        """Accept the value after checking every nested string and number."""
+        """Accept the value after checking its depth."""
         _check_json(data)
         return super().to_internal_value(data)
 

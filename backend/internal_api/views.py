@@ -26,7 +26,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from backend.internal_api.errors import APIError
+from backend.internal_api.errors import APIError, printable
 from backend.internal_api.models import (
     ExecutionStatus,
     Organization,
@@ -35,6 +35,7 @@ from backend.internal_api.models import (
 )
 from backend.internal_api.serializers import (
     STATUS_VALUES,
+    UUID_TEXT,
     DeliveryPageSerializer,
     ErrorSerializer,
     ExecutionCreateSerializer,
@@ -104,7 +105,7 @@ def require_organization(request: Request) -> str:
     now = time.monotonic()
     if _known_orgs.get(org_id, 0.0) > now:
         return org_id
-    if len(org_id) > 64 or "\x00" in org_id or not Organization.objects.filter(pk=org_id).exists():
+    if len(org_id) > 64 or not Organization.objects.filter(pk=org_id).exists():
         raise APIError(404, "organization_not_found", "no such organization")
     _known_orgs[org_id] = now + settings.ORGANIZATION_CACHE_SECONDS
     return org_id
@@ -207,15 +208,12 @@ class ExecutionListView(APIView):
                 raise APIError(
                     400,
                     "validation_error",
-                    f'status: "{status}" is not a valid status; allowed: {STATUS_VALUES}',
+                    f'status: "{printable(status)}" is not a valid status; '
+                    f"allowed: {STATUS_VALUES}",
                 )
             rows = rows.filter(status=status)
         workflow_id = request.query_params.get("workflow_id")
         if workflow_id is not None:
-            if "\x00" in workflow_id:
-                raise APIError(
-                    400, "validation_error", "workflow_id: must not contain NUL characters"
-                )
             rows = rows.filter(workflow_id=workflow_id)
         items, next_cursor = _page(request, rows)
         return Response(
@@ -317,10 +315,9 @@ class DeliveryListView(APIView):
         rows = WebhookDelivery.objects.filter(organization_id=org_id)
         execution_id = request.query_params.get("execution_id")
         if execution_id is not None:
-            try:
-                rows = rows.filter(execution_id=uuid.UUID(execution_id))
-            except ValueError:
-                raise APIError(400, "validation_error", "execution_id: must be a UUID") from None
+            if not UUID_TEXT.fullmatch(execution_id):
+                raise APIError(400, "validation_error", "execution_id: must be a UUID")
+            rows = rows.filter(execution_id=uuid.UUID(execution_id))
         items, next_cursor = _page(request, rows)
         return Response(
             {

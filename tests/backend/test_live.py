@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -403,3 +404,163 @@ def test_the_shared_backend_never_logged_its_key(live_backend: LiveBackend) -> N
     logs = live_backend.logs()
     assert '"logger": "backend.access"' in logs
     assert live_backend.api_key not in logs and live_backend.api_key[:8] not in logs
+
+
+# --- chunked bodies, database URLs, a master killed with -9 ----------------------------------
+
+
+def _exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send one raw request (it asks the server to close) and read the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def _chunked(method: str, path: str, backend: LiveBackend, chunks: list[bytes]) -> bytes:
+    head = (
+        f"{method} /internal/v1/{path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {backend.api_key}\r\nX-Organization-ID: {backend.org_id}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode()
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks)
+    return head + body + b"0\r\n\r\n"
+
+
+def test_a_chunked_body_is_read_with_the_same_limit(
+    live_backend: LiveBackend, http: httpx2.Client
+) -> None:
+    port = live_backend.port
+    workflow = f"wf-chunked-{uuid.uuid4().hex}"
+    status, _, body = _exchange(
+        port,
+        _chunked(
+            "POST",
+            "workflow-executions/",
+            live_backend,
+            [b'{"workflow_id"', f': "{workflow}"}}'.encode()],
+        ),
+    )
+    assert status == 201, body
+    created = json.loads(body)
+    assert created["workflow_id"] == workflow
+    path = f"workflow-executions/{created['id']}/"
+    status, _, body = _exchange(
+        port, _chunked("PATCH", path, live_backend, [b'{"total_files": 7,', b' "result": [1]}'])
+    )
+    assert status == 200 and json.loads(body)["total_files"] == 7
+    assert http.get(f"/{path}").json()["result"] == [1]
+    big = [b'{"task_id": "', b"x" * (1024 * 1024), b'"}']
+    status, _, body = _exchange(port, _chunked("PATCH", path, live_backend, big))
+    assert (status, json.loads(body)["error"]) == (413, "payload_too_large")
+    broken = _chunked("PATCH", path, live_backend, [b'{"task_id": "t"}']).replace(
+        b"10\r\n", b"3\r\n"
+    )
+    status, _, body = _exchange(port, broken)
+    assert (status, json.loads(body)["error"]) == (400, "bad_request")
+    assert http.get(f"/{path}").json()["task_id"] == ""
+
+
+SECRET = "s3cr3t-pw-Zq"
+BAD_DATABASE_URLS = [
+    pytest.param(
+        f"postgresql://postgres:{SECRET}@127.0.0.1:5432/no_such_db_i9",
+        "no_such_db_i9",
+        marks=pytest.mark.postgres,
+        id="missing-database",
+    ),
+    pytest.param(f"postgresql://app:{SECRET}@127.0.0.1:1/appdb", "appdb", id="refused"),
+    pytest.param(f"postgresql://app:{SECRET}@no-such-host.invalid/appdb", "appdb", id="no-host"),
+    pytest.param(f"mysqlx://app:{SECRET}@db/appdb", "scheme", id="bad-scheme"),
+    pytest.param(f"postgresql://app:{SECRET}@db:port/appdb", "not a valid URL", id="bad-url"),
+    pytest.param("sqlite:////no/such/dir/db.sqlite3", "/no/such/dir/db.sqlite3", id="sqlite"),
+]
+
+
+@pytest.mark.parametrize("command", ["migrate", "gunicorn"])
+@pytest.mark.parametrize(("database_url", "named"), BAD_DATABASE_URLS)
+def test_a_database_url_that_cannot_be_used_is_one_line(
+    tmp_path: Any, database_url: str, named: str, command: str
+) -> None:
+    env = dict(os.environ, DATABASE_URL=database_url, BACKEND_DATA_DIR=str(tmp_path))
+    env["INTERNAL_SERVICE_API_KEY"] = make_test_key()
+    argv = {
+        "migrate": [backend_python(), "manage.py", "migrate", "--noinput"],
+        "gunicorn": [
+            backend_python(), "-m", "gunicorn", "-c", "python:backend.internal_api.gunicorn_conf",
+            "--bind", "127.0.0.1:0", "--workers", "1",
+        ],
+    }[command]  # fmt: skip
+    done = subprocess.run(
+        argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("{")]
+    assert len(lines) == 1, done.stderr
+    assert "DATABASE_URL" in lines[0] and named in lines[0]
+    assert SECRET not in done.stderr + done.stdout
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as listing:
+        return [int(child) for child in listing.read().split()]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_a_new_backend_binds_the_port_right_after_kill_9_of_the_master(tmp_path: Any) -> None:
+    backend = LiveBackend(workers=2, threads=4, data_dir=tmp_path)
+    backend.start()
+    stop = threading.Event()
+
+    def keep_calling() -> None:  # kept-alive connections busy while the master dies
+        with httpx2.Client(base_url=backend.url, headers=backend.headers(), timeout=5) as client:
+            while not stop.is_set():
+                try:
+                    client.get("/internal/v1/health/")
+                except httpx2.HTTPError:
+                    time.sleep(0.01)
+
+    callers = [threading.Thread(target=keep_calling) for _ in range(4)]
+    try:
+        for caller in callers:
+            caller.start()
+        time.sleep(0.5)
+        master = backend.pid
+        assert master is not None
+        orphans = _children(master)
+        assert len(orphans) == 2
+        log_start = len(backend.logs())
+        os.kill(master, signal.SIGKILL)
+        assert backend._process is not None
+        backend._process.wait(timeout=10)
+        backend.start()  # at once, on the same port: gunicorn would retry a busy port
+        restarted = backend.logs()[log_start:]
+        assert "Connection in use" not in restarted, restarted[-2000:]
+        with httpx2.Client(base_url=backend.url, headers=backend.headers()) as fresh:
+            assert fresh.get("/internal/v1/health/").status_code == 200
+        stop.set()
+        for orphan in orphans:  # and the orphans end by themselves
+            for _ in range(300):
+                if not os.path.exists(f"/proc/{orphan}") or _is_zombie(orphan):
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"orphaned worker {orphan} still running")
+    finally:
+        stop.set()
+        for caller in callers:
+            caller.join()
+        backend.close()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
