@@ -465,9 +465,9 @@ class WorkerConfig(BaseSettings):
     # --- validators: paths --------------------------------------------------------------
     @field_validator("worker_data_dir", mode="before")
     @classmethod
-    def _no_nul_in_path(cls, value: Any) -> Any:
-        if isinstance(value, str) and ("\x00" in value or not value.strip()):
-            raise ValueError("must be a folder's path (not empty, no NUL character)")
+    def _printable_path(cls, value: Any) -> Any:
+        if isinstance(value, str) and (not value.strip() or not value.isprintable()):
+            raise ValueError("must be a folder's path (not empty, no control character)")
         return value
 
     @field_validator("worker_data_dir")
