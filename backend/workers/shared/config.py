@@ -42,6 +42,7 @@ MAX_URL_LENGTH = 2048
 MAX_SECRET_LENGTH = 4096
 #: Characters of a bad value quoted in a ``ConfigurationError``.
 MAX_QUOTED = 80
+_ASCII_SPACE = " \t\r\n\f\v"
 _WEBHOOK_SECRET_PREFIX = "whsec_"  # Standard Webhooks' prefix (the standardwebhooks library's)
 
 
@@ -200,9 +201,15 @@ def _check_order(value: float, info: ValidationInfo, other: str, must_be: str) -
     return value
 
 
+def _strip(value: str) -> str:
+    """``value`` without ASCII whitespace at its ends (a line break or other Unicode space
+    stays, and is refused by the checks)."""
+    return value.strip(_ASCII_SPACE)
+
+
 def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
-        return [item.strip() for item in value.split(",") if item.strip()]
+        return [_strip(item) for item in value.split(",") if _strip(item)]
     return value
 
 
@@ -314,7 +321,7 @@ class WorkerConfig(BaseSettings):
     @field_validator("webhook_signing_secret", mode="before")
     @classmethod
     def _blank_secret_is_none(cls, value: Any) -> Any:
-        if isinstance(value, str) and not value.strip():
+        if isinstance(value, str) and not _strip(value):
             return None
         return value
 
@@ -335,7 +342,7 @@ class WorkerConfig(BaseSettings):
     )
     @classmethod
     def _url_stripped(cls, value: Any) -> Any:
-        return value.strip() if isinstance(value, str) else value
+        return _strip(value) if isinstance(value, str) else value
 
     @field_validator("django_app_backend_url")
     @classmethod
@@ -390,7 +397,7 @@ class WorkerConfig(BaseSettings):
     @classmethod
     def _blank_org_is_none(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return value.strip() or None
+            return _strip(value) or None
         return value
 
     @field_validator("organization_id")
@@ -402,7 +409,9 @@ class WorkerConfig(BaseSettings):
     @classmethod
     def _hosts(cls, value: Any) -> Any:
         hosts = _split_csv(value)
-        return [h.lower() for h in hosts] if isinstance(hosts, list) else hosts
+        if isinstance(hosts, list) and all(isinstance(h, str) for h in hosts):
+            return [h.lower() for h in hosts]
+        return hosts  # not a list of text: the type check reports it
 
     @field_validator("webhook_allowed_hosts")
     @classmethod
@@ -417,21 +426,21 @@ class WorkerConfig(BaseSettings):
     @field_validator("health_host")
     @classmethod
     def _health_host(cls, value: str) -> str:
-        return _check_token(value.strip(), max_length=255)
+        return _check_token(_strip(value), max_length=255)
 
     # --- validators: choices ------------------------------------------------------------
     @field_validator("log_level", mode="before")
     @classmethod
     def _log_level(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().upper() in LOG_LEVELS:
-            return value.strip().upper()
+        if isinstance(value, str) and value.isascii() and _strip(value).upper() in LOG_LEVELS:
+            return _strip(value).upper()
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
 
     @field_validator("log_format", mode="before")
     @classmethod
     def _log_format(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() in LOG_FORMATS:
-            return value.strip().lower()
+        if isinstance(value, str) and value.isascii() and _strip(value).lower() in LOG_FORMATS:
+            return _strip(value).lower()
         raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
 
     # --- validators: settings bounded by another one ----------------------------------
@@ -466,7 +475,7 @@ class WorkerConfig(BaseSettings):
     @field_validator("worker_data_dir", mode="before")
     @classmethod
     def _printable_path(cls, value: Any) -> Any:
-        if isinstance(value, str) and (not value.strip() or not value.isprintable()):
+        if isinstance(value, str) and (not _strip(value) or not value.isprintable()):
             raise ValueError("must be a folder's path (not empty, no control character)")
         return value
 
