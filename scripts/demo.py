@@ -20,11 +20,11 @@ from collections import Counter
 from pathlib import Path
 from types import FrameType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from backend.workers.shared._redact import redact_url  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.e2e.harness import (  # noqa: E402
     WebhookReceiver,
@@ -59,15 +59,6 @@ def _progress(counts: Counter[str], total: int, width: int = 40) -> str:
     filled = int(width * done / total)
     parts = " ".join(f"{s} {counts[s]}" for s in ("IN_PROGRESS", "COMPLETED", "ERROR") if counts[s])
     return f"[{'#' * filled}{'.' * (width - filled)}] {done:3d}/{total}  {parts:<45}"
-
-
-def _without_password(url: str) -> str:
-    """``url`` with any password replaced by ``***``, fit to print."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -120,7 +111,7 @@ def run(data_dir: Path) -> dict[str, Any]:
             },
         )
         print(f"starting the example worker (prefork, {CONCURRENCY} processes, broker "
-              f"{_without_password(broker_url) if broker_url else 'filesystem'}) ...")
+              f"{redact_url(broker_url) if broker_url else 'filesystem'}) ...")
         worker = WorkerProcess(env, data_dir / "worker.log").start()
 
         config = WorkerConfig(

@@ -75,11 +75,11 @@ def server() -> Iterator[FaultServer]:
 
 
 def make_config(server: FaultServer, **overrides: Any) -> WorkerConfig:
-    """A configuration pointing at ``server``, under a unique path so every test gets its own
-    circuit breaker (breakers are registered per backend URL)."""
+    """A configuration pointing at ``server`` (each test has its own server, so its own port
+    and circuit breaker: breakers are registered per backend URL)."""
     values: dict[str, Any] = {
         "internal_service_api_key": SECRET,
-        "django_app_backend_url": f"{server.url}/t{uuid.uuid4().hex[:12]}",
+        "django_app_backend_url": server.url,
         "organization_id": "org-a",
         "worker_name": "fault-worker",
         "worker_version": "9.8.7",
@@ -636,7 +636,7 @@ def test_logging_never_shows_the_key_and_levels_match(
         InternalAPIClient(make_config(server)).get_workflow_execution("x")
     assert any(r.name.startswith("httpcore2") for r in caplog.records)  # all loggers seen
     api_records = [r for r in caplog.records if r.name == "backend.workers.shared.api_client"]
-    assert [r.levelno for r in api_records] == [logging.WARNING, logging.DEBUG]
+    assert [r.levelno for r in api_records] == [logging.INFO, logging.DEBUG]
     for record in caplog.records:
         assert SECRET not in record.getMessage()
         assert SECRET not in str(record.__dict__)
@@ -731,3 +731,62 @@ def test_no_info_line_per_request(server: FaultServer, caplog: pytest.LogCapture
             with InternalAPIClient(make_config(server)) as client:
                 client.get_workflow_execution("x")
     assert [r for r in caplog.records if r.levelno >= logging.INFO] == []
+
+
+# --- issue 9: logging levels, secrets in error texts, pool size ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(401, AuthenticationError), (404, NotFoundError), (422, APIValidationError),
+     (409, ConflictError), (503, ServerError)],
+)
+def test_a_failed_call_is_raised_not_logged_loudly(
+    server: FaultServer, caplog: pytest.LogCaptureFixture, status: int, kind: type[Exception]
+) -> None:
+    server.reset(default=Respond(status, {"error": "refused", "detail": "no"}))
+    with caplog.at_level(logging.DEBUG), pytest.raises(kind):
+        InternalAPIClient(make_config(server, api_retry_attempts=0)).get_workflow_execution("x")
+    api_records = [r for r in caplog.records if r.name == "backend.workers.shared.api_client"]
+    assert [r.levelno for r in api_records] == [logging.INFO]  # one line for the one attempt
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_no_part_of_the_key_survives_a_cut_error_text(server: FaultServer) -> None:
+    config = make_config(server, api_retry_attempts=0)
+    for body in (
+        {"error": "bad", "detail": "x" * 290 + SECRET},  # the detail is cut at 300
+        ("y" * 190 + SECRET + "z" * 50).encode(),  # a non-JSON body is quoted up to 200
+    ):
+        server.reset(default=Respond(400, body))
+        with pytest.raises(InternalAPIError) as info:
+            InternalAPIClient(config).get_workflow_execution("x")
+        shown = str(info.value) + repr(info.value)
+        assert not [f for f in (SECRET[i:i + 6] for i in range(len(SECRET) - 5)) if f in shown]
+    assert SECRET not in str(APIConnectionError(f"protocol error: b'Bearer {SECRET}'"))
+
+
+def _concurrent_reads(config: WorkerConfig, count: int) -> None:
+    client = InternalAPIClient(config)
+    threads = [threading.Thread(target=client.get_workflow_execution, args=("x",))
+               for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+
+def test_api_max_connections_bounds_the_pool() -> None:
+    with FaultServer(default=Respond(200, EXECUTION, delay=0.5)) as small:
+        _concurrent_reads(make_config(small, api_max_connections=2), 6)
+        assert small.connections_accepted == 2 and len(small.requests) == 6
+    with FaultServer(default=Respond(200, EXECUTION, delay=0.5)) as default:
+        _concurrent_reads(make_config(default), 6)
+        assert default.connections_accepted > 2
+
+
+def test_api_max_keepalive_connections_zero_keeps_none(server: FaultServer) -> None:
+    client = InternalAPIClient(make_config(server, api_max_keepalive_connections=0))
+    for _ in range(3):
+        client.get_workflow_execution("x")
+    assert server.connections_accepted == 3

@@ -4,8 +4,11 @@ organization or network is wrong (exit 1), 2 for an invalid configuration, 0 whe
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,3 +100,89 @@ def test_worker_name_unusable_in_a_header_is_exit_2(good_env: dict[str, str],
     result = run_check({**good_env, "WORKER_NAME": "travailleur-\u00e9"}, tmp_path)
     assert result.returncode == 2
     assert "WORKER_NAME" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- the scheme does not match what the backend's port speaks (issue 9) ------------------
+
+
+def test_https_url_to_a_plain_http_backend(
+    good_env: dict[str, str], tmp_path: Path, live_backend: LiveBackend
+) -> None:
+    https_url = live_backend.url.replace("http://", "https://")
+    result = run_check({**good_env, "DJANGO_APP_BACKEND_URL": https_url}, tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("NETWORK:")
+    assert "speaks plain HTTP, not TLS" in result.stderr
+    assert f"write DJANGO_APP_BACKEND_URL={live_backend.url}" in result.stderr
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[str]:
+    """A TLS server on loopback (self-signed) that answers nothing: an http:// URL's target."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"],
+        check=True, capture_output=True, timeout=60,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    tls.settimeout(5)
+                    tls.recv(1024)
+            except (OSError, ssl.SSLError):
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(10)
+
+
+def test_http_url_to_a_tls_port(good_env: dict[str, str], tmp_path: Path, tls_server: str) -> None:
+    result = run_check({**good_env, "DJANGO_APP_BACKEND_URL": tls_server}, tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("NETWORK:")
+    assert "speaks TLS, not plain HTTP" in result.stderr
+    assert "write DJANGO_APP_BACKEND_URL=" + tls_server.replace("http", "https") in result.stderr
+
+
+def test_nothing_listening_gets_no_scheme_hint(good_env: dict[str, str], tmp_path: Path) -> None:
+    with FaultServer() as gone:
+        url = gone.url.replace("http://", "https://")
+    result = run_check({**good_env, "DJANGO_APP_BACKEND_URL": url}, tmp_path)
+    assert result.returncode == 1
+    assert "Is the backend running" in result.stderr and "speaks" not in result.stderr
+
+
+def test_the_verdict_comes_last_when_both_streams_share_one_output(
+    good_env: dict[str, str], tmp_path: Path, live_backend: LiveBackend
+) -> None:
+    https_url = live_backend.url.replace("http://", "https://")
+    clean = {k: v for k, v in os.environ.items()
+             if k.upper() not in _CONFIG_NAMES and k != "PYTHONUNBUFFERED"}  # as in a shell
+    result = subprocess.run(
+        [sys.executable, "-m", "backend.workers.shared", "check"],
+        env={**clean, "PYTHONPATH": str(REPO), "API_TIMEOUT": "5", **good_env,
+             "DJANGO_APP_BACKEND_URL": https_url},
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60,
+        check=False,
+    )
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 1
+    assert lines[-1].startswith("NETWORK:"), lines[-3:]
+    assert lines[0] == "{" and "configuration OK" in lines[:-1]

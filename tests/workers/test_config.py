@@ -66,7 +66,7 @@ def test_seed_attributes(env: pytest.MonkeyPatch) -> None:
     [
         ("http://backend:8000", "http://backend:8000/internal/v1"),
         ("http://backend:8000/", "http://backend:8000/internal/v1"),
-        ("https://api.example.org/prefix/", "https://api.example.org/prefix/internal/v1"),
+        ("https://api.example.org//", "https://api.example.org/internal/v1"),
         (" http://b ", "http://b/internal/v1"),
     ],
 )
@@ -104,7 +104,7 @@ BAD_VALUES = [
     ("CIRCUIT_BREAKER_FAILURE_THRESHOLD", "0", "greater than or equal to 1"),
     ("CIRCUIT_BREAKER_RECOVERY_TIMEOUT", "-5", "greater than 0"),
     ("HEALTH_CHECK_INTERVAL", "0", "greater than 0"),
-    ("METRICS_PORT", "0", "greater than or equal to 1"),
+    ("METRICS_PORT", "-1", "greater than or equal to 0"),
     ("METRICS_PORT", "65536", "less than or equal to 65535"),
     ("MAX_CONCURRENT_TASKS", "0", "greater than or equal to 1"),
     ("CIRCUIT_BREAKER_REDIS_URL", "http://redis", "redis://"),
@@ -301,7 +301,309 @@ def test_check_prints_masked_configuration(tmp_path: Path) -> None:
 
 
 def test_check_exit_code_2_on_bad_configuration(tmp_path: Path) -> None:
-    result = _check({"METRICS_PORT": "0"}, tmp_path)
+    result = _check({"METRICS_PORT": "-1"}, tmp_path)
     assert result.returncode == 2
     assert "INTERNAL_SERVICE_API_KEY: required, not set" in result.stderr
     assert "METRICS_PORT" in result.stderr
+
+
+# --- values that used to be accepted and failed later (issue 9) ---------------------------
+
+KEY_BODY = "Zq8Xv1Lm9Pw3Rt6Y"
+UNUSABLE_KEYS = [
+    KEY_BODY + "\n",  # a line break copied from a file
+    KEY_BODY + "\r\n",
+    "\n" + KEY_BODY,
+    KEY_BODY[:8] + "\r" + KEY_BODY[8:],
+    KEY_BODY[:8] + "\x00" + KEY_BODY[8:],
+    KEY_BODY[:8] + "\x1b[31m" + KEY_BODY[8:],
+    KEY_BODY[:8] + "\x7f" + KEY_BODY[8:],
+    KEY_BODY[:8] + "\u00e9" + KEY_BODY[8:],  # non-ASCII: UnicodeEncodeError on the first call
+    KEY_BODY[:8] + "\u2028" + KEY_BODY[8:],
+    KEY_BODY[:8] + "\ud800" + KEY_BODY[8:],
+    KEY_BODY[:8] + " " + KEY_BODY[8:],
+    KEY_BODY[:8] + "," + KEY_BODY[8:],  # the backend's rotation list, not one key
+]
+
+
+def fragments(secret: str, size: int = 4) -> set[str]:
+    """Every run of ``size`` characters of ``secret``: none may be shown."""
+    return {secret[i : i + size] for i in range(len(secret) - size + 1)}
+
+
+@pytest.mark.parametrize("key", UNUSABLE_KEYS, ids=repr)
+def test_unusable_api_key_refused_naming_the_variable_never_the_value(key: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        WorkerConfig(_env_file=None, internal_service_api_key=key)
+    assert list(info.value.problems) == ["INTERNAL_SERVICE_API_KEY"]
+    shown = str(info.value) + repr(info.value) + repr(info.value.problems)
+    assert not [f for f in fragments(KEY_BODY) if f in shown]
+
+
+def test_key_with_a_trailing_newline_from_the_environment(env: pytest.MonkeyPatch) -> None:
+    env.setenv("INTERNAL_SERVICE_API_KEY", KEY_BODY + "\n")
+    with pytest.raises(ConfigurationError, match="INTERNAL_SERVICE_API_KEY: has leading or"):
+        WorkerConfig()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        ("DJANGO_APP_BACKEND_URL", "http://svc:pa55-Secret-77@backend:8000", "write http://backend:8000"),
+        ("DJANGO_APP_BACKEND_URL", "http://svc@backend:8000", "write http://backend:8000"),
+        ("CELERY_BROKER_URL", "foo://svc:pa55-Secret-77@broker:5672//", "not one of"),
+        ("CELERY_RESULT_BACKEND", "nope://:pa55-Secret-77@redis:6379/1", "not one of"),
+        ("CIRCUIT_BREAKER_REDIS_URL", "http://:pa55-Secret-77@redis:6379/1", "redis://"),
+        ("CELERY_BROKER_URL", "redis://:pa55-Secret-77@redis:99999/0", "port"),
+    ],
+)
+def test_refused_url_is_shown_without_its_password(
+    env: pytest.MonkeyPatch, name: str, value: str, why: str
+) -> None:
+    env.setenv(name, value)
+    with pytest.raises(ConfigurationError) as info:
+        WorkerConfig()
+    assert list(info.value.problems) == [name] and why in info.value.problems[name]
+    assert "pa55-Secret-77" not in str(info.value) and f"{MASK}@" in str(info.value)
+
+
+def test_url_passwords_never_in_repr_dump_or_check(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    urls = {
+        "CELERY_BROKER_URL": "amqp://guest:pa55-Broker-1@127.0.0.1:5672//",
+        "CELERY_RESULT_BACKEND": "redis://:pa55-Result-2@127.0.0.1:6379/5",
+        "CIRCUIT_BREAKER_REDIS_URL": "redis://user:pa55-Breaker-3@127.0.0.1:6379/6?password=pa55-Query-4",
+    }
+    for name, value in urls.items():
+        env.setenv(name, value)
+    config = WorkerConfig()
+    assert config.celery_broker_url == urls["CELERY_BROKER_URL"]  # the real value is used
+    result = _check({**urls, "INTERNAL_SERVICE_API_KEY": KEY}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert '"CELERY_BROKER_URL": "amqp://**********@127.0.0.1:5672//"' in result.stdout
+    for text in (repr(config), str(config), json.dumps(config.public_settings()),
+                 str(config.model_dump()), result.stdout + result.stderr):
+        assert "pa55-" not in text
+
+
+def test_backend_url_with_credentials_is_refused(env: pytest.MonkeyPatch) -> None:
+    """Credentials in the URL make httpx send Basic auth instead of the bearer key."""
+    env.setenv("DJANGO_APP_BACKEND_URL", "https://svc:pa55-Secret-77@api.example.org")
+    with pytest.raises(ConfigurationError) as info:
+        WorkerConfig()
+    why = info.value.problems["DJANGO_APP_BACKEND_URL"]
+    assert "user or password" in why and "write https://api.example.org" in why
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://backend:8000/internal/v1",
+        "http://backend:8000/internal/v1/",
+        "https://api.example.org/prefix/",
+        "http://backend:8000/?debug=1",
+        "http://backend:8000?debug=1",
+        "http://backend:8000/#top",
+        "http://backend:8000#top",
+    ],
+)
+def test_backend_url_with_path_query_or_fragment_is_refused(
+    env: pytest.MonkeyPatch, url: str
+) -> None:
+    env.setenv("DJANGO_APP_BACKEND_URL", url)
+    with pytest.raises(ConfigurationError) as info:
+        WorkerConfig()
+    why = info.value.problems["DJANGO_APP_BACKEND_URL"]
+    assert "without path, query or fragment: write http" in why
+    assert "(the client adds /internal/v1/)" in why
+
+
+FLOAT_SETTINGS = sorted(
+    name.upper() for name, field in WorkerConfig.model_fields.items() if field.annotation is float
+)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999", "Infinity", "NaN"])
+def test_no_float_setting_takes_infinity_or_nan(env: pytest.MonkeyPatch, value: str) -> None:
+    for name in FLOAT_SETTINGS:
+        env.setenv(name, value)
+    with pytest.raises(ConfigurationError) as info:
+        WorkerConfig()
+    assert set(info.value.problems) == set(FLOAT_SETTINGS)  # every one, in one error
+    assert len(FLOAT_SETTINGS) >= 19
+
+
+def test_huge_durations_refused_before_they_overflow_a_timer(env: pytest.MonkeyPatch) -> None:
+    env.setenv("HEALTH_CHECK_INTERVAL", "1e300")
+    env.setenv("CIRCUIT_BREAKER_RECOVERY_TIMEOUT", "1e20")
+    with pytest.raises(ConfigurationError) as info:
+        WorkerConfig()
+    assert set(info.value.problems) == {"HEALTH_CHECK_INTERVAL", "CIRCUIT_BREAKER_RECOVERY_TIMEOUT"}
+    assert "less than or equal to 31536000" in info.value.problems["HEALTH_CHECK_INTERVAL"]
+
+
+@pytest.mark.parametrize("value", ["65536", "99999", "-1", "1e3", "\uff18\uff10\uff18\uff10"])
+def test_port_out_of_range_refused(env: pytest.MonkeyPatch, value: str) -> None:
+    env.setenv("METRICS_PORT", value)
+    with pytest.raises(ConfigurationError) as info:
+        WorkerConfig()
+    assert list(info.value.problems) == ["METRICS_PORT"]
+
+
+def test_metrics_port_zero_means_any_free_port(env: pytest.MonkeyPatch) -> None:
+    from backend.workers.shared import HealthChecker, HealthServer
+
+    env.setenv("METRICS_PORT", "0")
+    config = WorkerConfig()
+    assert config.metrics_port == 0
+    server = HealthServer(HealthChecker(config), port=config.metrics_port, host="127.0.0.1")
+    server.start()
+    try:
+        assert server.running and 0 < server.port <= 65535
+    finally:
+        server.stop()
+
+
+def test_unusable_data_dir_refused(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for value, why in ((a_file, "it is a file"), (a_file / "data", f"{a_file} is a file")):
+        env.setenv("WORKER_DATA_DIR", str(value))
+        with pytest.raises(ConfigurationError) as info:
+            WorkerConfig()
+        assert list(info.value.problems) == ["WORKER_DATA_DIR"]
+        assert why in info.value.problems["WORKER_DATA_DIR"]
+
+
+def test_unwritable_data_dir_refused_by_check(tmp_path: Path) -> None:
+    """``check`` said OK for a folder no one may create files in (/proc/sys refuses new
+    files to every user, root included)."""
+    env = {"INTERNAL_SERVICE_API_KEY": KEY, "WORKER_DATA_DIR": "/proc/sys/swi-worker-data"}
+    result = _check(env, tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "WORKER_DATA_DIR: is not writable (/proc/sys refuses new files)" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in a folder of mode 0555")
+def test_read_only_folder_refused(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    env.setenv("WORKER_DATA_DIR", str(locked / "data"))
+    try:
+        with pytest.raises(ConfigurationError, match="WORKER_DATA_DIR: is not writable"):
+            WorkerConfig()
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ["!!!!", "whsec_", "whsec_not base64", "whsec_c2VjcmV0-dXJs_c2FmZQ", "whsec_%%%%", "c2Vj\n"],
+)
+def test_webhook_secret_not_base64_refused(secret: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        WorkerConfig(_env_file=None, internal_service_api_key=KEY, webhook_signing_secret=secret)
+    assert list(info.value.problems) == ["WEBHOOK_SIGNING_SECRET"]
+    body = secret.strip().removeprefix("whsec_")
+    assert not body or body not in str(info.value).replace("whsec_", "")
+
+
+@pytest.mark.parametrize(
+    "secret", [SECRET, "c2VjcmV0LXZhbHVlLWZvci10ZXN0cw", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]
+)
+def test_webhook_secret_forms_the_library_signs_with(secret: str) -> None:
+    from standardwebhooks.webhooks import Webhook
+
+    config = WorkerConfig(_env_file=None, internal_service_api_key=KEY,
+                          webhook_signing_secret=secret)
+    signer = Webhook(config.webhook_signing_secret.get_secret_value())  # type: ignore[union-attr]
+    assert signer.sign("msg_1", __import__("datetime").datetime.now(), "{}")
+
+
+@pytest.mark.parametrize(
+    "value", ["nonsense", "redis", "://host", "foo://broker", "redis:/x", "amqp//host", "", "  "]
+)
+def test_broker_url_that_is_not_one_is_refused(env: pytest.MonkeyPatch, value: str) -> None:
+    env.setenv("CELERY_BROKER_URL", value)
+    if not value.strip():
+        assert WorkerConfig().celery_broker_url is None  # blank: the embedded broker
+        return
+    with pytest.raises(ConfigurationError) as info:
+        WorkerConfig()
+    assert list(info.value.problems) == ["CELERY_BROKER_URL"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["redis://127.0.0.1:6379/0", "amqp://guest:guest@127.0.0.1:5672//", "filesystem://",
+     "sqla+sqlite:///x.db", "sentinel://a:26379;sentinel://b:26379", "memory://"],
+)
+def test_broker_urls_kombu_knows_are_accepted(env: pytest.MonkeyPatch, value: str) -> None:
+    env.setenv("CELERY_BROKER_URL", value)
+    assert WorkerConfig().celery_broker_url == value
+
+
+@pytest.mark.parametrize(
+    ("settings", "named", "why"),
+    [
+        ({"TASK_SOFT_TIME_LIMIT": "4000"}, "TASK_SOFT_TIME_LIMIT", "below TASK_TIME_LIMIT (3600)"),
+        ({"TASK_TIME_LIMIT": "60", "TASK_SOFT_TIME_LIMIT": "60"}, "TASK_SOFT_TIME_LIMIT", "below"),
+        ({"HEALTH_MEMORY_DEGRADED_PERCENT": "99"}, "HEALTH_MEMORY_UNHEALTHY_PERCENT",
+         "at least HEALTH_MEMORY_DEGRADED_PERCENT (99)"),
+        ({"HEALTH_DISK_UNHEALTHY_PERCENT": "50"}, "HEALTH_DISK_UNHEALTHY_PERCENT",
+         "at least HEALTH_DISK_DEGRADED_PERCENT (85)"),
+        ({"HEALTH_CPU_DEGRADED_PERCENT": "100", "HEALTH_CPU_UNHEALTHY_PERCENT": "99"},
+         "HEALTH_CPU_UNHEALTHY_PERCENT", "at least HEALTH_CPU_DEGRADED_PERCENT (100)"),
+        ({"API_RETRY_BASE_DELAY": "40"}, "API_RETRY_MAX_DELAY", "at least API_RETRY_BASE_DELAY"),
+        ({"API_MAX_CONNECTIONS": "4", "API_MAX_KEEPALIVE_CONNECTIONS": "5"},
+         "API_MAX_KEEPALIVE_CONNECTIONS", "at most API_MAX_CONNECTIONS (4)"),
+    ],
+)
+def test_settings_that_contradict_each_other(
+    env: pytest.MonkeyPatch, settings: dict[str, str], named: str, why: str
+) -> None:
+    for name, value in settings.items():
+        env.setenv(name, value)
+    env.setenv("API_TIMEOUT", "-1")  # reported in the same error
+    with pytest.raises(ConfigurationError) as info:
+        WorkerConfig()
+    assert set(info.value.problems) == {named, "API_TIMEOUT"}
+    assert why in info.value.problems[named]
+
+
+def test_equal_thresholds_and_delays_are_fine(env: pytest.MonkeyPatch) -> None:
+    env.setenv("HEALTH_DISK_DEGRADED_PERCENT", "90")
+    env.setenv("HEALTH_DISK_UNHEALTHY_PERCENT", "90")
+    env.setenv("API_RETRY_BASE_DELAY", "2")
+    env.setenv("API_RETRY_MAX_DELAY", "2")
+    config = WorkerConfig()
+    assert config.health_disk_unhealthy_percent == config.api_retry_max_delay * 45
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("CIRCUIT_BREAKER_RECOVERY_TIMEOUT", "inf"), ("ORGANIZATION_ID", "org\u00e9"),
+     ("ORGANIZATION_ID", "org one"), ("WORKER_VERSION", "1.0\n")],
+)
+def test_errors_name_the_variable_not_an_internal_field(
+    env: pytest.MonkeyPatch, tmp_path: Path, name: str, value: str
+) -> None:
+    env.setenv(name, value)
+    with pytest.raises(ConfigurationError) as info:
+        WorkerConfig()
+    assert list(info.value.problems) == [name]
+    result = _check({"INTERNAL_SERVICE_API_KEY": KEY, name: value}, tmp_path)
+    assert result.returncode == 2 and f"{name}: " in result.stderr
+    assert "recovery_timeout" not in result.stderr and "organization_id" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_pool_limits_default_and_validated(env: pytest.MonkeyPatch) -> None:
+    config = WorkerConfig()
+    assert (config.api_max_connections, config.api_max_keepalive_connections) == (10, None)
+    for name, value in (("API_MAX_CONNECTIONS", "0"), ("API_MAX_CONNECTIONS", "1001"),
+                        ("API_MAX_KEEPALIVE_CONNECTIONS", "-1")):
+        env.setenv(name, value)
+        with pytest.raises(ConfigurationError) as info:
+            WorkerConfig()
+        assert list(info.value.problems) == [name]
+        env.delenv(name)

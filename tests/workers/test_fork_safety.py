@@ -46,7 +46,7 @@ def run_in_child(body: Any) -> int:
 
 def test_child_gets_its_own_pool_and_parent_pool_survives() -> None:
     with FaultServer(default=Respond(200, EXECUTION)) as server:
-        config = make_config(f"{server.url}/t{uuid.uuid4().hex[:8]}")
+        config = make_config(server.url)
         with InternalAPIClient(config) as client:
             client.get_workflow_execution("e-1")
         parent_pool = _http.get_pool(config.internal_api_base_url + "/")
@@ -76,7 +76,7 @@ def test_child_gets_its_own_pool_and_parent_pool_survives() -> None:
 
 def test_many_blocks_share_one_connection() -> None:
     with FaultServer(default=Respond(200, EXECUTION)) as server:
-        config = make_config(f"{server.url}/t{uuid.uuid4().hex[:8]}")
+        config = make_config(server.url)
         for _ in range(20):
             with InternalAPIClient(config) as client:
                 client.get_workflow_execution("e-1")
@@ -107,7 +107,7 @@ def test_fork_against_the_real_backend(live_backend: LiveBackend) -> None:
 
 def test_close_all_closes_and_next_use_reopens() -> None:
     with FaultServer(default=Respond(200, EXECUTION)) as server:
-        config = make_config(f"{server.url}/t{uuid.uuid4().hex[:8]}")
+        config = make_config(server.url)
         for _ in range(2):
             InternalAPIClient(config).get_workflow_execution("e-1")
             _http.close_all()

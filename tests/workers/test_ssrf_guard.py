@@ -8,7 +8,6 @@ prove a refused webhook records nothing. No test here sends traffic off loopback
 from __future__ import annotations
 
 import ipaddress
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,7 +95,7 @@ def backend() -> Iterator[FaultServer]:
 def make_client(backend: FaultServer, **overrides: Any) -> InternalAPIClient:
     values: dict[str, Any] = {
         "internal_service_api_key": "swi-test-key-7Q2xK9-ssrf",
-        "django_app_backend_url": f"{backend.url}/t{uuid.uuid4().hex[:8]}",
+        "django_app_backend_url": backend.url,
         "organization_id": "org-a",
         "api_retry_base_delay": 0.01,
         "api_retry_max_delay": 0.05,

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import socket
+import ssl
 import sys
 import time
 import uuid
+from urllib.parse import urlsplit
 
 from .config import ConfigurationError, WorkerConfig
+
+#: Seconds the scheme probe of ``check`` waits for the backend's port.
+PROBE_TIMEOUT = 3.0
 
 
 def check(*, backend: bool = True) -> int:
@@ -36,6 +41,8 @@ def check(*, backend: bool = True) -> int:
     if not backend:
         return 0
     problem = check_backend(config)
+    # The verdict comes last, also when stdout and stderr share one terminal or pipe.
+    sys.stdout.flush()
     if problem is not None:
         print(problem, file=sys.stderr)
         return 1
@@ -55,17 +62,16 @@ def check_backend(config: WorkerConfig) -> str | None:
         NotFoundError,
     )
 
-    # The diagnosis below says what failed; the client's own warning would only repeat it.
-    logging.getLogger("backend.workers.shared.api_client").addHandler(logging.NullHandler())
     url = config.internal_api_base_url
     timeout = min(config.api_timeout, 10.0)
     client = InternalAPIClient(config)
     try:
         health = client.health_check(timeout=timeout, retry=False)
     except (APIConnectionError, APITimeoutError) as exc:
-        return (
-            f"NETWORK: cannot reach the backend at {url}: {exc.detail}. Is the backend "
-            "running, and are the host and port of DJANGO_APP_BACKEND_URL right?"
+        hint = scheme_mismatch(config.django_app_backend_url)
+        return f"NETWORK: cannot reach the backend at {url}: {exc.detail}. " + (
+            hint
+            or "Is the backend running, and are the host and port of DJANGO_APP_BACKEND_URL right?"
         )
     except AuthenticationError as exc:
         return (
@@ -73,9 +79,9 @@ def check_backend(config: WorkerConfig) -> str | None:
             f"({exc.status} {exc.error_code}: {exc.detail})"
         )
     except (NotFoundError, APIResponseError) as exc:
-        return (
-            f"URL: {url}/health/ did not answer as the internal API ({exc}). Does "
-            "DJANGO_APP_BACKEND_URL point at the backend (scheme, host, port, no path)?"
+        hint = scheme_mismatch(config.django_app_backend_url)
+        return f"URL: {url}/health/ did not answer as the internal API ({exc}). " + (
+            hint or "Does DJANGO_APP_BACKEND_URL point at the backend (scheme, host, port)?"
         )
     except InternalAPIError as exc:
         return f"BACKEND: the backend at {url} failed its health check: {exc}"
@@ -183,6 +189,33 @@ def send(task: str, *, queue: str | None, workflow_id: str | None, wait: float) 
     detail = f": {execution.error_message}" if execution.error_message else ""
     print(f"execution {execution.id}: {execution.status}{detail}")
     return 0 if execution.status == "COMPLETED" else 1
+
+
+def scheme_mismatch(backend_url: str) -> str | None:
+    """What to write instead when the backend's port does not speak the URL's scheme: plain
+    HTTP behind an ``https://`` URL, or TLS behind an ``http://`` one; ``None`` otherwise."""
+    parts = urlsplit(backend_url)
+    host = parts.hostname or ""
+    tls = parts.scheme == "https"
+    address = (host, parts.port or (443 if tls else 80))
+    other = f"{'http' if tls else 'https'}://{parts.netloc}"
+    try:
+        with socket.create_connection(address, timeout=PROBE_TIMEOUT) as sock:
+            if tls:
+                sock.sendall(f"HEAD / HTTP/1.0\r\nHost: {parts.netloc}\r\n\r\n".encode())
+                speaks_other = sock.recv(5) == b"HTTP/"
+            else:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE  # only asks whether it speaks TLS
+                with context.wrap_socket(sock, server_hostname=host or None):
+                    speaks_other = True
+    except (OSError, ssl.SSLError, UnicodeError):
+        return None
+    if not speaks_other:
+        return None
+    spoken = "plain HTTP, not TLS" if tls else "TLS, not plain HTTP"
+    return f"The backend speaks {spoken} on this address: write DJANGO_APP_BACKEND_URL={other}"
 
 
 def main(argv: list[str] | None = None) -> int:

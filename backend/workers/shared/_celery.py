@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from contextvars import Token
 from typing import Any
 
-from . import _heartbeat, _metrics, _stats
+from . import _heartbeat, _metrics, _redact, _stats
 
 TASK_ARGUMENTS = ("execution_id", "organization_id")
 _UID = "backend.workers.shared._celery."
@@ -132,7 +132,7 @@ def _on_after_setup(sender: Any = None, instance: Any = None, **_: Any) -> None:
                 "pool": getattr(pool, "__module__", str(pool)).rsplit(".", 1)[-1],
                 "concurrency": instance.concurrency,
                 "queues": sorted(app.amqp.queues.keys()),
-                "broker": app.connection_for_read().as_uri(),  # password masked
+                "broker": _redact.redact_url(str(app.conf.broker_url)),
                 "tasks": sorted(n for n in app.tasks if not n.startswith("celery.")),
             },
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from . import _redact
 from .retry_utils import CircuitBreakerOpenError
 
 if TYPE_CHECKING:
@@ -19,8 +20,9 @@ MAX_DETAIL = 300
 
 
 def one_line(text: str, limit: int = MAX_DETAIL) -> str:
-    """``text`` on one line, whitespace collapsed, cut to ``limit`` characters."""
-    flat = " ".join(text.split())
+    """``text`` on one line, configured secrets masked (before the cut, so no part of one is
+    left), whitespace collapsed, cut to ``limit`` characters. Every error text goes through it."""
+    flat = " ".join(_redact.scrub(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 

@@ -1,4 +1,5 @@
-"""The one holder of HTTP connection pools: one ``httpx2.Client`` per process and base URL.
+"""The one holder of HTTP connection pools: one ``httpx2.Client`` per process, base URL and
+pool size (``API_MAX_CONNECTIONS``, ``API_MAX_KEEPALIVE_CONNECTIONS``).
 
 Pools are created lazily on first use and shared by every ``InternalAPIClient`` of the
 process, so a task that opens ``with InternalAPIClient(config)`` reuses warm connections
@@ -21,28 +22,33 @@ if TYPE_CHECKING:
 
     import httpx2
 
-#: Most connections one process keeps open to one backend URL.
+#: Most connections one process keeps open to one backend URL (``API_MAX_CONNECTIONS``).
 POOL_MAX_CONNECTIONS = 10
-#: Idle connections kept warm per pool (the rest are closed once idle).
-POOL_MAX_KEEPALIVE = 10
 #: Seconds an idle pooled connection is kept (below the backend's 75 s keep-alive).
 POOL_KEEPALIVE_EXPIRY = 60.0
 
 _lock = threading.RLock()  # get_pool() holds it while _new_pool() asks for the TLS context
-_pools: dict[str, httpx2.Client] = {}
+_pools: dict[tuple[str, int, int], httpx2.Client] = {}
 _ssl_context: ssl.SSLContext | None = None
 
 
-def get_pool(base_url: str) -> httpx2.Client:
-    """The process's pooled client for ``base_url``, created on first use."""
-    pool = _pools.get(base_url)
+def get_pool(
+    base_url: str,
+    *,
+    max_connections: int = POOL_MAX_CONNECTIONS,
+    max_keepalive: int | None = None,
+) -> httpx2.Client:
+    """The process's pooled client for ``base_url``, created on first use: at most
+    ``max_connections`` open, ``max_keepalive`` of them kept when idle (``None``: all)."""
+    key = (base_url, max_connections, max_connections if max_keepalive is None else max_keepalive)
+    pool = _pools.get(key)
     if pool is not None:
         return pool
     with _lock:
-        pool = _pools.get(base_url)
+        pool = _pools.get(key)
         if pool is None:
-            pool = _new_pool(base_url)
-            _pools[base_url] = pool
+            pool = _new_pool(*key)
+            _pools[key] = pool
         return pool
 
 
@@ -76,7 +82,7 @@ def close_all() -> None:
 
 def _quiet_httpx2_request_lines() -> None:
     # httpx2 logs every request at INFO ("HTTP Request: GET <url> ..."), httpcore2 each step
-    # at DEBUG; the API client logs each attempt itself (DEBUG on success, WARNING on
+    # at DEBUG; the API client logs each attempt itself (DEBUG on success, INFO on
     # failure). An explicit level set by the application is left alone.
     for name in ("httpx2", "httpcore2"):
         httpx_logger = logging.getLogger(name)
@@ -84,14 +90,14 @@ def _quiet_httpx2_request_lines() -> None:
             httpx_logger.setLevel(logging.WARNING)
 
 
-def _new_pool(base_url: str) -> httpx2.Client:
+def _new_pool(base_url: str, max_connections: int, max_keepalive: int) -> httpx2.Client:
     import httpx2
 
     _quiet_httpx2_request_lines()
 
     limits = httpx2.Limits(
-        max_connections=POOL_MAX_CONNECTIONS,
-        max_keepalive_connections=POOL_MAX_KEEPALIVE,
+        max_connections=max_connections,
+        max_keepalive_connections=max_keepalive,
         keepalive_expiry=POOL_KEEPALIVE_EXPIRY,
     )
     # Timeouts are given per request; proxies from the environment are not consulted so the

@@ -1,8 +1,10 @@
-"""What must never be printed: sensitive field names and the configured secret values.
+"""What must never be printed: sensitive field names, configured secret values, URL passwords.
 
 Kept free of heavy imports so that ``WorkerConfig`` can register its secrets here on
 construction. The log pipeline masks fields whose name looks sensitive and scrubs every
-registered secret value from the text it writes.
+registered secret value from the text it writes; the client's error texts are scrubbed the
+same way; every URL that is shown (``check``, ``repr``, errors, breaker names, webhook
+records) goes through :func:`redact_url` first.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 import threading
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import unquote
 
 MASK = "**********"
 # Environment variables whose values are secrets even when no WorkerConfig was built.
@@ -100,3 +103,29 @@ def redact_fields(fields: dict[str, Any], depth: int = 0) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to show: a ``user:password@`` part becomes ``**********@`` and the value of a
+    query parameter named like a secret (``?password=...``) the mask. A ``;``-separated list
+    (Celery's failover form) is redacted URL by URL. Never raises, whatever the text."""
+    return ";".join(_redact_one_url(part) for part in str(url).split(";"))
+
+
+def _redact_one_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    if "@" in authority:
+        authority = f"{MASK}@{authority.rpartition('@')[2]}"
+    tail, hash_sign, fragment = tail.partition("#")
+    path, question, query = tail.partition("?")
+    if query:
+        pairs = []
+        for pair in query.split("&"):
+            name, equals, _value = pair.partition("=")
+            pairs.append(f"{name}={MASK}" if equals and is_sensitive_key(unquote(name)) else pair)
+        query = "&".join(pairs)
+    return f"{scheme}{sep}{authority}{path}{question}{query}{hash_sign}{fragment}"

@@ -228,14 +228,6 @@ def signature_headers(secret: str, message_id: str, body: str) -> dict[str, str]
     }
 
 
-def public_url(url: str) -> str:
-    """``url`` without its ``user:password@`` part: what is recorded and reported."""
-    import httpx2
-
-    parsed = httpx2.URL(url)
-    return str(parsed.copy_with(userinfo=b"")) if parsed.userinfo else url
-
-
 def new_message_id() -> str:
     """A fresh Standard Webhooks message id (kept across the retries of one delivery)."""
     return f"msg_{uuid.uuid4().hex}"

@@ -72,7 +72,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from . import _http, _metrics
+from . import _http, _metrics, _redact
 from ._errors import (
     APICircuitOpenError,
     APIConnectionError,
@@ -292,7 +292,7 @@ def _is_breaker_failure(exc: BaseException) -> bool:
 def _backend_breaker(config: WorkerConfig) -> CircuitBreaker:
     _metrics.subscribe_resilience()  # breaker states and retries in /metrics (idempotent)
     return get_breaker(
-        f"internal-api {config.internal_api_base_url}",
+        f"internal-api {_redact.redact_url(config.internal_api_base_url)}",
         failure_threshold=config.circuit_breaker_failure_threshold,
         recovery_timeout=config.circuit_breaker_recovery_timeout,
         is_failure=_is_breaker_failure,
@@ -523,7 +523,7 @@ class InternalAPIClient:
         webhook went out but the backend would not record it, :class:`WebhookNotRecordedError`
         says so (not transient: sending again would deliver twice).
         """
-        from ._webhooks import check_headers, deliver, new_message_id, public_url
+        from ._webhooks import check_headers, deliver, new_message_id
 
         org = self._require_org(organization_id, "send_webhook")
         try:
@@ -555,7 +555,7 @@ class InternalAPIClient:
             allowed_hosts=self.config.webhook_allowed_hosts,
             policy=self._webhook_policy(),
         )
-        shown_url = public_url(url)  # a password in the URL is neither recorded nor shown
+        shown_url = _redact.redact_url(url)  # a password in the URL is neither recorded nor shown
         record = {
             "url": shown_url,
             "execution_id": execution_id,
@@ -832,7 +832,11 @@ class InternalAPIClient:
                     path=path,
                     request_id=call.headers["x-request-id"],
                 )
-            pool = _http.get_pool(self.base_url)
+            pool = _http.get_pool(
+                self.base_url,
+                max_connections=config.api_max_connections,
+                max_keepalive=config.api_max_keepalive_connections,
+            )
             limit = min(call.timeout, remaining)
             request = pool.build_request(
                 method, path, params=params, content=body, headers=headers, timeout=limit
@@ -925,8 +929,6 @@ class InternalAPIClient:
         code, detail = _error_body(raw)
         if detail is None:
             detail = f"HTTP {status} {response.reason_phrase}; body {self._excerpt(raw)}"
-        else:
-            detail = self._scrub(detail)
         kind = _ERROR_BY_STATUS.get(status)
         if kind is None:
             kind = ServerError if status >= 500 else APIResponseError
@@ -941,15 +943,8 @@ class InternalAPIClient:
         )
 
     def _excerpt(self, body: bytes) -> str:
-        # Secrets go before the text is cut, so no part of one can be left at the cut.
-        text = self._scrub(body.decode("utf-8", errors="replace"))
-        return repr(one_line(text, BODY_EXCERPT))
-
-    def _scrub(self, text: str) -> str:
-        for secret in self.config.secret_values():
-            if secret:
-                text = text.replace(secret, "**********")
-        return text
+        # one_line() scrubs secrets before it cuts: no part of one is left at the cut.
+        return repr(one_line(body.decode("utf-8", errors="replace"), BODY_EXCERPT))
 
     def _record(
         self, call: _Call, status: int | str, seconds: float, error: InternalAPIError | None
@@ -963,10 +958,12 @@ class InternalAPIClient:
             "attempt": call.attempts,
             "request_id": call.headers["x-request-id"],
         }
+        # The failure of a call is raised to its caller, whose concern it is to report it
+        # (or the retry engine's, which announces each retry): INFO here, never louder.
         if error is None:
             logger.debug("internal API call", extra=fields)
         else:
-            logger.warning("internal API call failed: %s", error, extra=fields)
+            logger.info("internal API call failed: %s", error, extra=fields)
 
     def _policy(self, method: str) -> RetryPolicy:
         config = self.config

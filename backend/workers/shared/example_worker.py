@@ -278,7 +278,7 @@ def start_health_server(**_: Any) -> None:
     checker.add_custom_check("processing_engine", engine_check)
     _health_server = HealthServer(checker, port=config.metrics_port, host=config.health_host)
     _health_server.start()
-    logger.info("health server started", port=config.metrics_port)
+    logger.info("health server started", port=_health_server.port)  # METRICS_PORT=0: any free
 
 
 @signals.worker_shutdown.connect
