@@ -146,14 +146,19 @@ def still_readable(api: Api, execution_id: str) -> None:
         check_answer(response, api)
 
 
-def send(api: Api, endpoint: str, execution_id: str, raw: bytes) -> Any:
-    """POST/PATCH one raw body to the endpoint."""
-    method, path = {
+def route(endpoint: str, execution_id: str) -> tuple[str, str]:
+    """The method and path of one of the write endpoints under test."""
+    return {
         "create": ("POST", "workflow-executions/"),
         "patch": ("PATCH", f"workflow-executions/{execution_id}/"),
         "status": ("POST", f"workflow-executions/{execution_id}/status/"),
         "delivery": ("POST", "webhook-deliveries/"),
     }[endpoint]
+
+
+def send(api: Api, endpoint: str, execution_id: str, raw: bytes) -> Any:
+    """POST/PATCH one raw body to the endpoint."""
+    method, path = route(endpoint, execution_id)
     return api.call(method, path, raw=raw)
 
 
@@ -259,12 +264,7 @@ def test_every_header_with_hostile_values(
 ) -> None:
     before = snapshot(api)
     raw = json.dumps(BASE_BODY[endpoint]).encode()
-    method, path = {
-        "create": ("POST", "workflow-executions/"),
-        "patch": ("PATCH", f"workflow-executions/{execution_id}/"),
-        "status": ("POST", f"workflow-executions/{execution_id}/status/"),
-        "delivery": ("POST", "webhook-deliveries/"),
-    }[endpoint]
+    method, path = route(endpoint, execution_id)
     headers = api.headers()
     content_type = "application/json"
     if header == "Content-Type":
