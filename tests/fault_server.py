@@ -83,10 +83,13 @@ class Truncate:
 @dataclass(frozen=True)
 class Forward:
     """Forward the request to ``upstream`` (``http://host:port``); relay its answer, or with
-    ``drop_response`` let the upstream apply it and close the client's connection unanswered."""
+    ``drop_response`` let the upstream apply it and close the client's connection unanswered;
+    ``hold`` keeps the applied request's answer back that many seconds (or until the server
+    stops) before relaying it."""
 
     upstream: str
     drop_response: bool = False
+    hold: float = 0.0
 
 
 Action = Respond | Stall | Drop | Reset | Truncate | Forward
@@ -177,6 +180,9 @@ class _Handler(BaseHTTPRequestHandler):
             body = answer.read()
         finally:
             upstream.close()
+        self.server.owner._answered(recorded, answer.status, body)
+        if action.hold:
+            self.server.owner._stopping.wait(action.hold)
         if action.drop_response:
             self.close_connection = True
             return
@@ -201,6 +207,8 @@ class FaultServer:
     def __init__(self, default: Action | None = None) -> None:
         self.default: Action = default if default is not None else Respond(200, {"ok": True})
         self.requests: list[RecordedRequest] = []
+        # What the upstream answered to each forwarded request: (request, status, body).
+        self.answers: list[tuple[RecordedRequest, int, bytes]] = []
         self.connections_accepted = 0
         self._queue: deque[Action] = deque()
         self._lock = threading.Lock()
@@ -232,6 +240,7 @@ class FaultServer:
         with self._lock:
             self._queue.clear()
             self.requests.clear()
+            self.answers.clear()
             if default is not None:
                 self.default = default
 
@@ -262,6 +271,10 @@ class FaultServer:
             self.connections_accepted += 1
             self._sockets.append(sock)
             return self.connections_accepted
+
+    def _answered(self, request: RecordedRequest, status: int, body: bytes) -> None:
+        with self._lock:
+            self.answers.append((request, status, body))
 
     def _next_action(self, request: RecordedRequest) -> Action:
         with self._lock:

@@ -20,6 +20,7 @@ from typing import Any
 from backend.workers.shared import InternalAPIError
 from tests.conftest import RABBITMQ_URL, free_port
 from tests.e2e.harness import (
+    TASK_NAME,
     WorkerProcess,
     client_config,
     producer,
@@ -92,7 +93,10 @@ class Fleet:
     """The example worker on one broker, against the live backend, in its own organization."""
 
     def __init__(self, backend: Any, tmp: Path, broker: str, *, concurrency: int = 4,
-                 work: dict[str, str] | None = None) -> None:
+                 work: dict[str, str] | None = None, broker_at: str | None = None,
+                 data_dir: Path | None = None) -> None:
+        """``broker_at`` and ``data_dir``: the broker URL and data folder to share (the
+        backend's, when it publishes); by default a new one of ``broker``'s kind."""
         from backend.workers.shared import InternalAPIClient
 
         self.backend = backend
@@ -105,9 +109,9 @@ class Fleet:
             api_key=backend.api_key,
             organization_id=self.organization_id,
             worker_name=self.name,
-            data_dir=tmp / "data",
+            data_dir=data_dir or tmp / "data",
             metrics_port=free_port(),
-            broker_url=broker_url(broker),
+            broker_url=broker_at or broker_url(broker),
             concurrency=concurrency,
             extra={"EXAMPLE_WORK_SECONDS": "0.02", "EXAMPLE_FILES": "2",
                    "CIRCUIT_BREAKER_RECOVERY_TIMEOUT": "3", **(work or {})},
@@ -117,10 +121,13 @@ class Fleet:
         self.app = producer(self.env)
         self.workers: list[WorkerProcess] = []
 
-    def start_worker(self, command: list[str] | None = None) -> WorkerProcess:
-        """Start one more example worker on the fleet's queue (``python -m`` by default)."""
+    def start_worker(self, command: list[str] | None = None,
+                     env: dict[str, str] | None = None) -> WorkerProcess:
+        """Start one more example worker on the fleet's queue (``python -m`` by default);
+        ``env`` overrides some of the fleet's environment for this worker only."""
         log = self.tmp / f"worker-{len(self.workers)}.log"
-        worker = WorkerProcess(self.env, log, command=command).start()
+        worker_env = {**self.env, "METRICS_PORT": str(free_port()), **(env or {})}
+        worker = WorkerProcess(worker_env, log, command=command).start()
         self.workers.append(worker)
         return worker
 
@@ -132,6 +139,29 @@ class Fleet:
             self.client.update_workflow_execution_status(execution.id, "QUEUED")
             ids.append(str(execution.id))
         return ids
+
+    def dispatch(self, count: int, *, queue: str | None = None,
+                 webhook_url: str | None = None) -> list[str]:
+        """Create ``count`` executions that the backend dispatches to ``queue`` (the fleet's
+        by default), each with a completion webhook to ``webhook_url`` when given."""
+        ids = []
+        for n in range(count):
+            fields: dict[str, Any] = {
+                "total_files": 2, "dispatch": {"task": TASK_NAME, "queue": queue or self.name},
+            }
+            if webhook_url:
+                fields["webhook_url"] = webhook_url
+            execution = self.client.create_workflow_execution(f"wf-{n % 7}", **fields)
+            ids.append(str(execution.id))
+        return ids
+
+    def execution(self, execution_id: str) -> dict[str, Any]:
+        """One execution as the backend answers it (every field, lifecycle ones included)."""
+        return dict(self.client.get(f"workflow-executions/{execution_id}/"))
+
+    def events(self, execution_id: str) -> list[dict[str, Any]]:
+        """An execution's event history, oldest first."""
+        return list(self.client.get(f"workflow-executions/{execution_id}/events/")["results"])
 
     def submit(self, ids: list[str]) -> None:
         """Send one task per execution to the fleet's queue."""

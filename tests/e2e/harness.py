@@ -43,6 +43,17 @@ def wait_until(
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def wait_quiet(server: Any, seconds: float = 1.0, timeout: float = 30.0) -> None:
+    """Wait until ``server`` (a ``FaultServer``) has received no request for ``seconds``."""
+    count = [-1]
+
+    def still() -> bool:
+        before, count[0] = count[0], len(server.requests)
+        return before == count[0]
+
+    wait_until(still, timeout, "the fault server to be quiet", seconds)
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     """GET ``url``: the status and body (any status, no exception for 4xx/5xx)."""
     try:
@@ -82,7 +93,9 @@ class WebhookReceiver:
     """A loopback HTTP(S) server that checks Standard Webhooks signatures of what it gets.
 
     ``verified`` holds the JSON payloads whose signature checked out, ``rejected`` the
-    reasons of the others. ``tls`` (a server-side ``SSLContext``) makes it HTTPS.
+    reasons of the others, ``arrivals`` the ``webhook-id`` header of every POST as it arrives
+    (before its answer). ``delay`` makes it a slow receiver: it answers that many seconds
+    after the request arrived. ``tls`` (a server-side ``SSLContext``) makes it HTTPS.
     """
 
     secret: str
@@ -90,8 +103,10 @@ class WebhookReceiver:
     port: int = 0
     path: str = "/webhook"
     tls: ssl.SSLContext | None = None
+    delay: float = 0.0
     verified: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    arrivals: list[str] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -114,6 +129,10 @@ class WebhookReceiver:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with receiver._lock:
+                    receiver.arrivals.append(self.headers.get("webhook-id", ""))
+                if receiver.delay:
+                    time.sleep(receiver.delay)
                 try:
                     payload = verifier.verify(body, dict(self.headers.items()))
                 except Exception as exc:

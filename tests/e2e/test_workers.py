@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.fleet import StatusRecorder, fleet, legal_history, wait_for_log
-from tests.e2e.harness import REPO_ROOT, WorkerProcess, wait_until
+from tests.e2e.harness import REPO_ROOT, WorkerProcess, wait_quiet, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -190,7 +190,7 @@ def test_transient_failures_requeue_permanent_ones_mark_error(
 
         # Permanent: the backend rejects the input: the execution is marked ERROR, once.
         # The 422 goes to the next request, so no other request may be in flight.
-        quiet(fault)
+        wait_quiet(fault)
         fault.push(Respond(422, {"error": "validation_error", "detail": "workflow is invalid"}))
         (permanent,) = crew.create(1)
         crew.submit([permanent])
@@ -239,17 +239,6 @@ def test_a_requeue_the_broker_refuses_puts_the_message_back(
             crew.wait_all([execution_id], "COMPLETED", timeout=60)
     finally:
         door.stop()
-
-
-def quiet(fault: Any, seconds: float = 1.0) -> None:
-    """Wait until ``fault`` has received no request for ``seconds``."""
-    count = [-1]
-
-    def still() -> bool:
-        before, count[0] = count[0], len(fault.requests)
-        return before == count[0]
-
-    wait_until(still, 30, "the fault server to be quiet", seconds)
 
 
 def test_hard_time_limit_marks_the_execution_error(live_backend: Any, tmp_path: Path) -> None:
