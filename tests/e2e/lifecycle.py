@@ -213,7 +213,7 @@ def history_problems(events: list[dict[str, Any]]) -> list[str]:
         move = (event.get("from"), event.get("to"))
         if move not in LEGAL_MOVES:
             problems.append(f"event {n}: illegal move {move}")
-        elif event.get("reason") not in LEGAL_MOVES[move]:  # type: ignore[index]
+        elif event.get("reason") not in LEGAL_MOVES[move]:
             problems.append(f"event {n}: {move} with reason {event.get('reason')!r}")
         if event.get("reason") == "claimed":
             if not isinstance(event.get("epoch"), int) or event["epoch"] <= epoch:
