@@ -95,6 +95,9 @@ class WorkflowExecution(models.Model):
     lease_epoch = models.PositiveIntegerField(default=0, help_text="bumped by every claim")
     lease_worker = models.CharField(max_length=255, blank=True, default="")
     lease_expires_at = models.DateTimeField(null=True, blank=True, help_text="null: no lease")
+    lease_seconds = models.PositiveIntegerField(
+        default=0, help_text="length of the lease taken; a heartbeat renews it by as much"
+    )
     lost_count = models.PositiveIntegerField(default=0)
     webhook_id = models.CharField(
         max_length=40, blank=True, default="", help_text="msg_<32 hex> once a webhook is due"

@@ -114,6 +114,13 @@ class Migration(migrations.Migration):
         ),
         migrations.AddField(
             model_name="workflowexecution",
+            name="lease_seconds",
+            field=models.PositiveIntegerField(
+                default=0, help_text="length of the lease taken; a heartbeat renews it by as much"
+            ),
+        ),
+        migrations.AddField(
+            model_name="workflowexecution",
             name="lease_worker",
             field=models.CharField(blank=True, default="", max_length=255),
         ),
