@@ -101,8 +101,10 @@ def broker_problem() -> str | None:
     try:
         with celery_app().connection_for_write() as connection:
             connection.connect()
-    except Exception as exc:  # noqa: BLE001 - every failure is the one line, whatever its kind
-        reason = " ".join(str(exc).split()) or type(exc).__name__
+    except Exception as exc:  # whatever the kind of failure, it is the one line
+        # kombu names an unknown scheme in a KeyError, whose str() is quoted.
+        text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        reason = " ".join(text.split()) or type(exc).__name__
         password = urlsplit(url).password if "://" in url else None
         if password:
             reason = reason.replace(password, "***")
