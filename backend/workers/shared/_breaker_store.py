@@ -2,11 +2,11 @@
 
 Each breaker owns two keys: a hash ``<key>`` (``state``, ``failures``, ``opened_at`` in
 milliseconds of Redis' own clock, ``open_ms`` the current open period: the first one, 1.5
-times longer after each failed probe, capped at the recovery timeout) and ``<key>:probe``, the half-open probe lease (a token
-with an expiry, so a prober that dies frees the breaker when the lease runs out). Every
-transition is one Lua script, so concurrent processes cannot both count the same failure,
-both open the breaker or both take the probe. Redis' ``TIME`` is the only clock used, so
-hosts with skewed clocks agree.
+times longer after each failed probe, capped at the recovery timeout) and ``<key>:probe``,
+the half-open probe lease (a token with an expiry, so a prober that dies frees the breaker
+when the lease runs out). Every transition is one Lua script, so concurrent processes cannot
+both count the same failure, both open the breaker or both take the probe. Redis' ``TIME``
+is the only clock used, so hosts with skewed clocks agree.
 
 Only :mod:`_breaker` uses this module, and only when a breaker is given a ``redis_url``;
 ``redis`` is imported here and nowhere else in the retry code.
