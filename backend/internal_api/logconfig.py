@@ -23,6 +23,23 @@ EXTRA_FIELDS = {
     "error_code",  # refusals
     "idempotency",
     "deleted",  # purge of expired idempotency records
+    # run_lifecycle: a repair, a pass's counts, a publish or pass that failed
+    "execution_id",
+    "organization_id",
+    "repair",
+    "lost_count",
+    "attempts",
+    "dispatch_id",
+    "broker_down",
+    "error",
+    "interval",
+    "signal",
+    "published",
+    "publish_failed",
+    "requeued",
+    "lost",
+    "redispatched",
+    "webhooks_rehanded",
 }
 
 

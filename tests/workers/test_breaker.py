@@ -535,3 +535,73 @@ def test_get_breaker_rejects_unknown_and_conflicting_settings(name: str) -> None
         get_breaker(name, key_prefix="other:")
     with pytest.raises(ValueError, match="unknown CircuitBreaker parameter: threshold"):
         get_breaker(name, threshold=3)
+
+
+class FakeClock:
+    """``time`` for the breaker module: ``monotonic()`` moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_open_period_grows_by_half_per_failed_probe_up_to_the_recovery_timeout(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backend.workers.shared import _breaker
+
+    clock = FakeClock()
+    monkeypatch.setattr(_breaker, "time", clock)
+    breaker = CircuitBreaker(
+        name, failure_threshold=2, recovery_timeout=4.0, initial_recovery_timeout=1.0
+    )
+    trip(breaker, 2)
+    periods = []
+    for _ in range(6):
+        with pytest.raises(CircuitBreakerOpenError) as caught:
+            breaker.call(ok)
+        periods.append(caught.value.retry_after)
+        clock.now += caught.value.retry_after
+        assert breaker.state is HALF_OPEN
+        trip(breaker, 1)  # the probe fails
+    assert periods == [1.0, 1.5, 2.25, 3.375, 4.0, 4.0]
+    clock.now += 4.0
+    assert breaker.call(ok) == "ok"  # the probe succeeds: closed, back to the first period
+    trip(breaker, 2)
+    with pytest.raises(CircuitBreakerOpenError) as caught:
+        breaker.call(ok)
+    assert caught.value.retry_after == 1.0
+
+
+def test_without_an_initial_timeout_the_open_period_stays_fixed(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backend.workers.shared import _breaker
+
+    clock = FakeClock()
+    monkeypatch.setattr(_breaker, "time", clock)
+    breaker = CircuitBreaker(name, failure_threshold=1, recovery_timeout=3.0)
+    assert breaker.initial_recovery_timeout == 3.0
+    trip(breaker, 1)
+    for _ in range(3):
+        with pytest.raises(CircuitBreakerOpenError) as caught:
+            breaker.call(ok)
+        assert caught.value.retry_after == 3.0
+        clock.now += 3.0
+        trip(breaker, 1)
+
+
+@pytest.mark.parametrize("initial", [0, -1.0, float("nan"), float("inf"), "1", True])
+def test_bad_initial_recovery_timeout_is_refused(name: str, initial: object) -> None:
+    with pytest.raises(ValueError, match="initial_recovery_timeout"):
+        CircuitBreaker(name, initial_recovery_timeout=initial)  # type: ignore[arg-type]
+
+
+def test_initial_recovery_timeout_is_capped_and_checked_by_get_breaker(name: str) -> None:
+    breaker = get_breaker(name, recovery_timeout=2.0, initial_recovery_timeout=5.0)
+    assert breaker.initial_recovery_timeout == 2.0
+    assert get_breaker(name, recovery_timeout=2.0, initial_recovery_timeout=9.0) is breaker
+    with pytest.raises(ValueError, match="initial_recovery_timeout"):
+        get_breaker(name, initial_recovery_timeout=1.0)

@@ -489,3 +489,37 @@ def test_a_cancelled_async_caller_gives_the_probe_lease_back(prefix: str) -> Non
     assert not client.exists(lease)  # given back, not held for 60 s
     assert breaker.call(ok) == "ok"  # so this call could probe, and closed the breaker
     assert breaker.state is CircuitState.CLOSED
+
+
+def test_shared_open_period_grows_per_failed_probe_and_resets_on_success(prefix: str) -> None:
+    breaker = shared(
+        "fleet-growth",
+        prefix,
+        failure_threshold=1,
+        recovery_timeout=0.2,
+        initial_recovery_timeout=0.05,
+        probe_timeout=5.0,
+    )
+    client = redis.Redis.from_url(REDIS_URL)
+    key = prefix + "fleet-growth"
+    with pytest.raises(ConnectionError):
+        breaker.call(fail)
+    periods = [int(client.hget(key, "open_ms") or 0)]
+    for _ in range(5):
+        with pytest.raises(CircuitBreakerOpenError) as caught:
+            breaker.call(ok)
+        assert caught.value.retry_after <= periods[-1] / 1000
+        time.sleep(caught.value.retry_after + 0.01)  # Redis' clock decides; this waits it out
+        with pytest.raises(ConnectionError):
+            breaker.call(fail)  # the probe fails
+        periods.append(int(client.hget(key, "open_ms") or 0))
+    assert periods == [50, 75, 112, 168, 200, 200]
+    with pytest.raises(CircuitBreakerOpenError) as caught:
+        breaker.call(ok)
+    time.sleep(caught.value.retry_after + 0.01)
+    assert breaker.call(ok) == "ok"
+    assert client.hget(key, "open_ms") is None
+    with pytest.raises(ConnectionError):
+        breaker.call(fail)
+    assert int(client.hget(key, "open_ms") or 0) == 50
+    client.close()

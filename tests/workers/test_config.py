@@ -108,6 +108,13 @@ BAD_VALUES = [
     ("METRICS_PORT", "65536", "less than or equal to 65535"),
     ("MAX_CONCURRENT_TASKS", "0", "greater than or equal to 1"),
     ("CIRCUIT_BREAKER_REDIS_URL", "http://redis", "redis://"),
+    ("CIRCUIT_BREAKER_INITIAL_RECOVERY_TIMEOUT", "0", "greater than 0"),
+    ("CIRCUIT_BREAKER_INITIAL_RECOVERY_TIMEOUT", "-1", "greater than 0"),
+    ("CIRCUIT_BREAKER_INITIAL_RECOVERY_TIMEOUT", "1e20", "less than or equal to 31536000"),
+    ("EXECUTION_LEASE_SECONDS", "2", "greater than or equal to 3"),
+    ("EXECUTION_LEASE_SECONDS", "3601", "less than or equal to 3600"),
+    ("EXECUTION_LEASE_SECONDS", "2.5", "valid integer"),
+    ("EXECUTION_LEASE_SECONDS", "soon", "valid integer"),
 ]
 
 

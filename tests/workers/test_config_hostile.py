@@ -114,6 +114,8 @@ SECRET_VALUES: list[Any] = [
     12345,
 ]
 OTHER: dict[str, list[Any]] = {
+    "execution_lease_seconds": ["0", "2", "3601", "30.5", "1e3", 2, 3601, 30.5, True, None],
+    "circuit_breaker_initial_recovery_timeout": ["0", "-0", 0, "31536001", 1e20, None],
     "internal_service_api_key": [*SECRET_VALUES, "", "   ", None, f"{MARKER},{MARKER}"],
     "webhook_signing_secret": [
         *SECRET_VALUES, f"{MARKER}!!", f"whsec_{MARKER}%%", "whsec_", f"whsec_{MARKER}-_x"

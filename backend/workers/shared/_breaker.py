@@ -106,6 +106,8 @@ class _Ticket:
 
 
 _LOCAL_CALL = _Ticket(probe=False)
+#: How much longer the breaker stays open after each failed probe (up to recovery_timeout).
+RECOVERY_GROWTH = 1.5
 _SUCCESS, _FAILURE, _RELEASE = "success", "failure", "release"
 
 _registry: dict[str, CircuitBreaker] = {}
@@ -116,8 +118,11 @@ class CircuitBreaker:
     """Stops calling a failing dependency, then lets one probe test it again.
 
     CLOSED: calls pass; ``failure_threshold`` consecutive failures open the breaker.
-    OPEN: calls are refused at once with :class:`CircuitBreakerOpenError`; after
-    ``recovery_timeout`` seconds the next call becomes the probe (HALF_OPEN).
+    OPEN: calls are refused at once with :class:`CircuitBreakerOpenError`; after the open
+    period the next call becomes the probe (HALF_OPEN). The first open period is
+    ``initial_recovery_timeout`` (default: ``recovery_timeout``, a fixed period); each failed
+    probe makes the next one 1.5 times longer, up to ``recovery_timeout``; a closed breaker
+    starts again from the first.
     HALF_OPEN: exactly one probe runs (others are refused); its success closes the breaker,
     its failure opens it again. The probe holds a lease of ``probe_timeout`` seconds
     (default: ``recovery_timeout``); a probe still running when its lease ends decides
@@ -147,6 +152,7 @@ class CircuitBreaker:
         is_failure: Callable[[BaseException], bool] | None = None,
         redis_url: str | None = None,
         *,
+        initial_recovery_timeout: float | None = None,
         probe_timeout: float | None = None,
         key_prefix: str = "worker:breaker:",
         reconnect_interval: float = 1.0,
@@ -157,6 +163,16 @@ class CircuitBreaker:
         self.failure_threshold = check_int("failure_threshold", failure_threshold, minimum=1)
         self.recovery_timeout = check_number(
             "recovery_timeout", recovery_timeout, minimum=0.0, strict=True
+        )
+        self.initial_recovery_timeout = (
+            self.recovery_timeout
+            if initial_recovery_timeout is None
+            else min(
+                self.recovery_timeout,
+                check_number(
+                    "initial_recovery_timeout", initial_recovery_timeout, minimum=0.0, strict=True
+                ),
+            )
         )
         self.expected_exception = check_exceptions(
             "expected_exception", expected_exception, allow_empty=False
@@ -181,6 +197,7 @@ class CircuitBreaker:
         self._state = CircuitState.CLOSED
         self._failures = 0
         self._opened_at = 0.0
+        self._open_for = self.initial_recovery_timeout  # the current open period
         self._probe: _Ticket | None = None  # the local probe holding the lease
         self._probe_until = 0.0
         self._listeners: list[StateListener] = []
@@ -196,6 +213,7 @@ class CircuitBreaker:
                 key_prefix + name,
                 failure_threshold=self.failure_threshold,
                 recovery_timeout=self.recovery_timeout,
+                initial_recovery_timeout=self.initial_recovery_timeout,
                 probe_timeout=self.probe_timeout,
             )
         with _registry_lock:
@@ -225,7 +243,7 @@ class CircuitBreaker:
         with self._lock:
             if (
                 self._state is CircuitState.OPEN
-                and time.monotonic() - self._opened_at >= self.recovery_timeout
+                and time.monotonic() - self._opened_at >= self._open_for
             ):
                 return CircuitState.HALF_OPEN  # the next call will be the probe
             return self._state
@@ -263,6 +281,7 @@ class CircuitBreaker:
             change = self._set_state(CircuitState.CLOSED)
             self._failures = 0
             self._probe = None
+            self._open_for = self.initial_recovery_timeout
         self._emit(change)
 
     def _emit(self, change: tuple[CircuitState, CircuitState] | None) -> None:
@@ -297,6 +316,7 @@ class CircuitBreaker:
             change = self._set_state(observed)
             if observed is CircuitState.CLOSED:
                 self._failures = 0
+                self._open_for = self.initial_recovery_timeout
         self._emit(change)
         return observed
 
@@ -375,7 +395,7 @@ class CircuitBreaker:
                     return _LOCAL_CALL
                 now = time.monotonic()
                 if self._state is CircuitState.OPEN:
-                    wait = self._opened_at + self.recovery_timeout - now
+                    wait = self._opened_at + self._open_for - now
                     if wait > 0:
                         raise CircuitBreakerOpenError(self.name, wait)
                     change = self._set_state(CircuitState.HALF_OPEN)
@@ -408,7 +428,11 @@ class CircuitBreaker:
                     if outcome == _SUCCESS:
                         change = self._set_state(CircuitState.CLOSED)
                         self._failures = 0
+                        self._open_for = self.initial_recovery_timeout
                     elif outcome == _FAILURE:
+                        self._open_for = min(
+                            self._open_for * RECOVERY_GROWTH, self.recovery_timeout
+                        )
                         change = self._set_state(CircuitState.OPEN)
             elif self._state is CircuitState.CLOSED:
                 if outcome == _SUCCESS:
@@ -416,6 +440,7 @@ class CircuitBreaker:
                 elif outcome == _FAILURE:
                     self._failures += 1
                     if self._failures >= self.failure_threshold:
+                        self._open_for = self.initial_recovery_timeout
                         change = self._set_state(CircuitState.OPEN)
                         self._failures = 0
             # OPEN: a call admitted before the breaker opened says nothing new
@@ -521,6 +546,11 @@ def get_breaker(name: str, **kwargs: Any) -> CircuitBreaker:
         current = getattr(existing, key)
         if key == "expected_exception":
             value = check_exceptions(key, value, allow_empty=False)
+        elif key == "initial_recovery_timeout":
+            initial = existing.recovery_timeout if value is None else value
+            value = min(
+                existing.recovery_timeout, check_number(key, initial, minimum=0.0, strict=True)
+            )
         elif key in ("recovery_timeout", "probe_timeout", "reconnect_interval"):
             value = check_number(key, value, minimum=0.0, strict=True)
         if current != value:

@@ -1,11 +1,12 @@
 """A circuit breaker's state in Redis, shared by every process that uses the same key.
 
 Each breaker owns two keys: a hash ``<key>`` (``state``, ``failures``, ``opened_at`` in
-milliseconds of Redis' own clock) and ``<key>:probe``, the half-open probe lease (a token
-with an expiry, so a prober that dies frees the breaker when the lease runs out). Every
-transition is one Lua script, so concurrent processes cannot both count the same failure,
-both open the breaker or both take the probe. Redis' ``TIME`` is the only clock used, so
-hosts with skewed clocks agree.
+milliseconds of Redis' own clock, ``open_ms`` the current open period: the first one, 1.5
+times longer after each failed probe, capped at the recovery timeout) and ``<key>:probe``,
+the half-open probe lease (a token with an expiry, so a prober that dies frees the breaker
+when the lease runs out). Every transition is one Lua script, so concurrent processes cannot
+both count the same failure, both open the breaker or both take the probe. Redis' ``TIME``
+is the only clock used, so hosts with skewed clocks agree.
 
 Only :mod:`_breaker` uses this module, and only when a breaker is given a ``redis_url``;
 ``redis`` is imported here and nowhere else in the retry code.
@@ -28,10 +29,11 @@ CONNECT_TIMEOUT = 0.25
 SOCKET_TIMEOUT = 0.5
 
 # KEYS[1] state hash, KEYS[2] probe lease.
-# ARGV[1] recovery timeout (ms), ARGV[2] probe lease (ms), ARGV[3] token, ARGV[4] key TTL (ms).
+# ARGV[1] recovery timeout (ms, the open period of a hash without open_ms), ARGV[2] probe
+# lease (ms), ARGV[3] token, ARGV[4] key TTL (ms).
 # Returns {state, decision ('call'|'probe'|'reject'), retry_after_ms, failures}.
 _ACQUIRE = """
-local fields = redis.call('HMGET', KEYS[1], 'state', 'failures', 'opened_at')
+local fields = redis.call('HMGET', KEYS[1], 'state', 'failures', 'opened_at', 'open_ms')
 local state = fields[1] or 'closed'
 local failures = tonumber(fields[2]) or 0
 if state == 'closed' then
@@ -40,7 +42,7 @@ end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 if state == 'open' then
-  local wait = (tonumber(fields[3]) or 0) + tonumber(ARGV[1]) - now
+  local wait = (tonumber(fields[3]) or 0) + (tonumber(fields[4]) or tonumber(ARGV[1])) - now
   if wait > 0 then
     return {'open', 'reject', wait, failures}
   end
@@ -58,12 +60,13 @@ return {'half_open', 'reject', left, failures}
 
 # KEYS[1] state hash, KEYS[2] probe lease.
 # ARGV[1] outcome ('success'|'failure'|'release'), ARGV[2] the call's token,
-# ARGV[3] failure threshold, ARGV[4] key TTL (ms).  Returns the state after the outcome.
+# ARGV[3] failure threshold, ARGV[4] key TTL (ms), ARGV[5] first open period (ms),
+# ARGV[6] recovery timeout (ms, the longest open period).  Returns the state after the outcome.
 _RECORD = """
-local function open_breaker()
+local function open_breaker(period)
   local clock = redis.call('TIME')
   local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', now, 'failures', 0)
+  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', now, 'failures', 0, 'open_ms', period)
   return 'open'
 end
 local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
@@ -77,10 +80,11 @@ if state == 'half_open' then
   redis.call('DEL', KEYS[2])
   if outcome == 'success' then
     redis.call('HSET', KEYS[1], 'state', 'closed', 'failures', 0)
-    redis.call('HDEL', KEYS[1], 'opened_at')
+    redis.call('HDEL', KEYS[1], 'opened_at', 'open_ms')
     state = 'closed'
   elseif outcome == 'failure' then
-    state = open_breaker()
+    local last = tonumber(redis.call('HGET', KEYS[1], 'open_ms')) or tonumber(ARGV[5])
+    state = open_breaker(math.min(math.floor(last * 1.5), tonumber(ARGV[6])))
   end
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   return state
@@ -96,21 +100,21 @@ if outcome == 'success' then
 end
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
 if failures >= tonumber(ARGV[3]) then
-  state = open_breaker()
+  state = open_breaker(tonumber(ARGV[5]))
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return state
 """
 
-# KEYS[1] state hash; ARGV[1] recovery timeout (ms). Read-only: the state a caller would
-# meet now (an open breaker past its timeout reads as half_open).
+# KEYS[1] state hash; ARGV[1] recovery timeout (ms, as in _ACQUIRE). Read-only: the state
+# a caller would meet now (an open breaker past its open period reads as half_open).
 _SNAPSHOT = """
-local fields = redis.call('HMGET', KEYS[1], 'state', 'opened_at')
+local fields = redis.call('HMGET', KEYS[1], 'state', 'opened_at', 'open_ms')
 local state = fields[1] or 'closed'
 if state == 'open' then
   local clock = redis.call('TIME')
   local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-  if now - (tonumber(fields[2]) or 0) >= tonumber(ARGV[1]) then
+  if now - (tonumber(fields[2]) or 0) >= (tonumber(fields[3]) or tonumber(ARGV[1])) then
     return 'half_open'
   end
 end
@@ -176,6 +180,7 @@ class RedisBreakerStore:
         *,
         failure_threshold: int,
         recovery_timeout: float,
+        initial_recovery_timeout: float,
         probe_timeout: float,
     ) -> None:
         self.key = key
@@ -183,6 +188,7 @@ class RedisBreakerStore:
         self._keys = [self.key, self.probe_key]
         self._threshold = failure_threshold
         self._recovery_ms = max(1, round(recovery_timeout * 1000))
+        self._initial_ms = min(self._recovery_ms, max(1, round(initial_recovery_timeout * 1000)))
         self._lease_ms = max(1, round(probe_timeout * 1000))
         # Keep an idle breaker's keys a good while, never less than an open period.
         self._ttl_ms = max(3_600_000, 10 * self._recovery_ms, 10 * self._lease_ms)
@@ -218,7 +224,15 @@ class RedisBreakerStore:
         """Report a call's outcome ('success', 'failure' or 'release'); the new state."""
         try:
             reply = self._record(
-                keys=self._keys, args=[outcome, token, self._threshold, self._ttl_ms]
+                keys=self._keys,
+                args=[
+                    outcome,
+                    token,
+                    self._threshold,
+                    self._ttl_ms,
+                    self._initial_ms,
+                    self._recovery_ms,
+                ],
             )
         except redis.RedisError as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc

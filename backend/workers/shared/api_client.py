@@ -295,6 +295,7 @@ def _backend_breaker(config: WorkerConfig) -> CircuitBreaker:
         f"internal-api {_redact.redact_url(config.internal_api_base_url)}",
         failure_threshold=config.circuit_breaker_failure_threshold,
         recovery_timeout=config.circuit_breaker_recovery_timeout,
+        initial_recovery_timeout=config.circuit_breaker_initial_recovery_timeout,
         is_failure=_is_breaker_failure,
         redis_url=config.circuit_breaker_redis_url,
     )

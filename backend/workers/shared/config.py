@@ -275,7 +275,13 @@ class WorkerConfig(BaseSettings):
     api_max_keepalive_connections: int | None = Field(
         None, ge=0, le=1000, description="Idle connections kept (default: all)"
     )
+    circuit_breaker_initial_recovery_timeout: float = Field(
+        1.0, gt=0, le=MAX_SECONDS, description="First open period (s), x1.5 per failed probe"
+    )
     circuit_breaker_redis_url: str | None = Field(None, description="Shared breaker state")
+    execution_lease_seconds: int = Field(
+        30, ge=3, le=3600, description="Lease an ExecutionTask claims (s), heartbeat every 1/3"
+    )
     webhook_signing_secret: SecretStr | None = Field(None, description="Standard Webhooks key")
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Hosts exempt from the private-network block"

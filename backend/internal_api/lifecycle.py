@@ -1,0 +1,460 @@
+"""The backend's repairs of executions (DESIGN.md "Execution lifecycle"): one :func:`run_pass`.
+
+``manage.py run_lifecycle`` calls :func:`run_pass` every ``LIFECYCLE_INTERVAL`` seconds. A pass
+has four steps, each made of short transactions of at most :data:`BATCH` rows:
+
+1. :func:`publish_pending` publishes the outbox (unpublished :class:`Dispatch` rows) and marks
+   them published; a PENDING or QUEUED execution becomes QUEUED with ``queued_at = now``.
+2. :func:`reap`: an IN_PROGRESS execution whose lease expired (or that never had one and did
+   not change for ``UNLEASED_TIMEOUT``) was lost by its worker: ``lost_count + 1``, then ERROR
+   "lost by its worker N times" once it was claimed ``EXECUTION_MAX_ATTEMPTS`` times, else
+   QUEUED and dispatched again (ERROR as well when no task is known to dispatch it with).
+3. :func:`redispatch_queued`: QUEUED and not claimed within ``DISPATCH_TIMEOUT`` (the broker
+   lost the message): dispatched again.
+4. :func:`rehand_webhooks`: terminal with a webhook due, neither delivered nor claimed within
+   ``WEBHOOK_DUE_TIMEOUT``: dispatched again, so that a worker's claim gets the webhook.
+
+Rows are taken with ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several processes
+share the work and never take the same row; SQLite's single writer (``BEGIN IMMEDIATE``)
+serialises them. A step's status changes, events and new outbox rows commit together. The
+outbox is published inside the transaction that holds its rows: a process killed after the
+publish and before the commit leaves them unpublished, and they are published again (a
+duplicate message is harmless: the second claim is refused), never lost.
+
+What the steps would repair now is also what :func:`overdue_counts` counts (the ``lifecycle``
+part of ``GET health/``) and :func:`metrics_text` exposes (``GET metrics/``): the same
+querysets, read from the database, so every gunicorn worker answers the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
+from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerOperationalError
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from backend.internal_api.models import (
+    TERMINAL_STATUSES,
+    Dispatch,
+    DispatchReason,
+    EventReason,
+    ExecutionEvent,
+    ExecutionStatus,
+    WorkflowExecution,
+)
+from backend.internal_api.publish import publish_dispatch
+
+logger = logging.getLogger("backend.lifecycle")
+
+BATCH = 100
+DEFAULT_QUEUE = "celery"
+# Failures that mean the broker cannot be reached now: the rest of the batch waits for the next
+# pass. Any other publish failure concerns its row only, and the next rows are tried.
+_BROKER_DOWN = (BrokerOperationalError, ConnectionError, TimeoutError, OSError)
+
+
+@dataclass
+class PassResult:
+    """What one pass did, by kind of work (the command prints it with ``--once``)."""
+
+    published: int = 0
+    publish_failed: int = 0
+    requeued: int = 0
+    lost: int = 0
+    redispatched: int = 0
+    webhooks_rehanded: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts by name."""
+        return asdict(self)
+
+
+# --- what is overdue: the one definition the steps, health and metrics share ----------------
+
+
+def _no_unpublished_dispatch() -> Q:
+    return ~Q(Exists(Dispatch.objects.filter(execution=OuterRef("pk"), published_at__isnull=True)))
+
+
+def expired_leases(now: datetime) -> QuerySet[WorkflowExecution]:
+    """IN_PROGRESS executions whose lease ran out (their worker stopped renewing it)."""
+    return WorkflowExecution.objects.filter(
+        status=ExecutionStatus.IN_PROGRESS, lease_expires_at__lt=now
+    )
+
+
+def unleased_overdue(now: datetime) -> QuerySet[WorkflowExecution]:
+    """IN_PROGRESS executions without a lease (a plain task's) unchanged for UNLEASED_TIMEOUT."""
+    return WorkflowExecution.objects.filter(
+        status=ExecutionStatus.IN_PROGRESS,
+        lease_expires_at__isnull=True,
+        modified_at__lt=now - timedelta(seconds=settings.UNLEASED_TIMEOUT),
+    )
+
+
+def overdue_dispatches(now: datetime) -> QuerySet[WorkflowExecution]:
+    """QUEUED executions with a known task, not claimed within DISPATCH_TIMEOUT of their
+    last publish, and no message waiting in the outbox."""
+    cutoff = now - timedelta(seconds=settings.DISPATCH_TIMEOUT)
+    return (
+        WorkflowExecution.objects.filter(status=ExecutionStatus.QUEUED)
+        .filter(Q(queued_at__isnull=True) | Q(queued_at__lt=cutoff))
+        .exclude(dispatch_task="")
+        .filter(_no_unpublished_dispatch())
+    )
+
+
+def overdue_webhooks(now: datetime) -> QuerySet[WorkflowExecution]:
+    """Terminal executions with a webhook due, neither delivered nor handed to a worker (nor
+    published for one) within WEBHOOK_DUE_TIMEOUT, with a task to hand it with."""
+    cutoff = now - timedelta(seconds=settings.WEBHOOK_DUE_TIMEOUT)
+    return (
+        WorkflowExecution.objects.filter(
+            status__in=TERMINAL_STATUSES, webhook_delivered_at__isnull=True
+        )
+        .exclude(webhook_id="")
+        .exclude(dispatch_task="")
+        .filter(Q(webhook_handed_at__isnull=True) | Q(webhook_handed_at__lt=cutoff))
+        .filter(Q(queued_at__isnull=True) | Q(queued_at__lt=cutoff))
+        .filter(_no_unpublished_dispatch())
+    )
+
+
+def unpublished_dispatches() -> QuerySet[Dispatch]:
+    """Outbox rows not published yet."""
+    return Dispatch.objects.filter(published_at__isnull=True)
+
+
+def overdue_counts(now: datetime | None = None) -> dict[str, int]:
+    """What is waiting for a repair now: the ``lifecycle`` part of ``GET health/``."""
+    now = now or timezone.now()
+    return {
+        "overdue_leases": expired_leases(now).count() + unleased_overdue(now).count(),
+        "overdue_dispatches": overdue_dispatches(now).count(),
+        "unpublished_dispatches": unpublished_dispatches().count(),
+        "overdue_webhooks": overdue_webhooks(now).count(),
+    }
+
+
+# --- the steps --------------------------------------------------------------------------------
+
+
+def _locked_batch(
+    rows: QuerySet[WorkflowExecution], exclude: Iterable[object] = ()
+) -> list[WorkflowExecution]:
+    """Up to BATCH rows, locked for this transaction; rows another process holds are skipped."""
+    return list(
+        rows.exclude(pk__in=list(exclude))
+        .order_by("pk")
+        .select_for_update(skip_locked=True)[:BATCH]
+    )
+
+
+def _event(
+    execution: WorkflowExecution, to_status: str, reason: str, now: datetime
+) -> ExecutionEvent:
+    return ExecutionEvent(
+        execution=execution,
+        from_status=execution.status,
+        to_status=to_status,
+        at=now,
+        worker=execution.lease_worker,
+        epoch=execution.lease_epoch or None,
+        reason=reason,
+    )
+
+
+def _dispatch(execution: WorkflowExecution, reason: str) -> Dispatch:
+    return Dispatch(
+        execution=execution,
+        task=execution.dispatch_task,
+        queue=execution.dispatch_queue or DEFAULT_QUEUE,
+        reason=reason,
+    )
+
+
+def _log_repair(message: str, execution: WorkflowExecution, repair: str, **fields: object) -> None:
+    logger.info(
+        message,
+        extra={
+            "execution_id": str(execution.pk),
+            "organization_id": execution.organization_id,
+            "repair": repair,
+            **fields,
+        },
+    )
+
+
+def publish_pending(result: PassResult | None = None) -> PassResult:
+    """Step 1: publish the outbox, oldest first, and mark what was published."""
+    result = result or PassResult()
+    failed: list[int] = []
+    while True:
+        with transaction.atomic():
+            batch = list(
+                unpublished_dispatches()
+                .exclude(pk__in=failed)
+                .select_related("execution")
+                .order_by("pk")
+                .select_for_update(skip_locked=True, of=("self",))[:BATCH]
+            )
+            if not batch:
+                return result
+            published: list[Dispatch] = []
+            broker_down = False
+            for row in batch:
+                try:
+                    publish_dispatch(row)
+                except _BROKER_DOWN as exc:
+                    _log_publish_failure(row, exc, broker_down=True)
+                    broker_down = True
+                    break
+                except Exception as exc:  # this row only: the next ones are tried
+                    _log_publish_failure(row, exc, broker_down=False)
+                    failed.append(row.pk)
+                    continue
+                published.append(row)
+            _mark_published(published)
+        result.published += len(published)
+        result.publish_failed += len(batch) - len(published)
+        if broker_down:
+            return result
+
+
+def _log_publish_failure(row: Dispatch, exc: BaseException, *, broker_down: bool) -> None:
+    logger.warning(
+        "dispatch not published; retried next pass",
+        extra={
+            "execution_id": str(row.execution_id),
+            "dispatch_id": row.pk,
+            "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300],
+            "broker_down": broker_down,
+        },
+    )
+
+
+def _mark_published(rows: list[Dispatch]) -> None:
+    """In the transaction that holds ``rows``: published now; executions QUEUED (an event
+    where the status changed) with ``queued_at = now``."""
+    if not rows:
+        return
+    now = timezone.now()
+    Dispatch.objects.filter(pk__in=[row.pk for row in rows]).update(published_at=now)
+    # Locked in id order, so two processes publishing for the same executions wait for each
+    # other instead of deadlocking.
+    executions = list(
+        WorkflowExecution.objects.filter(pk__in={row.execution_id for row in rows})
+        .order_by("pk")
+        .select_for_update()
+        .only("pk", "status", "lease_worker", "lease_epoch")
+    )
+    moving = [e for e in executions if e.status == ExecutionStatus.PENDING]
+    ExecutionEvent.objects.bulk_create(
+        _event(execution, ExecutionStatus.QUEUED, EventReason.DISPATCHED, now)
+        for execution in moving
+    )
+    WorkflowExecution.objects.filter(pk__in=[e.pk for e in moving]).update(
+        status=ExecutionStatus.QUEUED, modified_at=now
+    )
+    WorkflowExecution.objects.filter(pk__in=[e.pk for e in executions]).update(queued_at=now)
+
+
+def reap(result: PassResult | None = None) -> PassResult:
+    """Step 2: executions lost by their workers go back to QUEUED, or end ERROR."""
+    result = result or PassResult()
+    for rows, requeue_reason, lost_reason in (
+        (expired_leases, DispatchReason.LEASE_EXPIRED, EventReason.LOST),
+        (unleased_overdue, DispatchReason.UNLEASED_TIMEOUT, EventReason.UNLEASED_TIMEOUT),
+    ):
+        while _reap_batch(rows, requeue_reason, lost_reason, result):
+            pass
+    return result
+
+
+def _reap_batch(
+    rows: Callable[[datetime], QuerySet[WorkflowExecution]],
+    requeue_reason: str,
+    lost_reason: str,
+    result: PassResult,
+) -> bool:
+    """One transaction of the reaper; False when nothing was left to reap."""
+    with transaction.atomic():
+        now = timezone.now()
+        batch = _locked_batch(rows(now))
+        for execution in batch:
+            lost = execution.lost_count + 1
+            if execution.attempts < settings.EXECUTION_MAX_ATTEMPTS and execution.dispatch_task:
+                _requeue(execution, lost, requeue_reason, now)
+                result.requeued += 1
+            else:
+                _end_lost(execution, lost, lost_reason, now)
+                result.lost += 1
+    return len(batch) == BATCH
+
+
+def _requeue(execution: WorkflowExecution, lost: int, reason: str, now: datetime) -> None:
+    _event(execution, ExecutionStatus.QUEUED, reason, now).save()
+    WorkflowExecution.objects.filter(pk=execution.pk).update(
+        status=ExecutionStatus.QUEUED,
+        lost_count=lost,
+        lease_expires_at=None,
+        queued_at=now,
+        modified_at=now,
+    )
+    _dispatch(execution, reason).save()
+    _log_repair(
+        "execution lost by its worker: dispatched again",
+        execution,
+        reason,
+        lost_count=lost,
+        attempts=execution.attempts,
+    )
+
+
+def _end_lost(execution: WorkflowExecution, lost: int, reason: str, now: datetime) -> None:
+    message = f"lost by its worker {lost} times"
+    if execution.attempts < settings.EXECUTION_MAX_ATTEMPTS:
+        message += "; no task is known to dispatch it again"
+    _event(execution, ExecutionStatus.ERROR, reason, now).save()
+    webhook_id = execution.webhook_id or (
+        f"msg_{uuid.uuid4().hex}" if execution.webhook_url else ""
+    )
+    WorkflowExecution.objects.filter(pk=execution.pk).update(
+        status=ExecutionStatus.ERROR,
+        error_message=message,
+        lost_count=lost,
+        lease_expires_at=None,
+        finished_at=now,
+        modified_at=now,
+        webhook_id=webhook_id,
+    )
+    if webhook_id and execution.dispatch_task:
+        # The completion webhook of the ERROR is due: a worker's claim will get it.
+        _dispatch(execution, DispatchReason.WEBHOOK_DUE).save()
+    _log_repair(
+        "execution lost by its worker: ended ERROR",
+        execution,
+        reason,
+        lost_count=lost,
+        attempts=execution.attempts,
+    )
+
+
+def redispatch_queued(result: PassResult | None = None) -> PassResult:
+    """Step 3: QUEUED executions not claimed within DISPATCH_TIMEOUT are dispatched again."""
+    result = result or PassResult()
+    while True:
+        with transaction.atomic():
+            now = timezone.now()
+            batch = _locked_batch(overdue_dispatches(now))
+            Dispatch.objects.bulk_create(
+                _dispatch(execution, DispatchReason.DISPATCH_TIMEOUT) for execution in batch
+            )
+            WorkflowExecution.objects.filter(pk__in=[e.pk for e in batch]).update(queued_at=now)
+        for execution in batch:
+            _log_repair(
+                "execution not claimed in time: dispatched again",
+                execution,
+                DispatchReason.DISPATCH_TIMEOUT,
+            )
+        result.redispatched += len(batch)
+        if len(batch) < BATCH:
+            return result
+
+
+def rehand_webhooks(result: PassResult | None = None) -> PassResult:
+    """Step 4: webhooks due and not recorded within WEBHOOK_DUE_TIMEOUT are handed again."""
+    result = result or PassResult()
+    while True:
+        with transaction.atomic():
+            now = timezone.now()
+            batch = _locked_batch(overdue_webhooks(now))
+            Dispatch.objects.bulk_create(
+                _dispatch(execution, DispatchReason.WEBHOOK_DUE) for execution in batch
+            )
+            WorkflowExecution.objects.filter(pk__in=[e.pk for e in batch]).update(queued_at=now)
+        for execution in batch:
+            _log_repair(
+                "webhook due and not recorded: handed to a worker again",
+                execution,
+                DispatchReason.WEBHOOK_DUE,
+            )
+        result.webhooks_rehanded += len(batch)
+        if len(batch) < BATCH:
+            return result
+
+
+def run_pass() -> PassResult:
+    """One pass of the four steps; the repairs' new dispatches are published in the same pass."""
+    result = publish_pending()
+    reap(result)
+    redispatch_queued(result)
+    rehand_webhooks(result)
+    if result.requeued or result.lost or result.redispatched or result.webhooks_rehanded:
+        publish_pending(result)
+    return result
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+class _LifecycleCollector(Collector):
+    """The lifecycle's figures, read from the database at each scrape."""
+
+    def collect(self) -> Iterable[Metric]:
+        """Overdue gauges, lost and dispatch counters."""
+        overdue = GaugeMetricFamily(
+            "internal_api_lifecycle_overdue",
+            "Executions waiting for a repair of this kind now (what GET health/ counts)",
+            labels=["kind"],
+        )
+        for name, value in overdue_counts().items():
+            overdue.add_metric([name.removeprefix("overdue_")], value)
+        yield overdue
+        lost = WorkflowExecution.objects.aggregate(total=Sum("lost_count"))["total"] or 0
+        yield CounterMetricFamily(
+            "internal_api_lifecycle_lost",
+            "Times executions were found lost by their workers (lease expired or unleased)",
+            value=lost,
+        )
+        dispatches = CounterMetricFamily(
+            "internal_api_lifecycle_dispatches",
+            "Dispatches (Celery messages) created, by reason",
+            labels=["reason"],
+        )
+        by_reason = dict(
+            Dispatch.objects.values_list("reason")
+            .annotate(n=Count("pk"))
+            .values_list("reason", "n")
+        )
+        for reason in DispatchReason.values:
+            dispatches.add_metric([reason], by_reason.get(reason, 0))
+        yield dispatches
+        executions = GaugeMetricFamily(
+            "internal_api_executions", "Executions by status", labels=["status"]
+        )
+        by_status = dict(
+            WorkflowExecution.objects.values_list("status")
+            .annotate(n=Count("pk"))
+            .values_list("status", "n")
+        )
+        for status in ExecutionStatus.values:
+            executions.add_metric([status], by_status.get(status, 0))
+        yield executions
+
+
+def metrics_text() -> bytes:
+    """``GET metrics/``: the Prometheus text exposition of the lifecycle's figures."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_LifecycleCollector())
+    return generate_latest(registry)
