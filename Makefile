@@ -13,7 +13,7 @@ WSTAMP := $(WORKER_VENV)/.installed
 # "Editable installation" banner at every editable install of a flat layout).
 PIP_INSTALL := -m pip install -qq --disable-pip-version-check
 
-.PHONY: demo test lint bench backend install clean
+.PHONY: demo test lint bench backend lifecycle install clean
 
 # Full environment: worker, backend and test tools.
 $(STAMP): pyproject.toml
@@ -52,6 +52,12 @@ bench: $(STAMP)
 backend: $(STAMP)
 	$(PY) manage.py migrate --noinput
 	exec $(VENV)/bin/gunicorn -c python:backend.internal_api.gunicorn_conf --bind $${BIND:-127.0.0.1:8000}
+
+# The backend's lifecycle process (publishes dispatches, repairs lost executions and webhooks)
+# beside `make backend`, on the same DATABASE_URL, CELERY_BROKER_URL and WORKER_DATA_DIR.
+# exec, as above: the SIGTERM reaches run_lifecycle, which stops after its current pass.
+lifecycle: $(STAMP)
+	exec $(PY) manage.py run_lifecycle
 
 clean:
 	rm -rf $(VENV) $(WORKER_VENV) .data

@@ -1,10 +1,13 @@
 """``make demo``: the backend, a prefork worker fleet and 50 workflow executions, end to end.
 
 Starts the Django backend (SQLite under ``.data/demo``, migrations, an organization, a
-generated key), the example worker (prefork, 4 processes, the filesystem broker unless
-``CELERY_BROKER_URL`` is set), and a local webhook receiver that verifies Standard Webhooks
-signatures; submits 50 executions through the API client, shows a progress bar, prints a
-summary, stops everything it started and exits 0. Any failure exits 1 with the reason.
+generated key) with ``manage.py run_lifecycle`` beside it, the example worker (prefork, 4
+processes, the filesystem broker unless ``CELERY_BROKER_URL`` is set; the backend publishes
+to the same broker), and a local webhook receiver that verifies Standard Webhooks
+signatures. Creates 50 executions through the API client with ``dispatch`` (the backend
+publishes their tasks) and a completion webhook each, shows a progress bar, prints a
+summary (one execution's event history among it), stops everything it started and exits 0.
+Any failure exits 1 with the reason.
 """
 
 from __future__ import annotations
@@ -27,15 +30,15 @@ sys.path.insert(0, str(REPO_ROOT))
 from backend.workers.shared._redact import redact_url  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.e2e.harness import (  # noqa: E402
+    TASK_NAME,
     WebhookReceiver,
     WorkerProcess,
     http_get,
     new_webhook_secret,
-    producer,
-    submit,
     wait_until,
     worker_env,
 )
+from tests.e2e.lifecycle import LifecycleProcess  # noqa: E402
 from tests.live_backend import LiveBackend  # noqa: E402
 
 EXECUTIONS = 50
@@ -86,12 +89,20 @@ def run(data_dir: Path) -> dict[str, Any]:
     broker_url = os.environ.get("CELERY_BROKER_URL") or None
     worker_name = f"demo-worker-{os.getpid()}"
     secret = new_webhook_secret()
-    backend = LiveBackend(data_dir=data_dir / "backend")
+    # The backend publishes to the workers' broker: the same URL (the same folders for the
+    # embedded filesystem broker, under the same WORKER_DATA_DIR).
+    backend = LiveBackend(data_dir=data_dir / "backend", extra_env={
+        "CELERY_BROKER_URL": broker_url or "filesystem://",
+        "WORKER_DATA_DIR": str(data_dir / "worker"),
+    })
+    lifecycle = LifecycleProcess(backend, data_dir / "run_lifecycle.log")
     receiver = WebhookReceiver(secret=secret)
     worker: WorkerProcess | None = None
     try:
-        print("starting the backend (SQLite, migrations, organization, demo key) ...")
+        print("starting the backend (SQLite, migrations, organization, demo key) "
+              "and run_lifecycle beside it ...")
         backend.start()
+        lifecycle.start()
         receiver.start()
         env = worker_env(
             backend_url=backend.url,
@@ -104,7 +115,6 @@ def run(data_dir: Path) -> dict[str, Any]:
             concurrency=CONCURRENCY,
             extra={
                 **DEMO_WORK,
-                "EXAMPLE_WEBHOOK_URL": receiver.url,
                 "WEBHOOK_SIGNING_SECRET": secret,
                 "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1,localhost",
                 "CIRCUIT_BREAKER_RECOVERY_TIMEOUT": "5",
@@ -121,16 +131,18 @@ def run(data_dir: Path) -> dict[str, Any]:
             organization_id=backend.org_id,
             worker_name="demo-submitter",
         )
-        print(f"submitting {EXECUTIONS} executions through the API client ...")
+        print(f"creating {EXECUTIONS} executions through the API client, each dispatched "
+              "by the backend, with a completion webhook ...")
         started = time.monotonic()
+        dispatch = {"task": TASK_NAME, "queue": worker_name}
         with InternalAPIClient(config) as client:
             ids = []
             for n in range(EXECUTIONS):
-                execution = client.create_workflow_execution(f"demo-workflow-{n % 5}",
-                                                              total_files=3)
-                client.update_workflow_execution_status(execution.id, "QUEUED")
+                execution = client.create_workflow_execution(
+                    f"demo-workflow-{n % 5}", total_files=3, dispatch=dispatch,
+                    webhook_url=receiver.url,
+                )
                 ids.append(str(execution.id))
-            submit(producer(env), worker_name, ids, backend.org_id)
 
             shown = [""]
             tty = sys.stdout.isatty()
@@ -152,12 +164,21 @@ def run(data_dir: Path) -> dict[str, Any]:
                     print()
             wall = time.monotonic() - started
             executions = list(client.list_workflow_executions())
+
+            def webhooks() -> list[dict[str, Any]]:
+                return [client.get(f"workflow-executions/{i}/").get("webhook") or {}
+                        for i in ids]
+
+            wait_until(lambda: all(w.get("delivered") for w in webhooks()), 15.0,
+                       "every due webhook recorded delivered")
+            due = webhooks()
             deliveries = list(client.list_webhook_deliveries())
+            example = next(e for e in executions if e.status == "COMPLETED")
+            history = client.get(f"workflow-executions/{example.id}/events/")["results"]
+            lifecycle_counts = client.get("health/").get("lifecycle", {})
 
         completed = [e for e in executions if e.status == "COMPLETED"]
         errors = [e for e in executions if e.status == "ERROR"]
-        wait_until(lambda: len(receiver.verified) + len(receiver.rejected) >= len(completed),
-                   10.0, "the completion webhooks")
         _, metrics = http_get(worker.health_url + "/metrics")
         health_status, health = worker.health("/health")
         (data_dir / "health.json").write_text(json.dumps(health, indent=2) + "\n")
@@ -172,9 +193,14 @@ def run(data_dir: Path) -> dict[str, Any]:
             "retries_in_place": _metric_sum(metrics_text, "worker_retries_total"),
             "api_retries": _metric_sum(metrics_text, "worker_api_retries_total"),
             "task_requeues": _metric_sum(metrics_text, "worker_tasks_total", 'outcome="retry"'),
+            "webhooks_due": sum(1 for w in due if w.get("id")),
             "webhooks_recorded": sum(1 for d in deliveries if d.outcome == "delivered"),
             "webhooks_verified": len(receiver.verified),
+            "webhook_ids_received": len(set(receiver.arrivals)),
             "webhooks_rejected": len(receiver.rejected),
+            "example_id": str(example.id),
+            "example_history": history,
+            "lifecycle": lifecycle_counts,
             "completed": len(completed),
             "health_status": health_status,
             "health": health,
@@ -183,6 +209,7 @@ def run(data_dir: Path) -> dict[str, Any]:
     finally:
         if worker is not None:
             worker.terminate()
+        lifecycle.stop()
         receiver.stop()
         backend.close()
 
@@ -198,9 +225,17 @@ def check(summary: dict[str, Any]) -> None:
         problems.append("an ERROR execution has no error message")
     if summary["webhooks_rejected"]:
         problems.append(f"{summary['webhooks_rejected']} webhook(s) failed verification")
-    if summary["webhooks_verified"] != summary["completed"]:
+    if summary["webhooks_due"] != EXECUTIONS:
+        problems.append(f"{summary['webhooks_due']} webhooks due for {EXECUTIONS} finished "
+                        "executions")
+    if not (summary["webhooks_recorded"] == summary["webhook_ids_received"]
+            == summary["webhooks_due"]):
+        problems.append(f"{summary['webhooks_due']} webhooks due, "
+                        f"{summary['webhook_ids_received']} webhook-ids received, "
+                        f"{summary['webhooks_recorded']} recorded delivered")
+    if summary["webhooks_verified"] < summary["webhooks_due"]:
         problems.append(f"{summary['webhooks_verified']} verified webhooks for "
-                        f"{summary['completed']} completed executions")
+                        f"{summary['webhooks_due']} due")
     if summary["health_status"] != 200:
         problems.append(f"worker /health answered {summary['health_status']}")
     if problems:
@@ -221,8 +256,18 @@ def report(summary: dict[str, Any]) -> None:
           f"p95 {summary['task_time_p95']:.3f}s")
     print(f"retries        {summary['retries_in_place']:.0f} in place (retry/executor), "
           f"{summary['api_retries']:.0f} API, {summary['task_requeues']:.0f} task re-queues")
-    print(f"webhooks       {summary['webhooks_recorded']} delivered (recorded by the backend), "
+    print(f"webhooks       {summary['webhooks_due']} due (one per finished execution), "
+          f"{summary['webhooks_recorded']} delivered (recorded by the backend), "
           f"{summary['webhooks_verified']} signatures verified by the receiver")
+    steps = " -> ".join(
+        [str(summary["example_history"][0]["from"])] if summary["example_history"] else []
+    )
+    for event in summary["example_history"]:
+        epoch = f", epoch {event['epoch']}" if event.get("epoch") else ""
+        steps += f" -> {event['to']} ({event['reason']}{epoch})"
+    print(f"events of {summary['example_id'][:8]} (GET .../events/): {steps}")
+    counts = ", ".join(f"{k} {v}" for k, v in summary["lifecycle"].items())
+    print(f"backend health lifecycle: {counts or 'not reported'}")
     health = summary["health"]
     print(f"worker /health {summary['health_status']} {health.get('status')}  "
           f"(full answer in {summary['health_file']})")

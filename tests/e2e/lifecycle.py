@@ -133,10 +133,7 @@ class Stack:
                **(settings if settings is not None else FAST_LIFECYCLE)}
         kwargs: dict[str, Any] = {"workers": 2, "data_dir": tmp / "backend", "extra_env": env}
         self.backend = LiveBackend.postgres(**kwargs) if postgres else LiveBackend(**kwargs)
-        interval = env.get("LIFECYCLE_INTERVAL")
-        self.lifecycle = LifecycleProcess(
-            self.backend, tmp / "run_lifecycle.log", *(["--interval", interval] if interval else [])
-        )
+        self.lifecycle = LifecycleProcess(self.backend, tmp / "run_lifecycle.log")
 
     def start(self) -> Stack:
         """Start the backend (migrating it), then run_lifecycle."""

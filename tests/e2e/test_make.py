@@ -66,3 +66,44 @@ def test_sigterm_to_make_backend_stops_gunicorn(tmp_path: Path) -> None:
         if make.poll() is None:
             os.killpg(make.pid, signal.SIGKILL)
             make.wait(10)
+
+
+def test_sigterm_to_make_lifecycle_stops_run_lifecycle(tmp_path: Path) -> None:
+    if shutil.which("make") is None:
+        pytest.fail("this test runs `make lifecycle`: GNU make is needed")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CELERY_")},
+        "INTERNAL_SERVICE_API_KEY": make_test_key(),
+        "BACKEND_DATA_DIR": str(tmp_path),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'backend.sqlite3'}",
+        "WORKER_DATA_DIR": str(tmp_path / "data"),
+        "LIFECYCLE_INTERVAL": "0.2",
+    }
+    subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "python"), "manage.py", "migrate",
+                    "--noinput", "-v", "0"], cwd=REPO_ROOT, env=env, check=True, timeout=120)
+    log = tmp_path / "make.log"
+    make = subprocess.Popen(
+        ["make", "--no-print-directory", "-o", ".venv/.installed", "lifecycle"],
+        cwd=REPO_ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+
+    def lifecycles() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline", "environ"])
+                if "run_lifecycle" in (p.info["cmdline"] or [])
+                and (p.info["environ"] or {}).get("BACKEND_DATA_DIR") == str(tmp_path)]
+
+    try:
+        # exec: make's recipe shell became run_lifecycle, so make's child is run_lifecycle.
+        wait_until(lambda: bool(lifecycles()), 60, "`make lifecycle` to run run_lifecycle", 0.2)
+        (process,) = lifecycles()
+        assert process.parent() is not None and process.parent().pid == make.pid
+        make.send_signal(signal.SIGTERM)
+        assert make.wait(30) is not None
+        wait_until(lambda: not lifecycles(), 30, "run_lifecycle to exit after SIGTERM to make")
+    finally:
+        for process in lifecycles():
+            process.kill()
+        if make.poll() is None:
+            os.killpg(make.pid, signal.SIGKILL)
+            make.wait(10)
