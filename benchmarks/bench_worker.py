@@ -12,9 +12,11 @@ Workers, all ``celery worker`` prefork with 4 processes on the same Redis broker
 
 Printed: total PSS (main process plus children, idle after start, from
 ``/proc/<pid>/smaps_rollup``) and time from launch to Celery's "ready" line for each; end to
-end executions per second for (a) and (c) against gunicorn + PostgreSQL; the imports that
-cost most in ``python -X importtime`` of the example worker. Targets: PSS(a) <= 1.2 x PSS(b),
-PSS(a) < PSS(c), throughput(a) / throughput(c) >= 0.5.
+end executions per second for (a) and (c) against gunicorn + PostgreSQL, in alternating
+rounds (the median of each); the imports that cost most in ``python -X importtime`` of the
+example worker. Targets: PSS(a) <= 1.2 x PSS(b), PSS(a) < PSS(c), throughput(a) /
+throughput(c) >= 1.2 (issue 10: the example worker claims, finishes in one call, and that
+is all it asks of the backend).
 
 Needs Redis and PostgreSQL on localhost. Run: ``.venv/bin/python benchmarks/bench_worker.py``.
 """
@@ -25,6 +27,7 @@ import contextlib
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,7 +50,9 @@ WORKER_PYTHON = os.environ.get("WORKER_PYTHON") or next(
     (str(p) for p in [REPO_ROOT / ".venv-worker" / "bin" / "python"] if p.exists()),
     sys.executable,
 )
-EXECUTIONS = 400
+EXECUTIONS = 200
+ROUNDS = 3
+TARGET_THROUGHPUT_RATIO = 1.2
 IDLE_SETTLE = 3.0
 BROKER = "redis://127.0.0.1:6379/14"
 
@@ -286,22 +291,34 @@ def measure(tmp: Path) -> int:
             "c": ("Django ORM worker", sys.executable, "bench_orm", orgs["c"]),
         }
         results: dict[str, dict[str, Any]] = {}
-        for key, (label, python, app, org) in specs.items():
-            env = base_env(backend, f"bench-{key}-{run_id}", org)
-            env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{tmp}"
-            print(f"({key}) {label}: starting ...", file=sys.stderr, flush=True)
-            worker = Worker(label, python, app, env, tmp, tmp / f"{key}.log")
-            try:
+        running: dict[str, Worker] = {}
+        try:
+            for key, (label, python, app, org) in specs.items():
+                env = base_env(backend, f"bench-{key}-{run_id}", org)
+                env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{tmp}"
+                print(f"({key}) {label}: starting ...", file=sys.stderr, flush=True)
+                worker = Worker(label, python, app, env, tmp, tmp / f"{key}.log")
+                running[key] = worker
                 pss, processes = worker.footprint()
                 results[key] = {"label": label, "startup": worker.startup, "pss": pss,
-                                "processes": processes}
-                if key in ("a", "c"):
-                    results[key]["throughput"] = run_throughput(backend, worker, org)
-            finally:
+                                "processes": processes, "rates": []}
+                if key not in ("a", "c"):
+                    running.pop(key).stop()
+            # (a) and (c) stay up (idle in turn) for alternating throughput rounds.
+            for n in range(ROUNDS):
+                for key in ("a", "c"):
+                    print(f"round {n + 1}/{ROUNDS}: ({key}) ...", file=sys.stderr, flush=True)
+                    results[key]["rates"].append(
+                        run_throughput(backend, running[key], specs[key][3]))
+            for key in ("a", "c"):
+                results[key]["throughput"] = statistics.median(results[key]["rates"])
+        finally:
+            for worker in running.values():
                 worker.stop()
         import_env = base_env(backend, "bench-import", orgs["a"])
         total_ms, costly, django_modules = import_costs(import_env)
 
+    print(f"$ python benchmarks/bench_worker.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"workers: prefork, concurrency {CONCURRENCY}, broker {BROKER}; "
           f"backend gunicorn (2 gthread workers) + PostgreSQL")
     print(f"(a), (b) and the import timing run on {WORKER_PYTHON}; (c) on {sys.executable}")
@@ -318,8 +335,13 @@ def measure(tmp: Path) -> int:
     print(f"PSS (a)/(c) = {a['pss'] / c['pss']:.2f}  (target < 1)")
     print(f"start-up (a)/(b) = {a['startup'] / b['startup']:.2f}, "
           f"(a)/(c) = {a['startup'] / c['startup']:.2f}")
-    print(f"throughput (a)/(c) = {a['throughput'] / c['throughput']:.2f}  (target >= 0.5), "
-          f"{EXECUTIONS} executions each, no simulated work")
+    ratios = [x / y for x, y in zip(a["rates"], c["rates"], strict=True)]
+    print(f"throughput (a)/(c) = {a['throughput'] / c['throughput']:.2f}  (target >= "
+          f"{TARGET_THROUGHPUT_RATIO}), medians of {ROUNDS} alternating rounds of {EXECUTIONS} "
+          f"executions each, no simulated work; per round "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}; exec/s (a) "
+          f"{', '.join(f'{r:.1f}' for r in a['rates'])}, (c) "
+          f"{', '.join(f'{r:.1f}' for r in c['rates'])}")
     print(f"python -X importtime, example worker: {total_ms:.0f} ms of imports in all "
           "(self time per package, costliest first):")
     for ms, name in costly:
