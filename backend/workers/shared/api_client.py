@@ -799,8 +799,9 @@ class InternalAPIClient:
         The URL must pass the SSRF guard (:class:`WebhookURLRefusedError` otherwise, with
         nothing sent or recorded). A redirect the guard refuses (or one too many) is recorded
         as ``blocked`` and then raised as :class:`WebhookURLRefusedError`, its ``result``
-        the recorded delivery. With ``execution_id``, the execution is read first, so an
-        unknown one is a :class:`NotFoundError` with nothing sent. The body is signed per
+        the recorded delivery. With ``execution_id``, the execution is read first (unless this
+        context holds its lease: it exists), so an unknown one is a :class:`NotFoundError`
+        with nothing sent. The body is signed per
         Standard Webhooks when ``WEBHOOK_SIGNING_SECRET`` is set; 5xx, 429, timeouts and
         connection failures are retried, a 410 (or another 4xx) stops. A receiver that keeps
         failing is reported in the result (``outcome="failed"``), not raised. When the
@@ -831,9 +832,9 @@ class InternalAPIClient:
         ):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         check_headers(headers or {})
-        if execution_id is not None and webhook_id is None:
+        if execution_id is not None and webhook_id is None and _lease_of(execution_id) is None:
             # The backend refuses to record a delivery of an unknown execution: find out
-            # before the webhook goes out, not after.
+            # before the webhook goes out, not after (a claimed one is known to exist).
             self.get_workflow_execution(execution_id, organization_id=org)
         message_id = webhook_id or new_message_id()
         secret = self.config.webhook_signing_secret
