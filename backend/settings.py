@@ -15,6 +15,22 @@ Variables:
 - ``DATABASE_PREPARE_THRESHOLD``: PostgreSQL only; after this many runs on a connection a
   statement is kept prepared (default 5; ``off`` disables, as a transaction-pooling proxy
   needs).
+
+Execution lifecycle (``lifecycle``, ``publish``; DESIGN.md "Execution lifecycle"):
+
+- ``CELERY_BROKER_URL``: where the backend publishes executions' Celery messages (default
+  ``filesystem://``: the embedded broker in ``WORKER_DATA_DIR/broker``, the workers' folders
+  and transport).
+- ``WORKER_DATA_DIR``: the workers' data folder (default ``.data``), for the embedded broker.
+- ``EXECUTION_MAX_ATTEMPTS``: claims before a lost execution ends ERROR (default 5).
+- ``DISPATCH_TIMEOUT``: seconds a QUEUED execution may wait for its claim before it is
+  dispatched again (default 30).
+- ``UNLEASED_TIMEOUT``: seconds an IN_PROGRESS execution without a lease (a plain task) is
+  left alone (default 3600).
+- ``WEBHOOK_DUE_TIMEOUT``: seconds a due webhook handed to a worker may stay unrecorded
+  before it is handed again (default 60).
+- ``LIFECYCLE_INTERVAL``: seconds between two passes of ``run_lifecycle`` (default 2).
+- ``LEASE_MAX_SECONDS``: the largest ``lease_seconds`` a claim may ask for (default 3600).
 """
 
 from __future__ import annotations
@@ -34,6 +50,30 @@ _TRUE = ("1", "true", "yes", "on")
 
 def _csv(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _number(name: str, default: float, low: float, high: float) -> float:
+    """The environment variable ``name`` as a number from ``low`` to ``high`` (seconds)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw) if raw.isascii() else float("nan")
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:
+        raise ImproperlyConfigured(f"{name}: must be a number from {low:g} to {high:g}")
+    return value
+
+
+def _integer(name: str, default: int, low: int, high: int) -> int:
+    """The environment variable ``name`` as a whole number from ``low`` to ``high``."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit() and low <= int(raw) <= high):
+        raise ImproperlyConfigured(f"{name}: must be a whole number from {low} to {high}")
+    return int(raw)
 
 
 INTERNAL_API_KEYS = tuple(_csv(os.environ.get("INTERNAL_SERVICE_API_KEY", "")))
@@ -165,5 +205,14 @@ SPECTACULAR_SETTINGS = {
         "DeliveryOutcomeEnum": "backend.internal_api.models.DeliveryOutcome",
     },
 }
+
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "").strip() or "filesystem://"
+WORKER_DATA_DIR = Path(os.environ.get("WORKER_DATA_DIR", "").strip() or ".data")
+EXECUTION_MAX_ATTEMPTS = _integer("EXECUTION_MAX_ATTEMPTS", 5, 1, 1000)
+DISPATCH_TIMEOUT = _number("DISPATCH_TIMEOUT", 30.0, 0.1, 86400.0)
+UNLEASED_TIMEOUT = _number("UNLEASED_TIMEOUT", 3600.0, 1.0, 30 * 86400.0)
+WEBHOOK_DUE_TIMEOUT = _number("WEBHOOK_DUE_TIMEOUT", 60.0, 0.1, 86400.0)
+LIFECYCLE_INTERVAL = _number("LIFECYCLE_INTERVAL", 2.0, 0.05, 3600.0)
+LEASE_MAX_SECONDS = _integer("LEASE_MAX_SECONDS", 3600, 1, 2**31 - 1)
 
 LOGGING = logging_config(os.environ.get("LOG_LEVEL", "INFO").upper())

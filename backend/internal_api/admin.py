@@ -1,4 +1,5 @@
-"""Read-only Django admin: people can look at organizations, executions and deliveries."""
+"""Read-only Django admin: people can look at organizations, executions, their dispatches and
+events, and webhook deliveries."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from backend.internal_api.models import Organization, WebhookDelivery, WorkflowExecution
+from backend.internal_api.models import (
+    Dispatch,
+    ExecutionEvent,
+    Organization,
+    WebhookDelivery,
+    WorkflowExecution,
+)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -38,7 +45,16 @@ class OrganizationAdmin(ReadOnlyAdmin):
 class WorkflowExecutionAdmin(ReadOnlyAdmin):
     """Workflow executions, newest first, filterable by status."""
 
-    list_display = ("id", "organization", "workflow_id", "status", "attempts", "created_at")
+    list_display = (
+        "id",
+        "organization",
+        "workflow_id",
+        "status",
+        "attempts",
+        "lease_epoch",
+        "lease_expires_at",
+        "created_at",
+    )
     list_filter = ("status", "organization")
     search_fields = ("id", "workflow_id", "task_id")
     ordering = ("-created_at",)
@@ -50,4 +66,24 @@ class WebhookDeliveryAdmin(ReadOnlyAdmin):
 
     list_display = ("id", "organization", "execution", "outcome", "status_code", "created_at")
     list_filter = ("outcome",)
+    search_fields = ("webhook_id",)
     ordering = ("-created_at",)
+
+
+@admin.register(Dispatch)
+class DispatchAdmin(ReadOnlyAdmin):
+    """The outbox of Celery messages, newest first; unpublished ones have no ``published_at``."""
+
+    list_display = ("id", "execution", "task", "queue", "reason", "created_at", "published_at")
+    list_filter = ("reason",)
+    ordering = ("-id",)
+
+
+@admin.register(ExecutionEvent)
+class ExecutionEventAdmin(ReadOnlyAdmin):
+    """Status changes of executions, newest first."""
+
+    list_display = ("id", "execution", "from_status", "to_status", "reason", "worker", "at")
+    list_filter = ("reason", "to_status")
+    search_fields = ("execution__id",)
+    ordering = ("-id",)

@@ -10,6 +10,13 @@ Status only moves forward: any non-terminal status may jump to a later one, a te
 (COMPLETED, ERROR, STOPPED) never changes, and setting the status an execution already has is a
 no-op, so a retried update is harmless. ``started_at`` is set by the first move to IN_PROGRESS,
 ``finished_at`` by the move to a terminal status.
+
+The execution lifecycle (DESIGN.md, "Execution lifecycle") adds one backward move: the reaper
+(``lifecycle``) and a lease holder's release return an IN_PROGRESS execution to QUEUED. A claim
+takes a lease (``lease_epoch`` bumped, ``lease_expires_at`` set); a :class:`Dispatch` row is the
+outbox of a Celery message still to publish; every status change is an
+:class:`ExecutionEvent`; a terminal execution with a ``webhook_url`` has a webhook due
+(``webhook_id``) until a delivery with that id is recorded.
 """
 
 from __future__ import annotations
@@ -79,9 +86,39 @@ class WorkflowExecution(models.Model):
     modified_at = models.DateTimeField(auto_now=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    webhook_url = models.URLField(max_length=2048, blank=True, default="")
+    dispatch_task = models.CharField(max_length=255, blank=True, default="")
+    dispatch_queue = models.CharField(max_length=255, blank=True, default="")
+    queued_at = models.DateTimeField(
+        null=True, blank=True, help_text="last move to QUEUED or last publish"
+    )
+    lease_epoch = models.PositiveIntegerField(default=0, help_text="bumped by every claim")
+    lease_worker = models.CharField(max_length=255, blank=True, default="")
+    lease_expires_at = models.DateTimeField(null=True, blank=True, help_text="null: no lease")
+    lease_seconds = models.PositiveIntegerField(
+        default=0, help_text="length of the lease taken; a heartbeat renews it by as much"
+    )
+    lost_count = models.PositiveIntegerField(default=0)
+    webhook_id = models.CharField(
+        max_length=40, blank=True, default="", help_text="msg_<32 hex> once a webhook is due"
+    )
+    webhook_handed_at = models.DateTimeField(null=True, blank=True)
+    webhook_delivered_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [
+            # What the lifecycle process scans each pass: the few executions still moving,
+            # and the webhooks due and not delivered.
+            models.Index(
+                fields=["status"],
+                condition=models.Q(status__in=("QUEUED", "IN_PROGRESS")),
+                name="exec_active",
+            ),
+            models.Index(
+                fields=["webhook_handed_at"],
+                condition=models.Q(webhook_delivered_at__isnull=True) & ~models.Q(webhook_id=""),
+                name="exec_webhook_due",
+            ),
             models.Index(fields=["organization", "-created_at", "-id"], name="exec_org_created"),
             models.Index(
                 fields=["organization", "status", "-created_at", "-id"], name="exec_org_status"
@@ -124,9 +161,18 @@ class WebhookDelivery(models.Model):
     duration = models.FloatField(default=0.0, help_text="seconds, all attempts together")
     outcome = models.CharField(max_length=16, choices=DeliveryOutcome.choices)
     error_message = models.TextField(blank=True, default="")
+    webhook_id = models.CharField(max_length=40, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
+        constraints = [
+            # A due webhook is recorded delivered once, whoever delivered it.
+            models.UniqueConstraint(
+                fields=["webhook_id"],
+                condition=models.Q(outcome="delivered") & ~models.Q(webhook_id=""),
+                name="hook_delivered_once",
+            ),
+        ]
         indexes = [
             models.Index(fields=["organization", "-created_at", "-id"], name="hook_org_created"),
             models.Index(
@@ -136,6 +182,78 @@ class WebhookDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"{self.id} {self.outcome}"
+
+
+class DispatchReason(models.TextChoices):
+    """Why a Celery message for an execution was (or is to be) published."""
+
+    CREATED = "created"
+    LEASE_EXPIRED = "lease_expired"
+    DISPATCH_TIMEOUT = "dispatch_timeout"
+    UNLEASED_TIMEOUT = "unleased_timeout"
+    WEBHOOK_DUE = "webhook_due"
+    REQUESTED = "requested"
+
+
+class Dispatch(models.Model):
+    """The outbox: one Celery message to publish for an execution (``published_at`` null
+    until it is)."""
+
+    id = models.BigAutoField(primary_key=True)
+    execution = models.ForeignKey(
+        WorkflowExecution, on_delete=models.CASCADE, related_name="dispatches"
+    )
+    task = models.CharField(max_length=255)
+    queue = models.CharField(max_length=255)
+    reason = models.CharField(max_length=32, choices=DispatchReason.choices)
+    created_at = models.DateTimeField(auto_now_add=True)
+    published_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(
+                fields=["id"],
+                condition=models.Q(published_at__isnull=True),
+                name="dispatch_unpublished",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} {self.task} {self.reason}"
+
+
+class EventReason(models.TextChoices):
+    """What made an execution change status."""
+
+    DISPATCHED = "dispatched"
+    CLAIMED = "claimed"
+    RELEASED = "released"
+    LEASE_EXPIRED = "lease_expired"
+    LOST = "lost"
+    UNLEASED_TIMEOUT = "unleased_timeout"
+    FINISHED = "finished"
+    STATUS = "status"
+
+
+class ExecutionEvent(models.Model):
+    """One status change of an execution (its history, oldest first by ``id``)."""
+
+    id = models.BigAutoField(primary_key=True)
+    execution = models.ForeignKey(
+        WorkflowExecution, on_delete=models.CASCADE, related_name="events"
+    )
+    from_status = models.CharField(max_length=16, choices=ExecutionStatus.choices)
+    to_status = models.CharField(max_length=16, choices=ExecutionStatus.choices)
+    at = models.DateTimeField()
+    worker = models.CharField(max_length=255, blank=True, default="")
+    epoch = models.PositiveIntegerField(null=True, blank=True)
+    reason = models.CharField(max_length=32, choices=EventReason.choices)
+
+    class Meta:
+        indexes = [models.Index(fields=["execution", "id"], name="event_exec")]
+
+    def __str__(self) -> str:
+        return f"{self.execution_id} {self.from_status}->{self.to_status} {self.reason}"
 
 
 class IdempotencyRecord(models.Model):

@@ -1,0 +1,125 @@
+"""Publishing executions' Celery messages: an outbox row (:class:`Dispatch`) to the broker.
+
+The backend publishes with Celery's producer API (``send_task``) on ``CELERY_BROKER_URL``; by
+default the workers' embedded filesystem broker, with the same folders under
+``WORKER_DATA_DIR/broker`` and the same atomic transport
+(``backend.workers.shared._fs_transport``), so a worker started with the defaults consumes
+what the backend publishes. The message is the one a worker's task takes:
+``send_task(task, args=[execution_id], kwargs={"organization_id": ...}, queue=queue)``.
+
+:func:`publish_dispatch` publishes one row and records it (``published_at``, the execution
+PENDING/QUEUED -> QUEUED); ``run_lifecycle`` calls it for rows left unpublished, the create
+view after its commit (:func:`publish_after_commit`). A row published twice (a crash between
+the publish and the commit) is a duplicate message, which the claim makes harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from backend.internal_api.models import Dispatch, WorkflowExecution
+from backend.internal_api.transitions import mark_dispatched
+
+logger = logging.getLogger("backend.internal_api")
+
+FS_TRANSPORT = "backend.workers.shared._fs_transport:Transport"
+# A broker that does not answer must not hold a request long: one quick retry, then the
+# lifecycle process publishes the row on its next pass.
+RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+
+_apps: dict[tuple[str, str], Celery] = {}
+_apps_lock = threading.Lock()
+
+
+def celery_app() -> Celery:
+    """The producer app for the configured broker (one per process and broker)."""
+    key = (settings.CELERY_BROKER_URL, str(settings.WORKER_DATA_DIR))
+    app = _apps.get(key)
+    if app is not None:
+        return app
+    with _apps_lock:
+        app = _apps.get(key)
+        if app is None:
+            app = Celery("backend", set_as_current=False)
+            app.conf.update(_broker_conf(settings.CELERY_BROKER_URL, settings.WORKER_DATA_DIR))
+            _apps[key] = app
+    return app
+
+
+def _broker_conf(url: str, data_dir: Path) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "broker_url": url,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "broker_connection_timeout": 2.0,
+        "broker_connection_retry": False,
+    }
+    if url.startswith("filesystem://"):
+        folders = {name: Path(data_dir) / "broker" / name for name in ("queue", "processed")}
+        folders["control"] = Path(data_dir) / "broker" / "control"
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        conf["broker_transport"] = FS_TRANSPORT
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(folders["queue"]),
+            "data_folder_out": str(folders["queue"]),
+            "processed_folder": str(folders["processed"]),
+            "store_processed": False,
+            "control_folder": str(folders["control"]),
+        }
+    return conf
+
+
+def publish_dispatch(dispatch: Dispatch) -> WorkflowExecution | None:
+    """Send the row's Celery message, then record it: ``published_at = now`` and the
+    execution PENDING/QUEUED -> QUEUED with ``queued_at = now`` (event ``dispatched`` when the
+    status changed). Returns the execution as stored afterwards, or None when it had moved on
+    (claimed, terminal: nothing to change). Raises what the broker raised when sending fails
+    (nothing is recorded then).
+
+    Call it inside the transaction that holds the row locked when several processes publish
+    (``SELECT ... FOR UPDATE SKIP LOCKED``); ``select_related("execution")`` spares a query.
+    """
+    execution = dispatch.execution
+    celery_app().send_task(
+        dispatch.task,
+        args=[str(execution.pk)],
+        kwargs={"organization_id": execution.organization_id},
+        queue=dispatch.queue,
+        retry_policy=RETRY_POLICY,
+    )
+    Dispatch.objects.filter(pk=dispatch.pk).update(published_at=timezone.now())
+    return mark_dispatched(execution.organization_id, execution.pk)
+
+
+def publish_after_commit(dispatch: Dispatch, outcome: list[WorkflowExecution]) -> None:
+    """Publish ``dispatch`` once the current transaction commits, best effort: a failure is
+    logged and left to ``run_lifecycle``. The execution as stored afterwards is appended to
+    ``outcome`` when the publish succeeded."""
+
+    def publish() -> None:
+        try:
+            with transaction.atomic():
+                published = publish_dispatch(dispatch)
+        except Exception as exc:  # any broker or database failure: the outbox keeps the row
+            logger.warning(
+                "dispatch not published; run_lifecycle will publish it",
+                extra={
+                    "dispatch_id": dispatch.pk,
+                    "execution_id": str(dispatch.execution_id),
+                    "error": type(exc).__name__,
+                },
+            )
+            return
+        if published is not None:
+            outcome.append(published)
+
+    transaction.on_commit(publish)
