@@ -137,6 +137,7 @@ class LiveBackend:
             }
         )
         env.pop("DEBUG", None)
+        env.setdefault("WORKER_DATA_DIR", str(self.data_dir))  # the broker it publishes to
         env.update(self._extra_env)
         return env
 

@@ -14,15 +14,21 @@ command after :data:`SOCKET_TIMEOUT`, so a stalled broker cannot hold the outbox
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
 from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
 
-from backend.internal_api.models import Dispatch
+from backend.internal_api.models import Dispatch, WorkflowExecution
+from backend.internal_api.transitions import mark_dispatched
 from backend.workers.shared._redact import redact_url
+
+logger = logging.getLogger("backend.internal_api")
 
 CONNECT_TIMEOUT = 5.0
 SOCKET_TIMEOUT = 10.0
@@ -110,3 +116,31 @@ def broker_problem() -> str | None:
             reason = reason.replace(password, "***")
         return f"CELERY_BROKER_URL: cannot use {shown}: {reason}"
     return None
+
+
+def publish_after_commit(dispatch: Dispatch, outcome: list[WorkflowExecution]) -> None:
+    """Publish ``dispatch`` once the current transaction commits, best effort: a failure is
+    logged and left to ``run_lifecycle``. The execution as stored afterwards is appended to
+    ``outcome`` when the publish succeeded."""
+
+    def publish() -> None:
+        try:
+            with transaction.atomic():
+                publish_dispatch(dispatch)
+                Dispatch.objects.filter(pk=dispatch.pk).update(published_at=timezone.now())
+                published = mark_dispatched(dispatch.execution.organization_id,
+                                            dispatch.execution_id)
+        except Exception as exc:  # any broker or database failure: the outbox keeps the row
+            logger.warning(
+                "dispatch not published; run_lifecycle will publish it",
+                extra={
+                    "dispatch_id": dispatch.pk,
+                    "execution_id": str(dispatch.execution_id),
+                    "error": type(exc).__name__,
+                },
+            )
+            return
+        if published is not None:
+            outcome.append(published)
+
+    transaction.on_commit(publish)

@@ -8,7 +8,6 @@ import socket
 import ssl
 import sys
 import time
-import uuid
 from urllib.parse import urlsplit
 
 from .config import ConfigurationError, WorkerConfig
@@ -109,22 +108,19 @@ def check_backend(config: WorkerConfig) -> str | None:
 
 
 def send(task: str, *, queue: str | None, workflow_id: str | None, wait: float) -> int:
-    """Create an execution and send ``task`` (by name) to a queue with its id as argument.
+    """Create an execution that the backend dispatches: ``task`` (by name) on a queue.
 
-    The configuration is the worker's (environment and ``.env``): the same broker, the same
+    The configuration is the worker's (environment and ``.env``): the same backend, the same
     organization, the queue ``WORKER_NAME`` unless ``queue`` names another. The execution is
-    created with the Celery task id and marked ``QUEUED`` before the message goes out; a
-    message the broker refuses marks it ``ERROR``. The worker module is never imported, so no
-    second health server starts. With ``wait`` > 0, waits that many seconds for a final status.
+    created with ``dispatch``: the backend sends the Celery message (the execution's id as
+    argument, ``organization_id`` as keyword) to its broker, marks it ``QUEUED``, and sends it
+    again if no worker claims it in time. The worker module is never imported, so no second
+    health server starts. With ``wait`` > 0, waits that many seconds for a final status.
 
-    Exit codes: 0 sent (with ``wait``: ended ``COMPLETED``), 2 the configuration is invalid or
-    names no organization, 1 anything else (backend, broker, an end other than ``COMPLETED``,
-    no end in time).
+    Exit codes: 0 created (with ``wait``: ended ``COMPLETED``), 2 the configuration is invalid
+    or names no organization, 1 anything else (the backend refused or failed, an end other
+    than ``COMPLETED``, no end in time).
     """
-    from celery import Celery
-    from kombu.exceptions import KombuError
-
-    from ._redact import scrub
     from .api_client import InternalAPIClient, InternalAPIError
 
     try:
@@ -140,22 +136,14 @@ def send(task: str, *, queue: str | None, workflow_id: str | None, wait: float) 
         )
         return 2
     queue = queue or config.worker_name
-    task_id = str(uuid.uuid4())
-    app = Celery("sender")
-    app.config_from_object(config.get_celery_config())
     try:
         with InternalAPIClient(config) as client:
-            execution = client.create_workflow_execution(workflow_id or task, task_id=task_id)
-            client.update_workflow_execution_status(execution.id, "QUEUED")
-            try:
-                app.send_task(task, args=[execution.id], queue=queue, task_id=task_id)
-            except (KombuError, OSError) as exc:
-                reason = f"not sent: the broker refused the message ({type(exc).__name__})"
-                client.update_workflow_execution_status(execution.id, "ERROR", reason)
-                print(f"execution {execution.id}: {reason}: {scrub(str(exc))}", file=sys.stderr)
-                return 1
+            execution = client.create_workflow_execution(
+                workflow_id or task, dispatch={"task": task, "queue": queue}
+            )
             print(
-                f"execution {execution.id}: {task} sent to queue {queue!r} (task {task_id})",
+                f"execution {execution.id}: {task} sent to queue {queue!r} "
+                "(the backend dispatches it)",
                 flush=True,
             )
             if wait <= 0:
@@ -175,14 +163,12 @@ def send(task: str, *, queue: str | None, workflow_id: str | None, wait: float) 
         print(f"configuration refused by the API client: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted (a task already sent stays queued)", file=sys.stderr)
+        print("\ninterrupted (an execution already created stays queued)", file=sys.stderr)
         return 130
-    finally:
-        app.close()
     if not execution.is_final:
         print(
             f"execution {execution.id}: still {execution.status} after {wait:g}s "
-            f"(is a worker consuming queue {queue!r}?)",
+            f"(is a worker consuming queue {queue!r}, on the backend's broker?)",
             file=sys.stderr,
         )
         return 1
@@ -229,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-backend", action="store_true", help="skip the backend connectivity check"
     )
     send_parser = sub.add_parser(
-        "send", help="create an execution and send a worker's task for it (by task name)"
+        "send", help="create an execution the backend dispatches to a worker's task (by name)"
     )
     send_parser.add_argument("task", help="the Celery task's name, e.g. my_worker.my_task")
     send_parser.add_argument("--queue", help="the queue to send to (default: WORKER_NAME)")

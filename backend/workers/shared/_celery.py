@@ -23,7 +23,9 @@ It runs automatically when a worker follows the seed's Quick Start: from
   ``organization_id`` when the task receives them, bound to the log context for the task
   (any pool: prefork, threads, solo); task count and duration recorded, and the outcome of
   each finished task (the exception type of a failed one, and whether it is transient) for
-  the ``worker_process`` check and ``/readyz``.
+  the ``worker_process`` check and ``/readyz``. A task that takes no ``organization_id``
+  argument (the Quick Start's ``my_task(self, execution_id)``) is not handed the
+  ``organization_id`` keyword that the backend's dispatch adds to every message.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ _lock = threading.Lock()
 _installed = False
 _running: dict[str, tuple[Token[Mapping[str, Any]], Mapping[str, Any], float]] = {}
 _positional: dict[str, tuple[str, ...]] = {}
+_takes_organization: dict[str, bool] = {}
 
 
 def install() -> None:
@@ -244,6 +247,25 @@ def _positional_names(task: Any) -> tuple[str, ...]:
     return names
 
 
+def _takes_org_id(task: Any) -> bool:
+    """Whether the task's function accepts an ``organization_id`` keyword (True when its
+    signature cannot be read: then nothing is dropped)."""
+    known = _takes_organization.get(task.name)
+    if known is None:
+        try:
+            params = inspect.signature(task.run).parameters.values()
+        except (TypeError, ValueError):
+            known = True
+        else:
+            known = any(
+                p.kind is p.VAR_KEYWORD
+                or (p.name == "organization_id" and p.kind is not p.POSITIONAL_ONLY)
+                for p in params
+            )
+        _takes_organization[task.name] = known
+    return known
+
+
 def task_fields(task: Any, args: Any, kwargs: Any) -> dict[str, Any]:
     """The log fields of a task run: id and name are added by the caller; arguments here."""
     found: dict[str, Any] = {}
@@ -265,6 +287,10 @@ def _on_task_prerun(
         return
     from . import logging_utils
 
+    if isinstance(kwargs, dict) and "organization_id" in kwargs and not _takes_org_id(task):
+        # Celery calls the task with this very dict: the keyword is dropped for it, and the
+        # organization still comes from ORGANIZATION_ID, as the task expects.
+        kwargs.pop("organization_id")
     fields = {"task_id": task_id, "task_name": task.name, **task_fields(task, args, kwargs)}
     token, previous = logging_utils.bind_context(fields)
     _running[task_id] = (token, previous, time.perf_counter())

@@ -102,6 +102,17 @@ class ConflictError(InternalAPIError):
     """The request conflicts with the object's state (409), e.g. an illegal transition."""
 
 
+class LeaseLostError(ConflictError):
+    """The task's lease on the execution is gone (409 ``lease_lost``): another worker claimed
+    it, or the reaper took it back. Nothing was applied; the new holder owns the execution,
+    so this task must stop writing about it. Not transient: trying again cannot succeed."""
+
+
+class LeaseHeldError(ConflictError):
+    """Another worker holds a live lease on the execution (409 ``lease_held``);
+    ``retry_after`` is the seconds until that lease runs out (the server's ``Retry-After``)."""
+
+
 class APIValidationError(InternalAPIError):
     """The backend rejected the input (400 or 422); ``detail`` names the problem."""
 

@@ -17,11 +17,18 @@ applies it once.
 
 Operations: ``get_workflow_execution``, ``list_workflow_executions`` (lazy, every page),
 ``create_workflow_execution``, ``update_workflow_execution``,
-``update_workflow_execution_status``, ``delete_workflow_execution``, ``send_webhook``,
-``get_webhook_delivery``, ``list_webhook_deliveries``, ``health_check``, and ``get`` /
-``post`` / ``patch`` / ``put`` / ``delete`` for endpoints not modelled here. Results are
-``WorkflowExecution``, ``WebhookDelivery``, ``BackendHealth`` (pydantic models that keep
-unknown fields in ``model_extra``) and ``WebhookResult``.
+``update_workflow_execution_status``, ``delete_workflow_execution``, the execution lifecycle
+(``claim_execution``, ``heartbeat_execution``, ``release_execution``, ``finish_execution``,
+``list_execution_events``), ``send_webhook``, ``get_webhook_delivery``,
+``list_webhook_deliveries``, ``health_check``, and ``get`` / ``post`` / ``patch`` / ``put`` /
+``delete`` for endpoints not modelled here. Results are ``WorkflowExecution``, ``Claim``,
+``Lease``, ``ExecutionEvent``, ``WebhookDelivery``, ``BackendHealth`` (pydantic models that
+keep unknown fields in ``model_extra``) and ``WebhookResult``.
+
+Fencing: inside :func:`holding_lease` (``ExecutionTask`` enters it for the execution it
+claimed) the writes about that execution (status, ``PATCH``, webhook record) carry
+``X-Lease-Epoch``, so the backend refuses them with ``lease_lost`` once another worker holds
+the execution. The lease lives in a context variable: never on the client, never shared.
 
 Exceptions (every class is importable from this module)::
 
@@ -32,6 +39,10 @@ Exceptions (every class is importable from this module)::
     +-- AuthenticationError          401, 403
     +-- NotFoundError                404 (also another organization's object)
     +-- ConflictError                409 (illegal status transition, ...)
+    |   +-- LeaseLostError           409 lease_lost: the lease is gone, nothing applied;
+    |   |                            stop writing (the new holder owns the execution)
+    |   +-- LeaseHeldError           409 lease_held: another worker holds a live lease;
+    |                                retry_after = seconds until it runs out
     +-- APIValidationError           400, 422
     +-- RateLimitedError             429                                      [transient]
     +-- ServerError                  5xx                                      [transient]
@@ -57,6 +68,7 @@ retry starts past ``API_DEADLINE``. ``str()`` of any error is one line and never
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -64,13 +76,14 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import _http, _metrics, _redact
 from ._errors import (
@@ -82,6 +95,8 @@ from ._errors import (
     AuthenticationError,
     ConflictError,
     InternalAPIError,
+    LeaseHeldError,
+    LeaseLostError,
     NotFoundError,
     OrganizationRequiredError,
     RateLimitedError,
@@ -112,10 +127,17 @@ __all__ = [
     "APIValidationError",
     "AuthenticationError",
     "BackendHealth",
+    "Claim",
     "ConflictError",
+    "ExecutionEvent",
     "ExecutionStatus",
+    "ExecutionWebhook",
+    "HeldLease",
     "InternalAPIClient",
     "InternalAPIError",
+    "Lease",
+    "LeaseHeldError",
+    "LeaseLostError",
     "NotFoundError",
     "OrganizationRequiredError",
     "RateLimitedError",
@@ -126,6 +148,7 @@ __all__ = [
     "WebhookResult",
     "WebhookURLRefusedError",
     "WorkflowExecution",
+    "holding_lease",
 ]
 
 logger = logging.getLogger(__name__)
@@ -142,6 +165,10 @@ _NO_ANSWER: Final = frozenset({"timeout", "connection_error"})  # _reason() of a
 MAX_REQUEST_ID = 200
 _UNSAFE_ID_CHARS = re.compile(r"[^\x21-\x7e]")
 _ID_SEGMENT = re.compile(r"^(?:[0-9a-fA-F-]{32,36}|\d+)$")
+_WEBHOOK_ID = re.compile(r"msg_[0-9a-f]{32}")
+#: Largest lease epoch the backend accepts in ``X-Lease-Epoch``.
+MAX_EPOCH = 2**31
+FINAL_STATUSES: Final = frozenset({"COMPLETED", "ERROR", "STOPPED"})
 
 
 class ExecutionStatus(StrEnum):
@@ -159,6 +186,23 @@ class _Result(BaseModel):
     # Fields the backend adds later are kept (model_extra), never an error. The validator is
     # built on first use, not at import (worker start-up is measured).
     model_config = ConfigDict(extra="allow", frozen=True, defer_build=True)
+
+
+class Lease(_Result):
+    """A worker's lease on an execution: ``epoch`` fences its writes until ``expires_at``."""
+
+    epoch: int
+    worker: str = ""
+    expires_at: datetime | None = None
+
+
+class ExecutionWebhook(_Result):
+    """The completion webhook due for an execution: ``id`` is its ``webhook-id``
+    (``msg_...``, the same on every attempt), ``delivered`` whether it was recorded so."""
+
+    id: str
+    url: str
+    delivered: bool = False
 
 
 class WorkflowExecution(_Result):
@@ -181,11 +225,38 @@ class WorkflowExecution(_Result):
     modified_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    webhook_url: str | None = None
+    lease: Lease | None = None
+    lost_count: int = 0
+    webhook: ExecutionWebhook | None = None
 
     @property
     def is_final(self) -> bool:
         """True once the status can no longer change (``COMPLETED``, ``ERROR``, ``STOPPED``)."""
-        return self.status in ("COMPLETED", "ERROR", "STOPPED")
+        return self.status in FINAL_STATUSES
+
+    @property
+    def webhook_due(self) -> ExecutionWebhook | None:
+        """The completion webhook still to deliver, if any."""
+        return self.webhook if self.webhook is not None and not self.webhook.delivered else None
+
+
+class Claim(_Result):
+    """What a successful claim returns: the execution (as it is now) and the new lease."""
+
+    execution: WorkflowExecution
+    lease: Lease
+
+
+class ExecutionEvent(_Result):
+    """One status change in an execution's history (``from_status`` is ``from``)."""
+
+    from_status: str | None = Field(None, alias="from")
+    to_status: str = Field(alias="to")
+    at: datetime | None = None
+    worker: str = ""
+    epoch: int | None = None
+    reason: str = ""
 
 
 class WebhookDelivery(_Result):
@@ -236,6 +307,50 @@ class WebhookResult:
     def ok(self) -> bool:
         """True when the receiver accepted the webhook (2xx)."""
         return self.outcome == "delivered"
+
+
+@dataclass
+class HeldLease:
+    """The lease a task holds, in a context variable (see :func:`holding_lease`).
+
+    ``finished`` is the execution as a write under this lease left it in a final status
+    (``None`` while the task has not finished it).
+    """
+
+    execution_id: str
+    epoch: int
+    finished: WorkflowExecution | None = None
+
+
+_held_lease: ContextVar[HeldLease | None] = ContextVar("held_lease", default=None)
+
+
+@contextlib.contextmanager
+def holding_lease(execution_id: str, epoch: int) -> Iterator[HeldLease]:
+    """While inside, this context's writes about ``execution_id`` carry ``X-Lease-Epoch``.
+
+    Context-local (threads and asyncio tasks do not see each other's lease); nested blocks
+    restore the outer lease on exit.
+    """
+    held = HeldLease(str(execution_id), _check_epoch(epoch))
+    token = _held_lease.set(held)
+    try:
+        yield held
+    finally:
+        _held_lease.reset(token)
+
+
+def _lease_of(execution_id: str | None) -> HeldLease | None:
+    held = _held_lease.get()
+    if held is None or execution_id is None or held.execution_id != str(execution_id):
+        return None
+    return held
+
+
+def _note_final(execution: WorkflowExecution) -> None:
+    held = _lease_of(execution.id)
+    if held is not None and execution.is_final:
+        held.finished = execution
 
 
 class _Unset:
@@ -425,21 +540,34 @@ class InternalAPIClient:
         self,
         workflow_id: str,
         *,
+        webhook_url: str | None = None,
+        dispatch: dict[str, str] | None = None,
         idempotency_key: str | None = None,
         organization_id: OrgArg = _DEFAULT_ORG,
         **fields: Any,
     ) -> WorkflowExecution:
         """Create an execution (``pipeline_id``, ``total_files``, ``task_id`` optional).
 
-        Retries reuse one ``Idempotency-Key`` (``idempotency_key``, or a fresh one), so a
-        retried create makes one execution.
+        ``webhook_url`` makes a completion webhook due when it ends. ``dispatch``
+        (``{"task": name, "queue": queue}``, queue optional) has the backend send that Celery
+        task for it (args ``[id]``, kwargs ``{"organization_id": ...}``) and move it to
+        ``QUEUED``; the backend sends it again if no worker claims it in time. Retries reuse
+        one ``Idempotency-Key`` (``idempotency_key``, or a fresh one), so a retried create
+        makes one execution.
         """
+        body: dict[str, Any] = {"workflow_id": workflow_id, **fields}
+        if webhook_url is not None:
+            body["webhook_url"] = webhook_url
+        if dispatch is not None:
+            if not isinstance(dispatch, dict) or not isinstance(dispatch.get("task"), str):
+                raise ValueError('dispatch must be {"task": "<celery task name>", "queue": ...}')
+            body["dispatch"] = dispatch
         data = self._org_call(
             "POST",
             "workflow-executions/",
             organization_id,
             "create_workflow_execution",
-            json_body={"workflow_id": workflow_id, **fields},
+            json_body=body,
             idempotency_key=idempotency_key,
         )
         return self._parse(WorkflowExecution, data, "POST", "workflow-executions/")
@@ -457,6 +585,7 @@ class InternalAPIClient:
             "update_workflow_execution",
             json_body=fields,
             endpoint="workflow-executions/{id}/",
+            lease=_lease_of(execution_id),
         )
         return self._parse(WorkflowExecution, data, "PATCH", "workflow-executions/{id}/")
 
@@ -477,15 +606,168 @@ class InternalAPIClient:
         body: dict[str, Any] = {"status": str(status), **fields}
         if error_message is not None:
             body["error_message"] = error_message
+        return self._post_status(
+            execution_id, body, organization_id, "update_workflow_execution_status"
+        )
+
+    def _post_status(
+        self, execution_id: str, body: dict[str, Any], organization_id: OrgArg, operation: str
+    ) -> WorkflowExecution:
         data = self._org_call(
             "POST",
             f"workflow-executions/{_seg(execution_id)}/status/",
             organization_id,
-            "update_workflow_execution_status",
+            operation,
             json_body=body,
             endpoint="workflow-executions/{id}/status/",
+            lease=_lease_of(execution_id),
         )
-        return self._parse(WorkflowExecution, data, "POST", "workflow-executions/{id}/status/")
+        execution: WorkflowExecution = self._parse(
+            WorkflowExecution, data, "POST", "workflow-executions/{id}/status/"
+        )
+        _note_final(execution)
+        return execution
+
+    # --- the execution lifecycle: claim, heartbeat, release, finish, events -----------
+    def claim_execution(
+        self,
+        execution_id: str,
+        *,
+        worker: str,
+        lease_seconds: int,
+        task: str | None = None,
+        queue: str | None = None,
+        organization_id: OrgArg = _DEFAULT_ORG,
+    ) -> Claim:
+        """Claim the execution for ``worker`` with a lease of ``lease_seconds``.
+
+        ``PENDING``/``QUEUED`` (or ``IN_PROGRESS`` whose lease ran out) becomes
+        ``IN_PROGRESS`` under a new epoch; a final execution whose webhook is due is handed
+        out for the webhook only (its status unchanged). ``task`` and ``queue`` let the
+        backend send the task again should this worker lose it. A live lease of another is
+        :class:`LeaseHeldError`; a final execution with nothing due a :class:`ConflictError`
+        (``illegal_transition``).
+        """
+        _check_lease_seconds(lease_seconds)
+        body: dict[str, Any] = {"worker": worker, "lease_seconds": lease_seconds}
+        if task is not None:
+            body["dispatch"] = {"task": task, **({"queue": queue} if queue else {})}
+        data = self._org_call(
+            "POST",
+            f"workflow-executions/{_seg(execution_id)}/claim/",
+            organization_id,
+            "claim_execution",
+            json_body=body,
+            endpoint="workflow-executions/{id}/claim/",
+        )
+        claim: Claim = self._parse(Claim, data, "POST", "workflow-executions/{id}/claim/")
+        return claim
+
+    def heartbeat_execution(
+        self,
+        execution_id: str,
+        epoch: int,
+        *,
+        lease_seconds: int | None = None,
+        organization_id: OrgArg = _DEFAULT_ORG,
+    ) -> Lease:
+        """Extend the lease of ``epoch`` (by ``lease_seconds``, default the claimed length);
+        :class:`LeaseLostError` when that lease is no longer the execution's live one."""
+        body: dict[str, Any] = {"epoch": _check_epoch(epoch)}
+        if lease_seconds is not None:
+            body["lease_seconds"] = _check_lease_seconds(lease_seconds)
+        data = self._org_call(
+            "POST",
+            f"workflow-executions/{_seg(execution_id)}/heartbeat/",
+            organization_id,
+            "heartbeat_execution",
+            json_body=body,
+            endpoint="workflow-executions/{id}/heartbeat/",
+        )
+        lease = data.get("lease") if isinstance(data, dict) else None
+        parsed: Lease = self._parse(Lease, lease, "POST", "workflow-executions/{id}/heartbeat/")
+        return parsed
+
+    def release_execution(
+        self,
+        execution_id: str,
+        epoch: int,
+        retry_in: float | None = None,
+        *,
+        organization_id: OrgArg = _DEFAULT_ORG,
+    ) -> WorkflowExecution:
+        """Give the lease of ``epoch`` back: the execution returns to ``QUEUED``, and the
+        backend's dispatch timeout counts from ``retry_in`` seconds from now (the task's
+        own re-queue countdown). :class:`LeaseLostError` when the lease is already gone."""
+        body: dict[str, Any] = {"epoch": _check_epoch(epoch)}
+        if retry_in is not None:
+            if (
+                isinstance(retry_in, bool)
+                or not isinstance(retry_in, int | float)
+                or not 0 <= retry_in <= 86400
+            ):
+                raise ValueError(f"retry_in must be from 0 to 86400 seconds, got {retry_in!r}")
+            body["retry_in"] = round(float(retry_in), 3)
+        data = self._org_call(
+            "POST",
+            f"workflow-executions/{_seg(execution_id)}/release/",
+            organization_id,
+            "release_execution",
+            json_body=body,
+            endpoint="workflow-executions/{id}/release/",
+        )
+        return self._parse(WorkflowExecution, data, "POST", "workflow-executions/{id}/release/")
+
+    def finish_execution(
+        self,
+        execution_id: str,
+        status: str,
+        *,
+        result: Any = None,
+        error_message: str | None = None,
+        total_files: int | None = None,
+        successful_files: int | None = None,
+        failed_files: int | None = None,
+        execution_time: float | None = None,
+        organization_id: OrgArg = _DEFAULT_ORG,
+    ) -> WorkflowExecution:
+        """End the execution in one call: the final ``status`` (``COMPLETED``, ``ERROR`` or
+        ``STOPPED``) with its result and counts, applied atomically; the lease ends with it.
+
+        The answer carries the webhook now due (``execution.webhook_due``), if any.
+        """
+        if str(status) not in FINAL_STATUSES:
+            raise ValueError(
+                f"finish_execution needs a final status (COMPLETED, ERROR, STOPPED), "
+                f"got {status!r}"
+            )
+        body: dict[str, Any] = {"status": str(status)}
+        optional = {
+            "result": result,
+            "error_message": error_message,
+            "total_files": total_files,
+            "successful_files": successful_files,
+            "failed_files": failed_files,
+            "execution_time": execution_time,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return self._post_status(execution_id, body, organization_id, "finish_execution")
+
+    def list_execution_events(
+        self, execution_id: str, *, organization_id: OrgArg = _DEFAULT_ORG
+    ) -> list[ExecutionEvent]:
+        """The execution's status changes, oldest first."""
+        path = "workflow-executions/{id}/events/"
+        data = self._org_call(
+            "GET",
+            f"workflow-executions/{_seg(execution_id)}/events/",
+            organization_id,
+            "list_execution_events",
+            endpoint=path,
+        )
+        if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+            raise APIResponseError("events answer has no 'results' list", method="GET", path=path)
+        return [self._parse(ExecutionEvent, item, "GET", path) for item in data["results"]]
 
     def delete_workflow_execution(
         self, execution_id: str, *, organization_id: OrgArg = _DEFAULT_ORG
@@ -509,6 +791,7 @@ class InternalAPIClient:
         timeout: float | None = None,
         execution_id: str | None = None,
         *,
+        webhook_id: str | None = None,
         organization_id: OrgArg = _DEFAULT_ORG,
     ) -> WebhookResult:
         """POST ``payload`` as JSON to ``url`` from this worker, and record the delivery.
@@ -516,15 +799,26 @@ class InternalAPIClient:
         The URL must pass the SSRF guard (:class:`WebhookURLRefusedError` otherwise, with
         nothing sent or recorded). A redirect the guard refuses (or one too many) is recorded
         as ``blocked`` and then raised as :class:`WebhookURLRefusedError`, its ``result``
-        the recorded delivery. With ``execution_id``, the execution is read first, so an
-        unknown one is a :class:`NotFoundError` with nothing sent. The body is signed per
+        the recorded delivery. With ``execution_id``, the execution is read first (unless this
+        context holds its lease: it exists), so an unknown one is a :class:`NotFoundError`
+        with nothing sent. The body is signed per
         Standard Webhooks when ``WEBHOOK_SIGNING_SECRET`` is set; 5xx, 429, timeouts and
         connection failures are retried, a 410 (or another 4xx) stops. A receiver that keeps
         failing is reported in the result (``outcome="failed"``), not raised. When the
         webhook went out but the backend would not record it, :class:`WebhookNotRecordedError`
         says so (not transient: sending again would deliver twice).
+
+        ``webhook_id`` (``msg_`` and 32 hex digits) is the id of a webhook the backend made
+        due (``execution.webhook_due.id``): it is the ``webhook-id`` the receiver sees on
+        every attempt, the record carries it (the backend keeps one ``delivered`` record per
+        id), and the execution is not read first (the backend knows it).
         """
         from ._webhooks import check_headers, deliver, new_message_id
+
+        if webhook_id is not None and not (
+            isinstance(webhook_id, str) and _WEBHOOK_ID.fullmatch(webhook_id)
+        ):
+            raise ValueError(f"webhook_id must be msg_ and 32 hex digits, got {webhook_id!r}")
 
         org = self._require_org(organization_id, "send_webhook")
         try:
@@ -538,14 +832,16 @@ class InternalAPIClient:
         ):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         check_headers(headers or {})
-        if execution_id is not None:
+        if execution_id is not None and webhook_id is None and _lease_of(execution_id) is None:
             # The backend refuses to record a delivery of an unknown execution: find out
-            # before the webhook goes out, not after.
+            # before the webhook goes out, not after (a claimed one is known to exist).
             self.get_workflow_execution(execution_id, organization_id=org)
-        message_id = new_message_id()
+        message_id = webhook_id or new_message_id()
         secret = self.config.webhook_signing_secret
         extra_headers = {k.lower(): v for k, v in (headers or {}).items()}
         extra_headers.setdefault("user-agent", self._user_agent)
+        if webhook_id is not None:  # signed or not, the receiver can deduplicate on it
+            extra_headers["webhook-id"] = webhook_id
         report = deliver(
             url=url,
             body=body,
@@ -566,6 +862,8 @@ class InternalAPIClient:
             "outcome": report.outcome,
             "error_message": report.error or "",
         }
+        if webhook_id is not None:
+            record["webhook_id"] = webhook_id
         result = WebhookResult(
             delivery_id="",
             message_id=message_id,
@@ -579,7 +877,14 @@ class InternalAPIClient:
         )
         try:
             data = self._call(
-                "POST", "webhook-deliveries/", org, json_body=record, idempotency_key=message_id
+                "POST",
+                "webhook-deliveries/",
+                org,
+                json_body=record,
+                # A due webhook may be delivered again (handed to another worker): the
+                # backend keeps one delivered record per webhook_id, each record its own key.
+                idempotency_key=uuid.uuid4().hex if webhook_id else message_id,
+                lease=_lease_of(execution_id),
             )
             delivery = self._parse(WebhookDelivery, data, "POST", "webhook-deliveries/")
         except InternalAPIError as exc:
@@ -786,6 +1091,7 @@ class InternalAPIClient:
         timeout: float | None = None,
         retry: bool = True,
         endpoint: str | None = None,
+        lease: HeldLease | None = None,
     ) -> Any:
         if self._closed:
             raise RuntimeError("this InternalAPIClient is closed; open a new one")
@@ -800,6 +1106,8 @@ class InternalAPIClient:
         }
         if organization_id:
             headers["x-organization-id"] = _header_value("organization_id", organization_id)
+        if lease is not None:
+            headers["x-lease-epoch"] = str(lease.epoch)
         body: bytes | None = None
         if json_body is not None or method in ("POST", "PUT", "PATCH"):
             # NaN and infinities are not JSON: refused here, not by the backend.
@@ -930,7 +1238,8 @@ class InternalAPIClient:
         code, detail = _error_body(raw)
         if detail is None:
             detail = f"HTTP {status} {response.reason_phrase}; body {self._excerpt(raw)}"
-        kind = _ERROR_BY_STATUS.get(status)
+        kind = _ERROR_BY_CODE.get(code) if status == 409 else None
+        kind = kind or _ERROR_BY_STATUS.get(status)
         if kind is None:
             kind = ServerError if status >= 500 else APIResponseError
         return kind(
@@ -1036,6 +1345,24 @@ _ERROR_BY_STATUS: dict[int, type[InternalAPIError]] = {
     422: APIValidationError,
     429: RateLimitedError,
 }
+
+
+_ERROR_BY_CODE: dict[str | None, type[InternalAPIError]] = {
+    "lease_lost": LeaseLostError,
+    "lease_held": LeaseHeldError,
+}
+
+
+def _check_epoch(epoch: int) -> int:
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= MAX_EPOCH:
+        raise ValueError(f"epoch must be an integer from 1 to {MAX_EPOCH}, got {epoch!r}")
+    return epoch
+
+
+def _check_lease_seconds(seconds: int) -> int:
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 1:
+        raise ValueError(f"lease_seconds must be a positive integer, got {seconds!r}")
+    return seconds
 
 
 def _reason(error: InternalAPIError) -> str:

@@ -1,9 +1,12 @@
 """The complete example worker: every feature of the shared infrastructure in one module.
 
-Its task ``example_worker.process_execution`` takes a workflow execution's id, moves the
-execution to ``IN_PROGRESS``, does simulated work (its length and failure rates set by the
-environment), records the result, finishes the execution ``COMPLETED`` (or ``ERROR`` on a
-permanent failure), and announces completion with a signed webhook.
+Its task ``example_worker.process_execution`` takes a workflow execution's id. Its base,
+:class:`ExecutionTask`, claims the execution (``IN_PROGRESS`` under a lease, heartbeats while
+it runs); the task does simulated work (its length and failure rates set by the
+environment) and finishes the execution ``COMPLETED`` with its result in one call (a
+permanent failure ends it ``ERROR``); then the completion webhook the backend made due (the
+execution's ``webhook_url``) is delivered, signed, and recorded. Fault-free, that is three
+requests to the backend per execution (claim, finish, webhook record) and the webhook itself.
 
 Run it as a prefork worker with its health server on ``METRICS_PORT``::
 
@@ -22,7 +25,8 @@ Settings of the simulated work (beyond :class:`WorkerConfig`'s):
 ``EXAMPLE_FAILURE_RATE`` (0.0)  chance that an execution's input is invalid (a permanent
 failure: the execution ends ``ERROR``);
 ``EXAMPLE_FLAKE_RATE`` (0.0)  chance that one step hits a passing hiccup (retried in place);
-``EXAMPLE_WEBHOOK_URL`` (unset)  where the completion webhook goes (none when unset).
+``EXAMPLE_WEBHOOK_URL`` (unset)  where the completion webhook goes for an execution created
+without a ``webhook_url`` (none when unset).
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ from celery import Celery, signals
 from . import (
     CircuitBreaker,
     ConfigurationError,
-    ConflictError,
     HealthChecker,
     HealthCheckResult,
     HealthServer,
@@ -58,7 +61,6 @@ from . import (
 from .tasks import ExecutionTask
 
 TASK_NAME = "example_worker.process_execution"
-TERMINAL_STATUSES = frozenset({"COMPLETED", "ERROR", "STOPPED"})
 
 
 @dataclass(frozen=True)
@@ -183,44 +185,33 @@ def do_work(execution_id: str) -> dict[str, Any]:
 def process_execution(
     self: ExecutionTask, execution_id: str, organization_id: str | None = None
 ) -> dict[str, Any]:
-    """Process one workflow execution from its current status to ``COMPLETED``.
+    """Process one workflow execution, claimed for this run by :class:`ExecutionTask`.
 
-    Safe to run again for the same execution (a redelivered message): setting
-    ``IN_PROGRESS`` twice is a no-op, and an execution that is already finished (the move
-    is refused with 409) is left alone. The status update returns the execution, so no
-    separate read is needed.
+    Safe to run again for the same execution (a redelivered message): a second claim is
+    refused while this one holds the lease, or once the execution is final, and that run
+    ends quietly. The claim returned the execution (``self.execution``): no separate read.
     """
     started = time.monotonic()
-    with InternalAPIClient(config) as client:
-        if organization_id:
-            client.set_organization_context(organization_id)
-        try:
-            execution = client.update_workflow_execution_status(
-                execution_id, "IN_PROGRESS", attempts=self.request.retries + 1
-            )
-        except ConflictError:
-            execution = client.get_workflow_execution(execution_id)
-            if execution.status not in TERMINAL_STATUSES:
-                raise
-            logger.info(f"execution already {execution.status}, nothing to do")
-            return {"execution_id": execution_id, "status": execution.status}
-        # task_id and execution_id are bound for every task; add the workflow for this one.
-        with log_context(workflow_id=execution.workflow_id):
-            logger.info("processing execution")
-            result = do_work(execution_id)
-            client.update_workflow_execution(
+    execution = self.execution
+    workflow_id = execution.workflow_id if execution is not None else None
+    # task_id and execution_id are bound for every task; add the workflow for this one.
+    with log_context(workflow_id=workflow_id):
+        logger.info("processing execution")
+        result = do_work(execution_id)
+        elapsed = round(time.monotonic() - started, 6)
+        with InternalAPIClient(config, organization_id=organization_id) as client:
+            finished = client.finish_execution(
                 execution_id,
+                "COMPLETED",
                 result=result,
                 total_files=len(result["files"]),
                 successful_files=len(result["files"]),
                 failed_files=0,
+                execution_time=elapsed,
             )
-            elapsed = time.monotonic() - started
-            client.update_workflow_execution_status(
-                execution_id, "COMPLETED", execution_time=round(elapsed, 6)
-            )
-            logger.info("execution completed", execution_time=round(elapsed, 6))
-            if settings.webhook_url:
+            logger.info("execution completed", execution_time=elapsed)
+            # The webhook the backend made due is ExecutionTask's to deliver, once it returns.
+            if finished.webhook_due is None and settings.webhook_url:
                 notify(client, settings.webhook_url, execution_id, elapsed)
     return {"execution_id": execution_id, "status": "COMPLETED"}
 

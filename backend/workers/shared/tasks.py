@@ -1,16 +1,32 @@
-"""Celery tasks that process one workflow execution: the transient/permanent failure rule.
+"""Celery tasks that process one workflow execution: the lease and the failure rule.
 
 Use :class:`ExecutionTask` as the base of any task that works on an execution::
 
     @app.task(bind=True, base=ExecutionTask)
     def process(self, execution_id: str, organization_id: str | None = None) -> dict: ...
 
-When the task body raises, the failure is sorted once, here:
+**The lease** (``claim_execution``, on by default). Before the body runs, the task claims the
+execution for ``<celery hostname>:<pid>`` with a lease of ``EXECUTION_LEASE_SECONDS`` (its
+name and delivery queue go with the claim, so the backend can send it again). While the body
+runs, a thread heartbeats every third of the lease (a shorter task sends none). The claimed
+execution is ``self.execution`` (no second read), and the body's writes about it carry the
+lease's epoch (``X-Lease-Epoch``). When the body returns without having finished the
+execution itself, it is finished in one call (``COMPLETED``, ``result`` = the return value
+when that is a dict); then the webhook the backend made due is delivered and recorded (SSRF
+guard, signature, ``webhook-id`` = the backend's id). A claim refused with ``lease_held``
+(a duplicate message) or ``illegal_transition`` (already final) ends the task quietly (INFO);
+a claimed execution already final with a webhook due gets the webhook only. A
+``LeaseLostError`` anywhere (another worker owns the execution now) ends the task quietly
+(WARNING): nothing is marked, nothing re-queued. ``claim_execution=False`` turns all of this
+off: the body alone sets the statuses, as the module README's Quick Start task does.
+
+**Failures**, when the task body raises, are sorted once, here:
 
 - **transient** (the backend unreachable or timing out, a 5xx or 429 after the client's own
   retries, an open circuit breaker: any exception whose ``transient`` attribute is true, and
-  every :class:`~backend.workers.shared.retry_utils.CircuitBreakerOpenError`): the task is
-  re-queued with Celery's ``retry``. The countdown is the exception's ``retry_after``
+  every :class:`~backend.workers.shared.retry_utils.CircuitBreakerOpenError`): the lease is
+  given back (``release`` with the countdown as ``retry_in``), then the task is re-queued
+  with Celery's ``retry``. The countdown is the exception's ``retry_after``
   (the server's ``Retry-After`` or the breaker's remaining open time, plus up to a quarter
   more at random) when it has one, else
   exponential backoff with full jitter (``retry_backoff`` doubling up to
@@ -18,8 +34,9 @@ When the task body raises, the failure is sorted once, here:
   ``max_retries`` re-queues are spent does the task give up and mark it. If the broker
   refuses the re-queued task, the message goes back to the queue (Celery would drop it).
 - **permanent** (validation, not found, a conflict, a bug in the task, a soft time limit):
-  the execution is marked ``ERROR`` with a one-line message naming the exception, and the
-  exception propagates so Celery records the failure. A task killed at its hard time limit
+  the execution is marked ``ERROR`` with a one-line message naming the exception (under the
+  lease, and its webhook delivered), and the exception propagates so Celery records the
+  failure. A task killed at its hard time limit
   runs no code of its own: Celery's ``on_failure`` hook in the worker's main process marks
   its execution ``ERROR`` instead (in a thread, so the consumer is never blocked), since the
   message is acknowledged and the task will not run again.
@@ -32,18 +49,27 @@ module adds none of its own.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
+import os
 import random
+import socket
 import threading
-from typing import Any, ClassVar
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import Task
-from celery.exceptions import Reject, TaskPredicate, TimeLimitExceeded
+from celery.exceptions import Reject, Retry, TaskPredicate, TimeLimitExceeded
 
 from . import _redact
 from .config import WorkerConfig
 from .retry_utils import CircuitBreakerOpenError
+
+if TYPE_CHECKING:
+    from .api_client import HeldLease, InternalAPIClient, WorkflowExecution
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +91,8 @@ class ExecutionTask(Task):
     server's ``Retry-After`` (default 120), ``retry_jitter`` full jitter on the backoff and
     up to a quarter added to a ``Retry-After`` (default on), ``worker_config`` the
     :class:`WorkerConfig` used to reach the backend (default: read from the environment on
-    first use).
+    first use), ``claim_execution`` (default on: claim, heartbeat, finish, webhook; off: the
+    body alone sets statuses), ``lease_seconds`` (default ``EXECUTION_LEASE_SECONDS``).
     """
 
     max_retries: ClassVar[int | None] = 20
@@ -73,8 +100,21 @@ class ExecutionTask(Task):
     retry_backoff_max: ClassVar[float] = 120.0
     retry_jitter: ClassVar[bool] = True
     worker_config: ClassVar[WorkerConfig | None] = None
+    claim_execution: ClassVar[bool] = True
+    lease_seconds: ClassVar[int | None] = None
+
+    @property
+    def execution(self) -> WorkflowExecution | None:
+        """The execution this run claimed, as the claim returned it (``None`` without a
+        claim: ``claim_execution=False``, or a plain call outside a worker)."""
+        run = _current_run.get()
+        return run.execution if run is not None else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.request.called_directly and self.claim_execution:
+            execution_id, organization_id = self._execution_of(args, kwargs)
+            if execution_id is not None:
+                return self._run_leased(execution_id, organization_id, args, kwargs)
         try:
             return super().__call__(*args, **kwargs)
         except TaskPredicate:
@@ -82,10 +122,219 @@ class ExecutionTask(Task):
         except Exception as exc:
             if self.request.called_directly:
                 raise  # a plain function call, outside any worker: nothing to re-queue
-            if is_transient(exc):
-                self._requeue(exc, args, kwargs)
-            self._mark_error(exc, args, kwargs)
+            self._fail(exc, args, kwargs)
             raise
+
+    def webhook_payload(self, execution: WorkflowExecution) -> dict[str, Any]:
+        """The body of the execution's completion webhook (override to send another)."""
+        return {
+            "type": f"workflow_execution.{execution.status.lower()}",
+            "execution_id": execution.id,
+            "workflow_id": execution.workflow_id,
+            "status": execution.status,
+            "result": execution.result,
+            "error_message": execution.error_message,
+            "execution_time": execution.execution_time,
+            "finished_at": execution.finished_at.isoformat() if execution.finished_at else None,
+        }
+
+    # --- the leased run: claim, heartbeat, body, finish, webhook ------------------------
+    def _run_leased(
+        self,
+        execution_id: str,
+        organization_id: str | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Claim the execution, run the body under its lease, finish, deliver the webhook."""
+        from .api_client import (
+            ConflictError,
+            InternalAPIClient,
+            LeaseHeldError,
+            LeaseLostError,
+            holding_lease,
+        )
+
+        config = self.config()
+        client = InternalAPIClient(config, organization_id=organization_id)
+        lease_seconds = self.lease_seconds or config.execution_lease_seconds
+        try:
+            claim = client.claim_execution(
+                execution_id,
+                worker=self._worker_name(),
+                lease_seconds=lease_seconds,
+                task=self.name,
+                queue=self._queue_name(),
+            )
+        except (LeaseHeldError, ConflictError) as exc:
+            if isinstance(exc, LeaseHeldError) or exc.error_code == "illegal_transition":
+                # A duplicate message, or one for an execution already done: another run
+                # owns it (or nobody needs to), so this one ends without a trace of failure.
+                logger.info(
+                    "execution not claimed: %s; this run ends",
+                    exc.error_code,
+                    extra={"execution_id": execution_id, "retry_after": exc.retry_after},
+                )
+                return None
+            self._fail(exc, args, kwargs)
+            raise
+        except Exception as exc:
+            self._fail(exc, args, kwargs)
+            raise
+        run = _Run(claim.execution, claim.lease.epoch, organization_id)
+        token = _current_run.set(run)
+        try:
+            with holding_lease(execution_id, claim.lease.epoch) as held:
+                run.held = held
+                return self._run_claimed(client, run, lease_seconds, args, kwargs)
+        except LeaseLostError as exc:
+            logger.warning(
+                "lease lost: another worker owns the execution now; this run ends "
+                "without writing",
+                extra={"execution_id": execution_id, "epoch": run.epoch, "error": str(exc)},
+            )
+            return None
+        finally:
+            _current_run.reset(token)
+
+    def _run_claimed(
+        self,
+        client: InternalAPIClient,
+        run: _Run,
+        lease_seconds: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """The body under the lease (heartbeats while it runs), then the finish."""
+        from .api_client import ConflictError, LeaseLostError
+
+        execution = run.execution
+        if execution.is_final:  # handed out again for its webhook only
+            self._deliver_webhook(client, execution)
+            return None
+        keeper = _LeaseKeeper(self.config(), run, interval=lease_seconds / 3)
+        keeper.start()
+        try:
+            try:
+                retval = super().__call__(*args, **kwargs)
+            finally:
+                keeper.stop()
+            if keeper.lost:
+                raise LeaseLostError(
+                    "the heartbeat found the lease gone", error_code="lease_lost"
+                )
+            finished = run.held.finished if run.held is not None else None
+            if finished is None:
+                try:
+                    finished = client.finish_execution(
+                        execution.id,
+                        "COMPLETED",
+                        result=retval if isinstance(retval, dict) else None,
+                    )
+                except ConflictError as exc:
+                    if exc.error_code != "illegal_transition" or isinstance(exc, LeaseLostError):
+                        raise
+                    logger.info(
+                        "execution already final (stopped meanwhile?); result not recorded",
+                        extra={"execution_id": execution.id},
+                    )
+                    return retval
+        except TaskPredicate as chosen:
+            if isinstance(chosen, Retry):  # the body re-queued itself: give the lease back
+                self._release_lease(_seconds_until(chosen.when))
+            raise
+        except LeaseLostError:
+            raise
+        except Exception as exc:
+            self._fail(exc, args, kwargs)
+            raise
+        self._deliver_webhook(client, finished)
+        return retval
+
+    def _deliver_webhook(self, client: InternalAPIClient, execution: WorkflowExecution) -> None:
+        """Deliver and record the execution's due webhook, if it has one. A failure is
+        logged: the backend keeps the webhook due and hands it out again (same id)."""
+        from .api_client import (
+            InternalAPIError,
+            LeaseLostError,
+            WebhookError,
+            WebhookNotRecordedError,
+        )
+
+        due = execution.webhook_due
+        if due is None:
+            return
+        fields = {"execution_id": execution.id, "webhook_id": due.id}
+        try:
+            sent = client.send_webhook(
+                due.url, self.webhook_payload(execution), execution_id=execution.id,
+                webhook_id=due.id,
+            )
+        except WebhookNotRecordedError as exc:
+            if isinstance(exc.__cause__, LeaseLostError):
+                raise exc.__cause__ from None
+            logger.warning(
+                "completion webhook %s but not recorded: %s; it stays due",
+                exc.result.outcome,
+                exc.__cause__,
+                extra=fields,
+            )
+            return
+        except LeaseLostError:
+            raise
+        except (InternalAPIError, WebhookError, ValueError) as exc:
+            logger.warning("completion webhook not delivered: %s", exc, extra=fields)
+            return
+        level = logging.INFO if sent.ok else logging.WARNING
+        logger.log(
+            level,
+            "completion webhook %s",
+            sent.outcome,
+            extra={**fields, "status_code": sent.status_code, "attempts": sent.attempts},
+        )
+
+    def _release_lease(self, retry_in: float | None) -> None:
+        """Give the held lease back before a re-queue (best effort: if the backend cannot
+        be told, the lease runs out and the backend sends the task again)."""
+        from .api_client import InternalAPIClient
+
+        run = _current_run.get()
+        if run is None:
+            return
+        try:
+            with InternalAPIClient(self.config(), organization_id=run.organization_id) as client:
+                client.release_execution(
+                    run.execution.id,
+                    run.epoch,
+                    retry_in=None if retry_in is None else min(max(retry_in, 0.0), 86400.0),
+                )
+        except Exception as exc:
+            logger.warning(
+                "could not give the lease back before the re-queue: %s",
+                exc,
+                extra={"execution_id": run.execution.id, "error_type": type(exc).__name__},
+            )
+
+    def _worker_name(self) -> str:
+        """``<celery hostname>:<pid>``: who holds a lease, as the backend records it."""
+        host = self.request.hostname or socket.gethostname()
+        return f"{str(host)[:240]}:{os.getpid()}"
+
+    def _queue_name(self) -> str | None:
+        """The queue this message came from, so the backend can send the task there again."""
+        info = self.request.delivery_info or {}
+        queue = (
+            info.get("routing_key")
+            or getattr(self, "queue", None)
+            or self.app.conf.task_default_queue
+        )
+        return str(queue)[:255] if queue else None
+
+    def _fail(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The transient/permanent rule: re-queue (raises ``Retry``) or mark ``ERROR``."""
+        if is_transient(exc):
+            self._requeue(exc, args, kwargs)
+        self._mark_error(exc, args, kwargs)
 
     def transient_countdown(self, exc: BaseException) -> float:
         """Seconds before the re-queued task runs again after the transient ``exc``."""
@@ -123,6 +372,7 @@ class ExecutionTask(Task):
                     "max_retries": self.max_retries,
                 },
             )
+            self._release_lease(countdown)  # so the backend does not send the task twice
         try:
             raise self.retry(exc=exc, countdown=countdown)
         except Reject as rejected:
@@ -185,15 +435,27 @@ class ExecutionTask(Task):
             extra={"execution_id": execution_id, "error_type": type(exc).__name__},
             exc_info=exc,
         )
+        from .api_client import LeaseLostError
+
         self.config()  # built first: it registers the secrets the message is scrubbed of
         message = _error_message(exc, self.request.retries)
-        attempts = self.request.retries + 1
+        run = _current_run.get()
+        # Under a lease the backend counts the attempts (one per claim).
+        attempts = None if run is not None else self.request.retries + 1
         try:
-            self._mark(execution_id, organization_id, message, attempts)
+            marked = self._mark(execution_id, organization_id, message, attempts)
+        except LeaseLostError:
+            raise  # the new holder owns the execution: this run ends quietly
         except Exception as mark_exc:
             if is_transient(mark_exc):
                 self._requeue(mark_exc, args, kwargs)
             _log_not_marked(execution_id, mark_exc)
+            return
+        if run is not None:
+            from .api_client import InternalAPIClient
+
+            with InternalAPIClient(self.config(), organization_id=organization_id) as client:
+                self._deliver_webhook(client, marked)
 
     def _mark_or_log(
         self, execution_id: str, organization_id: str | None, message: str, attempts: int | None
@@ -206,20 +468,22 @@ class ExecutionTask(Task):
 
     def _mark(
         self, execution_id: str, organization_id: str | None, message: str, attempts: int | None
-    ) -> None:
-        """Move the execution to ``ERROR`` with ``message`` (and ``attempts`` when known)."""
+    ) -> WorkflowExecution:
+        """Move the execution to ``ERROR`` with ``message`` (and ``attempts`` when known);
+        under a lease the write is fenced by it (``X-Lease-Epoch``)."""
         from .api_client import InternalAPIClient
 
         fields: dict[str, Any] = {} if attempts is None else {"attempts": attempts}
         with InternalAPIClient(self.config()) as client:
             if organization_id is not None:
                 client.set_organization_context(organization_id)
-            client.update_workflow_execution_status(
+            marked = client.update_workflow_execution_status(
                 execution_id, "ERROR", error_message=message, **fields
             )
         logger.error(
             "execution marked ERROR", extra={"execution_id": execution_id, "error": message}
         )
+        return marked
 
     def _execution_of(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -235,6 +499,77 @@ class ExecutionTask(Task):
             None if execution_id is None else str(execution_id),
             None if organization_id is None else str(organization_id),
         )
+
+
+@dataclass
+class _Run:
+    """One leased run of a task: the claimed execution, its epoch, its organization."""
+
+    execution: WorkflowExecution
+    epoch: int
+    organization_id: str | None
+    held: HeldLease | None = None
+
+
+_current_run: ContextVar[_Run | None] = ContextVar("execution_task_run", default=None)
+
+
+class _LeaseKeeper:
+    """Heartbeats the run's lease every ``interval`` seconds from a thread, while the body
+    runs; ``lost`` turns True when the backend says the lease is gone."""
+
+    def __init__(self, config: WorkerConfig, run: _Run, *, interval: float) -> None:
+        self._config = config
+        self._run = run
+        self._interval = interval
+        self._stopped = threading.Event()
+        self.lost = False
+        # The task's context (its log fields, so its X-Request-ID), not a shared one.
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(self._beat,),
+            name=f"lease-{run.execution.id}",
+            daemon=True,
+        )
+
+    def start(self) -> None:
+        """Start heartbeating (the first one after ``interval``)."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop heartbeating; waits a moment for a heartbeat in flight."""
+        self._stopped.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=min(self._interval, 5.0))
+
+    def _beat(self) -> None:
+        from .api_client import InternalAPIClient, LeaseLostError
+
+        run = self._run
+        fields = {"execution_id": run.execution.id, "epoch": run.epoch}
+        with InternalAPIClient(self._config, organization_id=run.organization_id) as client:
+            while not self._stopped.wait(self._interval):
+                try:
+                    client.heartbeat_execution(run.execution.id, run.epoch)
+                except LeaseLostError:
+                    if not self._stopped.is_set():
+                        self.lost = True
+                        logger.warning("heartbeat: the lease is lost", extra=fields)
+                    return
+                except Exception as exc:  # the next beat tries again; the lease may hold
+                    logger.info(
+                        "heartbeat failed: %s", exc, extra={**fields, "error": type(exc).__name__}
+                    )
+
+
+def _seconds_until(when: Any) -> float | None:
+    """A ``Retry``'s ``when`` (seconds or a datetime) as seconds from now."""
+    if isinstance(when, int | float) and not isinstance(when, bool):
+        return float(when)
+    if isinstance(when, datetime):
+        moment = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+        return (moment - datetime.now(UTC)).total_seconds()
+    return None
 
 
 def _log_not_marked(execution_id: str, exc: Exception) -> None:

@@ -1,0 +1,321 @@
+"""ExecutionTask's lease, run eagerly (``Task.apply``) against a real HTTP server on loopback that
+answers as the lifecycle contract says (tests/fault_server.py): what it sends, in which order,
+and what it does with each answer (``lease_held``, ``lease_lost``, a webhook due). The same
+behaviours against the real backend are in test_lifecycle_live.py."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from backend.workers.shared import ExecutionTask, InternalAPIClient, WorkerConfig, _celery
+from tests.fault_server import FaultServer, Respond
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_sleep")]
+
+TASKS_LOGGER = "backend.workers.shared.tasks"
+EXECUTION_ID = "3f2b6c1e-0000-4000-8000-0000000000c1"
+WEBHOOK_ID = "msg_" + "cd" * 16
+
+
+def execution(status: str = "IN_PROGRESS", **fields: Any) -> dict[str, Any]:
+    return {"id": EXECUTION_ID, "workflow_id": "wf", "status": status, "lost_count": 0,
+            "webhook": None, "lease": None, **fields}
+
+
+def claim(epoch: int = 7, **fields: Any) -> Respond:
+    lease = {"epoch": epoch, "worker": "w", "expires_at": "2026-01-01T00:00:30Z"}
+    return Respond(200, {"execution": execution(lease=lease, **fields), "lease": lease})
+
+
+def refused(code: str, **headers: str) -> Respond:
+    return Respond(409, {"error": code, "detail": f"refused: {code}"}, headers)
+
+
+def due(receiver: FaultServer) -> dict[str, Any]:
+    return {"id": WEBHOOK_ID, "url": f"http://localhost:{receiver.port}/hook", "delivered": False}
+
+
+RECORDED = Respond(201, {"id": "delivery-1", "url": "x", "outcome": "delivered"})
+
+
+@pytest.fixture
+def backend() -> Iterator[FaultServer]:
+    with FaultServer(default=Respond(500, {"error": "unscripted", "detail": "no answer"})) as s:
+        yield s
+
+
+@pytest.fixture
+def receiver() -> Iterator[FaultServer]:
+    with FaultServer(default=Respond(200, b"ok")) as server:
+        yield server
+
+
+def make_config(backend: FaultServer, **overrides: Any) -> WorkerConfig:
+    values: dict[str, Any] = {
+        "_env_file": None,
+        "internal_service_api_key": "swi-test-key-7Q2xK9-lease-unit",
+        "django_app_backend_url": backend.url,
+        "organization_id": "org-a",
+        "api_retry_attempts": 0,
+        "webhook_allowed_hosts": "localhost",
+        "execution_lease_seconds": 3,  # a heartbeat each second
+        "circuit_breaker_failure_threshold": 100,
+    }
+    values.update(overrides)
+    return WorkerConfig(**values)
+
+
+def sent(server: FaultServer) -> list[str]:
+    """``METHOD last-path-segment`` of each request the backend got."""
+    return [f"{r.method} {r.path.rstrip('/').rsplit('/', 1)[1]}" for r in server.requests]
+
+
+def wait_for(server: FaultServer, entry: str) -> None:
+    """Until the server got a request ``entry`` (as :func:`sent` spells it); at most 20 s."""
+    deadline = time.monotonic() + 20
+    while entry not in sent(server):
+        assert time.monotonic() < deadline, sent(server)
+        time.sleep(0.02)
+
+
+def make_task(config: WorkerConfig, body: Any, **options: Any) -> Any:
+    app = Celery(f"lease-unit-{id(body)}")
+    return app.task(bind=True, base=ExecutionTask, worker_config=config, **options)(body)
+
+
+def test_a_fault_free_run_is_three_requests_claim_finish_record(
+    backend: FaultServer, receiver: FaultServer
+) -> None:
+    seen: list[Any] = []
+
+    def body(self: ExecutionTask, execution_id: str) -> dict[str, Any]:
+        seen.append(self.execution)
+        return {"pages": 3}
+
+    task = make_task(make_config(backend), body)
+    backend.push(
+        claim(), Respond(200, execution("COMPLETED", webhook=due(receiver))), RECORDED
+    )
+    outcome = task.apply(args=[EXECUTION_ID])
+    assert outcome.successful() and outcome.result == {"pages": 3}
+    assert sent(backend) == ["POST claim", "POST status", "POST webhook-deliveries"]
+    claim_body, finish, record = (r.json() for r in backend.requests)
+    assert claim_body["lease_seconds"] == 3 and claim_body["worker"].rsplit(":", 1)[1].isdigit()
+    assert claim_body["dispatch"] == {"task": task.name, "queue": "celery"}
+    assert finish == {"status": "COMPLETED", "result": {"pages": 3}}
+    assert record["webhook_id"] == WEBHOOK_ID and record["outcome"] == "delivered"
+    assert [r.headers.get("x-lease-epoch") for r in backend.requests] == [None, "7", "7"]
+    (hook,) = receiver.requests
+    assert hook.headers["webhook-id"] == WEBHOOK_ID
+    assert hook.json()["status"] == "COMPLETED" and hook.json()["execution_id"] == EXECUTION_ID
+    assert seen[0].id == EXECUTION_ID and seen[0].lease.epoch == 7  # the claim's answer
+
+
+@pytest.mark.parametrize("answer", [refused("lease_held", **{"Retry-After": "9"}),
+                                    refused("illegal_transition")])
+def test_a_refused_claim_ends_quietly_without_running_the_body(
+    backend: FaultServer, answer: Respond, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, TASKS_LOGGER)
+    ran: list[str] = []
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        ran.append(execution_id)
+
+    task = make_task(make_config(backend), body)
+    backend.push(answer)
+    outcome = task.apply(args=[EXECUTION_ID])
+    assert outcome.successful() and outcome.result is None and ran == []
+    assert sent(backend) == ["POST claim"]
+    levels = {r.levelno for r in caplog.records if r.name == TASKS_LOGGER}
+    assert levels == {logging.INFO}
+
+
+def test_heartbeats_run_while_the_body_runs(backend: FaultServer) -> None:
+    heartbeat = Respond(200, {"lease": {"epoch": 7, "expires_at": "2026-01-01T00:01:00Z"}})
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        backend.push(heartbeat, heartbeat)
+        wait_for(backend, "POST heartbeat")
+        while sent(backend).count("POST heartbeat") < 2:
+            time.sleep(0.02)
+        backend.push(Respond(200, execution("COMPLETED")))
+
+    task = make_task(make_config(backend), body)
+    backend.push(claim())
+    assert task.apply(args=[EXECUTION_ID]).successful()
+    assert sent(backend) == ["POST claim", "POST heartbeat", "POST heartbeat", "POST status"]
+    assert [r.json() for r in backend.requests[1:3]] == [{"epoch": 7}, {"epoch": 7}]
+
+
+def test_a_lease_lost_at_heartbeat_stops_every_further_write(
+    backend: FaultServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, TASKS_LOGGER)
+
+    def body(self: ExecutionTask, execution_id: str) -> dict[str, Any]:
+        backend.push(refused("lease_lost"))
+        wait_for(backend, "POST heartbeat")
+        return {"late": True}
+
+    task = make_task(make_config(backend), body)
+    backend.push(claim())
+    outcome = task.apply(args=[EXECUTION_ID])
+    assert outcome.successful() and outcome.result is None
+    assert sent(backend) == ["POST claim", "POST heartbeat"]  # no finish, no ERROR mark
+    assert any(r.levelno == logging.WARNING and "lease lost" in r.getMessage()
+               for r in caplog.records if r.name == TASKS_LOGGER)
+
+
+def test_a_write_refused_with_lease_lost_ends_the_task_quietly(backend: FaultServer) -> None:
+    config = make_config(backend)
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        with InternalAPIClient(config) as client:
+            client.update_workflow_execution(execution_id, result={"partial": True})
+
+    task = make_task(config, body)
+    backend.push(claim(), refused("lease_lost"))
+    outcome = task.apply(args=[EXECUTION_ID])
+    assert outcome.successful() and outcome.result is None
+    assert sent(backend) == ["POST claim", f"PATCH {EXECUTION_ID}"]
+    assert backend.requests[1].headers["x-lease-epoch"] == "7"
+
+
+class Hiccup(Exception):
+    transient = True
+
+
+def test_a_transient_failure_gives_the_lease_back_before_the_requeue(
+    backend: FaultServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, TASKS_LOGGER)
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        raise Hiccup("input store busy")
+
+    task = make_task(make_config(backend), body, max_retries=1)
+    released = Respond(200, execution("QUEUED"))
+    backend.push(claim(7), released, claim(8), Respond(200, execution("ERROR")))
+    outcome = task.apply(args=[EXECUTION_ID])  # eager: the re-queued run follows at once
+    assert isinstance(outcome.result, Hiccup)
+    assert sent(backend) == ["POST claim", "POST release", "POST claim", "POST status"]
+    release = backend.requests[1].json()
+    (requeue,) = [r for r in caplog.records
+                  if r.getMessage() == "transient failure, task re-queued"]
+    countdown = round(requeue.countdown, 3)  # type: ignore[attr-defined]
+    assert release == {"epoch": 7, "retry_in": countdown}
+    mark = backend.requests[3]
+    assert mark.json()["status"] == "ERROR" and "attempts" not in mark.json()  # claims count
+    assert mark.headers["x-lease-epoch"] == "8"
+
+
+def test_a_permanent_failure_marks_error_under_the_lease_and_delivers_its_webhook(
+    backend: FaultServer, receiver: FaultServer
+) -> None:
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        raise ValueError("not a document")
+
+    task = make_task(make_config(backend), body)
+    backend.push(claim(), Respond(200, execution("ERROR", webhook=due(receiver))), RECORDED)
+    outcome = task.apply(args=[EXECUTION_ID])
+    assert isinstance(outcome.result, ValueError)
+    assert sent(backend) == ["POST claim", "POST status", "POST webhook-deliveries"]
+    assert backend.requests[1].json()["error_message"] == "ValueError: not a document"
+    assert receiver.requests[0].json()["status"] == "ERROR"
+
+
+def test_a_final_execution_handed_out_gets_its_webhook_only(
+    backend: FaultServer, receiver: FaultServer
+) -> None:
+    ran: list[str] = []
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        ran.append(execution_id)
+
+    task = make_task(make_config(backend), body)
+    backend.push(claim(9, status="COMPLETED", webhook=due(receiver)), RECORDED)
+    assert task.apply(args=[EXECUTION_ID]).successful()
+    assert ran == []
+    assert sent(backend) == ["POST claim", "POST webhook-deliveries"]
+    assert backend.requests[1].headers["x-lease-epoch"] == "9"
+    assert receiver.requests[0].headers["webhook-id"] == WEBHOOK_ID
+
+
+def test_a_body_that_finishes_itself_is_not_finished_twice(
+    backend: FaultServer, receiver: FaultServer
+) -> None:
+    config = make_config(backend)
+
+    def body(self: ExecutionTask, execution_id: str) -> dict[str, str]:
+        with InternalAPIClient(config) as client:  # the Quick Start's way, under the lease
+            client.update_workflow_execution_status(execution_id, "IN_PROGRESS")
+            client.update_workflow_execution_status(execution_id, "COMPLETED")
+        return {"status": "success"}
+
+    task = make_task(config, body)
+    backend.push(
+        claim(),
+        Respond(200, execution("IN_PROGRESS")),
+        Respond(200, execution("COMPLETED", webhook=due(receiver))),
+        RECORDED,
+    )
+    assert task.apply(args=[EXECUTION_ID]).successful()
+    assert sent(backend) == [
+        "POST claim", "POST status", "POST status", "POST webhook-deliveries"
+    ]
+    assert {r.headers.get("x-lease-epoch") for r in backend.requests[1:]} == {"7"}
+
+
+def test_a_body_that_requeues_itself_gives_the_lease_back_first(backend: FaultServer) -> None:
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        if self.request.retries == 0:
+            raise self.retry(countdown=4)
+
+    task = make_task(make_config(backend), body)
+    backend.push(claim(7), Respond(200, execution("QUEUED")), claim(8),
+                 Respond(200, execution("COMPLETED")))
+    assert task.apply(args=[EXECUTION_ID]).successful()
+    assert sent(backend) == ["POST claim", "POST release", "POST claim", "POST status"]
+    assert backend.requests[1].json() == {"epoch": 7, "retry_in": 4.0}
+
+
+def test_claim_execution_false_keeps_the_plain_task(backend: FaultServer) -> None:
+    seen: list[Any] = []
+
+    def body(self: ExecutionTask, execution_id: str) -> str:
+        seen.append(self.execution)
+        return "done"
+
+    task = make_task(make_config(backend), body, claim_execution=False)
+    assert task.apply(args=[EXECUTION_ID]).result == "done"
+    assert seen == [None] and backend.requests == []
+
+
+def test_a_task_without_organization_id_gets_none_from_the_dispatch(
+    backend: FaultServer,
+) -> None:
+    _celery.install()
+    app = Celery("lease-unit-org")
+    got: list[tuple[Any, ...]] = []
+
+    @app.task(bind=True)
+    def plain(self: Any, execution_id: str) -> str:  # the Quick Start's signature
+        got.append((execution_id,))
+        return "ok"
+
+    @app.task(bind=True)
+    def scoped(self: Any, execution_id: str, organization_id: str | None = None) -> str:
+        got.append((execution_id, organization_id))
+        return "ok"
+
+    kwargs = {"organization_id": "org-a"}  # what the backend's dispatch sends
+    assert plain.apply(args=[EXECUTION_ID], kwargs=dict(kwargs)).result == "ok"
+    assert scoped.apply(args=[EXECUTION_ID], kwargs=dict(kwargs)).result == "ok"
+    assert got == [(EXECUTION_ID,), (EXECUTION_ID, "org-a")]
