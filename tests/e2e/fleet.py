@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import threading
 import uuid
 from collections import Counter
@@ -125,11 +126,28 @@ class Fleet:
                      env: dict[str, str] | None = None) -> WorkerProcess:
         """Start one more example worker on the fleet's queue (``python -m`` by default);
         ``env`` overrides some of the fleet's environment for this worker only."""
-        log = self.tmp / f"worker-{len(self.workers)}.log"
-        worker_env = {**self.env, "METRICS_PORT": str(free_port()), **(env or {})}
-        worker = WorkerProcess(worker_env, log, command=command).start()
-        self.workers.append(worker)
+        (worker,) = self.start_workers([env or {}], command)
         return worker
+
+    def start_workers(self, envs: list[dict[str, str]],
+                      command: list[str] | None = None) -> list[WorkerProcess]:
+        """Start one worker per environment override of ``envs`` at once; wait for all.
+
+        Each gets its own health port and Celery node name (two workers of one name on one
+        host clash on RabbitMQ), unless ``command`` is given.
+        """
+        workers = []
+        for env in envs:
+            number = len(self.workers)
+            worker_env = {**self.env, "METRICS_PORT": str(free_port()), **env}
+            node = f"--hostname={worker_env['WORKER_NAME']}-{number}@%h"
+            argv = command or [sys.executable, "-m", "backend.workers.shared.example_worker", node]
+            worker = WorkerProcess(worker_env, self.tmp / f"worker-{number}.log", command=argv)
+            self.workers.append(worker.launch())
+            workers.append(worker)
+        for worker in workers:
+            wait_until(worker.ready, 60, f"worker ready (log: {worker.log_path})", 0.2)
+        return workers
 
     def create(self, count: int) -> list[str]:
         """Create ``count`` executions and move them to QUEUED."""

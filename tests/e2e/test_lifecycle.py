@@ -16,6 +16,7 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,8 @@ def stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str],
     try:
         yield get
     finally:
-        for stack in made.values():
-            stack.close()
+        with ThreadPoolExecutor() as pool:  # each waits for its gunicorn: all at once
+            list(pool.map(Stack.close, made.values()))
 
 
 def worker_pids(worker: Any) -> set[int]:
@@ -84,10 +85,9 @@ def test_kill_9_of_a_whole_worker_mid_task_loses_nothing(
 ) -> None:
     stack = stacks(broker)
     with stack_fleet(stack, tmp_path, concurrency=2,
-                     work={**WORK, "EXAMPLE_WORK_SECONDS": "2"}) as crew:
-        victim = crew.start_worker()
-        survivor = crew.start_worker(env={"MAX_CONCURRENT_TASKS": "4"})
-        ids = crew.dispatch(8)
+                     work={**WORK, "EXAMPLE_WORK_SECONDS": "1.5"}) as crew:
+        victim, survivor = crew.start_workers([{}, {"MAX_CONCURRENT_TASKS": "4"}])
+        ids = crew.dispatch(6)
         lost_with_it = wait_claimed(crew, ids, worker_pids(victim), 30)
         victim.kill()  # SIGKILL to its process group: the main process and every child
         # Every execution done within its lease plus 15 s of the kill.
@@ -175,13 +175,11 @@ def test_kill_9_at_every_point_of_a_task_delivers_each_webhook_once(
             stack, tmp_path, concurrency=1, work={**WORK, **hooks}
         ) as crew:
             queues = {point: f"{crew.name}-{point}" for point in ("claim", "finish", "webhook")}
-            victims = {
-                "claim": crew.start_worker(env={"WORKER_NAME": queues["claim"],
-                                                "EXAMPLE_WORK_SECONDS": "60"}),
-                "finish": crew.start_worker(env={"WORKER_NAME": queues["finish"],
-                                                 "DJANGO_APP_BACKEND_URL": proxy.url}),
-                "webhook": crew.start_worker(env={"WORKER_NAME": queues["webhook"]}),
-            }
+            victims = dict(zip(queues, crew.start_workers([
+                {"WORKER_NAME": queues["claim"], "EXAMPLE_WORK_SECONDS": "60"},
+                {"WORKER_NAME": queues["finish"], "DJANGO_APP_BACKEND_URL": proxy.url},
+                {"WORKER_NAME": queues["webhook"]},
+            ]), strict=True))
             ids = {point: crew.dispatch(1, queue=queue, webhook_url=receiver.url)[0]
                    for point, queue in queues.items()}
             proxy.route(is_finish(ids["finish"]), Forward(stack.backend.url, hold=3600))
@@ -189,7 +187,7 @@ def test_kill_9_at_every_point_of_a_task_delivers_each_webhook_once(
 
             survivor = crew.start_worker(command=[
                 sys.executable, "-m", "backend.workers.shared.example_worker",
-                f"--queues={','.join(queues.values())}",
+                f"--queues={','.join(queues.values())}", f"--hostname={crew.name}-all@%h",
             ])
 
             def delivered() -> bool:
@@ -254,8 +252,7 @@ def test_overdue_work_is_counted_until_repaired_and_others_stay_ready(
     stack = stacks("filesystem")
     with stack_fleet(stack, tmp_path, concurrency=2,
                      work={**WORK, "EXAMPLE_WORK_SECONDS": "3"}) as crew:
-        victim = crew.start_worker()
-        survivor = crew.start_worker()
+        victim, survivor = crew.start_workers([{}, {}])
         stack.lifecycle.stop()
         try:
             ids = crew.dispatch(4)
