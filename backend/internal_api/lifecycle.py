@@ -38,7 +38,6 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
 from django.utils import timezone
-from kombu.exceptions import OperationalError as BrokerOperationalError
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -58,9 +57,9 @@ logger = logging.getLogger("backend.lifecycle")
 
 BATCH = 100
 DEFAULT_QUEUE = "celery"
-# Failures that mean the broker cannot be reached now: the rest of the batch waits for the next
-# pass. Any other publish failure concerns its row only, and the next rows are tried.
-_BROKER_DOWN = (BrokerOperationalError, ConnectionError, TimeoutError, OSError)
+# Publishes failing in a row that stop the step until the next pass: the broker is down (one
+# failure may be its row's own, a queue name the broker refuses: the next rows are tried).
+BROKER_DOWN_AFTER = 2
 
 
 @dataclass
@@ -211,34 +210,33 @@ def publish_pending(result: PassResult | None = None) -> PassResult:
             if not batch:
                 return result
             published: list[Dispatch] = []
-            broker_down = False
+            failures_in_a_row = 0
             for row in batch:
                 try:
                     publish_dispatch(row)
-                except _BROKER_DOWN as exc:
-                    _log_publish_failure(row, exc, broker_down=True)
-                    broker_down = True
-                    break
-                except Exception as exc:  # this row only: the next ones are tried
-                    _log_publish_failure(row, exc, broker_down=False)
+                except Exception as exc:  # whatever the broker raised: the row waits
                     failed.append(row.pk)
+                    result.publish_failed += 1
+                    failures_in_a_row += 1
+                    _log_publish_failure(row, exc)
+                    if failures_in_a_row == BROKER_DOWN_AFTER:
+                        break
                     continue
+                failures_in_a_row = 0
                 published.append(row)
             _mark_published(published)
         result.published += len(published)
-        result.publish_failed += len(batch) - len(published)
-        if broker_down:
+        if failures_in_a_row == BROKER_DOWN_AFTER:
             return result
 
 
-def _log_publish_failure(row: Dispatch, exc: BaseException, *, broker_down: bool) -> None:
+def _log_publish_failure(row: Dispatch, exc: BaseException) -> None:
     logger.warning(
         "dispatch not published; retried next pass",
         extra={
             "execution_id": str(row.execution_id),
             "dispatch_id": row.pk,
             "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300],
-            "broker_down": broker_down,
         },
     )
 

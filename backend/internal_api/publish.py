@@ -26,9 +26,6 @@ from backend.workers.shared._redact import redact_url
 
 CONNECT_TIMEOUT = 5.0
 SOCKET_TIMEOUT = 10.0
-# A failed publish is retried once at once (a pooled connection the broker closed), then
-# the error goes to the caller: the outbox row stays unpublished for the next pass.
-RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
 FILESYSTEM_TRANSPORT = "backend.workers.shared._fs_transport:Transport"
 
 
@@ -78,7 +75,9 @@ def publish_dispatch(dispatch: Dispatch) -> None:
     """Send the Celery message of one outbox row; raises the broker's error if it fails.
 
     The message is ``send_task(task, args=[execution_id], kwargs={"organization_id": ...},
-    queue=queue)``; marking the row published is the caller's (see ``lifecycle``).
+    queue=queue)``; marking the row published is the caller's (see ``lifecycle``). No retry
+    here: a row that failed stays unpublished, and the next pass of ``run_lifecycle`` (a new
+    connection from the pool) is the retry.
     """
     execution = dispatch.execution
     celery_app().send_task(
@@ -86,8 +85,7 @@ def publish_dispatch(dispatch: Dispatch) -> None:
         args=[str(execution.pk)],
         kwargs={"organization_id": execution.organization_id},
         queue=dispatch.queue,
-        retry=True,
-        retry_policy=RETRY_POLICY,
+        retry=False,
     )
 
 
