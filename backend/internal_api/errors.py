@@ -55,13 +55,17 @@ def _escape(char: str) -> str:
 
 
 class APIError(exceptions.APIException):
-    """An error answer with an explicit HTTP status, error code and message."""
+    """An error answer with an explicit HTTP status, error code and message (and headers,
+    such as ``Retry-After``)."""
 
-    def __init__(self, status_code: int, code: str, detail: str) -> None:
+    def __init__(
+        self, status_code: int, code: str, detail: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(detail=detail, code=code)
         self.status_code = status_code
         self.error_code = code
         self.message = detail
+        self.headers = headers or {}
 
 
 def json_error(
@@ -195,7 +199,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse |
     if isinstance(exc, OperationalError | InterfaceError):
         return database_unavailable()
     if isinstance(exc, APIError):
-        return json_error(exc.status_code, exc.error_code, exc.message)
+        return json_error(exc.status_code, exc.error_code, exc.message, exc.headers)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound("not found")
     if not isinstance(exc, exceptions.APIException):

@@ -15,10 +15,14 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from django.conf import settings
+from django.utils import timezone
 from rest_framework import serializers
 
 from backend.internal_api.models import (
+    TERMINAL_STATUSES,
     DeliveryOutcome,
+    EventReason,
     ExecutionStatus,
     WebhookDelivery,
     WorkflowExecution,
@@ -31,6 +35,8 @@ OUTCOME_VALUES = ", ".join(DeliveryOutcome.values)
 # A UUID as the API writes it (or without hyphens), ASCII only: ``uuid.UUID`` alone also takes
 # braces, a ``urn:uuid:`` prefix and non-ASCII digits.
 UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}(-?[0-9a-fA-F]{4}){3}-?[0-9a-fA-F]{12}", re.ASCII)
+WEBHOOK_ID = re.compile(r"msg_[0-9a-f]{32}", re.ASCII)
+MAX_RETRY_IN = 86400.0
 # The JSON type each kind of input field takes (checked before DRF's coercions run).
 _JSON_TYPES: tuple[tuple[type[serializers.Field], tuple[type, ...], str], ...] = (
     (serializers.BooleanField, (bool,), "a boolean"),
@@ -130,12 +136,28 @@ class ResultField(serializers.JSONField):
         return super().to_internal_value(data)
 
 
-def _timestamp(value: datetime | None) -> str | None:
+def timestamp(value: datetime | None) -> str | None:
     """A timestamp as DRF renders it: ISO 8601 in UTC, ``Z`` for the offset."""
     if value is None:
         return None
     text = value.astimezone(UTC).isoformat()
     return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+class LeaseSerializer(serializers.Serializer):
+    """The live lease of an execution: its epoch, holder and expiry."""
+
+    epoch = serializers.IntegerField()
+    worker = serializers.CharField()
+    expires_at = serializers.DateTimeField()
+
+
+class WebhookStateSerializer(serializers.Serializer):
+    """The completion webhook due for an execution (its ``id`` is the ``webhook-id``)."""
+
+    id = serializers.CharField()
+    url = serializers.CharField()
+    delivered = serializers.BooleanField()
 
 
 class ExecutionSerializer(serializers.Serializer):
@@ -163,9 +185,28 @@ class ExecutionSerializer(serializers.Serializer):
     modified_at = serializers.DateTimeField()
     started_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)
+    webhook_url = serializers.CharField(allow_blank=True)
+    lease = LeaseSerializer(allow_null=True, help_text="null: no live lease")
+    lost_count = serializers.IntegerField(help_text="times its worker lost it")
+    webhook = WebhookStateSerializer(allow_null=True, help_text="null: no webhook due")
 
     def to_representation(self, instance: WorkflowExecution) -> dict[str, Any]:
         """The execution as a JSON-ready dictionary."""
+        expires = instance.lease_expires_at
+        lease = None
+        if expires is not None and expires >= timezone.now():
+            lease = {
+                "epoch": instance.lease_epoch,
+                "worker": instance.lease_worker,
+                "expires_at": timestamp(expires),
+            }
+        webhook = None
+        if instance.webhook_id:
+            webhook = {
+                "id": instance.webhook_id,
+                "url": instance.webhook_url,
+                "delivered": instance.webhook_delivered_at is not None,
+            }
         return {
             "id": str(instance.id),
             "organization_id": instance.organization_id,
@@ -180,20 +221,35 @@ class ExecutionSerializer(serializers.Serializer):
             "failed_files": instance.failed_files,
             "result": instance.result,
             "task_id": instance.task_id,
-            "created_at": _timestamp(instance.created_at),
-            "modified_at": _timestamp(instance.modified_at),
-            "started_at": _timestamp(instance.started_at),
-            "finished_at": _timestamp(instance.finished_at),
+            "created_at": timestamp(instance.created_at),
+            "modified_at": timestamp(instance.modified_at),
+            "started_at": timestamp(instance.started_at),
+            "finished_at": timestamp(instance.finished_at),
+            "webhook_url": instance.webhook_url,
+            "lease": lease,
+            "lost_count": instance.lost_count,
+            "webhook": webhook,
         }
 
 
+class DispatchSerializer(StrictSerializer):
+    """The Celery task (and queue) that runs an execution."""
+
+    task = serializers.CharField(max_length=255, help_text="Celery task name")
+    queue = serializers.CharField(max_length=255, required=False, default="celery")
+
+
 class ExecutionCreateSerializer(StrictSerializer):
-    """Body of ``POST workflow-executions/``."""
+    """Body of ``POST workflow-executions/``; with ``dispatch`` the backend publishes it."""
 
     workflow_id = serializers.CharField(max_length=255)
     pipeline_id = serializers.CharField(max_length=255, required=False, allow_null=True)
     total_files = _count(required=False, default=0)
     task_id = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+    webhook_url = serializers.CharField(
+        max_length=2048, required=False, validators=[_http_url], help_text="completion webhook"
+    )
+    dispatch = DispatchSerializer(required=False)
 
 
 class ExecutionUpdateSerializer(StrictSerializer):
@@ -229,6 +285,107 @@ class StatusUpdateSerializer(StrictSerializer):
     )
     attempts = _count(required=False, allow_null=True)
     execution_time = _seconds(required=False, allow_null=True)
+    result = ResultField(required=False, allow_null=True, help_text="terminal status only")
+    total_files = _count(required=False, allow_null=True, help_text="terminal status only")
+    successful_files = _count(required=False, allow_null=True, help_text="terminal status only")
+    failed_files = _count(required=False, allow_null=True, help_text="terminal status only")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """The result and file counts come with a terminal status (a finish) only."""
+        if attrs["status"] not in TERMINAL_STATUSES:
+            extra = sorted(name for name in _FINISH_FIELDS if attrs.get(name) is not None)
+            if extra:
+                raise serializers.ValidationError(
+                    {
+                        name: ["only with a terminal status (COMPLETED, ERROR, STOPPED)"]
+                        for name in extra
+                    }
+                )
+        return attrs
+
+
+_FINISH_FIELDS = ("result", "total_files", "successful_files", "failed_files")
+
+
+class ClaimSerializer(StrictSerializer):
+    """Body of ``POST workflow-executions/{id}/claim/``."""
+
+    worker = serializers.CharField(max_length=255, help_text="the claiming worker's name")
+    lease_seconds = serializers.IntegerField(
+        min_value=1, max_value=settings.LEASE_MAX_SECONDS, required=False, default=30
+    )
+    dispatch = DispatchSerializer(required=False, help_text="how to dispatch it again")
+
+
+class HeartbeatSerializer(StrictSerializer):
+    """Body of ``POST workflow-executions/{id}/heartbeat/``."""
+
+    epoch = serializers.IntegerField(min_value=1, max_value=MAX_INT)
+    lease_seconds = serializers.IntegerField(
+        min_value=1,
+        max_value=settings.LEASE_MAX_SECONDS,
+        required=False,
+        help_text="default: the length the claim took",
+    )
+
+
+class ReleaseSerializer(StrictSerializer):
+    """Body of ``POST workflow-executions/{id}/release/``."""
+
+    epoch = serializers.IntegerField(min_value=1, max_value=MAX_INT)
+    retry_in = serializers.FloatField(
+        min_value=0.0,
+        max_value=MAX_RETRY_IN,
+        required=False,
+        default=0.0,
+        help_text="seconds until it is due for dispatch again",
+    )
+
+
+class LeaseGrantSerializer(serializers.Serializer):
+    """The lease a claim took."""
+
+    epoch = serializers.IntegerField()
+    expires_at = serializers.DateTimeField()
+
+
+class ClaimResultSerializer(serializers.Serializer):
+    """Answer of a claim: the execution and its new lease."""
+
+    execution = ExecutionSerializer()
+    lease = LeaseGrantSerializer()
+
+
+class HeartbeatResultSerializer(serializers.Serializer):
+    """Answer of a heartbeat: the extended lease."""
+
+    lease = LeaseSerializer()
+
+
+class EventSerializer(serializers.Serializer):
+    """One status change of an execution (``from`` and ``to`` are statuses)."""
+
+    from_status = serializers.ChoiceField(choices=ExecutionStatus.choices)
+    to_status = serializers.ChoiceField(choices=ExecutionStatus.choices)
+    at = serializers.DateTimeField()
+    worker = serializers.CharField(allow_blank=True)
+    epoch = serializers.IntegerField(allow_null=True)
+    reason = serializers.ChoiceField(choices=EventReason.choices)
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        """The fields under their wire names (``from`` is a Python keyword)."""
+        fields = super().get_fields()
+        fields["from"] = fields.pop("from_status")
+        fields["to"] = fields.pop("to_status")
+        fields["from"].source = "from_status"
+        fields["to"].source = "to_status"
+        return fields
+
+
+class EventListSerializer(serializers.Serializer):
+    """The event history of an execution, oldest first."""
+
+    results = EventSerializer(many=True)
 
 
 class WebhookDeliverySerializer(serializers.ModelSerializer):
@@ -249,6 +406,7 @@ class WebhookDeliverySerializer(serializers.ModelSerializer):
             "duration",
             "outcome",
             "error_message",
+            "webhook_id",
             "created_at",
         ]
         read_only_fields = fields
@@ -273,6 +431,18 @@ class WebhookDeliveryCreateSerializer(StrictSerializer):
     error_message = serializers.CharField(
         max_length=10000, required=False, allow_blank=True, default="", trim_whitespace=False
     )
+    webhook_id = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="msg_ and 32 hex digits: the webhook-id of a due webhook",
+    )
+
+    def validate_webhook_id(self, value: str) -> str:
+        """``msg_`` and 32 lower-case hex digits (or empty)."""
+        if value and not WEBHOOK_ID.fullmatch(value):
+            raise serializers.ValidationError("must be msg_ and 32 lower-case hex digits")
+        return value
 
 
 class ExecutionPageSerializer(serializers.Serializer):

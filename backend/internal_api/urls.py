@@ -21,6 +21,26 @@ urlpatterns = [
         views.ExecutionStatusView.as_view(),
         name="execution-status",
     ),
+    path(
+        "workflow-executions/<uuid:pk>/claim/",
+        views.ExecutionClaimView.as_view(),
+        name="execution-claim",
+    ),
+    path(
+        "workflow-executions/<uuid:pk>/heartbeat/",
+        views.ExecutionHeartbeatView.as_view(),
+        name="execution-heartbeat",
+    ),
+    path(
+        "workflow-executions/<uuid:pk>/release/",
+        views.ExecutionReleaseView.as_view(),
+        name="execution-release",
+    ),
+    path(
+        "workflow-executions/<uuid:pk>/events/",
+        views.ExecutionEventsView.as_view(),
+        name="execution-events",
+    ),
     path("webhook-deliveries/", views.DeliveryListView.as_view(), name="deliveries"),
     path("webhook-deliveries/<uuid:pk>/", views.DeliveryDetailView.as_view(), name="delivery"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),

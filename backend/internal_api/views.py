@@ -1,4 +1,5 @@
-"""Views of ``/internal/v1/``: health, workflow executions, webhook deliveries.
+"""Views of ``/internal/v1/``: health, workflow executions (and their lifecycle: claim,
+heartbeat, release, events), webhook deliveries.
 
 Authentication, the body limit, request ids and idempotency are middleware (see
 ``middleware``); the views check the organization and do the work. Org-scoped endpoints fail
@@ -17,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Q, QuerySet
 from django.http import HttpResponse
 from django.utils import timezone
@@ -32,26 +33,46 @@ from rest_framework.views import APIView
 from backend.internal_api import lifecycle
 from backend.internal_api.errors import APIError, printable
 from backend.internal_api.models import (
+    DeliveryOutcome,
+    Dispatch,
+    DispatchReason,
+    ExecutionEvent,
     ExecutionStatus,
     Organization,
     WebhookDelivery,
     WorkflowExecution,
 )
+from backend.internal_api.publish import publish_after_commit
 from backend.internal_api.serializers import (
     STATUS_VALUES,
     UUID_TEXT,
+    ClaimResultSerializer,
+    ClaimSerializer,
     DeliveryPageSerializer,
     ErrorSerializer,
+    EventListSerializer,
     ExecutionCreateSerializer,
     ExecutionPageSerializer,
     ExecutionSerializer,
     ExecutionUpdateSerializer,
     HealthSerializer,
+    HeartbeatResultSerializer,
+    HeartbeatSerializer,
+    ReleaseSerializer,
     StatusUpdateSerializer,
     WebhookDeliveryCreateSerializer,
     WebhookDeliverySerializer,
+    timestamp,
 )
-from backend.internal_api.transitions import apply_status
+from backend.internal_api.transitions import (
+    apply_status,
+    check_fence,
+    claim,
+    heartbeat,
+    read,
+    release,
+    update_fields,
+)
 
 try:
     BACKEND_VERSION = version("shared-worker-infrastructure")
@@ -61,6 +82,8 @@ except PackageNotFoundError:
 DEFAULT_PAGE = 100
 MAX_PAGE = 500
 ORG_HEADER = "X-Organization-ID"
+EPOCH_HEADER = "X-Lease-Epoch"
+MAX_EPOCH = 2**31
 
 # Organization id -> monotonic time until which its existence is trusted without a query.
 _known_orgs: dict[str, float] = {}
@@ -91,6 +114,16 @@ REQUEST_ID_PARAMETER = OpenApiParameter(
     required=False,
     description="Echoed in the response and in the backend's log lines.",
 )
+EPOCH_PARAMETER = OpenApiParameter(
+    EPOCH_HEADER,
+    OpenApiTypes.INT,
+    OpenApiParameter.HEADER,
+    required=False,
+    description=(
+        "The writer's lease epoch: applied only while it is the current, live lease "
+        "(else 409 lease_lost, nothing applied)."
+    ),
+)
 # Errors any endpoint may answer (Host or Content-Length header, auth, body size, database).
 COMMON = (400, 401, 413, 503)
 # Errors of every org-scoped endpoint.
@@ -113,6 +146,21 @@ def require_organization(request: Request) -> str:
         raise APIError(404, "organization_not_found", "no such organization")
     _known_orgs[org_id] = now + settings.ORGANIZATION_CACHE_SECONDS
     return org_id
+
+
+def lease_epoch(request: Request) -> int | None:
+    """The epoch in ``X-Lease-Epoch`` (ASCII digits, 1 to 2**31), None without the header;
+    400 naming the header for anything else."""
+    raw = request.headers.get(EPOCH_HEADER)
+    if raw is None:
+        return None
+    if not (_is_decimal(raw) and len(raw) <= 10 and 1 <= int(raw) <= MAX_EPOCH):
+        raise APIError(
+            400,
+            "validation_error",
+            f"{EPOCH_HEADER}: must be a whole number from 1 to {MAX_EPOCH} in ASCII digits",
+        )
+    return int(raw)
 
 
 def _is_decimal(text: str) -> bool:
@@ -275,11 +323,30 @@ class ExecutionListView(APIView):
         responses={201: ExecutionSerializer, **_errors(*WRITE)},
     )
     def post(self, request: Request) -> Response:
-        """Create an execution in status PENDING."""
+        """Create an execution in status PENDING; with ``dispatch``, also its outbox row in
+        the same transaction, published after the commit (then QUEUED)."""
         org_id = require_organization(request)
         data = _validated(ExecutionCreateSerializer, request.data)
-        execution = WorkflowExecution.objects.create(organization_id=org_id, **data)
-        return Response(ExecutionSerializer(execution).data, status=201)
+        dispatch = data.pop("dispatch", None)
+        if dispatch is None:
+            execution = WorkflowExecution.objects.create(organization_id=org_id, **data)
+            return Response(ExecutionSerializer(execution).data, status=201)
+        published: list[WorkflowExecution] = []
+        with transaction.atomic():
+            execution = WorkflowExecution.objects.create(
+                organization_id=org_id,
+                dispatch_task=dispatch["task"],
+                dispatch_queue=dispatch["queue"],
+                **data,
+            )
+            row = Dispatch.objects.create(
+                execution=execution,
+                task=dispatch["task"],
+                queue=dispatch["queue"],
+                reason=DispatchReason.CREATED,
+            )
+            publish_after_commit(row, published)
+        return Response(ExecutionSerializer(published[-1] if published else execution).data, 201)
 
 
 class ExecutionDetailView(APIView):
@@ -297,18 +364,21 @@ class ExecutionDetailView(APIView):
 
     @extend_schema(
         operation_id="workflow_executions_update",
-        parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER],
+        parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER, EPOCH_PARAMETER],
         request=ExecutionUpdateSerializer,
         responses={200: ExecutionSerializer, **_errors(*WRITE)},
     )
     def patch(self, request: Request, pk: uuid.UUID) -> Response:
         """Update result, file counts, task id or pipeline id (never the status)."""
         org_id = require_organization(request)
+        epoch = lease_epoch(request)
         data = _validated(ExecutionUpdateSerializer, request.data)
-        rows = WorkflowExecution.objects.filter(pk=pk, organization_id=org_id)
-        if data and not rows.update(modified_at=timezone.now(), **data):
-            raise APIError(404, "not_found", "no such workflow execution")
-        return Response(ExecutionSerializer(_execution(org_id, pk)).data)
+        if data:
+            execution = update_fields(org_id, pk, data, epoch=epoch)
+        else:
+            execution = read(org_id, pk)
+            check_fence(execution, epoch)
+        return Response(ExecutionSerializer(execution).data)
 
     @extend_schema(
         operation_id="workflow_executions_delete",
@@ -329,16 +399,123 @@ class ExecutionStatusView(APIView):
 
     @extend_schema(
         operation_id="workflow_executions_status",
-        parameters=[ORG_PARAMETER, IDEMPOTENCY_PARAMETER, REQUEST_ID_PARAMETER],
+        parameters=[ORG_PARAMETER, IDEMPOTENCY_PARAMETER, REQUEST_ID_PARAMETER, EPOCH_PARAMETER],
         request=StatusUpdateSerializer,
         responses={200: ExecutionSerializer, **_errors(*WRITE)},
     )
     def post(self, request: Request, pk: uuid.UUID) -> Response:
-        """Apply a transition (rules in ``models``); 409 ``illegal_transition`` if forbidden."""
+        """Apply a transition (rules in ``models``); 409 ``illegal_transition`` if forbidden.
+        A terminal status with its result and file counts is the finish, in one call."""
         org_id = require_organization(request)
+        epoch = lease_epoch(request)
         data = _validated(StatusUpdateSerializer, request.data)
-        execution = apply_status(org_id, pk, data.pop("status"), **data)
+        execution = apply_status(org_id, pk, data.pop("status"), epoch=epoch, **data)
         return Response(ExecutionSerializer(execution).data)
+
+
+class ExecutionClaimView(APIView):
+    """``POST workflow-executions/{id}/claim/``: take the execution's lease."""
+
+    @extend_schema(
+        operation_id="workflow_executions_claim",
+        parameters=[ORG_PARAMETER, IDEMPOTENCY_PARAMETER, REQUEST_ID_PARAMETER],
+        request=ClaimSerializer,
+        responses={200: ClaimResultSerializer, **_errors(*WRITE)},
+    )
+    def post(self, request: Request, pk: uuid.UUID) -> Response:
+        """Claim: -> IN_PROGRESS under a new lease; 409 ``lease_held`` (``Retry-After``) or
+        ``illegal_transition``. A finished execution with its webhook due is handed out for
+        the webhook only."""
+        org_id = require_organization(request)
+        data = _validated(ClaimSerializer, request.data)
+        dispatch = data.get("dispatch") or {}
+        granted = claim(
+            org_id,
+            pk,
+            worker=data["worker"],
+            lease_seconds=data["lease_seconds"],
+            task=dispatch.get("task"),
+            queue=dispatch.get("queue"),
+        )
+        return Response(
+            {
+                "execution": ExecutionSerializer(granted.execution).data,
+                "lease": {"epoch": granted.epoch, "expires_at": timestamp(granted.expires_at)},
+            }
+        )
+
+
+class ExecutionHeartbeatView(APIView):
+    """``POST workflow-executions/{id}/heartbeat/``: extend a live lease."""
+
+    @extend_schema(
+        operation_id="workflow_executions_heartbeat",
+        parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER],
+        request=HeartbeatSerializer,
+        responses={200: HeartbeatResultSerializer, **_errors(*WRITE)},
+    )
+    def post(self, request: Request, pk: uuid.UUID) -> Response:
+        """Extend lease ``epoch``; 409 ``lease_lost`` when it is no longer current and live."""
+        org_id = require_organization(request)
+        data = _validated(HeartbeatSerializer, request.data)
+        execution = heartbeat(org_id, pk, data["epoch"], data.get("lease_seconds"))
+        return Response(
+            {
+                "lease": {
+                    "epoch": execution.lease_epoch,
+                    "worker": execution.lease_worker,
+                    "expires_at": timestamp(execution.lease_expires_at),
+                }
+            }
+        )
+
+
+class ExecutionReleaseView(APIView):
+    """``POST workflow-executions/{id}/release/``: give a lease back (IN_PROGRESS -> QUEUED)."""
+
+    @extend_schema(
+        operation_id="workflow_executions_release",
+        parameters=[ORG_PARAMETER, IDEMPOTENCY_PARAMETER, REQUEST_ID_PARAMETER],
+        request=ReleaseSerializer,
+        responses={200: ExecutionSerializer, **_errors(*WRITE)},
+    )
+    def post(self, request: Request, pk: uuid.UUID) -> Response:
+        """Release lease ``epoch``; due for dispatch again after ``retry_in`` seconds."""
+        org_id = require_organization(request)
+        data = _validated(ReleaseSerializer, request.data)
+        execution = release(org_id, pk, data["epoch"], data["retry_in"])
+        return Response(ExecutionSerializer(execution).data)
+
+
+class ExecutionEventsView(APIView):
+    """``GET workflow-executions/{id}/events/``: the status history, oldest first."""
+
+    @extend_schema(
+        operation_id="workflow_executions_events",
+        parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER],
+        responses={200: EventListSerializer, **_errors(*SCOPED)},
+    )
+    def get(self, request: Request, pk: uuid.UUID) -> Response:
+        """Every status change of the execution."""
+        org_id = require_organization(request)
+        if not WorkflowExecution.objects.filter(pk=pk, organization_id=org_id).exists():
+            raise APIError(404, "not_found", "no such workflow execution")
+        events = ExecutionEvent.objects.filter(execution_id=pk).order_by("id")
+        return Response(
+            {
+                "results": [
+                    {
+                        "from": event.from_status,
+                        "to": event.to_status,
+                        "at": timestamp(event.at),
+                        "worker": event.worker,
+                        "epoch": event.epoch,
+                        "reason": event.reason,
+                    }
+                    for event in events
+                ]
+            }
+        )
 
 
 class DeliveryListView(APIView):
@@ -376,24 +553,75 @@ class DeliveryListView(APIView):
 
     @extend_schema(
         operation_id="webhook_deliveries_create",
-        parameters=[ORG_PARAMETER, IDEMPOTENCY_PARAMETER, REQUEST_ID_PARAMETER],
+        parameters=[ORG_PARAMETER, IDEMPOTENCY_PARAMETER, REQUEST_ID_PARAMETER, EPOCH_PARAMETER],
         request=WebhookDeliveryCreateSerializer,
-        responses={201: WebhookDeliverySerializer, **_errors(*WRITE)},
+        responses={
+            200: OpenApiResponse(
+                WebhookDeliverySerializer, "this webhook_id was already recorded delivered"
+            ),
+            201: WebhookDeliverySerializer,
+            **_errors(*WRITE),
+        },
     )
     def post(self, request: Request) -> Response:
-        """Record one delivery; ``execution_id`` must be one of the organization's."""
+        """Record one delivery; ``execution_id`` must be one of the organization's. A
+        ``delivered`` record of a ``webhook_id`` is stored once (the webhook is then no
+        longer due); recording it again answers 200 with the stored record."""
         org_id = require_organization(request)
+        epoch = lease_epoch(request)
         data = _validated(WebhookDeliveryCreateSerializer, request.data)
         execution_id = data.get("execution_id")
-        if (
-            execution_id is not None
-            and not WorkflowExecution.objects.filter(
-                pk=execution_id, organization_id=org_id
-            ).exists()
-        ):
-            raise APIError(400, "validation_error", "execution_id: no such workflow execution")
-        delivery = WebhookDelivery.objects.create(organization_id=org_id, **data)
+        if epoch is not None and execution_id is None:
+            raise APIError(400, "validation_error", f"{EPOCH_HEADER}: only with an execution_id")
+        webhook_id = data["webhook_id"]
+        once = bool(webhook_id) and data["outcome"] == DeliveryOutcome.DELIVERED
+        with transaction.atomic():
+            due_id = ""
+            if execution_id is not None:
+                found = (
+                    WorkflowExecution.objects.select_for_update()
+                    .filter(pk=execution_id, organization_id=org_id)
+                    .values_list("lease_epoch", "webhook_id")
+                    .first()
+                )
+                if found is None:
+                    raise APIError(
+                        400, "validation_error", "execution_id: no such workflow execution"
+                    )
+                current_epoch, due_id = found
+                if epoch is not None and epoch != current_epoch:
+                    raise APIError(
+                        409,
+                        "lease_lost",
+                        f"lease epoch {epoch} is not the current one: another claim superseded it",
+                    )
+            if once:
+                existing = _delivered(webhook_id, org_id)
+                if existing is not None:
+                    return Response(WebhookDeliverySerializer(existing).data)
+            try:
+                with transaction.atomic():
+                    delivery = WebhookDelivery.objects.create(organization_id=org_id, **data)
+            except IntegrityError:  # recorded by a concurrent request meanwhile
+                existing = _delivered(webhook_id, org_id) if once else None
+                if existing is None:
+                    raise
+                return Response(WebhookDeliverySerializer(existing).data)
+            if once and webhook_id == due_id:
+                WorkflowExecution.objects.filter(
+                    pk=execution_id, webhook_delivered_at__isnull=True
+                ).update(webhook_delivered_at=delivery.created_at)
         return Response(WebhookDeliverySerializer(delivery).data, status=201)
+
+
+def _delivered(webhook_id: str, org_id: str) -> WebhookDelivery | None:
+    """The ``delivered`` record of ``webhook_id``; 409 when another organization has it."""
+    existing = WebhookDelivery.objects.filter(
+        webhook_id=webhook_id, outcome=DeliveryOutcome.DELIVERED
+    ).first()
+    if existing is not None and existing.organization_id != org_id:
+        raise APIError(409, "conflict", "webhook_id: already recorded")
+    return existing
 
 
 class DeliveryDetailView(APIView):

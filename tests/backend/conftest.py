@@ -30,6 +30,7 @@ def pytest_configure(config: pytest.Config) -> None:
     loading = {
         "INTERNAL_SERVICE_API_KEY": key if key.startswith(TEST_KEY_PREFIX) else make_test_key(),
         "BACKEND_DATA_DIR": scratch,
+        "WORKER_DATA_DIR": scratch,  # the embedded broker the backend publishes to
         "DATABASE_URL": os.environ.get(
             "BACKEND_TEST_DATABASE_URL", f"sqlite:///{scratch}/backend.sqlite3"
         ),
