@@ -12,12 +12,19 @@ gets a real backend this way.
     backend = LiveBackend(database_url=..., port=8000)  # a given database and port
     backend.start(); backend.stop(); backend.start()    # same port, same database
     backend.close()                                     # stop and remove what it created
+    lifecycle = backend.run_lifecycle("--interval", "0.2")  # manage.py run_lifecycle
+    lifecycle.stop()                                    # SIGTERM, wait
 
-Its log (gunicorn's and Django's JSON lines) is in ``backend.log_path``.
+Its log (gunicorn's and Django's JSON lines) is in ``backend.log_path``. The backend publishes
+executions' dispatches to the embedded filesystem broker under its own ``data_dir``
+(``WORKER_DATA_DIR``; messages in ``backend.broker_queue_dir``), never to the repository's
+``.data`` nor to a ``CELERY_BROKER_URL`` inherited from the caller's environment: pass
+``extra_env={"CELERY_BROKER_URL": ...}`` to choose a broker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -29,7 +36,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -106,6 +115,7 @@ class LiveBackend:
         self._process: subprocess.Popen[bytes] | None = None
         self._prepared = False
         self._drop_database: tuple[str, str] | None = None
+        self._lifecycle_count = 0
 
     @classmethod
     def postgres(cls, admin_url: str = POSTGRES_ADMIN_URL, **kwargs: Any) -> LiveBackend:
@@ -137,9 +147,16 @@ class LiveBackend:
             }
         )
         env.pop("DEBUG", None)
-        env.setdefault("WORKER_DATA_DIR", str(self.data_dir))  # the broker it publishes to
+        # Its own embedded broker: dispatches never leak into the repository's .data/broker.
+        env.pop("CELERY_BROKER_URL", None)
+        env["WORKER_DATA_DIR"] = str(self.data_dir)
         env.update(self._extra_env)
         return env
+
+    @property
+    def broker_queue_dir(self) -> Path:
+        """The folder of the embedded broker's messages (with the default broker)."""
+        return Path(self.env["WORKER_DATA_DIR"]) / "broker" / "queue"
 
     def manage(self, *args: str) -> str:
         """Run ``manage.py <args>`` against this backend's database; returns its stdout."""
@@ -149,6 +166,44 @@ class LiveBackend:
         """Create an organization (idempotent); returns its id."""
         args = ["create_organization", org_id] + (["--name", name] if name else [])
         return self.manage(*args).strip()
+
+    def run_lifecycle(
+        self, *args: str, extra_env: Mapping[str, str] | None = None
+    ) -> LifecycleProcess:
+        """Start ``manage.py run_lifecycle <args>`` on this backend's database and broker."""
+        self._lifecycle_count += 1
+        log_path = self.data_dir / f"lifecycle-{self._lifecycle_count}.log"
+        env = {**self.env, **(extra_env or {})}
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                [backend_python(), str(REPO_ROOT / "manage.py"), "run_lifecycle", *args],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
+            )
+        return LifecycleProcess(process, log_path)
+
+    def sql(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement on this backend's database (``%s`` placeholders); its rows.
+
+        For a test's set-up and checks (an expired lease, counting outbox rows). Aware
+        datetimes and UUIDs are stored as the backend stores them (SQLite: naive UTC text, hex).
+        """
+        if self.database_url.startswith("sqlite:"):
+            import sqlite3
+
+            values = [_sqlite_value(value) for value in params]
+            with contextlib.closing(sqlite3.connect(self.database_url[len("sqlite:///") :])) as db:
+                db.execute("PRAGMA busy_timeout = 30000")
+                with db:
+                    return list(db.execute(query.replace("%s", "?"), values).fetchall())
+        import psycopg
+
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            cursor = conn.execute(query, list(params))
+            return list(cursor.fetchall()) if cursor.description else []
 
     def start(self) -> LiveBackend:
         """Start gunicorn (migrating and creating ``org_id`` the first time); wait until up."""
@@ -262,6 +317,44 @@ class LiveBackend:
 
     def _tail(self, lines: int = 30) -> str:
         return "\n".join(self.logs().splitlines()[-lines:])
+
+
+class LifecycleProcess:
+    """A running ``manage.py run_lifecycle``: ``process`` (Popen), ``log_path``, ``pid``."""
+
+    def __init__(self, process: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.process = process
+        self.log_path = log_path
+        self.pid = process.pid
+
+    def logs(self) -> str:
+        """What it wrote so far (JSON log lines, and stdout's)."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (it ends after the current pass), wait; its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL, wait."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+
+def _sqlite_value(value: Any) -> Any:
+    """A parameter as Django's SQLite backend stores it (naive UTC text, UUIDs as hex)."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    if isinstance(value, uuid.UUID):
+        return value.hex
+    return value
 
 
 def _run(argv: list[str], env: Mapping[str, str] | None = None) -> str:

@@ -29,16 +29,15 @@ querysets, read from the database, so every gunicorn worker answers the same.
 from __future__ import annotations
 
 import logging
-import uuid
+import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
 from django.utils import timezone
-from kombu.exceptions import OperationalError as BrokerOperationalError
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -48,19 +47,19 @@ from backend.internal_api.models import (
     Dispatch,
     DispatchReason,
     EventReason,
-    ExecutionEvent,
     ExecutionStatus,
     WorkflowExecution,
 )
 from backend.internal_api.publish import publish_dispatch
+from backend.internal_api.transitions import Change, apply
 
 logger = logging.getLogger("backend.lifecycle")
 
 BATCH = 100
 DEFAULT_QUEUE = "celery"
-# Failures that mean the broker cannot be reached now: the rest of the batch waits for the next
-# pass. Any other publish failure concerns its row only, and the next rows are tried.
-_BROKER_DOWN = (BrokerOperationalError, ConnectionError, TimeoutError, OSError)
+# Publishes failing in a row that stop the step until the next pass: the broker is down (one
+# failure may be its row's own, a queue name the broker refuses: the next rows are tried).
+BROKER_DOWN_AFTER = 2
 
 
 @dataclass
@@ -160,20 +159,6 @@ def _locked_batch(
     )
 
 
-def _event(
-    execution: WorkflowExecution, to_status: str, reason: str, now: datetime
-) -> ExecutionEvent:
-    return ExecutionEvent(
-        execution=execution,
-        from_status=execution.status,
-        to_status=to_status,
-        at=now,
-        worker=execution.lease_worker,
-        epoch=execution.lease_epoch or None,
-        reason=reason,
-    )
-
-
 def _dispatch(execution: WorkflowExecution, reason: str) -> Dispatch:
     return Dispatch(
         execution=execution,
@@ -196,10 +181,12 @@ def _log_repair(message: str, execution: WorkflowExecution, repair: str, **field
 
 
 def publish_pending(result: PassResult | None = None) -> PassResult:
-    """Step 1: publish the outbox, oldest first, and mark what was published."""
+    """Step 1: publish the outbox, oldest first; ``publish.publish_dispatch`` records each
+    row published (and the execution QUEUED) in the transaction that holds the rows."""
     result = result or PassResult()
     failed: list[int] = []
     while True:
+        failures_in_a_row = 0
         with transaction.atomic():
             batch = list(
                 unpublished_dispatches()
@@ -210,63 +197,34 @@ def publish_pending(result: PassResult | None = None) -> PassResult:
             )
             if not batch:
                 return result
-            published: list[Dispatch] = []
-            broker_down = False
             for row in batch:
                 try:
                     publish_dispatch(row)
-                except _BROKER_DOWN as exc:
-                    _log_publish_failure(row, exc, broker_down=True)
-                    broker_down = True
-                    break
-                except Exception as exc:  # this row only: the next ones are tried
-                    _log_publish_failure(row, exc, broker_down=False)
+                except DatabaseError:
+                    raise  # the transaction is lost: the pass ends, the rows wait
+                except Exception as exc:  # whatever the broker raised: the row waits
                     failed.append(row.pk)
+                    result.publish_failed += 1
+                    failures_in_a_row += 1
+                    _log_publish_failure(row, exc)
+                    if failures_in_a_row == BROKER_DOWN_AFTER:
+                        break
                     continue
-                published.append(row)
-            _mark_published(published)
-        result.published += len(published)
-        result.publish_failed += len(batch) - len(published)
-        if broker_down:
+                failures_in_a_row = 0
+                result.published += 1
+        if failures_in_a_row == BROKER_DOWN_AFTER:
             return result
 
 
-def _log_publish_failure(row: Dispatch, exc: BaseException, *, broker_down: bool) -> None:
+def _log_publish_failure(row: Dispatch, exc: BaseException) -> None:
     logger.warning(
         "dispatch not published; retried next pass",
         extra={
             "execution_id": str(row.execution_id),
             "dispatch_id": row.pk,
             "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300],
-            "broker_down": broker_down,
         },
     )
-
-
-def _mark_published(rows: list[Dispatch]) -> None:
-    """In the transaction that holds ``rows``: published now; executions QUEUED (an event
-    where the status changed) with ``queued_at = now``."""
-    if not rows:
-        return
-    now = timezone.now()
-    Dispatch.objects.filter(pk__in=[row.pk for row in rows]).update(published_at=now)
-    # Locked in id order, so two processes publishing for the same executions wait for each
-    # other instead of deadlocking.
-    executions = list(
-        WorkflowExecution.objects.filter(pk__in={row.execution_id for row in rows})
-        .order_by("pk")
-        .select_for_update()
-        .only("pk", "status", "lease_worker", "lease_epoch")
-    )
-    moving = [e for e in executions if e.status == ExecutionStatus.PENDING]
-    ExecutionEvent.objects.bulk_create(
-        _event(execution, ExecutionStatus.QUEUED, EventReason.DISPATCHED, now)
-        for execution in moving
-    )
-    WorkflowExecution.objects.filter(pk__in=[e.pk for e in moving]).update(
-        status=ExecutionStatus.QUEUED, modified_at=now
-    )
-    WorkflowExecution.objects.filter(pk__in=[e.pk for e in executions]).update(queued_at=now)
 
 
 def reap(result: PassResult | None = None) -> PassResult:
@@ -302,15 +260,24 @@ def _reap_batch(
     return len(batch) == BATCH
 
 
+def _lost_change(execution: WorkflowExecution, reason: str, now: datetime) -> Change:
+    """The change of a lost execution: one more loss, no lease; only if it still is the
+    IN_PROGRESS execution this pass found (same epoch)."""
+    stamp = connection.ops.adapt_datetimefield_value(now)
+    change = Change(reason=reason, leased=execution.lease_epoch > 0)
+    change.set("lost_count = lost_count + 1")
+    change.set("lease_expires_at = NULL")
+    change.set("modified_at = %s", stamp)
+    change.where("status = 'IN_PROGRESS' AND lease_epoch = %s", execution.lease_epoch)
+    return change
+
+
 def _requeue(execution: WorkflowExecution, lost: int, reason: str, now: datetime) -> None:
-    _event(execution, ExecutionStatus.QUEUED, reason, now).save()
-    WorkflowExecution.objects.filter(pk=execution.pk).update(
-        status=ExecutionStatus.QUEUED,
-        lost_count=lost,
-        lease_expires_at=None,
-        queued_at=now,
-        modified_at=now,
-    )
+    change = _lost_change(execution, reason, now)
+    change.set("status = 'QUEUED'")
+    change.set("queued_at = %s", connection.ops.adapt_datetimefield_value(now))
+    if apply(execution.organization_id, execution.pk, change) is None:
+        return
     _dispatch(execution, reason).save()
     _log_repair(
         "execution lost by its worker: dispatched again",
@@ -325,21 +292,23 @@ def _end_lost(execution: WorkflowExecution, lost: int, reason: str, now: datetim
     message = f"lost by its worker {lost} times"
     if execution.attempts < settings.EXECUTION_MAX_ATTEMPTS:
         message += "; no task is known to dispatch it again"
-    _event(execution, ExecutionStatus.ERROR, reason, now).save()
-    webhook_id = execution.webhook_id or (
-        f"msg_{uuid.uuid4().hex}" if execution.webhook_url else ""
+    stamp = connection.ops.adapt_datetimefield_value(now)
+    change = _lost_change(execution, reason, now)
+    change.set("status = 'ERROR'")
+    change.set("error_message = %s", message)
+    change.set("finished_at = %s", stamp)
+    # The ERROR's completion webhook is due, as for any terminal status; no worker has it yet.
+    change.set(
+        "webhook_id = CASE WHEN webhook_url = '' THEN '' ELSE %s END",
+        f"msg_{secrets.token_hex(16)}",
     )
-    WorkflowExecution.objects.filter(pk=execution.pk).update(
-        status=ExecutionStatus.ERROR,
-        error_message=message,
-        lost_count=lost,
-        lease_expires_at=None,
-        finished_at=now,
-        modified_at=now,
-        webhook_id=webhook_id,
-    )
-    if webhook_id and execution.dispatch_task:
-        # The completion webhook of the ERROR is due: a worker's claim will get it.
+    hand = bool(execution.webhook_url and execution.dispatch_task)
+    if hand:
+        change.set("queued_at = %s", stamp)
+    if apply(execution.organization_id, execution.pk, change) is None:
+        return
+    if hand:
+        # Handed to a worker at once: its claim of the ERROR gets the webhook.
         _dispatch(execution, DispatchReason.WEBHOOK_DUE).save()
     _log_repair(
         "execution lost by its worker: ended ERROR",

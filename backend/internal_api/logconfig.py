@@ -30,7 +30,6 @@ EXTRA_FIELDS = {
     "lost_count",
     "attempts",
     "dispatch_id",
-    "broker_down",
     "error",
     "interval",
     "signal",

@@ -1,23 +1,24 @@
-"""The one place the backend publishes a Celery message: :func:`publish_dispatch`.
+"""Publishing executions' Celery messages: an outbox row (:class:`Dispatch`) to the broker.
 
-The broker is ``CELERY_BROKER_URL`` (settings); its default, ``filesystem://``, is the
-workers' embedded broker: the same folders under ``WORKER_DATA_DIR/broker`` and the same
-atomic transport (``backend.workers.shared._fs_transport``), so a worker started with the same
-``WORKER_DATA_DIR`` consumes what the backend publishes. The Celery app is built once per
-process, on first use; its producer pool keeps the broker connection between messages.
+The backend publishes with Celery's producer API (``send_task``) on ``CELERY_BROKER_URL``; by
+default the workers' embedded filesystem broker, with the same folders under
+``WORKER_DATA_DIR/broker`` and the same atomic transport
+(``backend.workers.shared._fs_transport``), so a worker started with the defaults consumes
+what the backend publishes. The message is the one a worker's task takes:
+``send_task(task, args=[execution_id], kwargs={"organization_id": ...}, queue=queue)``.
 
-Publishing is bounded: connecting gives up after :data:`CONNECT_TIMEOUT` seconds and a Redis
-command after :data:`SOCKET_TIMEOUT`, so a stalled broker cannot hold the outbox rows that
-``lifecycle`` locks while it publishes for longer than that.
+:func:`publish_dispatch` publishes one row and records it (``published_at``, the execution
+PENDING/QUEUED -> QUEUED); ``run_lifecycle`` calls it for rows left unpublished, the create
+view after its commit (:func:`publish_after_commit`). A row published twice (a crash between
+the publish and the commit) is a duplicate message, which the claim makes harmless.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+import threading
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from celery import Celery
 from django.conf import settings
@@ -26,37 +27,47 @@ from django.utils import timezone
 
 from backend.internal_api.models import Dispatch, WorkflowExecution
 from backend.internal_api.transitions import mark_dispatched
-from backend.workers.shared._redact import redact_url
 
 logger = logging.getLogger("backend.internal_api")
 
-CONNECT_TIMEOUT = 5.0
-SOCKET_TIMEOUT = 10.0
-# A failed publish is retried once at once (a pooled connection the broker closed), then
-# the error goes to the caller: the outbox row stays unpublished for the next pass.
-RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
-FILESYSTEM_TRANSPORT = "backend.workers.shared._fs_transport:Transport"
+FS_TRANSPORT = "backend.workers.shared._fs_transport:Transport"
+# A broker that does not answer must not hold a request long: one quick retry, then the
+# lifecycle process publishes the row on its next pass.
+RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+
+_apps: dict[tuple[str, str], Celery] = {}
+_apps_lock = threading.Lock()
 
 
-def broker_folders(data_dir: Path) -> dict[str, Path]:
-    """The embedded broker's folders under ``data_dir`` (the workers' own layout)."""
-    return {name: data_dir / "broker" / name for name in ("queue", "processed", "control")}
+def celery_app() -> Celery:
+    """The producer app for the configured broker (one per process and broker)."""
+    key = (settings.CELERY_BROKER_URL, str(settings.WORKER_DATA_DIR))
+    app = _apps.get(key)
+    if app is not None:
+        return app
+    with _apps_lock:
+        app = _apps.get(key)
+        if app is None:
+            app = Celery("backend", set_as_current=False)
+            app.conf.update(_broker_conf(settings.CELERY_BROKER_URL, settings.WORKER_DATA_DIR))
+            _apps[key] = app
+    return app
 
 
-def celery_config() -> dict[str, Any]:
-    """Celery settings for publishing to ``settings.CELERY_BROKER_URL``."""
-    url: str = settings.CELERY_BROKER_URL
+def _broker_conf(url: str, data_dir: Path) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "broker_url": url,
         "task_serializer": "json",
         "accept_content": ["json"],
-        "broker_connection_timeout": CONNECT_TIMEOUT,
+        "broker_connection_timeout": 2.0,
+        "broker_connection_retry": False,
     }
     if url.startswith("filesystem://"):
-        folders = broker_folders(Path(settings.WORKER_DATA_DIR))
+        folders = {name: Path(data_dir) / "broker" / name for name in ("queue", "processed")}
+        folders["control"] = Path(data_dir) / "broker" / "control"
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
-        conf["broker_transport"] = FILESYSTEM_TRANSPORT
+        conf["broker_transport"] = FS_TRANSPORT
         conf["broker_transport_options"] = {
             "data_folder_in": str(folders["queue"]),
             "data_folder_out": str(folders["queue"]),
@@ -65,26 +76,21 @@ def celery_config() -> dict[str, Any]:
             "control_folder": str(folders["control"]),
         }
     elif url.startswith(("redis://", "rediss://")):
-        conf["broker_transport_options"] = {
-            "socket_connect_timeout": CONNECT_TIMEOUT,
-            "socket_timeout": SOCKET_TIMEOUT,
-        }
+        # A Redis that accepts and then stalls must not hold the outbox rows (locked while
+        # run_lifecycle publishes) for good: its commands give up after a while.
+        conf["broker_transport_options"] = {"socket_connect_timeout": 2.0, "socket_timeout": 10.0}
     return conf
 
 
-@functools.cache
-def celery_app() -> Celery:
-    """This process's publishing Celery app (built on first use)."""
-    app = Celery("internal_api", set_as_current=False)
-    app.config_from_object(celery_config())
-    return app
+def publish_dispatch(dispatch: Dispatch) -> WorkflowExecution | None:
+    """Send the row's Celery message, then record it: ``published_at = now`` and the
+    execution PENDING/QUEUED -> QUEUED with ``queued_at = now`` (event ``dispatched`` when the
+    status changed). Returns the execution as stored afterwards, or None when it had moved on
+    (claimed, terminal: nothing to change). Raises what the broker raised when sending fails
+    (nothing is recorded then).
 
-
-def publish_dispatch(dispatch: Dispatch) -> None:
-    """Send the Celery message of one outbox row; raises the broker's error if it fails.
-
-    The message is ``send_task(task, args=[execution_id], kwargs={"organization_id": ...},
-    queue=queue)``; marking the row published is the caller's (see ``lifecycle``).
+    Call it inside the transaction that holds the row locked when several processes publish
+    (``SELECT ... FOR UPDATE SKIP LOCKED``); ``select_related("execution")`` spares a query.
     """
     execution = dispatch.execution
     celery_app().send_task(
@@ -92,30 +98,10 @@ def publish_dispatch(dispatch: Dispatch) -> None:
         args=[str(execution.pk)],
         kwargs={"organization_id": execution.organization_id},
         queue=dispatch.queue,
-        retry=True,
         retry_policy=RETRY_POLICY,
     )
-
-
-def broker_problem() -> str | None:
-    """Connect to the broker once: None when it answers, else one line saying why not.
-
-    The line names ``CELERY_BROKER_URL`` and the URL without its password.
-    """
-    url: str = settings.CELERY_BROKER_URL
-    shown = redact_url(url)
-    try:
-        with celery_app().connection_for_write() as connection:
-            connection.connect()
-    except Exception as exc:  # whatever the kind of failure, it is the one line
-        # kombu names an unknown scheme in a KeyError, whose str() is quoted.
-        text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-        reason = " ".join(text.split()) or type(exc).__name__
-        password = urlsplit(url).password if "://" in url else None
-        if password:
-            reason = reason.replace(password, "***")
-        return f"CELERY_BROKER_URL: cannot use {shown}: {reason}"
-    return None
+    Dispatch.objects.filter(pk=dispatch.pk).update(published_at=timezone.now())
+    return mark_dispatched(execution.organization_id, execution.pk)
 
 
 def publish_after_commit(dispatch: Dispatch, outcome: list[WorkflowExecution]) -> None:
@@ -126,10 +112,7 @@ def publish_after_commit(dispatch: Dispatch, outcome: list[WorkflowExecution]) -
     def publish() -> None:
         try:
             with transaction.atomic():
-                publish_dispatch(dispatch)
-                Dispatch.objects.filter(pk=dispatch.pk).update(published_at=timezone.now())
-                published = mark_dispatched(dispatch.execution.organization_id,
-                                            dispatch.execution_id)
+                published = publish_dispatch(dispatch)
         except Exception as exc:  # any broker or database failure: the outbox keeps the row
             logger.warning(
                 "dispatch not published; run_lifecycle will publish it",

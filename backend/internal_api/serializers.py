@@ -459,12 +459,30 @@ class DeliveryPageSerializer(serializers.Serializer):
     next_cursor = serializers.CharField(allow_null=True)
 
 
+class LifecycleCountsSerializer(serializers.Serializer):
+    """Executions waiting for a repair by ``run_lifecycle`` (see ``lifecycle``)."""
+
+    overdue_leases = serializers.IntegerField(
+        help_text="IN_PROGRESS past their lease (or unleased past UNLEASED_TIMEOUT)"
+    )
+    overdue_dispatches = serializers.IntegerField(
+        help_text="QUEUED and not claimed within DISPATCH_TIMEOUT"
+    )
+    unpublished_dispatches = serializers.IntegerField(help_text="outbox rows not published yet")
+    overdue_webhooks = serializers.IntegerField(
+        help_text="webhooks due and not recorded within WEBHOOK_DUE_TIMEOUT"
+    )
+
+
 class HealthSerializer(serializers.Serializer):
     """Liveness answer of ``GET health/``."""
 
     status = serializers.CharField()
     version = serializers.CharField()
     timestamp = serializers.DateTimeField()
+    lifecycle = LifecycleCountsSerializer(
+        allow_null=True, help_text="null when the database cannot be read"
+    )
 
 
 class ErrorSerializer(serializers.Serializer):

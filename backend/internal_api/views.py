@@ -18,16 +18,19 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Q, QuerySet
+from django.http import HttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import serializers
+from prometheus_client import CONTENT_TYPE_LATEST
+from rest_framework import renderers, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from backend.internal_api import lifecycle
 from backend.internal_api.errors import APIError, printable
 from backend.internal_api.models import (
     DeliveryOutcome,
@@ -203,7 +206,7 @@ def _page(request: Request, rows: QuerySet[Any]) -> tuple[list[Any], str | None]
 
 
 class HealthView(APIView):
-    """``GET health/``: the backend process answers (no database query)."""
+    """``GET health/``: the backend process answers, with the lifecycle's overdue counts."""
 
     @extend_schema(
         operation_id="health",
@@ -211,14 +214,58 @@ class HealthView(APIView):
         responses={200: HealthSerializer, **_errors(*COMMON)},
     )
     def get(self, request: Request) -> Response:
-        """Liveness for workers."""
+        """Liveness for workers; ``lifecycle`` is null when the database cannot be read (the
+        process still answers: liveness needs no database)."""
+        try:
+            counts: dict[str, int] | None = lifecycle.overdue_counts()
+        except DatabaseError:
+            counts = None
         return Response(
             {
                 "status": "healthy",
                 "version": BACKEND_VERSION,
                 "timestamp": timezone.now().isoformat(),
+                "lifecycle": counts,
             }
         )
+
+
+class PrometheusRenderer(renderers.BaseRenderer):
+    """The Prometheus text exposition format (``GET metrics/``)."""
+
+    media_type = "text/plain"
+    format = "txt"
+    charset = "utf-8"
+
+    def render(
+        self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None
+    ) -> bytes:
+        """``data`` is the exposition already."""
+        return bytes(data)
+
+
+class MetricsView(APIView):
+    """``GET metrics/``: the lifecycle's gauges and counters, read from the database."""
+
+    renderer_classes = [PrometheusRenderer]
+
+    @extend_schema(
+        operation_id="metrics",
+        parameters=[REQUEST_ID_PARAMETER],
+        responses={
+            (200, "text/plain"): OpenApiResponse(
+                OpenApiTypes.STR,
+                description="Prometheus text format: internal_api_lifecycle_overdue{kind}, "
+                "internal_api_lifecycle_lost_total, "
+                "internal_api_lifecycle_dispatches_total{reason}, "
+                "internal_api_executions{status}",
+            ),
+            **{(code, "application/json"): OpenApiResponse(ErrorSerializer) for code in COMMON},
+        },
+    )
+    def get(self, request: Request) -> HttpResponse:
+        """The figures every gunicorn worker reads alike (nothing kept in memory)."""
+        return HttpResponse(lifecycle.metrics_text(), content_type=CONTENT_TYPE_LATEST)
 
 
 def _execution(org_id: str, pk: uuid.UUID) -> WorkflowExecution:

@@ -17,13 +17,15 @@ import time
 from argparse import ArgumentParser, ArgumentTypeError
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import DatabaseError, close_old_connections, connection
 
 from backend.internal_api.lifecycle import run_pass
-from backend.internal_api.publish import broker_problem
+from backend.internal_api.publish import celery_app
+from backend.workers.shared._redact import redact_url
 
 logger = logging.getLogger("backend.lifecycle")
 
@@ -39,6 +41,24 @@ def _interval(text: str) -> float:
     if not 0.01 <= value <= 3600:
         raise ArgumentTypeError(f"must be a number of seconds from 0.01 to 3600, not {text!r}")
     return value
+
+
+def broker_problem() -> str | None:
+    """Connect to ``CELERY_BROKER_URL`` once: None when it answers, else one line saying why
+    not, with the URL shown without its password."""
+    url: str = settings.CELERY_BROKER_URL
+    try:
+        with celery_app().connection_for_write() as broker:
+            broker.connect()
+    except Exception as exc:  # whatever the kind of failure, it is the one line
+        # kombu names an unknown scheme in a KeyError, whose str() is quoted.
+        text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        reason = " ".join(text.split()) or type(exc).__name__
+        password = urlsplit(url).password if "://" in url else None
+        if password:
+            reason = reason.replace(password, "***")
+        return f"CELERY_BROKER_URL: cannot use {redact_url(url)}: {reason}"
+    return None
 
 
 class Command(BaseCommand):
