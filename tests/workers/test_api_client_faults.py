@@ -667,6 +667,7 @@ def test_breaker_state_is_shared_through_redis(server: FaultServer, tmp_path: Pa
 
     config = make_config(server, api_retry_attempts=0, circuit_breaker_failure_threshold=2,
                          circuit_breaker_recovery_timeout=60.0,
+                         circuit_breaker_initial_recovery_timeout=60.0,  # open all along
                          circuit_breaker_redis_url="redis://127.0.0.1:6379/13")
     server.reset(default=Respond(503, {"error": "unavailable", "detail": "down"}))
     client = InternalAPIClient(config)

@@ -128,12 +128,13 @@ def test_a_permanent_failure_marks_error_without_the_secret(
 
 def test_marking_error_that_fails_transiently_requeues_the_task(
     tasks: dict[str, Any], client: InternalAPIClient, fault: FaultServer,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, live_backend: Any,
 ) -> None:
     caplog.set_level(logging.INFO, TASKS_LOGGER)
     execution_id = client.create_workflow_execution("wf-mark").id
-    fault.push(Respond(503, {"error": "unavailable", "detail": "shedding load"},
-                       headers={"Retry-After": "3"}))
+    fault.push(Forward(live_backend.url),  # the claim
+               Respond(503, {"error": "unavailable", "detail": "shedding load"},
+                       headers={"Retry-After": "3"}))  # the ERROR mark
     tasks["bug"].apply(args=[execution_id])
     (requeue,) = requeues(caplog)
     assert requeue.error_type == "ServerError"  # type: ignore[attr-defined]
@@ -141,7 +142,7 @@ def test_marking_error_that_fails_transiently_requeues_the_task(
     execution = client.get_workflow_execution(execution_id)
     assert execution.status == "ERROR"
     assert str(execution.error_message).endswith("(after 1 re-queue(s))")
-    assert execution.attempts == 2
+    assert execution.attempts == 2  # two claims
 
 
 def test_a_plain_call_outside_a_worker_raises_and_marks_nothing(
