@@ -38,8 +38,7 @@ from tests.e2e.harness import (  # noqa: E402
     wait_until,
     worker_env,
 )
-from tests.e2e.lifecycle import LifecycleProcess  # noqa: E402
-from tests.live_backend import LiveBackend  # noqa: E402
+from tests.live_backend import LifecycleProcess, LiveBackend  # noqa: E402
 
 EXECUTIONS = 50
 CONCURRENCY = 4
@@ -95,14 +94,14 @@ def run(data_dir: Path) -> dict[str, Any]:
         "CELERY_BROKER_URL": broker_url or "filesystem://",
         "WORKER_DATA_DIR": str(data_dir / "worker"),
     })
-    lifecycle = LifecycleProcess(backend, data_dir / "run_lifecycle.log")
+    lifecycle: LifecycleProcess | None = None
     receiver = WebhookReceiver(secret=secret)
     worker: WorkerProcess | None = None
     try:
         print("starting the backend (SQLite, migrations, organization, demo key) "
               "and run_lifecycle beside it ...")
         backend.start()
-        lifecycle.start()
+        lifecycle = backend.run_lifecycle()
         receiver.start()
         env = worker_env(
             backend_url=backend.url,
@@ -209,7 +208,8 @@ def run(data_dir: Path) -> dict[str, Any]:
     finally:
         if worker is not None:
             worker.terminate()
-        lifecycle.stop()
+        if lifecycle is not None:
+            lifecycle.stop()
         receiver.stop()
         backend.close()
 

@@ -1,7 +1,7 @@
 """The execution lifecycle under test: a backend that publishes, ``run_lifecycle`` beside it.
 
 :class:`Stack` is one real backend (gunicorn on PostgreSQL or SQLite) publishing to one
-real broker, with one real ``manage.py run_lifecycle`` process (:class:`LifecycleProcess`);
+real broker, with one real ``manage.py run_lifecycle`` process beside it;
 workers join it through :meth:`Stack.fleet` so that they consume the broker the backend
 publishes to. :func:`history_problems` says what is illegal in an execution's event history
 (``GET .../events/``); :class:`RoutingProxy` is a forwarding proxy whose answers can be held
@@ -14,11 +14,8 @@ Used by ``tests/e2e/test_lifecycle.py``, ``benchmarks/bench_lifecycle.py`` and
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import re
-import signal
-import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -26,11 +23,11 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import RABBITMQ_URL, die_with_parent
+from tests.conftest import RABBITMQ_URL
 from tests.e2e.fleet import TERMINAL, Fleet
-from tests.e2e.harness import REPO_ROOT, http_get, wait_until
+from tests.e2e.harness import http_get, wait_until
 from tests.fault_server import Action, FaultServer, Forward, RecordedRequest
-from tests.live_backend import LiveBackend, backend_python
+from tests.live_backend import LifecycleProcess, LiveBackend
 
 # The settings the e2e runs give the backend and run_lifecycle: short, to keep them fast.
 FAST_LIFECYCLE = {
@@ -62,64 +59,6 @@ def stack_broker_url(kind: str) -> str:
     raise ValueError(f"unknown broker kind {kind!r}")
 
 
-class LifecycleProcess:
-    """A real ``manage.py run_lifecycle`` process of one backend, logging to a file."""
-
-    def __init__(self, backend: LiveBackend, log_path: Path, *args: str) -> None:
-        self.backend = backend
-        self.log_path = log_path
-        self.args = args
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> LifecycleProcess:
-        """Start it (its own process group) against the backend's database and broker."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [backend_python(), str(REPO_ROOT / "manage.py"), "run_lifecycle", *self.args],
-                cwd=REPO_ROOT, env=self.backend.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
-            )
-        return self
-
-    @property
-    def pid(self) -> int:
-        """Its process id."""
-        assert self.proc is not None, "run_lifecycle not started"
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        """True while it runs."""
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (it stops after the current pass) and wait; SIGKILL if it hangs."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL its process group."""
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The end of its log, for failure messages."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
 class Stack:
     """A backend publishing to one broker, with ``run_lifecycle`` running beside it."""
 
@@ -133,17 +72,27 @@ class Stack:
                **(settings if settings is not None else FAST_LIFECYCLE)}
         kwargs: dict[str, Any] = {"workers": 2, "data_dir": tmp / "backend", "extra_env": env}
         self.backend = LiveBackend.postgres(**kwargs) if postgres else LiveBackend(**kwargs)
-        self.lifecycle = LifecycleProcess(self.backend, tmp / "run_lifecycle.log")
+        self.lifecycle: LifecycleProcess | None = None
 
     def start(self) -> Stack:
         """Start the backend (migrating it), then run_lifecycle."""
         self.backend.start()
-        self.lifecycle.start()
+        return self.start_lifecycle()
+
+    def start_lifecycle(self) -> Stack:
+        """Start run_lifecycle (again, after :meth:`stop_lifecycle`)."""
+        self.lifecycle = self.backend.run_lifecycle()
         return self
+
+    def stop_lifecycle(self) -> None:
+        """Stop run_lifecycle (SIGTERM: after its current pass)."""
+        if self.lifecycle is not None:
+            self.lifecycle.stop()
+            self.lifecycle = None
 
     def close(self) -> None:
         """Stop run_lifecycle and the backend; drop what the backend created."""
-        self.lifecycle.stop()
+        self.stop_lifecycle()
         self.backend.close()
 
     def fleet(self, tmp: Path, **kwargs: Any) -> Fleet:

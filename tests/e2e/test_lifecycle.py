@@ -253,7 +253,7 @@ def test_overdue_work_is_counted_until_repaired_and_others_stay_ready(
     with stack_fleet(stack, tmp_path, concurrency=2,
                      work={**WORK, "EXAMPLE_WORK_SECONDS": "3"}) as crew:
         victim, survivor = crew.start_workers([{}, {}])
-        stack.lifecycle.stop()
+        stack.stop_lifecycle()
         try:
             ids = crew.dispatch(4)
             held = wait_claimed(crew, ids, worker_pids(victim), 30)
@@ -268,7 +268,7 @@ def test_overdue_work_is_counted_until_repaired_and_others_stay_ready(
             _, worker_health = survivor.health("/health")
             assert worker_health["status"] != "unhealthy", worker_health
         finally:
-            stack.lifecycle.start()
+            stack.start_lifecycle()
         crew.wait_all(ids, "COMPLETED", timeout=60)
         wait_until(lambda: stack.health()["lifecycle"]["overdue_leases"] == 0, 30,
                    "the overdue count back to zero")
