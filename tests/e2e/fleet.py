@@ -12,7 +12,7 @@ import sys
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
@@ -95,16 +95,19 @@ class Fleet:
 
     def __init__(self, backend: Any, tmp: Path, broker: str, *, concurrency: int = 4,
                  work: dict[str, str] | None = None, broker_at: str | None = None,
-                 data_dir: Path | None = None) -> None:
+                 data_dir: Path | None = None,
+                 create_organization: Callable[[str], object] | None = None) -> None:
         """``broker_at`` and ``data_dir``: the broker URL and data folder to share (the
-        backend's, when it publishes); by default a new one of ``broker``'s kind."""
+        backend's, when it publishes); by default a new one of ``broker``'s kind.
+        ``create_organization``: how the fleet's organization is made (default: the
+        backend's ``manage.py create_organization``)."""
         from backend.workers.shared import InternalAPIClient
 
         self.backend = backend
         self.tmp = tmp
         self.name = f"e2e-{broker}-{uuid.uuid4().hex[:8]}"
         self.organization_id = f"org-{self.name}"
-        backend.create_organization(self.organization_id)
+        (create_organization or backend.create_organization)(self.organization_id)
         self.env = worker_env(
             backend_url=backend.url,
             api_key=backend.api_key,
@@ -223,10 +226,13 @@ class Fleet:
         """The end of every worker's log, for failure messages."""
         return "\n".join(w.log_tail() for w in self.workers)
 
-    def close(self) -> None:
-        """Stop every worker (group killed if needed), delete a RabbitMQ queue."""
+    def close(self, *, kill: bool = False) -> None:
+        """Stop every worker (group killed if needed; at once with ``kill``), delete a
+        RabbitMQ queue."""
         for worker in self.workers:
-            if worker.alive():
+            if kill:
+                worker.kill()
+            elif worker.alive():
                 worker.terminate(timeout=30)
         if self.env.get("CELERY_BROKER_URL", "").startswith("amqp"):
             with self.app.connection_for_write() as conn:
