@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import random
 import re
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -107,6 +108,13 @@ class Stack:
         without starting Django for it: tests make one per fleet)."""
         self.backend.sql("INSERT INTO internal_api_organization (id, name, created_at) "
                          "VALUES (%s, '', %s)", (org_id, datetime.now(UTC)))
+
+    def dispatch_reasons(self, execution_id: str) -> list[str]:
+        """Why each of an execution's outbox rows was written, oldest first (``created``,
+        ``lease_expired``, ``dispatch_timeout``, ``webhook_due``, ...)."""
+        rows = self.backend.sql("SELECT reason FROM internal_api_dispatch WHERE execution_id = %s "
+                                "ORDER BY id", (uuid.UUID(execution_id),))
+        return [str(row[0]) for row in rows]
 
     def health(self) -> dict[str, Any]:
         """The backend's own ``GET health/`` answer."""

@@ -93,6 +93,9 @@ def test_kill_9_of_a_whole_worker_mid_task_loses_nothing(
         # Every execution done within its lease plus 15 s of the kill.
         crew.wait_all(ids, "COMPLETED", timeout=LEASE + 15)
         assert_nothing_lost(crew, ids)
+        for execution_id in lost_with_it:  # the reaper's repair, or RabbitMQ's redelivery
+            reasons = stack.dispatch_reasons(execution_id)
+            assert "lease_expired" in reasons or broker == "rabbitmq", reasons
         survivors = worker_pids(survivor)
         for execution_id in lost_with_it:
             assert claimed_by(crew, execution_id)[-1] in survivors, crew.events(execution_id)
@@ -117,6 +120,8 @@ def test_the_broker_losing_its_messages_mid_run_loses_nothing(
         assert at_flush["COMPLETED"] < FLUSH_RUN - 10, f"the flush came too late: {at_flush}"
         crew.wait_all(ids, "COMPLETED", timeout=120)
         assert_nothing_lost(crew, ids)
+        resent = [i for i in ids if "dispatch_timeout" in stack.dispatch_reasons(i)]
+        assert resent, "no message was lost by the flush (nothing was dispatched again)"
 
 
 def test_a_worker_stopped_past_its_lease_changes_nothing(
@@ -196,6 +201,9 @@ def test_kill_9_at_every_point_of_a_task_delivers_each_webhook_once(
 
             wait_until(delivered, 90, "every webhook recorded delivered", 0.5)
             assert_nothing_lost(crew, list(ids.values()))
+            assert "lease_expired" in stack.dispatch_reasons(ids["claim"])
+            for point in ("finish", "webhook"):  # handed out again after WEBHOOK_DUE_TIMEOUT
+                assert "webhook_due" in stack.dispatch_reasons(ids[point]), point
             webhook_ids = {}
             for point, execution_id in ids.items():
                 webhook = crew.execution(execution_id)["webhook"]
