@@ -248,6 +248,7 @@ class MetricsView(APIView):
     """``GET metrics/``: the lifecycle's gauges and counters, read from the database."""
 
     renderer_classes = [PrometheusRenderer]
+    metadata_class = None  # OPTIONS is 405: DRF's metadata is JSON, not this format
 
     @extend_schema(
         operation_id="metrics",

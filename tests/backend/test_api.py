@@ -654,6 +654,7 @@ def test_schema_describes_every_endpoint(api: Api) -> None:
     paths = json.loads(response.content)["paths"]
     assert set(paths) == {
         "/internal/v1/health/",
+        "/internal/v1/metrics/",
         "/internal/v1/workflow-executions/",
         "/internal/v1/workflow-executions/{id}/",
         "/internal/v1/workflow-executions/{id}/status/",
