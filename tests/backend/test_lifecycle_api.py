@@ -175,6 +175,7 @@ def test_create_with_dispatch_defaults_the_queue_to_celery(api: Api) -> None:
     assert len(broker_messages("celery")) == 1
 
 
+@committing
 def test_a_broker_that_fails_leaves_the_dispatch_to_run_lifecycle(api: Api, settings: Any) -> None:
     settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
     execution = create(api, dispatch={"task": "process", "queue": "q"})
@@ -182,6 +183,23 @@ def test_a_broker_that_fails_leaves_the_dispatch_to_run_lifecycle(api: Api, sett
     dispatch = Dispatch.objects.get(execution_id=execution["id"])
     assert dispatch.published_at is None and dispatch.reason == "created"
     assert events(api, execution["id"]) == []
+
+
+@committing
+def test_with_an_idempotency_key_the_publish_follows_the_key_s_commit(api: Api) -> None:
+    broker_messages("idem-q")
+    body = {"workflow_id": "wf", "dispatch": {"task": "process", "queue": "idem-q"}}
+    headers = api.headers(**{"Idempotency-Key": "create-1"})
+    first = api.call("POST", "workflow-executions/", body, headers=headers)
+    assert first.status_code == 201
+    # The answer was written inside the key's transaction, before the publish.
+    assert first.json()["status"] == "PENDING"
+    assert row(first.json()["id"])["status"] == "QUEUED"
+    replay = api.call("POST", "workflow-executions/", body, headers=headers)
+    assert replay.status_code == 201 and replay.json() == first.json()
+    assert replay["Idempotent-Replayed"] == "true"
+    assert len(broker_messages("idem-q")) == 1
+    assert Dispatch.objects.filter(execution_id=first.json()["id"]).count() == 1
 
 
 def test_create_without_dispatch_writes_no_dispatch(api: Api) -> None:
