@@ -3,8 +3,9 @@
 ``manage.py run_lifecycle`` calls :func:`run_pass` every ``LIFECYCLE_INTERVAL`` seconds. A pass
 has four steps, each made of short transactions of at most :data:`BATCH` rows:
 
-1. :func:`publish_pending` publishes the outbox (unpublished :class:`Dispatch` rows) and marks
-   them published; a PENDING or QUEUED execution becomes QUEUED with ``queued_at = now``.
+1. :func:`publish_pending` publishes the outbox (unpublished :class:`Dispatch` rows) with
+   ``publish.publish_dispatch``, which records each row published and makes a PENDING or
+   QUEUED execution QUEUED with ``queued_at = now``.
 2. :func:`reap`: an IN_PROGRESS execution whose lease expired (or that never had one and did
    not change for ``UNLEASED_TIMEOUT``) was lost by its worker: ``lost_count + 1``, then ERROR
    "lost by its worker N times" once it was claimed ``EXECUTION_MAX_ATTEMPTS`` times, else
@@ -16,7 +17,8 @@ has four steps, each made of short transactions of at most :data:`BATCH` rows:
 
 Rows are taken with ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several processes
 share the work and never take the same row; SQLite's single writer (``BEGIN IMMEDIATE``)
-serialises them. A step's status changes, events and new outbox rows commit together. The
+serialises them. Status changes go through ``transitions`` (their event in the same statement);
+a step's status changes, events and new outbox rows commit together. The
 outbox is published inside the transaction that holds its rows: a process killed after the
 publish and before the commit leaves them unpublished, and they are published again (a
 duplicate message is harmless: the second claim is refused), never lost.
