@@ -687,3 +687,27 @@ def test_kill_9_after_the_outbox_commit_and_before_the_publish_loses_nothing(
     assert scene.execution(pk)["status"] == "QUEUED"
     assert scene.events(pk) == [("PENDING", "QUEUED", "dispatched")]
     scene.broker.forget(queue)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["0", "0.001", "-1", "3600.5", "1e9", "nan", "inf", "-inf", "", " ", "abc", "1s", "\u0663",
+     "\uff11", "2\x00", "0x10"],
+)  # fmt: skip
+def test_interval_out_of_range_or_not_a_number_is_refused_by_name(text: str) -> None:
+    from argparse import ArgumentTypeError
+
+    from backend.internal_api.management.commands.run_lifecycle import _interval
+
+    with pytest.raises(ArgumentTypeError, match=r"must be a number of seconds from 0\.01 to 3600"):
+        _interval(text)
+
+
+@pytest.mark.parametrize("text", ["0.01", "0.05", "2", "3600", " 7 "])
+def test_interval_in_range_is_taken(text: str) -> None:
+    from backend.internal_api.management.commands.run_lifecycle import _interval
+
+    assert _interval(text) == float(text)
