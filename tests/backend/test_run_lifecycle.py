@@ -711,3 +711,39 @@ def test_interval_in_range_is_taken(text: str) -> None:
     from backend.internal_api.management.commands.run_lifecycle import _interval
 
     assert _interval(text) == float(text)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_a_broker_outage_is_logged_and_the_loop_publishes_once_it_is_back(
+    redis_scene: Scene,
+) -> None:
+    scene, queue = redis_scene, queue_name()
+    port = int(REDIS_TEST_URL.rsplit(":", 1)[1].split("/")[0])
+    with TcpProxy("127.0.0.1", port, scheme="redis") as proxy:
+        loop = scene.run_lifecycle(
+            "--interval", "0.05", **LONG, CELERY_BROKER_URL=f"{proxy.url}/{REDIS_DB}"
+        )
+        try:
+            wait_for(lambda: "run_lifecycle started" in loop.logs(), "the loop to start")
+            before = scene.create(queue)  # published: the loop's pool now holds a connection
+            scene.add_dispatch(before, queue)
+            wait_for(lambda: scene.broker.messages(queue), "the first message")
+            proxy.mode = "reset"  # the broker goes away: every connection is reset
+            pk = scene.create(queue)
+            scene.add_dispatch(pk, queue)
+            wait_for(lambda: "dispatch not published" in loop.logs(), "a failed publish")
+            assert scene.dispatches(pk) == [("created", False)]
+            proxy.mode = "forward"  # the broker is back
+            wait_for(
+                lambda: str(pk) in scene.broker.messages(queue),
+                "the message once the broker is back",
+            )
+            assert loop.process.poll() is None
+            assert loop.stop() == 0
+        finally:
+            loop.kill()
+    assert scene.broker.messages(queue) == Counter({str(before): 1, str(pk): 1})
+    assert scene.dispatches(pk) == [("created", True)]
+    assert "Traceback" not in loop.logs()
+    scene.broker.forget(queue)
