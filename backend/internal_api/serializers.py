@@ -20,7 +20,6 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from backend.internal_api.models import (
-    TERMINAL_STATUSES,
     DeliveryOutcome,
     EventReason,
     ExecutionStatus,
@@ -279,7 +278,8 @@ class ExecutionUpdateSerializer(StrictSerializer):
 
 
 class StatusUpdateSerializer(StrictSerializer):
-    """Body of ``POST workflow-executions/{id}/status/`` (a null optional field: no change)."""
+    """Body of ``POST workflow-executions/{id}/status/`` (a null optional field: no change);
+    the fields besides ``status`` are applied with it, in the same statement."""
 
     status = serializers.ChoiceField(
         choices=ExecutionStatus.choices,
@@ -292,26 +292,11 @@ class StatusUpdateSerializer(StrictSerializer):
     )
     attempts = _count(required=False, allow_null=True)
     execution_time = _seconds(required=False, allow_null=True)
-    result = ResultField(required=False, allow_null=True, help_text="terminal status only")
-    total_files = _count(required=False, allow_null=True, help_text="terminal status only")
-    successful_files = _count(required=False, allow_null=True, help_text="terminal status only")
-    failed_files = _count(required=False, allow_null=True, help_text="terminal status only")
-
-    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        """The result and file counts come with a terminal status (a finish) only."""
-        if attrs["status"] not in TERMINAL_STATUSES:
-            extra = sorted(name for name in _FINISH_FIELDS if attrs.get(name) is not None)
-            if extra:
-                raise serializers.ValidationError(
-                    {
-                        name: ["only with a terminal status (COMPLETED, ERROR, STOPPED)"]
-                        for name in extra
-                    }
-                )
-        return attrs
-
-
-_FINISH_FIELDS = ("result", "total_files", "successful_files", "failed_files")
+    # With a terminal status: the finish in one call (also accepted with any other status).
+    result = ResultField(required=False, allow_null=True)
+    total_files = _count(required=False, allow_null=True)
+    successful_files = _count(required=False, allow_null=True)
+    failed_files = _count(required=False, allow_null=True)
 
 
 class ClaimSerializer(StrictSerializer):
