@@ -1,5 +1,5 @@
-"""``test_api.py``, ``test_hostile.py`` and ``test_lifecycle_api.py`` again, on PostgreSQL: a separate pytest session
-with its own database.
+"""``test_api.py``, ``test_hostile.py`` and ``test_lifecycle_api.py`` again, on PostgreSQL: a
+separate pytest session with its own database.
 
 pytest-django builds one test database per session from the settings, so the PostgreSQL run
 is a child session with ``BACKEND_TEST_DATABASE_URL`` naming a database nobody else uses

@@ -1,4 +1,5 @@
-"""Hostile and careless input, table-driven: every body field of every endpoint, every header
+"""Hostile and careless input, table-driven: every body field of every endpoint (the lifecycle
+ones included: claim, heartbeat, release, the finish), every header (``X-Lease-Epoch`` too)
 and query parameter, with unpaired surrogates, NUL and other control characters, non-ASCII
 digits, huge numbers, wrong JSON types, overlong strings and invalid UTF-8.
 
@@ -17,7 +18,12 @@ from typing import Any
 
 import pytest
 
-from backend.internal_api.models import WebhookDelivery, WorkflowExecution
+from backend.internal_api.models import (
+    Dispatch,
+    ExecutionEvent,
+    WebhookDelivery,
+    WorkflowExecution,
+)
 from tests.backend.conftest import Api
 
 pytestmark = pytest.mark.django_db
@@ -59,15 +65,40 @@ FIELDS: list[tuple[str, str, str, Any]] = [
     ("delivery", "duration", "float", (0.0, 1e9)),
     ("delivery", "outcome", "choice", None),
     ("delivery", "error_message", "str", 10_000),
+    ("delivery", "webhook_id", "str", 40),
+    ("create", "webhook_url", "str", 2048),
+    ("create", "dispatch", "object", None),
+    ("claim", "worker", "str", 255),
+    ("claim", "lease_seconds", "int", (1, 3600)),
+    ("claim", "dispatch", "object", None),
+    ("heartbeat", "epoch", "int", (1, MAX_INT)),
+    ("heartbeat", "lease_seconds", "int", (1, 3600)),
+    ("release", "epoch", "int", (1, MAX_INT)),
+    ("release", "retry_in", "float", (0.0, 86400.0)),
+    ("finish", "result", "json", None),
+    ("finish", "total_files", "int", (0, MAX_INT)),
+    ("finish", "successful_files", "int", (0, MAX_INT)),
+    ("finish", "failed_files", "int", (0, MAX_INT)),
 ]
+# The fixture's execution is claimed with this epoch (except for the claim endpoint's tests).
+EPOCH = 1
 BASE_BODY = {
     "create": {"workflow_id": "wf"},
     "patch": {},
     "status": {"status": "QUEUED"},
     "delivery": {"url": "https://receiver.example/hook", "outcome": "delivered"},
+    "claim": {"worker": "w"},
+    "heartbeat": {"epoch": EPOCH},
+    "release": {"epoch": EPOCH},
+    "finish": {"status": "COMPLETED"},
 }
+# Conflicts an endpoint may answer for a well-formed request (the state forbids it).
+CONFLICTS = {"status": {"illegal_transition"}, "finish": {"illegal_transition"}}
 NULLABLE = {"pipeline_id", "result", "error_message", "attempts", "execution_time"}
+NULLABLE |= {"total_files", "successful_files", "failed_files"}  # of a finish: no change
 NULLABLE_BY_ENDPOINT = {("delivery", "execution_id"), ("delivery", "status_code")}
+NOT_NULLABLE_BY_ENDPOINT = {("create", "total_files"), ("patch", "total_files")}
+NOT_NULLABLE_BY_ENDPOINT |= {("patch", "successful_files"), ("patch", "failed_files")}
 
 
 def parse(literal: str) -> Any:
@@ -81,7 +112,11 @@ def must_be_refused(endpoint: str, field: str, kind: str, bounds: Any, literal: 
         return True
     value = parse(literal)
     if value is None:
+        if (endpoint, field) in NOT_NULLABLE_BY_ENDPOINT:
+            return True
         return field not in NULLABLE and (endpoint, field) not in NULLABLE_BY_ENDPOINT
+    if kind == "object":
+        return not isinstance(value, dict)
     if kind == "int":
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # JSON's 1.0 is the integer 1
@@ -131,13 +166,17 @@ def snapshot(api: Api) -> Any:
     deliveries = list(
         WebhookDelivery.objects.filter(organization_id=api.org_id).order_by("pk").values()
     )
-    return executions, deliveries
+    mine = {"execution__organization_id": api.org_id}
+    events = list(ExecutionEvent.objects.filter(**mine).order_by("pk").values())
+    dispatches = list(Dispatch.objects.filter(**mine).order_by("pk").values())
+    return executions, deliveries, events, dispatches
 
 
 def still_readable(api: Api, execution_id: str) -> None:
     """The execution, the organization's lists: all readable after an accepted request."""
     for path in (
         f"workflow-executions/{execution_id}/",
+        f"workflow-executions/{execution_id}/events/",
         "workflow-executions/",
         "webhook-deliveries/",
     ):
@@ -153,6 +192,10 @@ def route(endpoint: str, execution_id: str) -> tuple[str, str]:
         "patch": ("PATCH", f"workflow-executions/{execution_id}/"),
         "status": ("POST", f"workflow-executions/{execution_id}/status/"),
         "delivery": ("POST", "webhook-deliveries/"),
+        "claim": ("POST", f"workflow-executions/{execution_id}/claim/"),
+        "heartbeat": ("POST", f"workflow-executions/{execution_id}/heartbeat/"),
+        "release": ("POST", f"workflow-executions/{execution_id}/release/"),
+        "finish": ("POST", f"workflow-executions/{execution_id}/status/"),
     }[endpoint]
 
 
@@ -171,10 +214,18 @@ def with_field(endpoint: str, field: str, literal: str) -> bytes:
 
 
 @pytest.fixture
-def execution_id(api: Api) -> str:
-    """An execution of the organization, IN_PROGRESS (so that any status may follow)."""
+def execution_id(api: Api, request: pytest.FixtureRequest) -> str:
+    """An execution of the organization, IN_PROGRESS (so that any status may follow): under
+    lease ``EPOCH``, or, for the claim endpoint's tests, without a lease (claimable)."""
     created = api.call("POST", "workflow-executions/", {"workflow_id": "wf"}).json()
-    api.call("POST", f"workflow-executions/{created['id']}/status/", {"status": "IN_PROGRESS"})
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("endpoint") == "claim":
+        path = f"workflow-executions/{created['id']}/status/"
+        assert api.call("POST", path, {"status": "IN_PROGRESS"}).status_code == 200
+    else:
+        path = f"workflow-executions/{created['id']}/claim/"
+        claimed = api.call("POST", path, {"worker": "fixture", "lease_seconds": 600})
+        assert claimed.json()["lease"]["epoch"] == EPOCH
     return str(created["id"])
 
 
@@ -193,7 +244,8 @@ def test_every_body_field_with_hostile_values(
     if must_be_refused(endpoint, field, kind, bounds, literal):
         assert response.status_code == 400, (response.status_code, body)
     if response.status_code >= 400:
-        assert response.status_code == 400 or (endpoint, response.status_code) == ("status", 409)
+        conflict = response.status_code == 409 and body["error"] in CONFLICTS.get(endpoint, ())
+        assert response.status_code == 400 or conflict, (response.status_code, body)
         assert snapshot(api) == before, "a refused request stored something"
         if response.status_code == 400 and body["error"] == "validation_error":
             assert field in body["detail"] or "body" in body["detail"], body
@@ -253,7 +305,13 @@ HEADER_VALUES = [
     "-1",
     "null",
 ]
-HEADERS = ["X-Organization-ID", "Idempotency-Key", "X-Request-ID", "Content-Type", "X-Other"]
+HEADERS = [
+    "X-Organization-ID",
+    "Idempotency-Key",
+    "X-Request-ID",
+    "Content-Type",
+    "X-Other",
+]
 
 
 @pytest.mark.parametrize("value", HEADER_VALUES)
@@ -367,6 +425,10 @@ def test_every_query_parameter_with_hostile_values(
         ("PATCH", "workflow-executions/{}/"),
         ("DELETE", "workflow-executions/{}/"),
         ("POST", "workflow-executions/{}/status/"),
+        ("POST", "workflow-executions/{}/claim/"),
+        ("POST", "workflow-executions/{}/heartbeat/"),
+        ("POST", "workflow-executions/{}/release/"),
+        ("GET", "workflow-executions/{}/events/"),
         ("GET", "webhook-deliveries/{}/"),
     ],
 )
@@ -384,6 +446,60 @@ def test_every_path_id_with_hostile_values(
     body = check_answer(response, api)
     assert response.status_code == 404, body
     assert snapshot(api) == before
+
+
+EPOCH_VALUES = [
+    *HEADER_VALUES,
+    "0",
+    "00",
+    "+1",
+    " 1",
+    "1 ",
+    "1.0",
+    "1e0",
+    "0x1",
+    "\u0661",  # Arabic-Indic 1
+    "\uff11",  # fullwidth 1
+    "1\u0660",
+    "2147483649",
+    "9" * 11,
+    "1" + "0" * 5000,
+    "true",
+    "[1]",
+]
+FENCED = ["status", "patch", "delivery", "finish"]
+
+
+@pytest.mark.parametrize("value", [*EPOCH_VALUES, str(EPOCH), f"0{EPOCH}", "2147483648"])
+@pytest.mark.parametrize("endpoint", FENCED)
+def test_lease_epoch_header_with_hostile_values(
+    api: Api, execution_id: str, endpoint: str, value: str
+) -> None:
+    """ASCII digits from 1 to 2**31 or a 400 naming the header; a well-formed epoch that is
+    not the current one is 409 lease_lost; refusals store nothing."""
+    before = snapshot(api)
+    body = dict(BASE_BODY[endpoint])
+    if endpoint == "status":
+        body["status"] = "IN_PROGRESS"  # the holder's no-op (QUEUED would be illegal)
+    if endpoint == "delivery":
+        body["execution_id"] = execution_id
+    method, path = route(endpoint, execution_id)
+    headers = {**api.headers(), "X-Lease-Epoch": value}
+    response = api.call(method, path, body, headers=headers)
+    answer = check_answer(response, api)
+    digits = value.isascii() and value.isdigit() and len(value) <= 10
+    well_formed = digits and 1 <= int(value) <= 2**31
+    if not well_formed:
+        assert response.status_code == 400, answer
+        assert "x-lease-epoch" in answer["detail"].lower(), answer
+    elif int(value) != EPOCH:
+        assert (response.status_code, answer["error"]) == (409, "lease_lost"), answer
+    else:
+        assert response.status_code in (200, 201), answer
+    if response.status_code >= 400:
+        assert snapshot(api) == before
+    else:
+        still_readable(api, execution_id)
 
 
 @pytest.mark.parametrize("value", [*HEADER_VALUES, "Bearer \ud800", "Bearer \x00", "Bearer"])
