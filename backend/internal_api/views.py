@@ -113,7 +113,7 @@ REQUEST_ID_PARAMETER = OpenApiParameter(
 )
 EPOCH_PARAMETER = OpenApiParameter(
     EPOCH_HEADER,
-    OpenApiTypes.INT,
+    {"type": "integer", "minimum": 1, "maximum": MAX_EPOCH},
     OpenApiParameter.HEADER,
     required=False,
     description=(
