@@ -71,7 +71,7 @@ def _integer(name: str, default: int, low: int, high: int) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
-    if not (raw.isascii() and raw.isdigit() and low <= int(raw) <= high):
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10 and low <= int(raw) <= high):
         raise ImproperlyConfigured(f"{name}: must be a whole number from {low} to {high}")
     return int(raw)
 

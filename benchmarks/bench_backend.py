@@ -1,13 +1,18 @@
-"""Status transitions per second through gunicorn and PostgreSQL, plain and idempotent.
+"""Status transitions per second through gunicorn and PostgreSQL: plain, idempotent, and the
+lifecycle's claim and finish.
 
 The backend runs as in production (gunicorn, 2 ``gthread`` workers, PostgreSQL on loopback, a
 fresh database dropped afterwards). A load generator in a second process drives it over
 kept-alive connections from several threads; each execution goes QUEUED -> IN_PROGRESS ->
 COMPLETED, so every request is a real transition. Measured side by side, in alternating
 rounds (median of each): the trivial authenticated ``health`` endpoint (the baseline: HTTP,
-gunicorn and Django with no database work), plain status updates, and status updates carrying
-a fresh ``Idempotency-Key`` each. Then, in this process, the SQL statements one plain and one
-idempotent update issue (Django's test client on the same database, organization cached).
+gunicorn and Django with no database work), plain status updates, status updates carrying
+a fresh ``Idempotency-Key`` each, claims (PENDING -> IN_PROGRESS under a new lease) and
+finishes (``COMPLETED`` with the result, file counts and ``X-Lease-Epoch``, in one call, of
+executions claimed before the clock starts). The claim's and the finish's server CPU per
+request are compared with the plain update's (ratio of each round, median; target <= 1).
+Then, in this process, the SQL statements one request of each kind issues (Django's test
+client on the same database, organization cached).
 
 Run: ``.venv/bin/python benchmarks/bench_backend.py`` (or ``make bench``); needs PostgreSQL
 on 127.0.0.1:5432. ``python benchmarks/bench_backend.py --load ...`` is the load generator.
@@ -37,6 +42,11 @@ ROUNDS = 6
 TARGET_RATE = 300.0
 TARGET_SQL = 3
 TARGET_IDEMPOTENT_RATIO = 1.25
+TARGET_LIFECYCLE_RATIO = 1.0  # claim and finish: server CPU per request <= a plain update
+MODES = ("health", "plain", "idempotent", "claim", "finish")
+# Requests per execution of each mode.
+PER_EXECUTION = {"plain": 3, "idempotent": 3, "claim": 1, "finish": 1}
+FINISH_RESULT = {"rows": 3, "tables": ["invoices", "lines"], "warnings": []}
 
 
 # --- the load generator (second process) -----------------------------------------------------
@@ -52,11 +62,20 @@ def _load(url: str, key: str, org: str, mode: str, count: int, threads: int) -> 
         for _ in range(threads)
     ]
     ids: list[str] = []
+    epochs: dict[str, int] = {}
     if mode != "health":
         for i in range(count):
             response = clients[0].post("/workflow-executions/", json={"workflow_id": f"b{i}"})
             response.raise_for_status()
             ids.append(response.json()["id"])
+    if mode == "finish":
+        for execution_id in ids:
+            response = clients[0].post(
+                f"/workflow-executions/{execution_id}/claim/",
+                json={"worker": "bench:1", "lease_seconds": 300},
+            )
+            response.raise_for_status()
+            epochs[execution_id] = response.json()["lease"]["epoch"]
     failures: list[str] = []
     barrier = threading.Barrier(threads + 1)
 
@@ -70,6 +89,11 @@ def _load(url: str, key: str, org: str, mode: str, count: int, threads: int) -> 
                     failures.append(response.text)
             return
         for execution_id in ids[index::threads]:
+            if mode in ("claim", "finish"):
+                response = _lifecycle_request(client, mode, execution_id, epochs)
+                if response.status_code != 200:
+                    failures.append(response.text)
+                continue
             for status in ("QUEUED", "IN_PROGRESS", "COMPLETED"):
                 extra = {"Idempotency-Key": uuid.uuid4().hex} if mode == "idempotent" else {}
                 response = client.post(
@@ -92,8 +116,29 @@ def _load(url: str, key: str, org: str, mode: str, count: int, threads: int) -> 
     seconds = time.perf_counter() - started
     for client in clients:
         client.close()
-    requests = count if mode == "health" else count * 3
+    requests = count * PER_EXECUTION.get(mode, 1)
     return {"requests": requests, "seconds": seconds, "failures": failures[:3]}
+
+
+def _lifecycle_request(client: Any, mode: str, execution_id: str, epochs: dict[str, int]) -> Any:
+    """One claim, or one finish under the execution's lease."""
+    if mode == "claim":
+        return client.post(
+            f"/workflow-executions/{execution_id}/claim/",
+            json={"worker": "bench:1", "lease_seconds": 300},
+        )
+    return client.post(
+        f"/workflow-executions/{execution_id}/status/",
+        json={
+            "status": "COMPLETED",
+            "result": FINISH_RESULT,
+            "total_files": 3,
+            "successful_files": 3,
+            "failed_files": 0,
+            "execution_time": 0.25,
+        },
+        headers={"X-Lease-Epoch": str(epochs[execution_id])},
+    )
 
 
 class _CpuMeter:
@@ -169,8 +214,9 @@ def _drive(backend: Any, meter: _CpuMeter, mode: str, count: int) -> tuple[float
 # --- SQL statements per update (in this process) ---------------------------------------------
 
 
-def _count_sql(database_url: str, api_key: str) -> tuple[int, int, list[str]]:
-    """Statements issued by one plain and one idempotent status update (warm)."""
+def _count_sql(database_url: str, api_key: str) -> dict[str, list[str]]:
+    """Statements issued by one plain and one idempotent status update, one claim and one
+    finish (warm), by their first word."""
     os.environ.update(
         DJANGO_SETTINGS_MODULE="backend.settings",
         DATABASE_URL=database_url,
@@ -189,11 +235,11 @@ def _count_sql(database_url: str, api_key: str) -> tuple[int, int, list[str]]:
     setup_test_environment()
     org = Organization.objects.create(pk=f"sql-{uuid.uuid4().hex[:8]}")
     executions = [
-        WorkflowExecution.objects.create(organization=org, workflow_id="w") for _ in range(3)
+        WorkflowExecution.objects.create(organization=org, workflow_id="w") for _ in range(4)
     ]
     client = Client(headers={"Authorization": f"Bearer {api_key}", "X-Organization-ID": org.pk})
 
-    def run(execution: Any, extra: dict[str, str]) -> list[str]:
+    def run(execution: Any, path: str, body: Any, extra: dict[str, str]) -> list[str]:
         statements: list[str] = []
 
         def record(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
@@ -202,8 +248,8 @@ def _count_sql(database_url: str, api_key: str) -> tuple[int, int, list[str]]:
 
         with connection.execute_wrapper(record):
             response = client.post(
-                f"/internal/v1/workflow-executions/{execution.pk}/status/",
-                {"status": "IN_PROGRESS"},
+                f"/internal/v1/workflow-executions/{execution.pk}/{path}/",
+                body,
                 content_type="application/json",
                 headers=extra,
             )
@@ -211,11 +257,19 @@ def _count_sql(database_url: str, api_key: str) -> tuple[int, int, list[str]]:
         return statements
 
     # Warm-up: the organization is cached and the once-a-while purge of expired keys is done.
-    run(executions[2], {"Idempotency-Key": uuid.uuid4().hex})
-    plain = run(executions[0], {})
-    idempotent = run(executions[1], {"Idempotency-Key": uuid.uuid4().hex})
+    run(executions[2], "status", {"status": "IN_PROGRESS"}, {"Idempotency-Key": uuid.uuid4().hex})
+    counts = {
+        "plain": run(executions[0], "status", {"status": "IN_PROGRESS"}, {}),
+        "idempotent": run(
+            executions[1], "status", {"status": "IN_PROGRESS"}, {"Idempotency-Key": "k1"}
+        ),
+        "claim": run(executions[3], "claim", {"worker": "bench:1"}, {}),
+    }
+    epoch = str(WorkflowExecution.objects.get(pk=executions[3].pk).lease_epoch)
+    finish = {"status": "COMPLETED", "result": FINISH_RESULT, "total_files": 3}
+    counts["finish"] = run(executions[3], "status", finish, {"X-Lease-Epoch": epoch})
     connection.close()
-    return len(plain), len(idempotent), idempotent
+    return counts
 
 
 def main() -> None:
@@ -227,23 +281,32 @@ def main() -> None:
         raise SystemExit("bench_backend: PostgreSQL is not running on 127.0.0.1:5432")
     with LiveBackend.postgres(workers=2, threads=8, log_level="WARNING") as backend:
         meter = _CpuMeter(backend)
-        rates: dict[str, list[float]] = {"health": [], "plain": [], "idempotent": []}
-        cpu_ms: dict[str, list[dict[str, float]]] = {"health": [], "plain": [], "idempotent": []}
+        rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+        cpu_ms: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
         ratios: list[float] = []
-        _drive(backend, meter, "plain", 20)  # warm-up: connections, caches
+        cpu_ratios: dict[str, list[float]] = {"claim": [], "finish": []}
+        for mode in ("plain", "claim", "finish"):
+            _drive(backend, meter, mode, 20)  # warm-up: connections, caches, prepared plans
         for round_no in range(ROUNDS):
-            # Back to back, alternating which goes first: the machine is shared and noisy.
-            order = ("plain", "idempotent") if round_no % 2 == 0 else ("idempotent", "plain")
+            # Back to back, rotating which goes first: the machine is shared and noisy.
+            order = ["plain", "idempotent", "claim", "finish"]
+            order = order[round_no % 4 :] + order[: round_no % 4]
             pair: dict[str, float] = {}
+            cpu_round: dict[str, float] = {}
             for mode in ("health", *order):
                 count = HEALTH_PER_ROUND if mode == "health" else EXECUTIONS_PER_ROUND
+                if mode in ("claim", "finish"):
+                    count *= 3  # as many requests as a plain round
                 rate, cpu = _drive(backend, meter, mode, count)
                 rates[mode].append(rate)
                 cpu_ms[mode].append(cpu)
                 pair[mode] = rate
+                cpu_round[mode] = cpu["gunicorn"] + cpu["postgres"]
             ratios.append(pair["plain"] / pair["idempotent"])
+            for mode in cpu_ratios:
+                cpu_ratios[mode].append(cpu_round[mode] / cpu_round["plain"])
         meter.close()
-        plain_sql, idem_sql, idem_kinds = _count_sql(backend.database_url, backend.api_key)
+        sql = _count_sql(backend.database_url, backend.api_key)
 
     health = statistics.median(rates["health"])
     plain = statistics.median(rates["plain"])
@@ -276,11 +339,22 @@ def main() -> None:
         f"  idempotent CPU cost ratio        {total['idempotent'] / total['plain']:8.2f} x    "
         f"(server CPU per request; target <= {TARGET_IDEMPOTENT_RATIO})"
     )
-    print(f"  SQL per plain status update      {plain_sql:8d}      (target <= {TARGET_SQL})")
+    for mode in ("claim", "finish"):
+        print(
+            f"  {mode} CPU / plain update CPU    {statistics.median(cpu_ratios[mode]):8.2f} x    "
+            f"(median of per-round ratios; target <= {TARGET_LIFECYCLE_RATIO}; rounds: "
+            + " ".join(f"{v:.2f}" for v in cpu_ratios[mode])
+            + ")"
+        )
     print(
-        f"  SQL per idempotent update        {idem_sql:8d}      "
-        f"({', '.join(idem_kinds)}; plus BEGIN/COMMIT)"
+        f"  SQL per plain status update      {len(sql['plain']):8d}      (target <= {TARGET_SQL})"
     )
+    print(
+        f"  SQL per idempotent update        {len(sql['idempotent']):8d}      "
+        f"({', '.join(sql['idempotent'])}; plus BEGIN/COMMIT)"
+    )
+    for mode in ("claim", "finish"):
+        print(f"  SQL per {mode:<24} {len(sql[mode]):8d}      ({', '.join(sql[mode])})")
     print(f"  target: several hundred plain updates/s ({TARGET_RATE:.0f}+)")
     for name, values in rates.items():
         print(f"  rounds, {name:<10} " + " ".join(f"{v:6.0f}" for v in values))

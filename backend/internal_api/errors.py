@@ -90,12 +90,12 @@ class StrictJSONParser(JSONParser):
         value no database stores a ``ValidationError`` naming its field (400)."""
         try:
             data = super().parse(stream, media_type, parser_context)
-            problem = _unstorable(data, "")
+            problem = _unstorable(data)
         except RecursionError:
             raise exceptions.ParseError("JSON body is nested too deeply") from None
         if problem is not None:
-            field, message = problem
-            raise exceptions.ValidationError({field or "body": [message]})
+            path, message = problem
+            raise exceptions.ValidationError({_dotted(path) or "body": [message]})
         return data
 
 
@@ -111,24 +111,34 @@ def unstorable_text(text: str) -> str | None:
     return None
 
 
-def _unstorable(value: Any, path: str) -> tuple[str, str] | None:
-    """The first ``(field path, reason)`` of ``value`` no database stores, else None."""
+def _dotted(parts: list[str]) -> str:
+    """``a.b[0]`` of the path parts ``["[0]", "b", "a"]`` (innermost first)."""
+    out = ""
+    for part in reversed(parts):
+        out += part if part.startswith("[") or not out else f".{part}"
+    return out
+
+
+def _unstorable(value: Any) -> tuple[list[str], str] | None:
+    """The first ``(field path, reason)`` of ``value`` no database stores, else None; the
+    path's parts come innermost first (they are named only once a problem is found)."""
     if isinstance(value, str):
         reason = unstorable_text(value)
-        return None if reason is None else (path, reason)
+        return None if reason is None else ([], reason)
     if isinstance(value, float):
-        return None if math.isfinite(value) else (path, "numbers must be finite (out of range)")
+        return None if math.isfinite(value) else ([], "numbers must be finite (out of range)")
     if isinstance(value, dict):
         for key, item in value.items():
-            name = f"{path}.{printable(key)}" if path else printable(key)
             reason = unstorable_text(key)
-            problem = (name, f"field names {reason}") if reason else _unstorable(item, name)
+            problem = ([], f"field names {reason}") if reason else _unstorable(item)
             if problem is not None:
+                problem[0].append(printable(key))
                 return problem
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            problem = _unstorable(item, f"{path}[{index}]")
+            problem = _unstorable(item)
             if problem is not None:
+                problem[0].append(f"[{index}]")
                 return problem
     return None
 

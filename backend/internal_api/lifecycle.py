@@ -3,8 +3,9 @@
 ``manage.py run_lifecycle`` calls :func:`run_pass` every ``LIFECYCLE_INTERVAL`` seconds. A pass
 has four steps, each made of short transactions of at most :data:`BATCH` rows:
 
-1. :func:`publish_pending` publishes the outbox (unpublished :class:`Dispatch` rows) and marks
-   them published; a PENDING or QUEUED execution becomes QUEUED with ``queued_at = now``.
+1. :func:`publish_pending` publishes the outbox (unpublished :class:`Dispatch` rows) with
+   ``publish.publish_dispatch``, which records each row published and makes a PENDING or
+   QUEUED execution QUEUED with ``queued_at = now``.
 2. :func:`reap`: an IN_PROGRESS execution whose lease expired (or that never had one and did
    not change for ``UNLEASED_TIMEOUT``) was lost by its worker: ``lost_count + 1``, then ERROR
    "lost by its worker N times" once it was claimed ``EXECUTION_MAX_ATTEMPTS`` times, else
@@ -16,7 +17,8 @@ has four steps, each made of short transactions of at most :data:`BATCH` rows:
 
 Rows are taken with ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several processes
 share the work and never take the same row; SQLite's single writer (``BEGIN IMMEDIATE``)
-serialises them. A step's status changes, events and new outbox rows commit together. The
+serialises them. Status changes go through ``transitions`` (their event in the same statement);
+a step's status changes, events and new outbox rows commit together. The
 outbox is published inside the transaction that holds its rows: a process killed after the
 publish and before the commit leaves them unpublished, and they are published again (a
 duplicate message is harmless: the second claim is refused), never lost.
@@ -148,15 +150,9 @@ def overdue_counts(now: datetime | None = None) -> dict[str, int]:
 # --- the steps --------------------------------------------------------------------------------
 
 
-def _locked_batch(
-    rows: QuerySet[WorkflowExecution], exclude: Iterable[object] = ()
-) -> list[WorkflowExecution]:
+def _locked_batch(rows: QuerySet[WorkflowExecution]) -> list[WorkflowExecution]:
     """Up to BATCH rows, locked for this transaction; rows another process holds are skipped."""
-    return list(
-        rows.exclude(pk__in=list(exclude))
-        .order_by("pk")
-        .select_for_update(skip_locked=True)[:BATCH]
-    )
+    return list(rows.order_by("pk").select_for_update(skip_locked=True)[:BATCH])
 
 
 def _dispatch(execution: WorkflowExecution, reason: str) -> Dispatch:
@@ -252,11 +248,9 @@ def _reap_batch(
         for execution in batch:
             lost = execution.lost_count + 1
             if execution.attempts < settings.EXECUTION_MAX_ATTEMPTS and execution.dispatch_task:
-                _requeue(execution, lost, requeue_reason, now)
-                result.requeued += 1
+                result.requeued += _requeue(execution, lost, requeue_reason, now)
             else:
-                _end_lost(execution, lost, lost_reason, now)
-                result.lost += 1
+                result.lost += _end_lost(execution, lost, lost_reason, now)
     return len(batch) == BATCH
 
 
@@ -272,12 +266,13 @@ def _lost_change(execution: WorkflowExecution, reason: str, now: datetime) -> Ch
     return change
 
 
-def _requeue(execution: WorkflowExecution, lost: int, reason: str, now: datetime) -> None:
+def _requeue(execution: WorkflowExecution, lost: int, reason: str, now: datetime) -> bool:
+    """QUEUED again with a new dispatch; False if the execution moved on meanwhile."""
     change = _lost_change(execution, reason, now)
     change.set("status = 'QUEUED'")
     change.set("queued_at = %s", connection.ops.adapt_datetimefield_value(now))
     if apply(execution.organization_id, execution.pk, change) is None:
-        return
+        return False
     _dispatch(execution, reason).save()
     _log_repair(
         "execution lost by its worker: dispatched again",
@@ -286,9 +281,11 @@ def _requeue(execution: WorkflowExecution, lost: int, reason: str, now: datetime
         lost_count=lost,
         attempts=execution.attempts,
     )
+    return True
 
 
-def _end_lost(execution: WorkflowExecution, lost: int, reason: str, now: datetime) -> None:
+def _end_lost(execution: WorkflowExecution, lost: int, reason: str, now: datetime) -> bool:
+    """ERROR "lost by its worker N times"; False if the execution moved on meanwhile."""
     message = f"lost by its worker {lost} times"
     if execution.attempts < settings.EXECUTION_MAX_ATTEMPTS:
         message += "; no task is known to dispatch it again"
@@ -306,7 +303,7 @@ def _end_lost(execution: WorkflowExecution, lost: int, reason: str, now: datetim
     if hand:
         change.set("queued_at = %s", stamp)
     if apply(execution.organization_id, execution.pk, change) is None:
-        return
+        return False
     if hand:
         # Handed to a worker at once: its claim of the ERROR gets the webhook.
         _dispatch(execution, DispatchReason.WEBHOOK_DUE).save()
@@ -317,6 +314,7 @@ def _end_lost(execution: WorkflowExecution, lost: int, reason: str, now: datetim
         lost_count=lost,
         attempts=execution.attempts,
     )
+    return True
 
 
 def redispatch_queued(result: PassResult | None = None) -> PassResult:

@@ -20,7 +20,6 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from backend.internal_api.models import (
-    TERMINAL_STATUSES,
     DeliveryOutcome,
     EventReason,
     ExecutionStatus,
@@ -48,19 +47,25 @@ _JSON_TYPES: tuple[tuple[type[serializers.Field], tuple[type, ...], str], ...] =
 )
 
 
+# Field class -> its rule in _JSON_TYPES (the first that applies), or None: found once.
+_RULES: dict[type, tuple[type[serializers.Field], tuple[type, ...], str] | None] = {}
+
+
 def json_type_problem(field: serializers.Field, value: Any) -> str | None:
     """Why ``value`` (not None) has the wrong JSON type for ``field``, or None."""
-    for kind, types, what in _JSON_TYPES:
-        if not isinstance(field, kind):
-            continue
-        integral = isinstance(value, float) and kind is serializers.IntegerField
-        if integral and value.is_integer():
-            return None  # JSON's 1.0 is the integer 1
-        if isinstance(value, bool) is not (bool in types) or not isinstance(value, types):
-            return f"must be {what}"
-        if kind is serializers.UUIDField and not UUID_TEXT.fullmatch(str(value)):
-            return "must be a UUID"
+    field_class = type(field)
+    if field_class not in _RULES:
+        _RULES[field_class] = next((r for r in _JSON_TYPES if isinstance(field, r[0])), None)
+    rule = _RULES[field_class]
+    if rule is None:
         return None
+    kind, types, what = rule
+    if kind is serializers.IntegerField and isinstance(value, float) and value.is_integer():
+        return None  # JSON's 1.0 is the integer 1
+    if isinstance(value, bool) is not (bool in types) or not isinstance(value, types):
+        return f"must be {what}"
+    if kind is serializers.UUIDField and not UUID_TEXT.fullmatch(str(value)):
+        return "must be a UUID"
     return None
 
 
@@ -131,9 +136,10 @@ class ResultField(serializers.JSONField):
     """Any JSON value, nested at most 64 levels (strings and numbers: see the parser)."""
 
     def to_internal_value(self, data: Any) -> Any:
-        """Accept the value after checking its depth."""
+        """Accept the value after checking its depth. It came from the JSON parser, so it is
+        JSON already: DRF's check (a ``json.dumps`` of the whole value) is not repeated."""
         _check_json(data)
-        return super().to_internal_value(data)
+        return data
 
 
 def timestamp(value: datetime | None) -> str | None:
@@ -272,7 +278,8 @@ class ExecutionUpdateSerializer(StrictSerializer):
 
 
 class StatusUpdateSerializer(StrictSerializer):
-    """Body of ``POST workflow-executions/{id}/status/`` (a null optional field: no change)."""
+    """Body of ``POST workflow-executions/{id}/status/`` (a null optional field: no change);
+    the fields besides ``status`` are applied with it, in the same statement."""
 
     status = serializers.ChoiceField(
         choices=ExecutionStatus.choices,
@@ -285,26 +292,11 @@ class StatusUpdateSerializer(StrictSerializer):
     )
     attempts = _count(required=False, allow_null=True)
     execution_time = _seconds(required=False, allow_null=True)
-    result = ResultField(required=False, allow_null=True, help_text="terminal status only")
-    total_files = _count(required=False, allow_null=True, help_text="terminal status only")
-    successful_files = _count(required=False, allow_null=True, help_text="terminal status only")
-    failed_files = _count(required=False, allow_null=True, help_text="terminal status only")
-
-    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        """The result and file counts come with a terminal status (a finish) only."""
-        if attrs["status"] not in TERMINAL_STATUSES:
-            extra = sorted(name for name in _FINISH_FIELDS if attrs.get(name) is not None)
-            if extra:
-                raise serializers.ValidationError(
-                    {
-                        name: ["only with a terminal status (COMPLETED, ERROR, STOPPED)"]
-                        for name in extra
-                    }
-                )
-        return attrs
-
-
-_FINISH_FIELDS = ("result", "total_files", "successful_files", "failed_files")
+    # With a terminal status: the finish in one call (also accepted with any other status).
+    result = ResultField(required=False, allow_null=True)
+    total_files = _count(required=False, allow_null=True)
+    successful_files = _count(required=False, allow_null=True)
+    failed_files = _count(required=False, allow_null=True)
 
 
 class ClaimSerializer(StrictSerializer):

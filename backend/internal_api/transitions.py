@@ -92,15 +92,14 @@ def apply(organization_id: str, execution_id: Any, change: Change) -> WorkflowEx
             f"UPDATE {_TABLE} SET {', '.join(change.sets)} "
             f"WHERE id = %s AND organization_id = %s AND {where} RETURNING {_COLUMNS}"
         )
-        rows = list(
-            WorkflowExecution.objects.raw(sql, [*change.params, *keys, *change.condition_params])
-        )
-        if not rows:
-            return None
-        row = rows[0]
-        row.from_status = found[0]
-        if change.reason is not None and row.from_status != row.status:
-            with connection.cursor() as cursor:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [*change.params, *keys, *change.condition_params])
+            values = cursor.fetchone()
+            if values is None:
+                return None
+            row = _instance(values)
+            row.from_status = found[0]
+            if change.reason is not None and row.from_status != row.status:
                 cursor.execute(
                     f"INSERT INTO {_EVENTS} (execution_id, from_status, to_status, at, worker, "
                     "epoch, reason) VALUES (%s, %s, %s, %s, %s, %s, %s)",
@@ -137,11 +136,13 @@ def _apply_postgresql(
             "FROM changed WHERE old_status <> status)"
         )
         params += [now, change.reason]
-    rows = list(WorkflowExecution.objects.raw(sql + " SELECT * FROM changed", params))
-    if not rows:
+    with connection.cursor() as cursor:
+        cursor.execute(sql + " SELECT * FROM changed", params)
+        values = cursor.fetchone()
+    if values is None:
         return None
-    row = rows[0]
-    row.from_status = row.old_status
+    row = _instance(values)
+    row.from_status = values[-1]
     return row
 
 
@@ -462,6 +463,37 @@ _COLUMNS = ", ".join(connection.ops.quote_name(f.column) for f in _META.concrete
 _QUALIFIED = ", ".join(
     f"{_TABLE}.{connection.ops.quote_name(f.column)}" for f in _META.concrete_fields
 )
+
+
+_FIELDS = _META.concrete_fields
+_ATTNAMES = [f.attname for f in _FIELDS]
+# (column index, column, converters) of the columns the driver's value needs converting for
+# (JSON text, SQLite's timestamps and UUIDs), as the ORM's compiler would convert them.
+
+
+def _converters() -> list[tuple[int, Any, list[Any]]]:
+    out = []
+    for index, model_field in enumerate(_FIELDS):
+        col = model_field.get_col(_META.db_table)
+        found = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+        if found:
+            out.append((index, col, found))
+    return out
+
+
+_CONVERTERS = _converters()
+
+
+def _instance(values: Sequence[Any]) -> WorkflowExecution:
+    """A model instance of a row (its columns in ``_COLUMNS`` order, extra ones after),
+    without the ORM's per-query machinery: one of these is built per request."""
+    converted = list(values[: len(_FIELDS)])
+    for index, col, converters in _CONVERTERS:
+        value = converted[index]
+        for converter in converters:
+            value = converter(value, col, connection)
+        converted[index] = value
+    return WorkflowExecution.from_db(connection.alias, _ATTNAMES, converted)
 
 
 def _prep(field_name: str, value: Any, model: type[Any] = WorkflowExecution) -> Any:

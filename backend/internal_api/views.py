@@ -116,7 +116,7 @@ REQUEST_ID_PARAMETER = OpenApiParameter(
 )
 EPOCH_PARAMETER = OpenApiParameter(
     EPOCH_HEADER,
-    OpenApiTypes.INT,
+    {"type": "integer", "minimum": 1, "maximum": MAX_EPOCH},
     OpenApiParameter.HEADER,
     required=False,
     description=(
@@ -248,6 +248,7 @@ class MetricsView(APIView):
     """``GET metrics/``: the lifecycle's gauges and counters, read from the database."""
 
     renderer_classes = [PrometheusRenderer]
+    metadata_class = None  # OPTIONS is 405: DRF's metadata is JSON, not this format
 
     @extend_schema(
         operation_id="metrics",

@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from kombu import Connection
 
+import backend.settings as backend_settings
 from backend.internal_api.models import (
     Dispatch,
     ExecutionEvent,
@@ -173,6 +175,7 @@ def test_create_with_dispatch_defaults_the_queue_to_celery(api: Api) -> None:
     assert len(broker_messages("celery")) == 1
 
 
+@committing
 def test_a_broker_that_fails_leaves_the_dispatch_to_run_lifecycle(api: Api, settings: Any) -> None:
     settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
     execution = create(api, dispatch={"task": "process", "queue": "q"})
@@ -180,6 +183,23 @@ def test_a_broker_that_fails_leaves_the_dispatch_to_run_lifecycle(api: Api, sett
     dispatch = Dispatch.objects.get(execution_id=execution["id"])
     assert dispatch.published_at is None and dispatch.reason == "created"
     assert events(api, execution["id"]) == []
+
+
+@committing
+def test_with_an_idempotency_key_the_publish_follows_the_key_s_commit(api: Api) -> None:
+    broker_messages("idem-q")
+    body = {"workflow_id": "wf", "dispatch": {"task": "process", "queue": "idem-q"}}
+    headers = api.headers(**{"Idempotency-Key": "create-1"})
+    first = api.call("POST", "workflow-executions/", body, headers=headers)
+    assert first.status_code == 201
+    # The answer was written inside the key's transaction, before the publish.
+    assert first.json()["status"] == "PENDING"
+    assert row(first.json()["id"])["status"] == "QUEUED"
+    replay = api.call("POST", "workflow-executions/", body, headers=headers)
+    assert replay.status_code == 201 and replay.json() == first.json()
+    assert replay["Idempotent-Replayed"] == "true"
+    assert len(broker_messages("idem-q")) == 1
+    assert Dispatch.objects.filter(execution_id=first.json()["id"]).count() == 1
 
 
 def test_create_without_dispatch_writes_no_dispatch(api: Api) -> None:
@@ -582,13 +602,12 @@ def test_no_webhook_without_webhook_url(api: Api) -> None:
     assert row(execution_id)["webhook_id"] == ""
 
 
-@pytest.mark.parametrize("field", ["result", "total_files", "successful_files", "failed_files"])
-def test_result_fields_come_with_a_terminal_status_only(api: Api, field: str) -> None:
+def test_result_and_counts_with_a_non_terminal_status_are_recorded_with_it(api: Api) -> None:
     execution_id, epoch = claimed(api)
-    before = row(execution_id)
-    response = status(api, execution_id, epoch, "IN_PROGRESS", **{field: 1})
-    assert error_of(response) == (400, "validation_error") and field in response.json()["detail"]
-    assert row(execution_id) == before
+    response = status(api, execution_id, epoch, "IN_PROGRESS", result=[1], total_files=4)
+    assert response.status_code == 200, response.content
+    assert (response.json()["result"], response.json()["total_files"]) == ([1], 4)
+    assert len(events(api, execution_id)) == 1  # a no-op status: no event
 
 
 # --- webhook records -------------------------------------------------------------------------
@@ -687,3 +706,56 @@ def test_the_event_history_is_every_status_change_in_order(api: Api) -> None:
 
 def test_events_of_a_new_execution_are_empty(api: Api) -> None:
     assert events(api, create(api)["id"]) == []
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "expected"),
+    [
+        ("DISPATCH_TIMEOUT", "", 30.0),
+        ("DISPATCH_TIMEOUT", "2.5", 2.5),
+        ("DISPATCH_TIMEOUT", " 7 ", 7.0),
+        ("DISPATCH_TIMEOUT", "0", None),
+        ("DISPATCH_TIMEOUT", "-1", None),
+        ("DISPATCH_TIMEOUT", "nan", None),
+        ("DISPATCH_TIMEOUT", "inf", None),
+        ("DISPATCH_TIMEOUT", "1e309", None),
+        ("DISPATCH_TIMEOUT", "\u0663", None),
+        ("DISPATCH_TIMEOUT", "thirty", None),
+        ("WEBHOOK_DUE_TIMEOUT", "86401", None),
+        ("UNLEASED_TIMEOUT", "0.5", None),
+        ("LIFECYCLE_INTERVAL", "0.01", None),
+    ],
+)
+def test_lifecycle_durations_are_read_and_checked(
+    monkeypatch: pytest.MonkeyPatch, name: str, raw: str, expected: float | None
+) -> None:
+    defaults = {"DISPATCH_TIMEOUT": 30.0, "WEBHOOK_DUE_TIMEOUT": 60.0}
+    defaults |= {"UNLEASED_TIMEOUT": 3600.0, "LIFECYCLE_INTERVAL": 2.0}
+    bounds = {"DISPATCH_TIMEOUT": (0.1, 86400.0), "WEBHOOK_DUE_TIMEOUT": (0.1, 86400.0)}
+    bounds |= {"UNLEASED_TIMEOUT": (1.0, 30 * 86400.0), "LIFECYCLE_INTERVAL": (0.05, 3600.0)}
+    monkeypatch.setenv(name, raw)
+    read = lambda: backend_settings._number(name, defaults[name], *bounds[name])  # noqa: E731
+    if expected is None:
+        with pytest.raises(ImproperlyConfigured, match=name):
+            read()
+    else:
+        assert read() == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("", 5), ("1", 1), ("1000", 1000), ("0", None), ("1001", None), ("2.5", None),
+     ("-3", None), ("\u0663", None), ("1" * 5000, None), ("five", None)],
+)  # fmt: skip
+def test_execution_max_attempts_is_a_whole_number(
+    monkeypatch: pytest.MonkeyPatch, raw: str, expected: int | None
+) -> None:
+    monkeypatch.setenv("EXECUTION_MAX_ATTEMPTS", raw)
+    if expected is None:
+        with pytest.raises(ImproperlyConfigured, match="EXECUTION_MAX_ATTEMPTS"):
+            backend_settings._integer("EXECUTION_MAX_ATTEMPTS", 5, 1, 1000)
+    else:
+        assert backend_settings._integer("EXECUTION_MAX_ATTEMPTS", 5, 1, 1000) == expected

@@ -273,7 +273,8 @@ def test_attempt_timeout_never_runs_past_the_deadline(server: FaultServer) -> No
     # API_TIMEOUT is 30 s, the deadline 0.5 s: the stalled attempt is cut at the deadline.
     server.reset(default=Stall(60))
     config = make_config(server, api_timeout=30.0, api_deadline=0.5, api_retry_attempts=5)
-    with pytest.raises(APITimeoutError, match=r"no answer within 0\.5s"):
+    # (what is left of the deadline when the attempt starts: a little under 0.5 s)
+    with pytest.raises(APITimeoutError, match=r"no answer within 0\.\d+s"):
         InternalAPIClient(config).get_workflow_execution("x")
     assert len(server.requests) == 1  # and no retry starts once the deadline has passed
 

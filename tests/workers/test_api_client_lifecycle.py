@@ -287,6 +287,15 @@ def test_bad_epochs_are_refused_before_anything_is_sent(server: FaultServer, epo
         (lambda c: c.create_workflow_execution("wf", dispatch={"queue": "q"}), "dispatch"),
         (lambda c: c.create_workflow_execution("wf", dispatch="w.t"), "dispatch"),
         (lambda c: c.claim_execution("", worker="w", lease_seconds=3), "id"),
+        (lambda c: c.claim_execution(EXECUTION_ID, worker="", lease_seconds=3), "worker"),
+        (lambda c: c.claim_execution(EXECUTION_ID, worker="  ", lease_seconds=3), "worker"),
+        (lambda c: c.claim_execution(EXECUTION_ID, worker="w" * 256, lease_seconds=3), "worker"),
+        (lambda c: c.claim_execution(EXECUTION_ID, worker=7, lease_seconds=3), "worker"),
+        (lambda c: c.claim_execution(EXECUTION_ID, worker="w", lease_seconds=3, task=""), "task"),
+        (lambda c: c.claim_execution(EXECUTION_ID, worker="w", lease_seconds=3, task="t" * 256),
+         "task"),
+        (lambda c: c.claim_execution(EXECUTION_ID, worker="w", lease_seconds=3, task="t",
+                                     queue=""), "queue"),
     ],
 )
 def test_bad_lifecycle_arguments_are_refused_before_anything_is_sent(

@@ -506,18 +506,13 @@ def test_shared_open_period_grows_per_failed_probe_and_resets_on_success(prefix:
         breaker.call(fail)
     periods = [int(client.hget(key, "open_ms") or 0)]
     for _ in range(5):
-        with pytest.raises(CircuitBreakerOpenError) as caught:
-            breaker.call(ok)
-        assert caught.value.retry_after <= periods[-1] / 1000
-        time.sleep(caught.value.retry_after + 0.01)  # Redis' clock decides; this waits it out
+        time.sleep(periods[-1] / 1000 + 0.02)  # past the open period (Redis' clock decides)
         with pytest.raises(ConnectionError):
             breaker.call(fail)  # the probe fails
         periods.append(int(client.hget(key, "open_ms") or 0))
     assert periods == [50, 75, 112, 168, 200, 200]
-    with pytest.raises(CircuitBreakerOpenError) as caught:
-        breaker.call(ok)
-    time.sleep(caught.value.retry_after + 0.01)
-    assert breaker.call(ok) == "ok"
+    time.sleep(0.22)
+    assert breaker.call(ok) == "ok"  # the probe succeeds
     assert client.hget(key, "open_ms") is None
     with pytest.raises(ConnectionError):
         breaker.call(fail)

@@ -211,7 +211,7 @@ def test_a_lease_lost_mid_task_applies_no_further_write(
         fault.reset(default=Forward(backend.url))
         return {"written_by": "the old holder"}
 
-    task = make_task(make_config(backend, fault.url), body)
+    task = make_task(make_config(backend, fault.url), body, lease_seconds=1)
     outcome = task.apply(args=[execution.id])
     assert outcome.successful() and outcome.result is None  # ended quietly, no re-queue
     now = client.get_workflow_execution(execution.id)
@@ -230,13 +230,13 @@ def test_heartbeats_keep_a_long_task_s_lease(
 
     def body(self: ExecutionTask, execution_id: str) -> None:
         deadline = time.monotonic() + 30
-        while heartbeats() < 4:  # past the 3 s lease by now, had nobody extended it
+        while heartbeats() < 4:  # past the 1 s lease by now, had nobody extended it
             assert time.monotonic() < deadline
             time.sleep(0.05)
         with pytest.raises(LeaseHeldError):
             client.claim_execution(execution_id, worker="other:9", lease_seconds=30)
 
-    task = make_task(make_config(backend, fault.url), body)
+    task = make_task(make_config(backend, fault.url), body, lease_seconds=1)
     assert task.apply(args=[execution.id]).successful()
     assert client.get_workflow_execution(execution.id).status == "COMPLETED"
 

@@ -649,9 +649,14 @@ class InternalAPIClient:
         (``illegal_transition``).
         """
         _check_lease_seconds(lease_seconds)
-        body: dict[str, Any] = {"worker": worker, "lease_seconds": lease_seconds}
+        body: dict[str, Any] = {
+            "worker": _check_name("worker", worker),
+            "lease_seconds": lease_seconds,
+        }
         if task is not None:
-            body["dispatch"] = {"task": task, **({"queue": queue} if queue else {})}
+            body["dispatch"] = {"task": _check_name("task", task)}
+            if queue is not None:
+                body["dispatch"]["queue"] = _check_name("queue", queue)
         data = self._org_call(
             "POST",
             f"workflow-executions/{_seg(execution_id)}/claim/",
@@ -1357,6 +1362,12 @@ def _check_epoch(epoch: int) -> int:
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= MAX_EPOCH:
         raise ValueError(f"epoch must be an integer from 1 to {MAX_EPOCH}, got {epoch!r}")
     return epoch
+
+
+def _check_name(what: str, value: str) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 255 or not value.strip():
+        raise ValueError(f"{what} must be a non-blank string of 1 to 255 characters")
+    return value
 
 
 def _check_lease_seconds(seconds: int) -> int:

@@ -147,17 +147,23 @@ class ExecutionTask(Task):
         kwargs: dict[str, Any],
     ) -> Any:
         """Claim the execution, run the body under its lease, finish, deliver the webhook."""
-        from .api_client import (
-            ConflictError,
-            InternalAPIClient,
-            LeaseHeldError,
-            LeaseLostError,
-            holding_lease,
-        )
+        from .api_client import InternalAPIClient
 
         config = self.config()
-        client = InternalAPIClient(config, organization_id=organization_id)
         lease_seconds = self.lease_seconds or config.execution_lease_seconds
+        with InternalAPIClient(config, organization_id=organization_id) as client:
+            return self._claim_and_run(client, execution_id, lease_seconds, args, kwargs)
+
+    def _claim_and_run(
+        self,
+        client: InternalAPIClient,
+        execution_id: str,
+        lease_seconds: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        from .api_client import ConflictError, LeaseHeldError, LeaseLostError, holding_lease
+
         try:
             claim = client.claim_execution(
                 execution_id,
@@ -181,7 +187,7 @@ class ExecutionTask(Task):
         except Exception as exc:
             self._fail(exc, args, kwargs)
             raise
-        run = _Run(claim.execution, claim.lease.epoch, organization_id)
+        run = _Run(claim.execution, claim.lease.epoch, client.organization_id)
         token = _current_run.set(run)
         try:
             with holding_lease(execution_id, claim.lease.epoch) as held:
@@ -240,8 +246,11 @@ class ExecutionTask(Task):
                     )
                     return retval
         except TaskPredicate as chosen:
-            if isinstance(chosen, Retry):  # the body re-queued itself: give the lease back
+            # The body re-queued itself (or its message): give the lease back first.
+            if isinstance(chosen, Retry):
                 self._release_lease(_seconds_until(chosen.when))
+            elif isinstance(chosen, Reject) and chosen.requeue:
+                self._release_lease(None)
             raise
         except LeaseLostError:
             raise
@@ -552,9 +561,8 @@ class _LeaseKeeper:
                 try:
                     client.heartbeat_execution(run.execution.id, run.epoch)
                 except LeaseLostError:
-                    if not self._stopped.is_set():
-                        self.lost = True
-                        logger.warning("heartbeat: the lease is lost", extra=fields)
+                    self.lost = True  # also when it answers after stop(): no finish then
+                    logger.warning("heartbeat: the lease is lost", extra=fields)
                     return
                 except Exception as exc:  # the next beat tries again; the lease may hold
                     logger.info(
