@@ -52,6 +52,7 @@ WORKER_PYTHON = os.environ.get("WORKER_PYTHON") or next(
 )
 EXECUTIONS = 200
 ROUNDS = 3
+WARMUP = 50
 TARGET_THROUGHPUT_RATIO = 1.2
 IDLE_SETTLE = 3.0
 BROKER = "redis://127.0.0.1:6379/14"
@@ -193,8 +194,10 @@ def base_env(backend: LiveBackend, name: str, org: str) -> dict[str, str]:
     return env
 
 
-def run_throughput(backend: LiveBackend, worker: Worker, org: str) -> float:
-    """Executions per second, from sending the tasks to the last COMPLETED in the database."""
+def run_throughput(backend: LiveBackend, worker: Worker, org: str,
+                   count: int = EXECUTIONS) -> float:
+    """Executions per second, from sending ``count`` tasks to the last of their executions
+    COMPLETED in the database."""
     import psycopg
     from celery import Celery
 
@@ -204,7 +207,7 @@ def run_throughput(backend: LiveBackend, worker: Worker, org: str) -> float:
                           django_app_backend_url=backend.url, organization_id=org)
     with InternalAPIClient(config) as client:
         ids = []
-        for n in range(EXECUTIONS):
+        for n in range(count):
             execution = client.create_workflow_execution(f"bench-{n % 7}", total_files=1)
             client.update_workflow_execution_status(execution.id, "QUEUED")
             ids.append(execution.id)
@@ -221,14 +224,15 @@ def run_throughput(backend: LiveBackend, worker: Worker, org: str) -> float:
         while True:
             row = db.execute(
                 "SELECT count(*) FROM internal_api_workflowexecution "
-                "WHERE organization_id = %s AND status = 'COMPLETED'", (org,)).fetchone()
+                "WHERE id = ANY(%s) AND status = 'COMPLETED'",
+                ([uuid.UUID(i) for i in ids],)).fetchone()
             done = int(row[0]) if row else 0
-            if done >= EXECUTIONS:
+            if done >= count:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{worker.label}: only {done}/{EXECUTIONS} completed")
+                raise RuntimeError(f"{worker.label}: only {done}/{count} completed")
             time.sleep(0.05)
-        return EXECUTIONS / (time.monotonic() - started)
+        return count / (time.monotonic() - started)
 
 
 def import_costs(env: dict[str, str], top: int = 12) -> tuple[float, list[tuple[float, str]], str]:
@@ -304,7 +308,10 @@ def measure(tmp: Path) -> int:
                                 "processes": processes, "rates": []}
                 if key not in ("a", "c"):
                     running.pop(key).stop()
-            # (a) and (c) stay up (idle in turn) for alternating throughput rounds.
+            # (a) and (c) stay up (idle in turn) for alternating throughput rounds, after an
+            # untimed warm-up round each (first connections, first imports in each child).
+            for key in ("a", "c"):
+                run_throughput(backend, running[key], specs[key][3], WARMUP)
             for n in range(ROUNDS):
                 for key in ("a", "c"):
                     print(f"round {n + 1}/{ROUNDS}: ({key}) ...", file=sys.stderr, flush=True)
