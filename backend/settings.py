@@ -147,7 +147,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["backend.internal_api.errors.StrictJSONParser"],
     "DEFAULT_CONTENT_NEGOTIATION_CLASS": "backend.internal_api.errors.StrictContentNegotiation",
     "EXCEPTION_HANDLER": "backend.internal_api.errors.exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "backend.internal_api.schema.ContractAutoSchema",
 }
 
 SPECTACULAR_SETTINGS = {
@@ -160,6 +160,10 @@ SPECTACULAR_SETTINGS = {
     "APPEND_COMPONENTS": {"securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
     "SECURITY": [{"bearerAuth": []}],
     "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "backend.internal_api.schema.state_enforced_constraints",
+    ],
     "ENUM_NAME_OVERRIDES": {
         "ExecutionStatusEnum": "backend.internal_api.models.ExecutionStatus",
         "DeliveryOutcomeEnum": "backend.internal_api.models.DeliveryOutcome",
