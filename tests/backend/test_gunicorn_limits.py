@@ -56,6 +56,7 @@ CASES: list[tuple[str, bytes, int, str]] = [
     ("control character in the method", b"G\x01T / HTTP/1.1\r\n" + HOST + b"\r\n", 400, "gunicorn"),
     ("lower-case method", b"get / HTTP/1.1\r\n" + HOST + b"\r\n", 400, "gunicorn"),
     ("HTTP/9.9", b"GET / HTTP/9.9\r\n" + HOST + b"\r\n", 400, "gunicorn"),
+    ("HTTP/2.0", b"GET / HTTP/2.0\r\n" + HOST + b"\r\n", 400, "gunicorn"),
     ("not HTTP", b"GET / HTXP/1.1\r\n" + HOST + b"\r\n", 400, "gunicorn"),
     ("NUL in a header value", _get_with(b"X-A: a\x00b"), 400, "gunicorn"),
     ("control character in a header value", _get_with(b"X-A: a\x01b"), 400, "gunicorn"),
@@ -68,6 +69,24 @@ CASES: list[tuple[str, bytes, int, str]] = [
         "gunicorn",
     ),
     ("Transfer-Encoding: gzip", _post_with(b"Transfer-Encoding: gzip\r\n", b""), 400, "gunicorn"),
+    (
+        "Transfer-Encoding: identity",
+        _post_with(b"Transfer-Encoding: identity\r\n", b""),
+        400,
+        "gunicorn",
+    ),
+    (
+        "Transfer-Encoding: chunked, gzip",
+        _post_with(b"Transfer-Encoding: chunked, gzip\r\n", b"0\r\n\r\n"),
+        400,
+        "gunicorn",
+    ),
+    (
+        "Transfer-Encoding: gzip, chunked (passed on)",
+        _post_with(b"Transfer-Encoding: gzip, chunked\r\n", b"0\r\n\r\n"),
+        401,
+        "django",
+    ),
 ]
 
 
