@@ -34,7 +34,7 @@ NOT_BLANK = r"^[^\x00]*[^\x00\s][^\x00]*$"
 # optional user and port 0-65535, then no whitespace.
 _PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
 HTTP_URL = (
-    r"^[Hh][Tt][Tt][Pp][Ss]?://([A-Za-z0-9._~!$&'()*+,;=%-]*@)?[A-Za-z0-9._~!$&'()*+,;=%-]+"
+    r"^[Hh][Tt][Tt][Pp][Ss]?://([A-Za-z0-9._~!$&'()*+,;=%:-]*@)?[A-Za-z0-9._~!$&'()*+,;=%-]+"
     rf"(:{_PORT}?)?([/?#][^\s\x00]*)?$"
 )
 # ``str.isprintable`` over the Latin-1 text a WSGI header value is, at least one character

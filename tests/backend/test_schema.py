@@ -19,13 +19,16 @@ accepted request as a schema violation.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.backend.conftest import Api
 from tests.live_backend import LiveBackend
 
 CHECKS = ",".join(
@@ -91,3 +94,69 @@ def test_schemathesis_finds_no_server_error_and_no_nonconformance(
     assert len(statuses) > 100
     assert statuses.count(200) > 10 and 201 in statuses
     assert all(status < 500 for status in statuses)
+
+
+def _document(api: Api) -> dict[str, Any]:
+    response = api.call("GET", "schema/?format=json", headers=api.headers())
+    assert response.status_code == 200
+    return dict(json.loads(response.content))
+
+
+def _parameter(document: dict[str, Any], path: str, method: str, name: str) -> dict[str, Any]:
+    operation = document["paths"][f"/internal/v1/{path}"][method]
+    return next(p["schema"] for p in operation["parameters"] if p["name"] == name)
+
+
+def test_the_document_states_the_bounds_the_server_checks(api: Api) -> None:
+    document = _document(api)
+    for path in ("workflow-executions/", "webhook-deliveries/"):
+        limit = _parameter(document, path, "get", "limit")
+        assert (limit["minimum"], limit["maximum"], limit["default"]) == (1, 500, 100)
+        organization = _parameter(document, path, "get", "X-Organization-ID")
+        assert (organization["minLength"], organization["maxLength"]) == (1, 64)
+    for path in ("workflow-executions/", "workflow-executions/{id}/status/", "webhook-deliveries/"):
+        key = _parameter(document, path, "post", "Idempotency-Key")
+        assert (key["minLength"], key["maxLength"]) == (1, 255)
+    components = document["components"]["schemas"]
+    requests = [name for name in components if name.endswith("Request")]
+    assert len(requests) == 4
+    assert all(components[name]["additionalProperties"] is False for name in requests)
+    url = components["WebhookDeliveryCreateRequest"]["properties"]["url"]
+    assert (url["format"], url["maxLength"]) == ("uri", 2048)
+
+
+URLS = [
+    "http://receiver:8080/hook",
+    "HTTPS://example.com",
+    "https://user:pw@example.com:443/a?b=c#d",
+    "http://x:65535",
+    "http://x:",
+    "http://x:65536",
+    "http://x:8o",
+    "ftp://example.com/",
+    "http:///path",
+    "http://exa mple.com/",
+    "http://example.com/a\tb",
+    "https://example.com/\u00e9",
+    "example.com",
+    "",
+]
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_a_url_the_pattern_allows_is_one_the_server_accepts(api: Api, url: str) -> None:
+    """The webhook URL's pattern is no wider than the server's check (and agrees on these)."""
+    pattern = _document(api)["components"]["schemas"]["WebhookDeliveryCreateRequest"][
+        "properties"
+    ]["url"]["pattern"]
+    response = api.call("POST", "webhook-deliveries/", {"url": url, "outcome": "delivered"})
+    assert (re.search(pattern, url) is not None) is (response.status_code == 201)
+
+
+@pytest.mark.parametrize("key", ["k", "a b", "é", "~" * 255, " k ", "\x7f", "\x85", "\xa0", "\xad"])
+def test_the_idempotency_key_pattern_is_the_server_check(api: Api, key: str) -> None:
+    document = _document(api)
+    bounds = _parameter(document, "workflow-executions/", "post", "Idempotency-Key")
+    stated = re.search(bounds["pattern"], key) is not None and len(key) <= bounds["maxLength"]
+    served = key.strip(" \t").isprintable() and 1 <= len(key.strip(" \t")) <= 255
+    assert stated is served
