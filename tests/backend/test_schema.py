@@ -13,7 +13,12 @@ generator repeats keys), so it counts as accepted; a delivery's ``execution_id``
 existing execution of the organization (400 otherwise), so for ``POST webhook-deliveries/``
 a 400 counts as accepted too. The organization header is a fixed parameter, not a ``-H``
 header: schemathesis would otherwise generate a bad one, send ours instead and report the
-accepted request as a schema violation.
+accepted request as a schema violation. PATCH's ``result`` is any JSON without NUL in its
+strings and field names: OpenAPI 3.0 has no ``propertyNames`` to say so (the document's
+description does), so the run generates no NUL for PATCH. The stateful phase does not run the negative-data
+check: there schemathesis (4.32) reports valid requests as "Schema-violating request
+accepted", its own message saying "Invalid component: positive test case"; the coverage and
+fuzzing phases run it.
 """
 
 from __future__ import annotations
@@ -49,6 +54,13 @@ CONFIG = """
 
 [checks.positive_data_acceptance]
 expected-statuses = ["2XX", "3XX", "401", "403", "404", "409", "422", "429", "5XX"]
+
+[phases.stateful.checks.negative_data_rejection]
+enabled = false
+
+[[operations]]
+include-method = "PATCH"
+generation.allow-x00 = false
 
 [[operations]]
 include-path-regex = "/webhook-deliveries/$"
