@@ -9,7 +9,8 @@ Two pieces, both registered in ``settings.py``:
   ``format: uri`` and the URL's pattern; a :class:`ResultField` says how deep it may nest.
 - :func:`state_enforced_constraints` (a postprocessing hook) bounds the parameters the views
   and middleware check by name: ``limit`` 1 to 500, ``Idempotency-Key`` 1 to 255 printable
-  characters, ``X-Organization-ID`` an organization id (at most 64 characters, not blank).
+  characters, ``X-Organization-ID`` an organization id (at most 64 characters, not blank);
+  and every operation may be answered 414 or 431 by gunicorn itself.
 
 Every JSON string in a body is also refused when it holds NUL or an unpaired surrogate (the
 parser, for every field): the document's description says so once.
@@ -40,6 +41,11 @@ HTTP_URL = (
 # ``str.isprintable`` over the Latin-1 text a WSGI header value is, at least one character
 # that is not a space (the server strips a header value's surrounding spaces).
 HEADER_PRINTABLE = r"^[ -~\xa1-\xac\xae-\xff]*[!-~\xa1-\xac\xae-\xff][ -~\xa1-\xac\xae-\xff]*$"
+# What gunicorn answers before Django (its own HTML page; README "What gunicorn answers").
+GUNICORN_ANSWERS = {
+    "414": {"description": "request line over 4094 bytes (gunicorn's HTML page)"},
+    "431": {"description": "a header line over 8188 bytes or over 100 headers (gunicorn's HTML)"},
+}
 BODY_STRINGS = (
     "Every JSON string in a request body is refused (400 naming the field) when it holds a "
     "NUL character or an unpaired surrogate; numbers must be finite; bodies are at most "
@@ -103,6 +109,7 @@ def state_enforced_constraints(
     }
     for operations in result.get("paths", {}).values():
         for operation in operations.values():
+            operation.setdefault("responses", {}).update(GUNICORN_ANSWERS)
             for parameter in operation.get("parameters", ()):
                 bounds = parameters.get((parameter["in"], parameter["name"]))
                 schema = parameter["schema"]
