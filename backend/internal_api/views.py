@@ -68,6 +68,7 @@ from backend.internal_api.transitions import (
     heartbeat,
     read,
     release,
+    superseded,
     update_fields,
 )
 
@@ -221,13 +222,6 @@ class HealthView(APIView):
         )
 
 
-def _execution(org_id: str, pk: uuid.UUID) -> WorkflowExecution:
-    execution = WorkflowExecution.objects.filter(pk=pk, organization_id=org_id).first()
-    if execution is None:
-        raise APIError(404, "not_found", "no such workflow execution")
-    return execution
-
-
 class ExecutionListView(APIView):
     """``GET/POST workflow-executions/``."""
 
@@ -313,7 +307,7 @@ class ExecutionDetailView(APIView):
     def get(self, request: Request, pk: uuid.UUID) -> Response:
         """Read one execution."""
         org_id = require_organization(request)
-        return Response(ExecutionSerializer(_execution(org_id, pk)).data)
+        return Response(ExecutionSerializer(read(org_id, pk)).data)
 
     @extend_schema(
         operation_id="workflow_executions_update",
@@ -543,11 +537,7 @@ class DeliveryListView(APIView):
                     )
                 current_epoch, due_id = found
                 if epoch is not None and epoch != current_epoch:
-                    raise APIError(
-                        409,
-                        "lease_lost",
-                        f"lease epoch {epoch} is not the current one: another claim superseded it",
-                    )
+                    raise superseded(epoch)
             if once:
                 existing = _delivered(webhook_id, org_id)
                 if existing is not None:
