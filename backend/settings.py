@@ -24,13 +24,24 @@ Execution lifecycle (``lifecycle``, ``publish``; DESIGN.md "Execution lifecycle"
   ``filesystem://``: the embedded broker in ``WORKER_DATA_DIR/broker``, the workers' folders
   and transport).
 - ``WORKER_DATA_DIR``: the workers' data folder (default ``.data``), for the embedded broker.
-- ``EXECUTION_MAX_ATTEMPTS``: claims before a lost execution ends ERROR (default 5).
+- ``EXECUTION_MAX_ATTEMPTS``: losses (leases run out, or unleased timeouts) before a lost
+  execution ends ERROR (default 5); claims given back by their holder (a transient re-queue)
+  do not count.
 - ``DISPATCH_TIMEOUT``: seconds a QUEUED execution may wait for its claim before it is
-  dispatched again (default 30).
+  dispatched again (default 30); it doubles with each dispatch nobody claimed, up to
+  ``DISPATCH_TIMEOUT_MAX``.
+- ``DISPATCH_TIMEOUT_MAX``: the largest wait between two unclaimed dispatches (default 600).
+- ``EXECUTION_MAX_DISPATCHES``: dispatches without a claim before the execution ends ERROR
+  "never claimed: task X on queue Y" (default 10).
+- ``DISPATCH_MAX_FAILURES``: publishes of one outbox row a reachable broker refuses before the
+  row is given up and its execution ends ERROR "cannot be dispatched: ..." (default 5).
 - ``UNLEASED_TIMEOUT``: seconds an IN_PROGRESS execution without a lease (a plain task) is
   left alone (default 3600).
 - ``WEBHOOK_DUE_TIMEOUT``: seconds a due webhook handed to a worker may stay unrecorded
   before it is handed again (default 60).
+- ``WEBHOOK_MAX_ATTEMPTS``: hand-outs of a due webhook (the finisher's, then each claim's)
+  without a ``delivered`` record before it is given up as failed for good (default 5); a
+  ``blocked`` record gives it up at once.
 - ``LIFECYCLE_INTERVAL``: seconds between two passes of ``run_lifecycle`` (default 2).
 - ``LEASE_MAX_SECONDS``: the largest ``lease_seconds`` a claim may ask for (default 3600).
 """
@@ -235,8 +246,12 @@ CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "").strip() or "filesyst
 WORKER_DATA_DIR = Path(os.environ.get("WORKER_DATA_DIR", "").strip() or ".data")
 EXECUTION_MAX_ATTEMPTS = _integer("EXECUTION_MAX_ATTEMPTS", 5, 1, 1000)
 DISPATCH_TIMEOUT = _number("DISPATCH_TIMEOUT", 30.0, 0.1, 86400.0)
+DISPATCH_TIMEOUT_MAX = max(DISPATCH_TIMEOUT, _number("DISPATCH_TIMEOUT_MAX", 600.0, 0.1, 86400.0))
+EXECUTION_MAX_DISPATCHES = _integer("EXECUTION_MAX_DISPATCHES", 10, 1, 1000)
+DISPATCH_MAX_FAILURES = _integer("DISPATCH_MAX_FAILURES", 5, 1, 1000)
 UNLEASED_TIMEOUT = _number("UNLEASED_TIMEOUT", 3600.0, 1.0, 30 * 86400.0)
 WEBHOOK_DUE_TIMEOUT = _number("WEBHOOK_DUE_TIMEOUT", 60.0, 0.1, 86400.0)
+WEBHOOK_MAX_ATTEMPTS = _integer("WEBHOOK_MAX_ATTEMPTS", 5, 1, 1000)
 LIFECYCLE_INTERVAL = _number("LIFECYCLE_INTERVAL", 2.0, 0.05, 3600.0)
 LEASE_MAX_SECONDS = _integer("LEASE_MAX_SECONDS", 3600, 1, 2**31 - 1)
 

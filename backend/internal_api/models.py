@@ -104,6 +104,13 @@ class WorkflowExecution(models.Model):
     )
     webhook_handed_at = models.DateTimeField(null=True, blank=True)
     webhook_delivered_at = models.DateTimeField(null=True, blank=True)
+    # Times the due webhook was handed to a worker (the finisher, then each claim of it); at
+    # WEBHOOK_MAX_ATTEMPTS, or at a ``blocked`` record, it is given up: ``webhook_failed_at``.
+    webhook_handed_count = models.PositiveIntegerField(default=0)
+    webhook_failed_at = models.DateTimeField(null=True, blank=True)
+    # Messages published since the last claim; the redispatch interval doubles with each, and
+    # at EXECUTION_MAX_DISPATCHES the execution ends ERROR "never claimed".
+    unclaimed_dispatches = models.PositiveIntegerField(default=0)
 
     class Meta:
         indexes = [
@@ -208,6 +215,10 @@ class Dispatch(models.Model):
     reason = models.CharField(max_length=32, choices=DispatchReason.choices)
     created_at = models.DateTimeField(auto_now_add=True)
     published_at = models.DateTimeField(null=True, blank=True)
+    # Publishes of this row the broker refused while it was reachable (the row's own fault: a
+    # task or queue name it cannot take); at DISPATCH_MAX_FAILURES the row is dead.
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.CharField(max_length=300, blank=True, default="")
 
     class Meta:
         indexes = [
@@ -233,6 +244,8 @@ class EventReason(models.TextChoices):
     UNLEASED_TIMEOUT = "unleased_timeout"
     FINISHED = "finished"
     STATUS = "status"
+    NEVER_CLAIMED = "never_claimed"
+    UNDISPATCHABLE = "undispatchable"
 
 
 class ExecutionEvent(models.Model):

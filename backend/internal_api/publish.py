@@ -16,6 +16,7 @@ the publish and the commit) is a duplicate message, which the claim makes harmle
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,26 @@ def publish_dispatch(dispatch: Dispatch) -> WorkflowExecution | None:
         queue=dispatch.queue,
         retry_policy=RETRY_POLICY,
     )
-    Dispatch.objects.filter(pk=dispatch.pk).update(published_at=timezone.now())
+    Dispatch.objects.filter(pk=dispatch.pk, published_at__isnull=True).update(
+        published_at=timezone.now()
+    )
     return mark_dispatched(execution.organization_id, execution.pk)
+
+
+def broker_reachable() -> bool:
+    """Whether the broker takes connections now (asked after a publish failed: a broker that
+    is up refused that row for the row's own sake). The embedded broker: its queue folder is
+    a writable folder."""
+    app = celery_app()
+    if settings.CELERY_BROKER_URL.startswith("filesystem://"):
+        folder = app.conf.broker_transport_options["data_folder_in"]
+        return os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
+    try:
+        with app.connection_for_write() as connection:
+            connection.connect()
+    except Exception:  # whatever the transport raises for a broker it cannot reach
+        return False
+    return True
 
 
 def publish_after_commit(dispatch: Dispatch, outcome: list[WorkflowExecution]) -> None:
@@ -112,7 +131,17 @@ def publish_after_commit(dispatch: Dispatch, outcome: list[WorkflowExecution]) -
     def publish() -> None:
         try:
             with transaction.atomic():
-                published = publish_dispatch(dispatch)
+                # Locked and still unpublished, or left alone: run_lifecycle may hold it (or
+                # have published it) since the create committed; a row is published once.
+                row = (
+                    Dispatch.objects.select_for_update(skip_locked=True, of=("self",))
+                    .select_related("execution")
+                    .filter(pk=dispatch.pk, published_at__isnull=True)
+                    .first()
+                )
+                if row is None:
+                    return
+                published = publish_dispatch(row)
         except Exception as exc:  # any broker or database failure: the outbox keeps the row
             logger.warning(
                 "dispatch not published; run_lifecycle will publish it",

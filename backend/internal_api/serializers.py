@@ -37,6 +37,13 @@ OUTCOME_VALUES = ", ".join(DeliveryOutcome.values)
 UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}(-?[0-9a-fA-F]{4}){3}-?[0-9a-fA-F]{12}", re.ASCII)
 WEBHOOK_ID = re.compile(r"msg_[0-9a-f]{32}", re.ASCII)
 MAX_RETRY_IN = 86400.0
+# Celery task and queue names every transport we publish to takes: the embedded broker puts
+# the queue in a file name (``<ms>_<uuid>.<queue>.msg``, at most 255 bytes), RabbitMQ refuses
+# names over 255 bytes and reserves ``amq.`` queues; a safe ASCII set keeps paths and routing
+# keys literal.
+CELERY_NAME = r"^[A-Za-z0-9_][A-Za-z0-9._:@-]*$"
+MAX_TASK_NAME = 255
+MAX_QUEUE_NAME = 128
 # The JSON type each kind of input field takes (checked before DRF's coercions run).
 _JSON_TYPES: tuple[tuple[type[serializers.Field], tuple[type, ...], str], ...] = (
     (serializers.BooleanField, (bool,), "a boolean"),
@@ -165,6 +172,10 @@ class WebhookStateSerializer(serializers.Serializer):
     id = serializers.CharField()
     url = serializers.CharField()
     delivered = serializers.BooleanField()
+    failed = serializers.BooleanField(
+        help_text="given up: handed WEBHOOK_MAX_ATTEMPTS times, recorded blocked, or no worker "
+        "can be reached to deliver it"
+    )
 
 
 class ExecutionSerializer(serializers.Serializer):
@@ -213,6 +224,7 @@ class ExecutionSerializer(serializers.Serializer):
                 "id": instance.webhook_id,
                 "url": instance.webhook_url,
                 "delivered": instance.webhook_delivered_at is not None,
+                "failed": instance.webhook_failed_at is not None,
             }
         return {
             "id": str(instance.id),
@@ -239,11 +251,34 @@ class ExecutionSerializer(serializers.Serializer):
         }
 
 
-class DispatchSerializer(StrictSerializer):
-    """The Celery task (and queue) that runs an execution."""
+def _not_reserved_queue(value: str) -> None:
+    if value.lower().startswith("amq."):
+        raise serializers.ValidationError("queue names starting with 'amq.' are reserved")
 
-    task = serializers.CharField(max_length=255, help_text="Celery task name")
-    queue = serializers.CharField(max_length=255, required=False, default="celery")
+
+_NAME_RULE = (
+    "letters, digits and . _ : @ -, starting with a letter, digit or _"
+)
+
+
+class DispatchSerializer(StrictSerializer):
+    """The Celery task (and queue) that runs an execution; names every broker takes."""
+
+    task = serializers.RegexField(
+        CELERY_NAME,
+        max_length=MAX_TASK_NAME,
+        help_text=f"Celery task name: {_NAME_RULE}",
+        error_messages={"invalid": f"not a usable task name: {_NAME_RULE}"},
+    )
+    queue = serializers.RegexField(
+        CELERY_NAME,
+        max_length=MAX_QUEUE_NAME,
+        required=False,
+        default="celery",
+        validators=[_not_reserved_queue],
+        help_text=f"Celery queue: {_NAME_RULE}; not amq.*",
+        error_messages={"invalid": f"not a usable queue name: {_NAME_RULE}"},
+    )
 
 
 class ExecutionCreateSerializer(StrictSerializer):
@@ -473,6 +508,14 @@ class LifecycleCountsSerializer(serializers.Serializer):
     unpublished_dispatches = serializers.IntegerField(help_text="outbox rows not published yet")
     overdue_webhooks = serializers.IntegerField(
         help_text="webhooks due and not recorded within WEBHOOK_DUE_TIMEOUT"
+    )
+    undeliverable_webhooks = serializers.IntegerField(
+        help_text="webhooks past due on executions without a known task (finished by plain "
+        "status updates): nothing can hand them to a worker"
+    )
+    failed_webhooks = serializers.IntegerField(
+        help_text="webhooks given up as failed for good (handed WEBHOOK_MAX_ATTEMPTS times, "
+        "recorded blocked, or their execution could not be dispatched)"
     )
 
 

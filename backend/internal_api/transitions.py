@@ -59,6 +59,11 @@ class Change:
     condition_params: list[Any] = field(default_factory=list)
     reason: str | None = None
     leased: bool = False  # the event names the lease holder and its epoch
+    # The event is written even when the status stays (a takeover claim: a new holder).
+    always_event: bool = False
+    # The change bumps ``lease_epoch`` (the reaper fencing a lost holder out): the event names
+    # the epoch before it, the lost holder's.
+    epoch_bumped: bool = False
 
     def set(self, term: str, *params: Any) -> None:
         """Add ``term`` (``column = <expression>``) to the SET clause."""
@@ -99,7 +104,9 @@ def apply(organization_id: str, execution_id: Any, change: Change) -> WorkflowEx
                 return None
             row = _instance(values)
             row.from_status = found[0]
-            if change.reason is not None and row.from_status != row.status:
+            if change.reason is not None and (
+                change.always_event or row.from_status != row.status
+            ):
                 cursor.execute(
                     f"INSERT INTO {_EVENTS} (execution_id, from_status, to_status, at, worker, "
                     "epoch, reason) VALUES (%s, %s, %s, %s, %s, %s, %s)",
@@ -109,7 +116,7 @@ def apply(organization_id: str, execution_id: Any, change: Change) -> WorkflowEx
                         row.status,
                         now,
                         row.lease_worker if change.leased else "",
-                        row.lease_epoch if change.leased else None,
+                        row.lease_epoch - change.epoch_bumped if change.leased else None,
                         change.reason,
                     ],
                 )
@@ -129,11 +136,13 @@ def _apply_postgresql(
     )
     params = [*keys, *change.params, *change.condition_params]
     if change.reason is not None:
-        worker, epoch = ("lease_worker", "lease_epoch") if change.leased else ("''", "NULL")
+        epoch = "lease_epoch - 1" if change.epoch_bumped else "lease_epoch"
+        worker, epoch = ("lease_worker", epoch) if change.leased else ("''", "NULL")
+        when = "TRUE" if change.always_event else "old_status <> status"
         sql += (
             f", event AS (INSERT INTO {_EVENTS} (execution_id, from_status, to_status, at, "
             f"worker, epoch, reason) SELECT id, old_status, status, %s, {worker}, {epoch}, %s "
-            "FROM changed WHERE old_status <> status)"
+            f"FROM changed WHERE {when})"
         )
         params += [now, change.reason]
     with connection.cursor() as cursor:
@@ -231,6 +240,7 @@ def apply_status(
             f"msg_{secrets.token_hex(16)}",
         )
         change.set("webhook_handed_at = CASE WHEN webhook_url = '' THEN NULL ELSE %s END", now)
+        change.set("webhook_handed_count = CASE WHEN webhook_url = '' THEN 0 ELSE 1 END")
     for name, value in (
         ("error_message", error_message),
         ("attempts", attempts),
@@ -317,7 +327,9 @@ def claim(
     for _ in range(3):  # a lease may expire between the UPDATE and the read that explains it
         now = timezone.now()
         stamp = _prep("modified_at", now)
-        change = Change(reason=EventReason.CLAIMED, leased=True)
+        # A takeover (IN_PROGRESS whose lease ran out) keeps the status: its event is written
+        # all the same, so the history names every holder.
+        change = Change(reason=EventReason.CLAIMED, leased=True, always_event=True)
         change.set("status = 'IN_PROGRESS'")
         change.set("lease_epoch = lease_epoch + 1")
         change.set("lease_worker = %s", worker)
@@ -327,6 +339,7 @@ def claim(
         )
         change.set("lease_seconds = %s", lease_seconds)
         change.set("attempts = attempts + 1")
+        change.set("unclaimed_dispatches = 0")
         change.set("started_at = COALESCE(started_at, %s)", stamp)
         change.set("modified_at = %s", stamp)
         if task is not None:
@@ -358,7 +371,11 @@ def _claim_webhook(
     now: datetime,
 ) -> Claim:
     """The claim of a terminal execution: its due webhook, when nobody delivers it now."""
-    if not execution.webhook_id or execution.webhook_delivered_at is not None:
+    if (
+        not execution.webhook_id
+        or execution.webhook_delivered_at is not None
+        or execution.webhook_failed_at is not None
+    ):
         raise APIError(
             409, "illegal_transition", f"the execution is {execution.status}: nothing to run"
         )
@@ -371,9 +388,11 @@ def _claim_webhook(
         change.set("lease_worker = %s", worker)
         change.set("lease_seconds = %s", lease_seconds)
         change.set("webhook_handed_at = %s", stamp)
+        change.set("webhook_handed_count = webhook_handed_count + 1")
         change.set("modified_at = %s", stamp)
         change.where(
             f"status IN {_TERMINAL_SQL} AND webhook_id = %s AND webhook_delivered_at IS NULL "
+            "AND webhook_failed_at IS NULL "
             "AND (webhook_handed_at IS NULL OR webhook_handed_at < %s)",
             execution.webhook_id,
             _prep("modified_at", now - timeout),
@@ -456,6 +475,7 @@ def mark_dispatched(organization_id: str, execution_id: Any) -> WorkflowExecutio
     change = Change(reason=EventReason.DISPATCHED)
     change.set("status = 'QUEUED'")
     change.set("queued_at = %s", stamp)
+    change.set("unclaimed_dispatches = unclaimed_dispatches + 1")
     change.set("modified_at = %s", stamp)
     change.where("status IN ('PENDING', 'QUEUED')")
     return apply(organization_id, execution_id, change)

@@ -586,9 +586,13 @@ class DeliveryListView(APIView):
                 current_epoch, due_id = found
                 if epoch is not None and epoch != current_epoch:
                     raise superseded(epoch)
+            ours = bool(webhook_id) and webhook_id == due_id
             if once:
                 existing = _delivered(webhook_id, org_id)
                 if existing is not None:
+                    # The first record may not have named this execution: it is delivered.
+                    if ours:
+                        _mark_delivered(execution_id, existing)
                     return Response(WebhookDeliverySerializer(existing).data)
             try:
                 with transaction.atomic():
@@ -598,11 +602,23 @@ class DeliveryListView(APIView):
                 if existing is None:
                     raise
                 return Response(WebhookDeliverySerializer(existing).data)
-            if once and webhook_id == due_id:
+            if ours and once:
+                _mark_delivered(execution_id, delivery)
+            elif ours and data["outcome"] == DeliveryOutcome.BLOCKED:
+                # Refused by the worker's guard: it never will be delivered; no more hand-outs.
                 WorkflowExecution.objects.filter(
-                    pk=execution_id, webhook_delivered_at__isnull=True
-                ).update(webhook_delivered_at=delivery.created_at)
+                    pk=execution_id,
+                    webhook_delivered_at__isnull=True,
+                    webhook_failed_at__isnull=True,
+                ).update(webhook_failed_at=delivery.created_at)
         return Response(WebhookDeliverySerializer(delivery).data, status=201)
+
+
+def _mark_delivered(execution_id: Any, delivery: WebhookDelivery) -> None:
+    """The execution's due webhook is delivered (``delivery`` recorded it)."""
+    WorkflowExecution.objects.filter(pk=execution_id, webhook_delivered_at__isnull=True).update(
+        webhook_delivered_at=delivery.created_at
+    )
 
 
 def _delivered(webhook_id: str, org_id: str) -> WebhookDelivery | None:
