@@ -106,11 +106,11 @@ class WorkflowExecution(models.Model):
     webhook_delivered_at = models.DateTimeField(null=True, blank=True)
     # Times the due webhook was handed to a worker (the finisher, then each claim of it); at
     # WEBHOOK_MAX_ATTEMPTS, or at a ``blocked`` record, it is given up: ``webhook_failed_at``.
-    webhook_handed_count = models.PositiveIntegerField(default=0)
+    webhook_handed_count = models.PositiveIntegerField(default=0, db_default=0)
     webhook_failed_at = models.DateTimeField(null=True, blank=True)
     # Messages published since the last claim; the redispatch interval doubles with each, and
     # at EXECUTION_MAX_DISPATCHES the execution ends ERROR "never claimed".
-    unclaimed_dispatches = models.PositiveIntegerField(default=0)
+    unclaimed_dispatches = models.PositiveIntegerField(default=0, db_default=0)
 
     class Meta:
         indexes = [
@@ -217,8 +217,8 @@ class Dispatch(models.Model):
     published_at = models.DateTimeField(null=True, blank=True)
     # Publishes of this row the broker refused while it was reachable (the row's own fault: a
     # task or queue name it cannot take); at DISPATCH_MAX_FAILURES the row is dead.
-    attempts = models.PositiveIntegerField(default=0)
-    last_error = models.CharField(max_length=300, blank=True, default="")
+    attempts = models.PositiveIntegerField(default=0, db_default=0)
+    last_error = models.CharField(max_length=300, blank=True, default="", db_default="")
 
     class Meta:
         indexes = [

@@ -287,8 +287,13 @@ def test_an_expired_lease_is_claimed_again_with_a_new_epoch(api: Api) -> None:
     assert body["lease"]["epoch"] == epoch + 1
     assert body["execution"]["attempts"] == 2
     assert body["execution"]["lease"]["worker"] == "host-2:200"
-    # IN_PROGRESS -> IN_PROGRESS is no status change: no event.
-    assert [e["reason"] for e in events(api, execution_id)] == ["claimed"]
+    # IN_PROGRESS -> IN_PROGRESS is a takeover: its event names the new holder.
+    history = events(api, execution_id)
+    assert [(e["from"], e["to"], e["reason"]) for e in history] == [
+        ("PENDING", "IN_PROGRESS", "claimed"),
+        ("IN_PROGRESS", "IN_PROGRESS", "claimed"),
+    ]
+    assert (history[1]["worker"], history[1]["epoch"]) == ("host-2:200", epoch + 1)
 
 
 def test_a_plain_task_in_progress_without_lease_can_be_claimed(api: Api) -> None:
@@ -326,7 +331,9 @@ def test_a_due_webhook_is_handed_out_once_per_timeout(api: Api) -> None:
     body = response.json()
     assert body["lease"]["epoch"] == epoch + 1
     assert body["execution"]["status"] == "COMPLETED" and body["execution"]["attempts"] == 1
-    assert body["execution"]["webhook"] == {"id": webhook_id, "url": HOOK, "delivered": False}
+    assert body["execution"]["webhook"] == {
+        "id": webhook_id, "url": HOOK, "delivered": False, "failed": False
+    }
     stored = row(execution_id)
     assert stored["webhook_handed_at"] > before["webhook_handed_at"]
     assert stored["webhook_id"] == webhook_id  # the same webhook-id on every attempt
@@ -565,7 +572,9 @@ def test_finish_applies_status_result_and_counts_at_once(api: Api) -> None:
     assert done["execution_time"] == 1.5 and done["finished_at"] is not None
     assert done["lease"] is None
     assert WEBHOOK_ID.fullmatch(done["webhook"]["id"])
-    assert done["webhook"] == {"id": done["webhook"]["id"], "url": HOOK, "delivered": False}
+    assert done["webhook"] == {
+        "id": done["webhook"]["id"], "url": HOOK, "delivered": False, "failed": False
+    }
     stored = row(execution_id)
     assert stored["lease_epoch"] == epoch and stored["lease_expires_at"] is None
     assert stored["webhook_handed_at"] is not None
@@ -646,7 +655,9 @@ def test_a_delivered_webhook_is_recorded_once(api: Api) -> None:
     assert delivered.count() == 1
     assert WebhookDelivery.objects.filter(webhook_id=webhook_id).count() == 3
     execution = api.call("GET", f"workflow-executions/{execution_id}/").json()
-    assert execution["webhook"] == {"id": webhook_id, "url": HOOK, "delivered": True}
+    assert execution["webhook"] == {
+        "id": webhook_id, "url": HOOK, "delivered": True, "failed": False
+    }
     assert row(execution_id)["webhook_delivered_at"] is not None
 
 

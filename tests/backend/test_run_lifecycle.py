@@ -337,7 +337,7 @@ def test_the_outbox_is_published_once_and_a_row_the_broker_refuses_holds_back_no
         scene.add_dispatch(pk, queue)
     assert scene.once(**LONG) == {
         "published": 3, "publish_failed": 1, "requeued": 0, "lost": 0, "redispatched": 0,
-        "webhooks_rehanded": 0,
+        "webhooks_rehanded": 0, "given_up": 0,
     }  # fmt: skip
     assert scene.broker.messages(queue) == Counter({str(pk): 1 for pk in ids})
     for pk in ids:
@@ -347,7 +347,7 @@ def test_the_outbox_is_published_once_and_a_row_the_broker_refuses_holds_back_no
     assert scene.dispatches(bad) == [("created", False)]
     assert scene.execution(bad)["status"] == "PENDING"
     assert any(
-        line["event"] == "dispatch not published; retried next pass"
+        line["event"] == "dispatch refused by the broker; retried next pass"
         and line["execution_id"] == str(bad)
         for line in scene.last_log
     )
@@ -378,8 +378,10 @@ def test_the_reaper_requeues_lost_executions_and_ends_them_error_after_max_attem
 ) -> None:
     queue = queue_name()
     again = lease_expired(scene, queue, attempts=1)
-    spent = lease_expired(scene, queue, attempts=2)
-    hooked = lease_expired(scene, queue, attempts=3, webhook_url="https://hooks.example/x")
+    spent = lease_expired(scene, queue, attempts=2, lost_count=1)
+    hooked = lease_expired(
+        scene, queue, attempts=3, lost_count=1, webhook_url="https://hooks.example/x"
+    )
     taskless = lease_expired(scene, queue, attempts=1, dispatch_task="")
     old = datetime.now(UTC) - PAST
     stale = scene.create(queue, status="IN_PROGRESS", attempts=1, modified_at=old)
@@ -398,8 +400,8 @@ def test_the_reaper_requeues_lost_executions_and_ends_them_error_after_max_attem
     assert scene.event_worker(again) == ("gone-host:4242", 1)
 
     for pk, message in (
-        (spent, "lost by its worker 1 times"),
-        (hooked, "lost by its worker 1 times"),
+        (spent, "lost by its worker 2 times"),
+        (hooked, "lost by its worker 2 times"),
         (taskless, "lost by its worker 1 times; no task is known to dispatch it again"),
     ):
         execution = scene.execution(pk)
@@ -431,7 +433,8 @@ def test_an_execution_lost_at_every_claim_ends_error_after_max_attempts_with_leg
         # A worker claims it through the API (as ExecutionTask does) and vanishes; its lease
         # is made to have run out.
         claim = scene.claim(pk, f"host-{attempt}:1", queue)
-        assert claim["lease"]["epoch"] == attempt
+        # The reaper's requeue took an epoch of its own (fencing the lost holder out).
+        assert claim["lease"]["epoch"] == 2 * attempt - 1
         scene.update(pk, lease_expires_at=datetime.now(UTC) - PAST)
         result = scene.once(**env)
         assert (result["requeued"], result["lost"]) == ((1, 0) if attempt == 1 else (0, 1))
@@ -507,7 +510,7 @@ def test_health_and_metrics_count_what_is_overdue_until_it_is_repaired(scene: Sc
     old = datetime.now(UTC) - PAST
     zero = {
         "overdue_leases": 0, "overdue_dispatches": 0, "unpublished_dispatches": 0,
-        "overdue_webhooks": 0,
+        "overdue_webhooks": 0, "undeliverable_webhooks": 0, "failed_webhooks": 0,
     }  # fmt: skip
     assert scene.health() == zero
     lease_expired(scene, queue, attempts=1)
@@ -522,7 +525,7 @@ def test_health_and_metrics_count_what_is_overdue_until_it_is_repaired(scene: Sc
     )
     assert scene.health() == {
         "overdue_leases": 1, "overdue_dispatches": 1, "unpublished_dispatches": 1,
-        "overdue_webhooks": 1,
+        "overdue_webhooks": 1, "undeliverable_webhooks": 0, "failed_webhooks": 0,
     }  # fmt: skip
     before = scene.metrics()
     for kind in ("leases", "dispatches", "unpublished_dispatches", "webhooks"):
@@ -721,8 +724,13 @@ def test_a_broker_outage_is_logged_and_the_loop_publishes_once_it_is_back(
     scene, queue = redis_scene, queue_name()
     port = int(REDIS_TEST_URL.rsplit(":", 1)[1].split("/")[0])
     with TcpProxy("127.0.0.1", port, scheme="redis") as proxy:
+        # One refusal would end a row's execution: an unreachable broker must blame no row.
         loop = scene.run_lifecycle(
-            "--interval", "0.05", **LONG, CELERY_BROKER_URL=f"{proxy.url}/{REDIS_DB}"
+            "--interval",
+            "0.05",
+            **LONG,
+            CELERY_BROKER_URL=f"{proxy.url}/{REDIS_DB}",
+            DISPATCH_MAX_FAILURES="1",
         )
         try:
             wait_for(lambda: "run_lifecycle started" in loop.logs(), "the loop to start")
@@ -732,8 +740,10 @@ def test_a_broker_outage_is_logged_and_the_loop_publishes_once_it_is_back(
             proxy.mode = "reset"  # the broker goes away: every connection is reset
             pk = scene.create(queue)
             scene.add_dispatch(pk, queue)
-            wait_for(lambda: "dispatch not published" in loop.logs(), "a failed publish")
+            wait_for(lambda: "broker unreachable" in loop.logs(), "a failed publish")
             assert scene.dispatches(pk) == [("created", False)]
+            attempts = "SELECT attempts FROM internal_api_dispatch WHERE execution_id = %s"
+            assert scene.sql(attempts, [pk]) == [(0,)]
             proxy.mode = "forward"  # the broker is back
             wait_for(
                 lambda: str(pk) in scene.broker.messages(queue),
@@ -745,5 +755,6 @@ def test_a_broker_outage_is_logged_and_the_loop_publishes_once_it_is_back(
             loop.kill()
     assert scene.broker.messages(queue) == Counter({str(before): 1, str(pk): 1})
     assert scene.dispatches(pk) == [("created", True)]
+    assert scene.execution(pk)["status"] == "QUEUED"
     assert "Traceback" not in loop.logs()
     scene.broker.forget(queue)

@@ -47,6 +47,11 @@ LEGAL_MOVES: dict[tuple[str, str], frozenset[str]] = {
     **{("IN_PROGRESS", end): frozenset({"finished", "status", "lost", "unleased_timeout"})
        for end in TERMINAL},
     **{(start, end): frozenset({"status"}) for start in ("PENDING", "QUEUED") for end in TERMINAL},
+    # A takeover: a claim of an execution whose lease ran out before the reaper came by.
+    ("IN_PROGRESS", "IN_PROGRESS"): frozenset({"claimed"}),
+    # Given up by run_lifecycle: nobody claimed it, or the broker refused its message.
+    **{(start, "ERROR"): frozenset({"status", "never_claimed", "undispatchable"})
+       for start in ("PENDING", "QUEUED")},
 }
 
 
