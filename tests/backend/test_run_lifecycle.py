@@ -748,3 +748,30 @@ def test_a_broker_outage_is_logged_and_the_loop_publishes_once_it_is_back(
     assert scene.dispatches(pk) == [("created", True)]
     assert "Traceback" not in loop.logs()
     scene.broker.forget(queue)
+
+
+@pytest.mark.postgres
+def test_with_the_database_gone_health_answers_without_counts_and_metrics_is_503() -> None:
+    import psycopg
+
+    from tests.conftest import POSTGRES_ADMIN_URL
+
+    with LiveBackend.postgres(threads=2) as backend:
+        headers = backend.headers()
+        base = f"{backend.url}/internal/v1"
+        with httpx2.Client(base_url=base, headers=headers, timeout=30) as http:
+            assert http.get("/health/").json()["lifecycle"]["overdue_leases"] == 0
+            name = backend.database_url.rsplit("/", 1)[1]
+            with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            for _ in range(2):  # the broken connection, then a failed reconnect
+                health = http.get("/health/")
+                assert health.status_code == 200
+                assert (health.json()["status"], health.json()["lifecycle"]) == ("healthy", None)
+                metrics = http.get("/metrics/")
+                assert (metrics.status_code, metrics.json()["error"]) == (
+                    503,
+                    "database_unavailable",
+                )
+                assert metrics.headers["Retry-After"] == "1"
+        assert "Traceback" not in backend.logs()
