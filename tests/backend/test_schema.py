@@ -136,10 +136,19 @@ def test_the_document_states_the_bounds_the_server_checks(api: Api) -> None:
         assert (key["minLength"], key["maxLength"]) == (1, 255)
     components = document["components"]["schemas"]
     requests = [name for name in components if name.endswith("Request")]
-    assert len(requests) == 4
+    assert len(requests) == 8  # 4 of the contract's start, 4 of the lifecycle (dispatch too)
     assert all(components[name]["additionalProperties"] is False for name in requests)
     url = components["WebhookDeliveryCreateRequest"]["properties"]["url"]
     assert (url["format"], url["maxLength"]) == ("uri", 2048)
+    for path, method in [
+        ("workflow-executions/{id}/status/", "post"),
+        ("workflow-executions/{id}/", "patch"),
+        ("webhook-deliveries/", "post"),
+    ]:
+        epoch = _parameter(document, path, method, "X-Lease-Epoch")
+        assert (epoch["type"], epoch["minimum"], epoch["maximum"]) == ("integer", 1, 2**31)
+    claim = components["ClaimRequest"]["properties"]["lease_seconds"]
+    assert (claim["minimum"], claim["maximum"]) == (1, 3600)
 
 
 URLS = [
@@ -163,11 +172,39 @@ URLS = [
 @pytest.mark.parametrize("url", URLS)
 def test_a_url_the_pattern_allows_is_one_the_server_accepts(api: Api, url: str) -> None:
     """The webhook URL's pattern is no wider than the server's check (and agrees on these)."""
-    pattern = _document(api)["components"]["schemas"]["WebhookDeliveryCreateRequest"][
-        "properties"
-    ]["url"]["pattern"]
+    pattern = _document(api)["components"]["schemas"]["WebhookDeliveryCreateRequest"]["properties"][
+        "url"
+    ]["pattern"]
     response = api.call("POST", "webhook-deliveries/", {"url": url, "outcome": "delivered"})
     assert (re.search(pattern, url) is not None) is (response.status_code == 201)
+
+
+WEBHOOK_IDS = [
+    "",
+    "msg_" + "0123456789abcdef" * 2,
+    "msg_" + "A" * 32,
+    "msg_" + "0" * 31,
+    "msg_" + "0" * 33,
+    "msg_" + "0" * 32 + "\n",
+    " msg_" + "0" * 32,
+    "msg-" + "0" * 32,
+    "msg_" + "\u0663" * 32,
+]
+
+
+@pytest.mark.parametrize("webhook_id", WEBHOOK_IDS)
+def test_the_webhook_id_pattern_is_the_server_check(api: Api, webhook_id: str) -> None:
+    schema = _document(api)["components"]["schemas"]["WebhookDeliveryCreateRequest"]
+    # An ECMA-262 pattern's $ is the end of the text (Python's also matches before a "\n").
+    stated = any(
+        re.search(option["pattern"].replace("$", r"\Z"), webhook_id) is not None
+        if "pattern" in option
+        else len(webhook_id) <= option["maxLength"]
+        for option in schema["properties"]["webhook_id"]["oneOf"]
+    )
+    body = {"url": "https://r.example/h", "outcome": "failed", "webhook_id": webhook_id}
+    served = api.call("POST", "webhook-deliveries/", body).status_code == 201
+    assert stated is served
 
 
 @pytest.mark.parametrize("key", ["k", "a b", "é", "~" * 255, " k ", "\x7f", "\x85", "\xa0", "\xad"])
