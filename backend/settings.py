@@ -3,7 +3,9 @@
 Variables:
 
 - ``INTERNAL_SERVICE_API_KEY`` (required): the bearer key(s) workers present; several keys
-  separated by commas are all accepted, which allows rotation.
+  separated by commas are all accepted, which allows rotation. A key is printable ASCII
+  without spaces (``!`` to ``~``); any other character stops the start with an error that
+  names the variable and the key's position, never the value.
 - ``DATABASE_URL``: default ``sqlite:///<BACKEND_DATA_DIR>/backend.sqlite3``; PostgreSQL as
   ``postgresql://user@host:5432/name``. Connections are persistent (``CONN_MAX_AGE``).
 - ``BACKEND_DATA_DIR``: where the default SQLite file lives (default ``<repo>/.data``).
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -46,10 +49,14 @@ from backend.internal_api.logconfig import logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 _TRUE = ("1", "true", "yes", "on")
+_ASCII_SPACE = " \t\n\r\x0b\x0c"
+# What a bearer key can be: a header value's visible ASCII (a space would end the token).
+_API_KEY = re.compile(r"[!-~]+")
 
 
 def _csv(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
+    """The comma-separated items of ``value``, ASCII whitespace around each removed."""
+    return [item.strip(_ASCII_SPACE) for item in value.split(",") if item.strip(_ASCII_SPACE)]
 
 
 def _number(name: str, default: float, low: float, high: float) -> float:
@@ -76,11 +83,25 @@ def _integer(name: str, default: int, low: int, high: int) -> int:
     return int(raw)
 
 
-INTERNAL_API_KEYS = tuple(_csv(os.environ.get("INTERNAL_SERVICE_API_KEY", "")))
-if not INTERNAL_API_KEYS:
-    raise ImproperlyConfigured(
-        "INTERNAL_SERVICE_API_KEY is not set: the backend refuses to start without an API key"
-    )
+def _api_keys(value: str) -> tuple[str, ...]:
+    """The keys of ``INTERNAL_SERVICE_API_KEY``; ImproperlyConfigured (never showing a key)
+    when there is none or one holds a character no ``Authorization`` header can carry."""
+    keys = tuple(_csv(value))
+    if not keys:
+        raise ImproperlyConfigured(
+            "INTERNAL_SERVICE_API_KEY is not set: the backend refuses to start without an API key"
+        )
+    for number, key in enumerate(keys, 1):
+        if not _API_KEY.fullmatch(key):
+            raise ImproperlyConfigured(
+                f"INTERNAL_SERVICE_API_KEY: key {number} of {len(keys)} holds a space, a control "
+                "character or a character that is not ASCII; a key is printable ASCII "
+                "(! to ~) (the value is not shown)"
+            )
+    return keys
+
+
+INTERNAL_API_KEYS = _api_keys(os.environ.get("INTERNAL_SERVICE_API_KEY", ""))
 
 DEBUG = os.environ.get("DEBUG", "").strip().lower() in _TRUE
 ALLOWED_HOSTS = _csv(os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]"))
@@ -187,7 +208,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["backend.internal_api.errors.StrictJSONParser"],
     "DEFAULT_CONTENT_NEGOTIATION_CLASS": "backend.internal_api.errors.StrictContentNegotiation",
     "EXCEPTION_HANDLER": "backend.internal_api.errors.exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "backend.internal_api.schema.ContractAutoSchema",
 }
 
 SPECTACULAR_SETTINGS = {
@@ -200,6 +221,10 @@ SPECTACULAR_SETTINGS = {
     "APPEND_COMPONENTS": {"securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
     "SECURITY": [{"bearerAuth": []}],
     "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "backend.internal_api.schema.state_enforced_constraints",
+    ],
     "ENUM_NAME_OVERRIDES": {
         "ExecutionStatusEnum": "backend.internal_api.models.ExecutionStatus",
         "DeliveryOutcomeEnum": "backend.internal_api.models.DeliveryOutcome",

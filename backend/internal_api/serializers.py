@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from backend.internal_api.models import (
@@ -404,6 +405,21 @@ class WebhookDeliverySerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+@extend_schema_field({"type": "string", "pattern": r"^(msg_[0-9a-f]{32})?$"})
+class WebhookIdField(serializers.CharField):
+    """``msg_`` and 32 lower-case hex digits (or empty), exactly: nothing trimmed."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(trim_whitespace=False, **kwargs)
+
+    def to_internal_value(self, data: Any) -> str:
+        """The id, or a ValidationError saying what an id looks like."""
+        value = str(super().to_internal_value(data))
+        if not WEBHOOK_ID.fullmatch(value):
+            raise serializers.ValidationError("must be msg_ and 32 lower-case hex digits")
+        return value
+
+
 class WebhookDeliveryCreateSerializer(StrictSerializer):
     """Body of ``POST webhook-deliveries/``."""
 
@@ -423,18 +439,12 @@ class WebhookDeliveryCreateSerializer(StrictSerializer):
     error_message = serializers.CharField(
         max_length=10000, required=False, allow_blank=True, default="", trim_whitespace=False
     )
-    webhook_id = serializers.CharField(
+    webhook_id = WebhookIdField(
         required=False,
         allow_blank=True,
         default="",
-        help_text="msg_ and 32 hex digits: the webhook-id of a due webhook",
+        help_text="the webhook-id of the due webhook this delivery was of",
     )
-
-    def validate_webhook_id(self, value: str) -> str:
-        """``msg_`` and 32 lower-case hex digits (or empty)."""
-        if value and not WEBHOOK_ID.fullmatch(value):
-            raise serializers.ValidationError("must be msg_ and 32 lower-case hex digits")
-        return value
 
 
 class ExecutionPageSerializer(serializers.Serializer):

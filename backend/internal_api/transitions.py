@@ -170,13 +170,18 @@ def check_fence(execution: WorkflowExecution, epoch: int | None) -> None:
     if epoch is None:
         return
     if execution.lease_epoch != epoch:
-        raise APIError(
-            409,
-            "lease_lost",
-            f"lease epoch {epoch} is not the current one: another claim superseded it",
-        )
+        raise superseded(epoch)
     if execution.status not in TERMINAL_STATUSES and not lease_live(execution):
         raise APIError(409, "lease_lost", f"the lease of epoch {epoch} has expired")
+
+
+def superseded(epoch: int) -> APIError:
+    """The 409 ``lease_lost`` for a write under an epoch that is not the current one."""
+    return APIError(
+        409,
+        "lease_lost",
+        f"lease epoch {epoch} is not the current one: another claim superseded it",
+    )
 
 
 def lease_live(execution: WorkflowExecution, now: datetime | None = None) -> bool:

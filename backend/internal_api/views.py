@@ -71,6 +71,7 @@ from backend.internal_api.transitions import (
     heartbeat,
     read,
     release,
+    superseded,
     update_fields,
 )
 
@@ -269,13 +270,6 @@ class MetricsView(APIView):
         return HttpResponse(lifecycle.metrics_text(), content_type=CONTENT_TYPE_LATEST)
 
 
-def _execution(org_id: str, pk: uuid.UUID) -> WorkflowExecution:
-    execution = WorkflowExecution.objects.filter(pk=pk, organization_id=org_id).first()
-    if execution is None:
-        raise APIError(404, "not_found", "no such workflow execution")
-    return execution
-
-
 class ExecutionListView(APIView):
     """``GET/POST workflow-executions/``."""
 
@@ -361,7 +355,7 @@ class ExecutionDetailView(APIView):
     def get(self, request: Request, pk: uuid.UUID) -> Response:
         """Read one execution."""
         org_id = require_organization(request)
-        return Response(ExecutionSerializer(_execution(org_id, pk)).data)
+        return Response(ExecutionSerializer(read(org_id, pk)).data)
 
     @extend_schema(
         operation_id="workflow_executions_update",
@@ -591,11 +585,7 @@ class DeliveryListView(APIView):
                     )
                 current_epoch, due_id = found
                 if epoch is not None and epoch != current_epoch:
-                    raise APIError(
-                        409,
-                        "lease_lost",
-                        f"lease epoch {epoch} is not the current one: another claim superseded it",
-                    )
+                    raise superseded(epoch)
             if once:
                 existing = _delivered(webhook_id, org_id)
                 if existing is not None:

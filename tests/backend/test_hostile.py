@@ -305,6 +305,10 @@ HEADER_VALUES = [
     "-1",
     "null",
 ]
+# The headers are checked before any view runs, and every view checks the organization the
+# same way: the lifecycle endpoints are represented by a claim and a release (the finish and
+# the fenced writes get X-Lease-Epoch's own table below).
+HEADER_ENDPOINTS = ["create", "patch", "status", "delivery", "claim", "release"]
 HEADERS = [
     "X-Organization-ID",
     "Idempotency-Key",
@@ -316,7 +320,7 @@ HEADERS = [
 
 @pytest.mark.parametrize("value", HEADER_VALUES)
 @pytest.mark.parametrize("header", HEADERS)
-@pytest.mark.parametrize("endpoint", list(BASE_BODY))
+@pytest.mark.parametrize("endpoint", HEADER_ENDPOINTS)
 def test_every_header_with_hostile_values(
     api: Api, execution_id: str, endpoint: str, header: str, value: str
 ) -> None:
