@@ -53,6 +53,8 @@ BODY_STRINGS = (
 )
 
 
+
+
 class ContractAutoSchema(AutoSchema):
     """drf-spectacular's AutoSchema plus the input constraints the serializers enforce."""
 

@@ -119,12 +119,15 @@ def test_a_dispatch_lands_in_the_embedded_broker(
     execution_id = new_execution(backend, dispatch={"task": "lc.process", "queue": queue})
     _, execution = call(backend, "GET", f"workflow-executions/{execution_id}/")
     assert execution["status"] == "QUEUED"
-    folders = {name: backend.data_dir / "broker" / name for name in ("queue", "processed")}
+    folders = {
+        name: backend.data_dir / "broker" / name for name in ("queue", "processed", "control")
+    }
     options = {
         "data_folder_in": str(folders["queue"]),
         "data_folder_out": str(folders["queue"]),
         "processed_folder": str(folders["processed"]),
         "store_processed": False,
+        "control_folder": str(folders["control"]),  # kombu's default is ./control
     }
     with Connection("filesystem://", transport=FS_TRANSPORT, transport_options=options) as conn:
         simple = conn.SimpleQueue(queue)

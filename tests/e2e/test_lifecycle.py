@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_service
-from tests.e2e.fleet import Fleet
+from tests.e2e.fleet import Fleet, StatusRecorder
 from tests.e2e.harness import WebhookReceiver, new_webhook_secret, wait_quiet, wait_until
 from tests.e2e.lifecycle import (
     RoutingProxy,
@@ -296,3 +297,45 @@ def test_a_task_sent_directly_still_completes_beside_the_lifecycle(
         crew.submit(ids)
         crew.wait_all(ids, "COMPLETED", timeout=60)
         assert_nothing_lost(crew, ids)
+
+
+@pytest.mark.redis
+def test_kill_9_of_a_pool_process_mid_task_loses_nothing(
+    stacks: Callable[[str], Stack], tmp_path: Path
+) -> None:
+    """Redis gives the killed task's message back at once; its run meets the dead process's
+    live lease and ends quietly; the reaper sends it again when the lease runs out."""
+    stack = stacks("redis")
+    with stack_fleet(stack, tmp_path, concurrency=2,
+                     work={**WORK, "EXAMPLE_WORK_SECONDS": "3"}) as crew:
+        worker = crew.start_worker()
+        ids = crew.dispatch(3)
+        (held, *_) = wait_claimed(crew, ids, set(worker.children()), 30)
+        victim = claimed_by(crew, held)[-1]
+        os.kill(victim, signal.SIGKILL)
+        crew.wait_all(ids, "COMPLETED", timeout=LEASE + 15)
+        assert_nothing_lost(crew, ids)
+        assert claimed_by(crew, held)[-1] != victim
+        assert worker.alive()
+
+
+def test_backend_down_15s_executions_wait_and_complete(
+    stacks: Callable[[str], Stack], tmp_path: Path
+) -> None:
+    stack = stacks("filesystem")
+    with stack_fleet(stack, tmp_path, work={**WORK, "EXAMPLE_WORK_SECONDS": "0.3"}) as crew:
+        crew.start_worker()
+        with StatusRecorder(crew.client, interval=0.2) as recorder:
+            ids = crew.dispatch(40)
+            wait_until(lambda: list(crew.statuses().values()).count("COMPLETED") >= 5, 60,
+                       "the first executions to complete")
+            stack.backend.stop()
+            time.sleep(15)
+            stack.backend.start()
+            crew.wait_all(ids, "COMPLETED", timeout=120)
+            recorder.poll()
+        assert recorder.errors, "the recorder never saw the backend down"
+        assert_nothing_lost(crew, ids)
+        requeued = [r for r in crew.log_lines()
+                    if r.get("event", r.get("message")) == "transient failure, task re-queued"]
+        assert requeued, "no task met the outage"

@@ -502,7 +502,9 @@ class CircuitBreaker:
         if not admission.cancelled() and admission.exception() is None:
             ticket = admission.result()
             if ticket.probe:
-                threading.Thread(target=self._record, args=(ticket, _RELEASE), daemon=True).start()
+                threading.Thread(
+                    target=self._record, args=(ticket, _RELEASE), daemon=True
+                ).start()
 
     async def _arecord(self, ticket: _Ticket, outcome: str) -> None:
         """:meth:`_record`, in a thread when it has to ask Redis."""

@@ -51,10 +51,7 @@ _CORE = frozenset(CORE_FIELDS)
 _STRUCTLOG_MARK = "_worker_structlog_event"
 _MARK_EXTRA = {_STRUCTLOG_MARK: True}
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
-    "message",
-    "asctime",
-    "taskName",
-    _STRUCTLOG_MARK,
+    "message", "asctime", "taskName", _STRUCTLOG_MARK,
 }
 _SENSITIVE_CACHE = _redact.KEY_CACHE
 
@@ -300,14 +297,9 @@ def _stdlib_logger(*args: Any) -> logging.Logger:
 
 
 _METHOD_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "warn": logging.WARNING,
-    "error": logging.ERROR,
-    "exception": logging.ERROR,
-    "critical": logging.CRITICAL,
-    "fatal": logging.CRITICAL,
+    "debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+    "warn": logging.WARNING, "error": logging.ERROR, "exception": logging.ERROR,
+    "critical": logging.CRITICAL, "fatal": logging.CRITICAL,
 }
 
 
@@ -318,9 +310,8 @@ class _BoundLogger(structlog.stdlib.BoundLogger):
     exception, which costs more than writing many a line.)
     """
 
-    def _proxy_to_logger(
-        self, method_name: str, event: str | None = None, *event_args: Any, **event_kw: Any
-    ) -> Any:
+    def _proxy_to_logger(self, method_name: str, event: str | None = None,
+                         *event_args: Any, **event_kw: Any) -> Any:
         level = _METHOD_LEVELS.get(method_name)
         if level is not None and not self._logger.isEnabledFor(level):
             return None
