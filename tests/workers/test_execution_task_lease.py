@@ -14,7 +14,7 @@ import pytest
 from celery import Celery
 
 from backend.workers.shared import ExecutionTask, InternalAPIClient, WorkerConfig, _celery
-from tests.fault_server import FaultServer, Respond
+from tests.fault_server import FaultServer, Respond, Truncate
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_sleep")]
 
@@ -135,6 +135,61 @@ def test_a_refused_claim_ends_quietly_without_running_the_body(
     assert sent(backend) == ["POST claim"]
     levels = {r.levelno for r in caplog.records if r.name == TASKS_LOGGER}
     assert levels == {logging.INFO}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Respond(200, b"<html>bad gateway</html>"),  # applied, maybe: its answer is unusable
+        Respond(200, {"execution": {"id": EXECUTION_ID}}),  # not a claim's answer
+        Truncate(200, b'{"execution": {"id": "3f2b'),  # cut short on its way back
+        refused("idempotency_in_flight"),  # the first attempt still being applied
+        Respond(503, {"error": "unavailable", "detail": "restarting"}),
+    ],
+    ids=["not-json", "not-a-claim", "truncated", "in-flight", "503"],
+)
+def test_a_claim_whose_outcome_is_unknown_is_tried_again_and_marks_nothing(
+    backend: FaultServer, answer: Any
+) -> None:
+    ran: list[str] = []
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        ran.append(execution_id)
+
+    task = make_task(make_config(backend), body)
+    # The second claim finds the first one's lease (it was applied after all): the run ends.
+    backend.push(answer, refused("lease_held", **{"Retry-After": "30"}))
+    outcome = task.apply(args=[EXECUTION_ID])  # eager: the re-queued run follows at once
+    assert outcome.successful() and ran == []
+    assert sent(backend) == ["POST claim", "POST claim"]  # no ERROR mark, nothing released
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Respond(400, {"error": "validation_error", "detail": "worker: too long"}),
+        Respond(403, {"error": "permission_denied", "detail": "not this organization's"}),
+        Respond(404, {"error": "not_found", "detail": "no such execution"}),
+        refused("conflict"),  # a 409 this worker does not know
+        Respond(418, {"error": "teapot", "detail": "unexpected status"}),
+    ],
+    ids=["400", "403", "404", "409-other", "418"],
+)
+def test_a_claim_refused_for_good_is_raised_and_marks_nothing(
+    backend: FaultServer, answer: Respond, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, TASKS_LOGGER)
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        raise AssertionError("the body runs only under a lease")
+
+    task = make_task(make_config(backend), body, max_retries=0)
+    backend.push(answer)
+    outcome = task.apply(args=[EXECUTION_ID])
+    assert outcome.failed() and not isinstance(outcome.result, AssertionError)
+    assert sent(backend) == ["POST claim"]  # no unfenced ERROR mark
+    assert any("claim failed" in r.getMessage() and "not marked" in r.getMessage()
+               for r in caplog.records if r.name == TASKS_LOGGER)
 
 
 def test_heartbeats_run_while_the_body_runs(backend: FaultServer) -> None:

@@ -15,10 +15,13 @@ execution itself, it is finished in one call (``COMPLETED``, ``result`` = the re
 when that is a dict); then the webhook the backend made due is delivered and recorded (SSRF
 guard, signature, ``webhook-id`` = the backend's id). A claim refused with ``lease_held``
 (a duplicate message) or ``illegal_transition`` (already final) ends the task quietly (INFO);
-a claimed execution already final with a webhook due gets the webhook only. A
-``LeaseLostError`` anywhere (another worker owns the execution now) ends the task quietly
-(WARNING): nothing is marked, nothing re-queued. ``claim_execution=False`` turns all of this
-off: the body alone sets the statuses, as the module README's Quick Start task does.
+a claimed execution already final with a webhook due gets the webhook only. A claim that
+fails marks nothing (unfenced, and it may have been applied): one whose outcome is unknown
+(transient, an unusable answer, ``idempotency_in_flight``) re-queues the task, any other
+refusal is raised. A ``LeaseLostError`` anywhere (another worker owns the execution now)
+ends the task quietly (WARNING): nothing is marked, nothing re-queued.
+``claim_execution=False`` turns all of this off: the body alone sets the statuses, as the
+module README's Quick Start task does.
 
 **Failures**, when the task body raises, are sorted once, here:
 
@@ -182,10 +185,10 @@ class ExecutionTask(Task):
                     extra={"execution_id": execution_id, "retry_after": exc.retry_after},
                 )
                 return None
-            self._fail(exc, args, kwargs)
+            self._claim_failed(exc, execution_id, args, kwargs)
             raise
         except Exception as exc:
-            self._fail(exc, args, kwargs)
+            self._claim_failed(exc, execution_id, args, kwargs)
             raise
         run = _Run(claim.execution, claim.lease.epoch, client.organization_id)
         token = _current_run.set(run)
@@ -202,6 +205,33 @@ class ExecutionTask(Task):
             return None
         finally:
             _current_run.reset(token)
+
+    def _claim_failed(
+        self,
+        exc: Exception,
+        execution_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """A claim that failed marks nothing: without a lease an ERROR mark is unfenced, and
+        the claim may have been applied (its answer lost) or belong to another run. A claim
+        whose outcome is unknown is tried again later (raises ``Retry``; the next claim is
+        refused with ``lease_held`` if this one was applied, and the lease then runs out);
+        any other refusal is logged and raised, and the backend's repairs own the execution."""
+        from .api_client import _IN_FLIGHT_CODE, APIResponseError, ConflictError
+
+        unknown = (
+            is_transient(exc)
+            or isinstance(exc, APIResponseError)
+            or (isinstance(exc, ConflictError) and exc.error_code == _IN_FLIGHT_CODE)
+        )
+        if unknown:
+            self._requeue(exc, args, kwargs)
+        logger.error(
+            "claim failed: %s; the execution is not marked",
+            exc,
+            extra={"execution_id": execution_id, "error_type": type(exc).__name__},
+        )
 
     def _run_claimed(
         self,
