@@ -13,8 +13,14 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from backend.workers.shared import ExecutionTask, InternalAPIClient, WorkerConfig, _celery
-from tests.fault_server import FaultServer, Respond, Truncate
+from backend.workers.shared import (
+    ExecutionTask,
+    InternalAPIClient,
+    LeaseLostError,
+    WorkerConfig,
+    _celery,
+)
+from tests.fault_server import FaultServer, Respond, Stall, Truncate
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_sleep")]
 
@@ -226,6 +232,51 @@ def test_a_lease_lost_at_heartbeat_stops_every_further_write(
     assert sent(backend) == ["POST claim", "POST heartbeat"]  # no finish, no ERROR mark
     assert any(r.levelno == logging.WARNING and "lease lost" in r.getMessage()
                for r in caplog.records if r.name == TASKS_LOGGER)
+
+
+def test_after_a_heartbeat_refused_with_lease_lost_the_body_s_writes_are_not_sent(
+    backend: FaultServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, TASKS_LOGGER)
+    config = make_config(backend)
+    refusals: list[str] = []
+
+    def lost() -> bool:
+        return any("lease is lost" in r.getMessage() for r in caplog.records)
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        backend.push(refused("lease_lost"))
+        deadline = time.monotonic() + 20
+        while not lost():  # the heartbeat thread has the answer
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with InternalAPIClient(config) as client:
+            try:
+                client.update_workflow_execution(execution_id, result={"late": True})
+            except LeaseLostError as exc:
+                refusals.append(str(exc))
+                raise
+
+    task = make_task(config, body)
+    backend.push(claim())
+    outcome = task.apply(args=[EXECUTION_ID])
+    assert outcome.successful() and outcome.result is None  # ended quietly
+    assert sent(backend) == ["POST claim", "POST heartbeat"]  # the PATCH never left
+    assert len(refusals) == 1 and "not sent" in refusals[0]
+
+
+def test_a_heartbeat_has_bounds_of_its_own_within_the_lease(backend: FaultServer) -> None:
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        backend.push(Stall(), refused("lease_lost"))  # one stalled, the next one refused
+        deadline = time.monotonic() + 20
+        while sent(backend).count("POST heartbeat") < 2:
+            assert time.monotonic() < deadline  # API_TIMEOUT is 30 s: not what bounds it
+            time.sleep(0.02)
+
+    task = make_task(make_config(backend, api_timeout=30.0), body)
+    backend.push(claim())
+    assert task.apply(args=[EXECUTION_ID]).successful()
+    assert sent(backend) == ["POST claim", "POST heartbeat", "POST heartbeat"]
 
 
 def test_a_write_refused_with_lease_lost_ends_the_task_quietly(backend: FaultServer) -> None:

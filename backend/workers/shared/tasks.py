@@ -8,7 +8,8 @@ Use :class:`ExecutionTask` as the base of any task that works on an execution::
 **The lease** (``claim_execution``, on by default). Before the body runs, the task claims the
 execution for ``<celery hostname>:<pid>`` with a lease of ``EXECUTION_LEASE_SECONDS`` (its
 name and delivery queue go with the claim, so the backend can send it again). While the body
-runs, a thread heartbeats every third of the lease (a shorter task sends none). The claimed
+runs, a thread heartbeats every third of the lease (a shorter task sends none; each heartbeat
+within a third of the lease, so one stalled request does not cost it). The claimed
 execution is ``self.execution`` (no second read), and the body's writes about it carry the
 lease's epoch (``X-Lease-Epoch``). When the body returns without having finished the
 execution itself, it is finished in one call (``COMPLETED``, ``result`` = the return value
@@ -59,6 +60,7 @@ import os
 import random
 import socket
 import threading
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -248,7 +250,7 @@ class ExecutionTask(Task):
         if execution.is_final:  # handed out again for its webhook only
             self._deliver_webhook(client, execution)
             return None
-        keeper = _LeaseKeeper(self.config(), run, interval=lease_seconds / 3)
+        keeper = _LeaseKeeper(self.config(), run, lease_seconds=lease_seconds)
         keeper.start()
         try:
             try:
@@ -554,13 +556,17 @@ _current_run: ContextVar[_Run | None] = ContextVar("execution_task_run", default
 
 
 class _LeaseKeeper:
-    """Heartbeats the run's lease every ``interval`` seconds from a thread, while the body
-    runs; ``lost`` turns True when the backend says the lease is gone."""
+    """Heartbeats the run's lease from a thread while the body runs, at every third of the
+    lease (a fixed schedule: a slow or failed heartbeat does not push the next one back).
+    Each heartbeat gets at most a sixth of the lease per attempt and a third in all, so one
+    stalled request cannot cost the lease; a failed one is tried again at the next tick.
+    ``lost`` turns True when the backend says the lease is gone, and the run's held lease
+    is marked lost, so the body's writes under it stop (raised, never sent)."""
 
-    def __init__(self, config: WorkerConfig, run: _Run, *, interval: float) -> None:
+    def __init__(self, config: WorkerConfig, run: _Run, *, lease_seconds: float) -> None:
         self._config = config
         self._run = run
-        self._interval = interval
+        self._interval = lease_seconds / 3
         self._stopped = threading.Event()
         self.lost = False
         # The task's context (its log fields, so its X-Request-ID), not a shared one.
@@ -586,12 +592,19 @@ class _LeaseKeeper:
 
         run = self._run
         fields = {"execution_id": run.execution.id, "epoch": run.epoch}
+        interval = self._interval
+        due = time.monotonic() + interval
         with InternalAPIClient(self._config, organization_id=run.organization_id) as client:
-            while not self._stopped.wait(self._interval):
+            while not self._stopped.wait(max(0.0, due - time.monotonic())):
+                due = max(due + interval, time.monotonic())
                 try:
-                    client.heartbeat_execution(run.execution.id, run.epoch)
+                    client.heartbeat_execution(
+                        run.execution.id, run.epoch, timeout=interval / 2, deadline=interval
+                    )
                 except LeaseLostError:
                     self.lost = True  # also when it answers after stop(): no finish then
+                    if run.held is not None:
+                        run.held.lost = True
                     logger.warning("heartbeat: the lease is lost", extra=fields)
                     return
                 except Exception as exc:  # the next beat tries again; the lease may hold
