@@ -43,7 +43,8 @@ module README's Quick Start task does.
   failure. A task killed at its hard time limit
   runs no code of its own: Celery's ``on_failure`` hook in the worker's main process marks
   its execution ``ERROR`` instead (in a thread, so the consumer is never blocked), since the
-  message is acknowledged and the task will not run again.
+  message is acknowledged and the task will not run again. A leased run's mark is fenced by
+  its epoch, which the run left in a :class:`_LeaseNote`; a run without a lease marks nothing.
 
 The execution is found by the task's ``execution_id`` argument (positional or keyword), and
 its organization by an ``organization_id`` argument or ``ORGANIZATION_ID``. Logging context,
@@ -53,7 +54,9 @@ module adds none of its own.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import hashlib
 import inspect
 import logging
 import os
@@ -67,7 +70,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import Task
-from celery.exceptions import Reject, Retry, TaskPredicate, TimeLimitExceeded
+from celery.exceptions import Reject, Retry, TaskPredicate, TimeLimitExceeded, WorkerLostError
 
 from . import _redact
 from .config import WorkerConfig
@@ -194,6 +197,10 @@ class ExecutionTask(Task):
             raise
         run = _Run(claim.execution, claim.lease.epoch, client.organization_id)
         token = _current_run.set(run)
+        note = None
+        if not self.request.is_eager and self.request.id:
+            note = _LeaseNote(self.config(), str(self.request.id))
+            note.write(execution_id, run.epoch)
         try:
             with holding_lease(execution_id, claim.lease.epoch) as held:
                 run.held = held
@@ -207,6 +214,8 @@ class ExecutionTask(Task):
             return None
         finally:
             _current_run.reset(token)
+            if note is not None:
+                note.remove()
 
     def _claim_failed(
         self,
@@ -440,18 +449,32 @@ class ExecutionTask(Task):
         """Celery's failure hook: after a hard time limit, mark the execution ``ERROR``.
 
         Celery calls it in the worker's main process once it killed the task's process; the
-        mark runs in a thread so that the consumer is not held up by the backend.
+        mark runs in a thread so that the consumer is not held up by the backend. A leased
+        run's mark carries the lease's epoch (the run left it in a :class:`_LeaseNote`), so
+        the backend refuses it once another worker holds the execution; a run that held no
+        lease (its claim failed or was refused) marks nothing.
         """
-        if not isinstance(exc, TimeLimitExceeded):
+        if not isinstance(exc, TimeLimitExceeded | WorkerLostError):
             return  # every other failure was sorted in __call__, inside the task's process
+        noted = _LeaseNote(self.config(), task_id).take() if self.claim_execution else None
+        if isinstance(exc, WorkerLostError):
+            return  # the message goes back to the queue (task_reject_on_worker_lost)
         execution_id, organization_id = self._execution_of(tuple(args or ()), dict(kwargs or {}))
         if execution_id is None:
             return
-        self.config()
+        epoch = None
+        if self.claim_execution:
+            if noted is None or noted[0] != execution_id:
+                logger.warning(
+                    "hard time limit: this run held no lease on the execution; not marked",
+                    extra={"execution_id": execution_id},
+                )
+                return
+            epoch = noted[1]
         message = _error_message(exc, 0)
         threading.Thread(
             target=self._mark_or_log,
-            args=(execution_id, organization_id, message, None),
+            args=(execution_id, organization_id, message, epoch),
             name=f"mark-error-{execution_id}",
             daemon=True,
         ).start()
@@ -499,11 +522,25 @@ class ExecutionTask(Task):
                 self._deliver_webhook(client, marked)
 
     def _mark_or_log(
-        self, execution_id: str, organization_id: str | None, message: str, attempts: int | None
+        self, execution_id: str, organization_id: str | None, message: str, epoch: int | None
     ) -> None:
-        """Mark the execution ``ERROR``; a refusal is logged (for use outside the task)."""
+        """Mark the execution ``ERROR`` (fenced by ``epoch`` when the run held a lease, then
+        its webhook delivered); a refusal is logged (for use outside the task)."""
+        from .api_client import InternalAPIClient, LeaseLostError, holding_lease
+
         try:
-            self._mark(execution_id, organization_id, message, attempts)
+            if epoch is None:
+                self._mark(execution_id, organization_id, message, None)
+                return
+            with holding_lease(execution_id, epoch):
+                marked = self._mark(execution_id, organization_id, message, None)
+                with InternalAPIClient(self.config(), organization_id=organization_id) as client:
+                    self._deliver_webhook(client, marked)
+        except LeaseLostError as exc:
+            logger.warning(
+                "lease lost: another worker owns the execution now; not marked ERROR",
+                extra={"execution_id": execution_id, "epoch": epoch, "error": str(exc)},
+            )
         except Exception as exc:
             _log_not_marked(execution_id, exc)
 
@@ -611,6 +648,50 @@ class _LeaseKeeper:
                     logger.info(
                         "heartbeat failed: %s", exc, extra={**fields, "error": type(exc).__name__}
                     )
+
+
+class _LeaseNote:
+    """The lease a run holds, in a file the worker's main process can read: a task killed at
+    its hard time limit runs no code of its own, and the main process's ``ERROR`` mark must
+    carry the lease's epoch. ``WORKER_DATA_DIR/leases/<hash of the task id>``, written after
+    the claim and removed when the run ends (or by the main process's failure hook)."""
+
+    def __init__(self, config: WorkerConfig, task_id: str) -> None:
+        digest = hashlib.sha256(task_id.encode()).hexdigest()[:32]
+        self.path = config.worker_data_dir / "leases" / digest
+
+    def write(self, execution_id: str, epoch: int) -> None:
+        """Note the lease; a note that cannot be written is logged (no mark at the limit)."""
+        text = f"{execution_id} {epoch}\n"
+        try:
+            try:
+                self.path.write_text(text)
+            except FileNotFoundError:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.write_text(text)
+        except OSError as exc:
+            logger.warning(
+                "cannot note the lease for the hard time limit: %s",
+                exc,
+                extra={"execution_id": execution_id, "error_type": type(exc).__name__},
+            )
+
+    def take(self) -> tuple[str, int] | None:
+        """The noted ``(execution_id, epoch)``, removing the note; ``None`` when there is none
+        (or it is unreadable: cut short by the kill)."""
+        try:
+            parts = self.path.read_text().split()
+        except OSError:
+            return None
+        self.remove()
+        if len(parts) != 2 or not parts[1].isdigit():
+            return None
+        return parts[0], int(parts[1])
+
+    def remove(self) -> None:
+        """Forget the note (there may be none)."""
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
 
 
 def _seconds_until(when: Any) -> float | None:
