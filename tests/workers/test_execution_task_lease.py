@@ -5,9 +5,12 @@ behaviours against the real backend are in test_lifecycle_live.py."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -250,19 +253,26 @@ def test_after_a_heartbeat_refused_with_lease_lost_the_body_s_writes_are_not_sen
         while not lost():  # the heartbeat thread has the answer
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        with InternalAPIClient(config) as client:
-            try:
-                client.update_workflow_execution(execution_id, result={"late": True})
-            except LeaseLostError as exc:
-                refusals.append(str(exc))
-                raise
+        def write(reraise: bool) -> None:
+            with InternalAPIClient(config) as client:
+                try:
+                    client.update_workflow_execution(execution_id, result={"late": True})
+                except LeaseLostError as exc:
+                    refusals.append(str(exc))
+                    if reraise:
+                        raise
+
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(write, False))
+        thread.start()  # a thread the body started, in a copy of its context
+        thread.join()
+        write(True)
 
     task = make_task(config, body)
     backend.push(claim())
     outcome = task.apply(args=[EXECUTION_ID])
     assert outcome.successful() and outcome.result is None  # ended quietly
     assert sent(backend) == ["POST claim", "POST heartbeat"]  # the PATCH never left
-    assert len(refusals) == 1 and "not sent" in refusals[0]
+    assert len(refusals) == 2 and all("not sent" in text for text in refusals)
 
 
 def test_a_heartbeat_has_bounds_of_its_own_within_the_lease(backend: FaultServer) -> None:
@@ -292,6 +302,41 @@ def test_a_write_refused_with_lease_lost_ends_the_task_quietly(backend: FaultSer
     assert outcome.successful() and outcome.result is None
     assert sent(backend) == ["POST claim", f"PATCH {EXECUTION_ID}"]
     assert backend.requests[1].headers["x-lease-epoch"] == "7"
+
+
+def test_a_thread_the_body_starts_writes_under_the_lease_only_in_a_copy_of_its_context(
+    backend: FaultServer,
+) -> None:
+    config = make_config(backend)
+
+    def patch(source: str) -> None:
+        with InternalAPIClient(config) as client:
+            client.update_workflow_execution(EXECUTION_ID, result={"from": source})
+
+    def finish() -> None:
+        with InternalAPIClient(config) as client:
+            client.finish_execution(EXECUTION_ID, "COMPLETED", result={"from": "thread"})
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pool.submit(contextvars.copy_context().run, patch, "copied").result()
+            pool.submit(patch, "plain").result()  # a new thread's context is empty
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(finish,))
+        thread.start()
+        thread.join()
+
+    task = make_task(config, body)
+    backend.push(claim(), Respond(200, execution()), Respond(200, execution()),
+                 Respond(200, execution("COMPLETED")))  # fmt: skip
+    assert task.apply(args=[EXECUTION_ID]).successful()
+    # The thread's finish counts as the run's (shared lease): the task does not finish again.
+    assert sent(backend) == ["POST claim", f"PATCH {EXECUTION_ID}", f"PATCH {EXECUTION_ID}",
+                             "POST status"]  # fmt: skip
+    epochs = {
+        str(r.json().get("result", {}).get("from")): r.headers.get("x-lease-epoch")
+        for r in backend.requests[1:]
+    }
+    assert epochs == {"copied": "7", "plain": None, "thread": "7"}
 
 
 class Hiccup(Exception):

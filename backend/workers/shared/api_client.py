@@ -333,7 +333,8 @@ def holding_lease(execution_id: str, epoch: int) -> Iterator[HeldLease]:
     """While inside, this context's writes about ``execution_id`` carry ``X-Lease-Epoch``.
 
     Context-local (threads and asyncio tasks do not see each other's lease); nested blocks
-    restore the outer lease on exit.
+    restore the outer lease on exit. A thread started inside sees it only when it runs in a
+    copy of this context (``contextvars.copy_context().run``, one copy per thread).
     """
     held = HeldLease(str(execution_id), _check_epoch(epoch))
     token = _held_lease.set(held)
