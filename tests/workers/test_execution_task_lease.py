@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from kombu import Exchange, Queue
 
 from backend.workers.shared import (
     ExecutionTask,
@@ -124,6 +125,48 @@ def test_a_fault_free_run_is_three_requests_claim_finish_record(
     assert hook.headers["webhook-id"] == WEBHOOK_ID
     assert hook.json()["status"] == "COMPLETED" and hook.json()["execution_id"] == EXECUTION_ID
     assert seen[0].id == EXECUTION_ID and seen[0].lease.epoch == 7  # the claim's answer
+
+
+ORDERS = Exchange("orders", type="direct")
+
+
+@pytest.mark.parametrize(
+    ("settings", "delivery", "dispatch"),
+    [
+        ({}, {}, {"queue": "celery"}),  # run eagerly: the default queue
+        ({"default_queue": "reports"}, {}, {"queue": "reports"}),
+        # a routing key is not the queue's name: the consumed queue bound with it is
+        ({}, {"exchange": "orders", "routing_key": "orders.eu"}, {"queue": "eu_orders"}),
+        ({}, {"exchange": "", "routing_key": "eu_orders"}, {"queue": "eu_orders"}),
+        # names the backend refuses, or a queue this worker cannot name: no dispatch sent
+        ({}, {"exchange": "orders", "routing_key": "orders.*.late"}, None),
+        ({"default_queue": "no/such folder"}, {}, None),
+        ({"default_queue": "q" * 129}, {}, None),
+        ({"default_queue": "amq.gen-x"}, {}, None),
+        ({"default_queue": "ünicode"}, {}, None),
+        ({"name": "tasks:<lambda>"}, {}, None),
+    ],
+    ids=["eager", "default-queue", "bound", "routing-key-is-a-queue", "unbound", "slash",
+         "long", "amq", "non-ascii", "bad-task-name"],
+)
+def test_the_claim_names_the_queue_the_message_came_from(
+    backend: FaultServer, settings: dict[str, str], delivery: dict[str, str],
+    dispatch: dict[str, str] | None,
+) -> None:  # fmt: skip
+    app = Celery("lease-unit-queues")
+    app.conf.task_queues = [Queue("celery"), Queue("eu_orders", ORDERS, routing_key="orders.eu")]
+    app.conf.task_default_queue = settings.get("default_queue", "celery")
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        return None
+
+    options = {"name": settings["name"]} if "name" in settings else {}
+    task = app.task(bind=True, base=ExecutionTask, worker_config=make_config(backend),
+                    **options)(body)  # fmt: skip
+    backend.push(claim(), Respond(200, execution("COMPLETED")))
+    assert task.apply(args=[EXECUTION_ID], **delivery).successful()
+    sent_dispatch = backend.requests[0].json().get("dispatch")
+    assert sent_dispatch == (None if dispatch is None else {"task": task.name, **dispatch})
 
 
 @pytest.mark.parametrize("answer", [refused("lease_held", **{"Retry-After": "9"}),
@@ -397,6 +440,19 @@ def test_a_final_execution_handed_out_gets_its_webhook_only(
     assert sent(backend) == ["POST claim", "POST webhook-deliveries"]
     assert backend.requests[1].headers["x-lease-epoch"] == "9"
     assert receiver.requests[0].headers["webhook-id"] == WEBHOOK_ID
+
+
+def test_a_webhook_the_backend_gave_up_is_not_delivered(
+    backend: FaultServer, receiver: FaultServer
+) -> None:
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        return None
+
+    given_up = {**due(receiver), "failed": True}
+    task = make_task(make_config(backend), body)
+    backend.push(claim(9, status="COMPLETED", webhook=given_up))
+    assert task.apply(args=[EXECUTION_ID]).successful()
+    assert sent(backend) == ["POST claim"] and receiver.requests == []
 
 
 def test_a_body_that_finishes_itself_is_not_finished_twice(

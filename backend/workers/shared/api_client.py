@@ -198,11 +198,13 @@ class Lease(_Result):
 
 class ExecutionWebhook(_Result):
     """The completion webhook due for an execution: ``id`` is its ``webhook-id``
-    (``msg_...``, the same on every attempt), ``delivered`` whether it was recorded so."""
+    (``msg_...``, the same on every attempt), ``delivered`` whether it was recorded so,
+    ``failed`` whether the backend gave it up (no more attempts)."""
 
     id: str
     url: str
     delivered: bool = False
+    failed: bool = False
 
 
 class WorkflowExecution(_Result):
@@ -237,8 +239,9 @@ class WorkflowExecution(_Result):
 
     @property
     def webhook_due(self) -> ExecutionWebhook | None:
-        """The completion webhook still to deliver, if any."""
-        return self.webhook if self.webhook is not None and not self.webhook.delivered else None
+        """The completion webhook still to deliver, if any (neither delivered nor given up)."""
+        hook = self.webhook
+        return hook if hook is not None and not (hook.delivered or hook.failed) else None
 
 
 class Claim(_Result):

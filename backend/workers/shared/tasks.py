@@ -61,6 +61,7 @@ import inspect
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -83,6 +84,10 @@ logger = logging.getLogger(__name__)
 
 #: Longest ``error_message`` written to the backend.
 MAX_ERROR_MESSAGE = 1000
+#: Task and queue names the backend accepts in a claim's ``dispatch`` (and their lengths).
+DISPATCH_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@-]*")
+MAX_TASK_NAME = 255
+MAX_QUEUE_NAME = 128
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -172,13 +177,14 @@ class ExecutionTask(Task):
     ) -> Any:
         from .api_client import ConflictError, LeaseHeldError, LeaseLostError, holding_lease
 
+        task, queue = self._dispatch()
         try:
             claim = client.claim_execution(
                 execution_id,
                 worker=self._worker_name(),
                 lease_seconds=lease_seconds,
-                task=self.name,
-                queue=self._queue_name(),
+                task=task,
+                queue=queue,
             )
         except (LeaseHeldError, ConflictError) as exc:
             if isinstance(exc, LeaseHeldError) or exc.error_code == "illegal_transition":
@@ -370,15 +376,38 @@ class ExecutionTask(Task):
         host = self.request.hostname or socket.gethostname()
         return f"{str(host)[:240]}:{os.getpid()}"
 
+    def _dispatch(self) -> tuple[str | None, str | None]:
+        """This task's name and the queue its message came from, for the claim, so the
+        backend can send the task there again; ``(None, None)`` (the backend keeps what it
+        knows) when either is not a name the backend accepts (:data:`DISPATCH_NAME`)."""
+        queue = self._queue_name()
+        if (
+            queue is None
+            or not DISPATCH_NAME.fullmatch(self.name)
+            or len(self.name) > MAX_TASK_NAME
+            or not DISPATCH_NAME.fullmatch(queue)
+            or len(queue) > MAX_QUEUE_NAME
+            or queue.startswith("amq.")
+        ):
+            return None, None
+        return self.name, queue
+
     def _queue_name(self) -> str | None:
-        """The queue this message came from, so the backend can send the task there again."""
+        """The name of the queue this message came from: the consumed queue bound with its
+        exchange and routing key (a routing key is not a queue name under a topic exchange
+        or custom routes); run eagerly, the task's own or the default queue."""
         info = self.request.delivery_info or {}
-        queue = (
-            info.get("routing_key")
-            or getattr(self, "queue", None)
-            or self.app.conf.task_default_queue
-        )
-        return str(queue)[:255] if queue else None
+        routing_key = info.get("routing_key")
+        if routing_key is None:
+            queue = getattr(self, "queue", None) or self.app.conf.task_default_queue
+            return str(queue) if queue else None
+        exchange = info.get("exchange") or ""
+        queues = self.app.amqp.queues
+        for candidate in queues.values():
+            bound_to = getattr(candidate.exchange, "name", "") or ""
+            if candidate.routing_key == routing_key and bound_to == exchange:
+                return str(candidate.name)
+        return str(routing_key) if routing_key in queues else None
 
     def _fail(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """The transient/permanent rule: re-queue (raises ``Retry``) or mark ``ERROR``."""
