@@ -624,8 +624,9 @@ _current_run: ContextVar[_Run | None] = ContextVar("execution_task_run", default
 class _LeaseKeeper:
     """Heartbeats the run's lease from a thread while the body runs, at every third of the
     lease (a fixed schedule: a slow or failed heartbeat does not push the next one back).
-    Each heartbeat gets at most a sixth of the lease per attempt and a third in all, so one
-    stalled request cannot cost the lease; a failed one is tried again at the next tick.
+    Each heartbeat gets at most a sixth of the lease per attempt and a third in all (never
+    more than ``API_TIMEOUT`` / ``API_DEADLINE``), so one stalled request cannot cost the
+    lease; a failed one is tried again at the next tick.
     ``lost`` turns True when the backend says the lease is gone, and the run's held lease
     is marked lost, so the body's writes under it stop (raised, never sent)."""
 
@@ -659,13 +660,15 @@ class _LeaseKeeper:
         run = self._run
         fields = {"execution_id": run.execution.id, "epoch": run.epoch}
         interval = self._interval
+        timeout = min(interval / 2, self._config.api_timeout)
+        deadline = min(interval, self._config.api_deadline)
         due = time.monotonic() + interval
         with InternalAPIClient(self._config, organization_id=run.organization_id) as client:
             while not self._stopped.wait(max(0.0, due - time.monotonic())):
                 due = max(due + interval, time.monotonic())
                 try:
                     client.heartbeat_execution(
-                        run.execution.id, run.epoch, timeout=interval / 2, deadline=interval
+                        run.execution.id, run.epoch, timeout=timeout, deadline=deadline
                     )
                 except LeaseLostError:
                     self.lost = True  # also when it answers after stop(): no finish then
