@@ -538,25 +538,23 @@ def test_get_breaker_rejects_unknown_and_conflicting_settings(name: str) -> None
 
 
 class FakeClock:
-    """``time`` for the breaker module: ``monotonic()`` moves only when the test says so."""
+    """A breaker's ``clock``: it moves only when the test says so."""
 
     def __init__(self) -> None:
         self.now = 1000.0
 
-    def monotonic(self) -> float:
+    def __call__(self) -> float:
         return self.now
 
 
 def test_open_period_grows_by_half_per_failed_probe_up_to_the_recovery_timeout(
-    name: str, monkeypatch: pytest.MonkeyPatch
+    name: str,
 ) -> None:
-    from backend.workers.shared import _breaker
-
     clock = FakeClock()
-    monkeypatch.setattr(_breaker, "time", clock)
     breaker = CircuitBreaker(
-        name, failure_threshold=2, recovery_timeout=4.0, initial_recovery_timeout=1.0
-    )
+        name, failure_threshold=2, recovery_timeout=4.0, initial_recovery_timeout=1.0,
+        clock=clock,
+    )  # fmt: skip
     trip(breaker, 2)
     periods = []
     for _ in range(6):
@@ -575,14 +573,9 @@ def test_open_period_grows_by_half_per_failed_probe_up_to_the_recovery_timeout(
     assert caught.value.retry_after == 1.0
 
 
-def test_without_an_initial_timeout_the_open_period_stays_fixed(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from backend.workers.shared import _breaker
-
+def test_without_an_initial_timeout_the_open_period_stays_fixed(name: str) -> None:
     clock = FakeClock()
-    monkeypatch.setattr(_breaker, "time", clock)
-    breaker = CircuitBreaker(name, failure_threshold=1, recovery_timeout=3.0)
+    breaker = CircuitBreaker(name, failure_threshold=1, recovery_timeout=3.0, clock=clock)
     assert breaker.initial_recovery_timeout == 3.0
     trip(breaker, 1)
     for _ in range(3):
@@ -591,6 +584,12 @@ def test_without_an_initial_timeout_the_open_period_stays_fixed(
         assert caught.value.retry_after == 3.0
         clock.now += 3.0
         trip(breaker, 1)
+
+
+@pytest.mark.parametrize("clock", [None, 1000.0, "monotonic"])
+def test_a_clock_that_cannot_be_called_is_refused(name: str, clock: object) -> None:
+    with pytest.raises(ValueError, match="clock must be a callable"):
+        CircuitBreaker(name, clock=clock)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("initial", [0, -1.0, float("nan"), float("inf"), "1", True])

@@ -5,16 +5,26 @@ behaviours against the real backend are in test_lifecycle_live.py."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from celery import Celery
+from kombu import Exchange, Queue
 
-from backend.workers.shared import ExecutionTask, InternalAPIClient, WorkerConfig, _celery
-from tests.fault_server import FaultServer, Respond
+from backend.workers.shared import (
+    ExecutionTask,
+    InternalAPIClient,
+    LeaseLostError,
+    WorkerConfig,
+    _celery,
+)
+from tests.fault_server import FaultServer, Respond, Stall, Truncate
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_sleep")]
 
@@ -117,6 +127,48 @@ def test_a_fault_free_run_is_three_requests_claim_finish_record(
     assert seen[0].id == EXECUTION_ID and seen[0].lease.epoch == 7  # the claim's answer
 
 
+ORDERS = Exchange("orders", type="direct")
+
+
+@pytest.mark.parametrize(
+    ("settings", "delivery", "dispatch"),
+    [
+        ({}, {}, {"queue": "celery"}),  # run eagerly: the default queue
+        ({"default_queue": "reports"}, {}, {"queue": "reports"}),
+        # a routing key is not the queue's name: the consumed queue bound with it is
+        ({}, {"exchange": "orders", "routing_key": "orders.eu"}, {"queue": "eu_orders"}),
+        ({}, {"exchange": "", "routing_key": "eu_orders"}, {"queue": "eu_orders"}),
+        # names the backend refuses, or a queue this worker cannot name: no dispatch sent
+        ({}, {"exchange": "orders", "routing_key": "orders.*.late"}, None),
+        ({"default_queue": "no/such folder"}, {}, None),
+        ({"default_queue": "q" * 129}, {}, None),
+        ({"default_queue": "amq.gen-x"}, {}, None),
+        ({"default_queue": "ünicode"}, {}, None),
+        ({"name": "tasks:<lambda>"}, {}, None),
+    ],
+    ids=["eager", "default-queue", "bound", "routing-key-is-a-queue", "unbound", "slash",
+         "long", "amq", "non-ascii", "bad-task-name"],
+)
+def test_the_claim_names_the_queue_the_message_came_from(
+    backend: FaultServer, settings: dict[str, str], delivery: dict[str, str],
+    dispatch: dict[str, str] | None,
+) -> None:  # fmt: skip
+    app = Celery("lease-unit-queues")
+    app.conf.task_queues = [Queue("celery"), Queue("eu_orders", ORDERS, routing_key="orders.eu")]
+    app.conf.task_default_queue = settings.get("default_queue", "celery")
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        return None
+
+    options = {"name": settings["name"]} if "name" in settings else {}
+    task = app.task(bind=True, base=ExecutionTask, worker_config=make_config(backend),
+                    **options)(body)  # fmt: skip
+    backend.push(claim(), Respond(200, execution("COMPLETED")))
+    assert task.apply(args=[EXECUTION_ID], **delivery).successful()
+    sent_dispatch = backend.requests[0].json().get("dispatch")
+    assert sent_dispatch == (None if dispatch is None else {"task": task.name, **dispatch})
+
+
 @pytest.mark.parametrize("answer", [refused("lease_held", **{"Retry-After": "9"}),
                                     refused("illegal_transition")])
 def test_a_refused_claim_ends_quietly_without_running_the_body(
@@ -135,6 +187,61 @@ def test_a_refused_claim_ends_quietly_without_running_the_body(
     assert sent(backend) == ["POST claim"]
     levels = {r.levelno for r in caplog.records if r.name == TASKS_LOGGER}
     assert levels == {logging.INFO}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Respond(200, b"<html>bad gateway</html>"),  # applied, maybe: its answer is unusable
+        Respond(200, {"execution": {"id": EXECUTION_ID}}),  # not a claim's answer
+        Truncate(200, b'{"execution": {"id": "3f2b'),  # cut short on its way back
+        refused("idempotency_in_flight"),  # the first attempt still being applied
+        Respond(503, {"error": "unavailable", "detail": "restarting"}),
+    ],
+    ids=["not-json", "not-a-claim", "truncated", "in-flight", "503"],
+)
+def test_a_claim_whose_outcome_is_unknown_is_tried_again_and_marks_nothing(
+    backend: FaultServer, answer: Any
+) -> None:
+    ran: list[str] = []
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        ran.append(execution_id)
+
+    task = make_task(make_config(backend), body)
+    # The second claim finds the first one's lease (it was applied after all): the run ends.
+    backend.push(answer, refused("lease_held", **{"Retry-After": "30"}))
+    outcome = task.apply(args=[EXECUTION_ID])  # eager: the re-queued run follows at once
+    assert outcome.successful() and ran == []
+    assert sent(backend) == ["POST claim", "POST claim"]  # no ERROR mark, nothing released
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Respond(400, {"error": "validation_error", "detail": "worker: too long"}),
+        Respond(403, {"error": "permission_denied", "detail": "not this organization's"}),
+        Respond(404, {"error": "not_found", "detail": "no such execution"}),
+        refused("conflict"),  # a 409 this worker does not know
+        Respond(418, {"error": "teapot", "detail": "unexpected status"}),
+    ],
+    ids=["400", "403", "404", "409-other", "418"],
+)
+def test_a_claim_refused_for_good_is_raised_and_marks_nothing(
+    backend: FaultServer, answer: Respond, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, TASKS_LOGGER)
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        raise AssertionError("the body runs only under a lease")
+
+    task = make_task(make_config(backend), body, max_retries=0)
+    backend.push(answer)
+    outcome = task.apply(args=[EXECUTION_ID])
+    assert outcome.failed() and not isinstance(outcome.result, AssertionError)
+    assert sent(backend) == ["POST claim"]  # no unfenced ERROR mark
+    assert any("claim failed" in r.getMessage() and "not marked" in r.getMessage()
+               for r in caplog.records if r.name == TASKS_LOGGER)
 
 
 def test_heartbeats_run_while_the_body_runs(backend: FaultServer) -> None:
@@ -173,6 +280,58 @@ def test_a_lease_lost_at_heartbeat_stops_every_further_write(
                for r in caplog.records if r.name == TASKS_LOGGER)
 
 
+def test_after_a_heartbeat_refused_with_lease_lost_the_body_s_writes_are_not_sent(
+    backend: FaultServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, TASKS_LOGGER)
+    config = make_config(backend)
+    refusals: list[str] = []
+
+    def lost() -> bool:
+        return any("lease is lost" in r.getMessage() for r in caplog.records)
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        backend.push(refused("lease_lost"))
+        deadline = time.monotonic() + 20
+        while not lost():  # the heartbeat thread has the answer
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        def write(reraise: bool) -> None:
+            with InternalAPIClient(config) as client:
+                try:
+                    client.update_workflow_execution(execution_id, result={"late": True})
+                except LeaseLostError as exc:
+                    refusals.append(str(exc))
+                    if reraise:
+                        raise
+
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(write, False))
+        thread.start()  # a thread the body started, in a copy of its context
+        thread.join()
+        write(True)
+
+    task = make_task(config, body)
+    backend.push(claim())
+    outcome = task.apply(args=[EXECUTION_ID])
+    assert outcome.successful() and outcome.result is None  # ended quietly
+    assert sent(backend) == ["POST claim", "POST heartbeat"]  # the PATCH never left
+    assert len(refusals) == 2 and all("not sent" in text for text in refusals)
+
+
+def test_a_heartbeat_has_bounds_of_its_own_within_the_lease(backend: FaultServer) -> None:
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        backend.push(Stall(), refused("lease_lost"))  # one stalled, the next one refused
+        deadline = time.monotonic() + 20
+        while sent(backend).count("POST heartbeat") < 2:
+            assert time.monotonic() < deadline  # API_TIMEOUT is 30 s: not what bounds it
+            time.sleep(0.02)
+
+    task = make_task(make_config(backend, api_timeout=30.0), body)
+    backend.push(claim())
+    assert task.apply(args=[EXECUTION_ID]).successful()
+    assert sent(backend) == ["POST claim", "POST heartbeat", "POST heartbeat"]
+
+
 def test_a_write_refused_with_lease_lost_ends_the_task_quietly(backend: FaultServer) -> None:
     config = make_config(backend)
 
@@ -186,6 +345,41 @@ def test_a_write_refused_with_lease_lost_ends_the_task_quietly(backend: FaultSer
     assert outcome.successful() and outcome.result is None
     assert sent(backend) == ["POST claim", f"PATCH {EXECUTION_ID}"]
     assert backend.requests[1].headers["x-lease-epoch"] == "7"
+
+
+def test_a_thread_the_body_starts_writes_under_the_lease_only_in_a_copy_of_its_context(
+    backend: FaultServer,
+) -> None:
+    config = make_config(backend)
+
+    def patch(source: str) -> None:
+        with InternalAPIClient(config) as client:
+            client.update_workflow_execution(EXECUTION_ID, result={"from": source})
+
+    def finish() -> None:
+        with InternalAPIClient(config) as client:
+            client.finish_execution(EXECUTION_ID, "COMPLETED", result={"from": "thread"})
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pool.submit(contextvars.copy_context().run, patch, "copied").result()
+            pool.submit(patch, "plain").result()  # a new thread's context is empty
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(finish,))
+        thread.start()
+        thread.join()
+
+    task = make_task(config, body)
+    backend.push(claim(), Respond(200, execution()), Respond(200, execution()),
+                 Respond(200, execution("COMPLETED")))  # fmt: skip
+    assert task.apply(args=[EXECUTION_ID]).successful()
+    # The thread's finish counts as the run's (shared lease): the task does not finish again.
+    assert sent(backend) == ["POST claim", f"PATCH {EXECUTION_ID}", f"PATCH {EXECUTION_ID}",
+                             "POST status"]  # fmt: skip
+    epochs = {
+        str(r.json().get("result", {}).get("from")): r.headers.get("x-lease-epoch")
+        for r in backend.requests[1:]
+    }
+    assert epochs == {"copied": "7", "plain": None, "thread": "7"}
 
 
 class Hiccup(Exception):
@@ -246,6 +440,19 @@ def test_a_final_execution_handed_out_gets_its_webhook_only(
     assert sent(backend) == ["POST claim", "POST webhook-deliveries"]
     assert backend.requests[1].headers["x-lease-epoch"] == "9"
     assert receiver.requests[0].headers["webhook-id"] == WEBHOOK_ID
+
+
+def test_a_webhook_the_backend_gave_up_is_not_delivered(
+    backend: FaultServer, receiver: FaultServer
+) -> None:
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        return None
+
+    given_up = {**due(receiver), "failed": True}
+    task = make_task(make_config(backend), body)
+    backend.push(claim(9, status="COMPLETED", webhook=given_up))
+    assert task.apply(args=[EXECUTION_ID]).successful()
+    assert sent(backend) == ["POST claim"] and receiver.requests == []
 
 
 def test_a_body_that_finishes_itself_is_not_finished_twice(

@@ -21,7 +21,7 @@ from backend.workers.shared import (
     WorkerConfig,
 )
 from backend.workers.shared.api_client import holding_lease
-from tests.fault_server import FaultServer, Forward, Respond
+from tests.fault_server import FaultServer, Forward, Respond, Stall
 from tests.live_backend import LiveBackend
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_sleep")]
@@ -224,21 +224,55 @@ def test_heartbeats_keep_a_long_task_s_lease(
     backend: LiveBackend, client: InternalAPIClient, fault: FaultServer
 ) -> None:
     execution = client.create_workflow_execution("wf-long")
+    extended: list[Any] = []
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        assert self.execution is not None and self.execution.lease is not None
+        last = self.execution.lease.expires_at
+        deadline = time.monotonic() + 60
+        while len(extended) < 2:  # the backend's own clock, moved on twice by heartbeats
+            assert time.monotonic() < deadline
+            lease = client.get_workflow_execution(execution_id).lease
+            assert lease is not None and lease.epoch == 1
+            if lease.expires_at > last:
+                extended.append(lease.expires_at)
+                last = lease.expires_at
+            time.sleep(0.05)
+
+    # A lease of 6 s (heartbeats every 2 s): a loaded machine may delay one by seconds.
+    task = make_task(make_config(backend, fault.url), body, lease_seconds=6)
+    assert task.apply(args=[execution.id]).successful()
+    assert sum(r.path.endswith("/heartbeat/") for r in fault.requests) >= 2
+    assert client.get_workflow_execution(execution.id).status == "COMPLETED"
+    assert history(client, execution.id) == [  # nobody else took it; finished under epoch 1
+        ("PENDING", "IN_PROGRESS", "claimed", 1),
+        ("IN_PROGRESS", "COMPLETED", "finished", 1),
+    ]
+
+
+def test_one_stalled_heartbeat_does_not_cost_the_lease(
+    backend: LiveBackend, client: InternalAPIClient, fault: FaultServer
+) -> None:
+    execution = client.create_workflow_execution("wf-stall")
 
     def heartbeats() -> int:
         return sum(r.path.endswith("/heartbeat/") for r in fault.requests)
 
     def body(self: ExecutionTask, execution_id: str) -> None:
-        deadline = time.monotonic() + 30
-        while heartbeats() < 4:  # past the 1 s lease by now, had nobody extended it
+        fault.push(Stall())  # the first heartbeat never gets an answer
+        deadline = time.monotonic() + 90
+        while heartbeats() < 3:  # it was given up on, and the next ones went through
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        with pytest.raises(LeaseHeldError):
-            client.claim_execution(execution_id, worker="other:9", lease_seconds=30)
 
-    task = make_task(make_config(backend, fault.url), body, lease_seconds=1)
+    # API_TIMEOUT stays 30 s, past the 6 s lease: the heartbeat has its own bounds.
+    task = make_task(make_config(backend, fault.url), body, lease_seconds=6)
     assert task.apply(args=[execution.id]).successful()
     assert client.get_workflow_execution(execution.id).status == "COMPLETED"
+    assert history(client, execution.id) == [
+        ("PENDING", "IN_PROGRESS", "claimed", 1),
+        ("IN_PROGRESS", "COMPLETED", "finished", 1),
+    ]
 
 
 class Hiccup(Exception):

@@ -138,6 +138,9 @@ class CircuitBreaker:
     local state, sets ``degraded`` (``shared_state_ok`` False), tells the shared-state
     listeners, and tries Redis again every ``reconnect_interval`` seconds.
 
+    ``clock`` (default ``time.monotonic``) is the clock in seconds the local state's open
+    periods, probe leases and reconnects are timed by; tests pass one they move themselves.
+
     Thread-safe; no lock is held while the wrapped function runs. Breakers register by name
     (see :func:`get_breaker`, :func:`all_breakers`); a second breaker with the same name is
     a ValueError.
@@ -156,6 +159,7 @@ class CircuitBreaker:
         probe_timeout: float | None = None,
         key_prefix: str = "worker:breaker:",
         reconnect_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
@@ -193,6 +197,9 @@ class CircuitBreaker:
         if not isinstance(key_prefix, str):
             raise ValueError(f"key_prefix must be a string, got {key_prefix!r}")
         self.key_prefix = key_prefix
+        if not callable(clock):
+            raise ValueError(f"clock must be a callable returning seconds, got {clock!r}")
+        self.clock = clock
         self._lock = threading.Lock()
         self._state = CircuitState.CLOSED
         self._failures = 0
@@ -243,7 +250,7 @@ class CircuitBreaker:
         with self._lock:
             if (
                 self._state is CircuitState.OPEN
-                and time.monotonic() - self._opened_at >= self._open_for
+                and self.clock() - self._opened_at >= self._open_for
             ):
                 return CircuitState.HALF_OPEN  # the next call will be the probe
             return self._state
@@ -307,7 +314,7 @@ class CircuitBreaker:
             return None
         self._state = new
         if new is CircuitState.OPEN:
-            self._opened_at = time.monotonic()
+            self._opened_at = self.clock()
         return old, new
 
     def _observe(self, observed: CircuitState) -> CircuitState:
@@ -326,7 +333,7 @@ class CircuitBreaker:
         """``operation(*args)`` on the store; None when Redis is unreachable (the breaker is
         then degraded, and asks again only once per ``reconnect_interval``)."""
         if self._degraded:
-            now = time.monotonic()
+            now = self.clock()
             with self._lock:
                 if now < self._next_reconnect:
                     return None
@@ -347,7 +354,7 @@ class CircuitBreaker:
             changed = self._degraded is not degraded
             self._degraded = degraded
             if degraded:
-                self._next_reconnect = time.monotonic() + self.reconnect_interval
+                self._next_reconnect = self.clock() + self.reconnect_interval
                 if changed:  # local state starts afresh
                     self._failures = 0
                     self._probe = None
@@ -393,7 +400,7 @@ class CircuitBreaker:
             with self._lock:
                 if self._state is CircuitState.CLOSED:
                     return _LOCAL_CALL
-                now = time.monotonic()
+                now = self.clock()
                 if self._state is CircuitState.OPEN:
                     wait = self._opened_at + self._open_for - now
                     if wait > 0:
@@ -423,7 +430,7 @@ class CircuitBreaker:
             if self._state is CircuitState.HALF_OPEN:
                 # Only the probe holding the lease decides; calls admitted earlier and a
                 # probe whose lease ran out say nothing.
-                if ticket is self._probe and time.monotonic() < self._probe_until:
+                if ticket is self._probe and self.clock() < self._probe_until:
                     self._probe = None
                     if outcome == _SUCCESS:
                         change = self._set_state(CircuitState.CLOSED)

@@ -198,11 +198,13 @@ class Lease(_Result):
 
 class ExecutionWebhook(_Result):
     """The completion webhook due for an execution: ``id`` is its ``webhook-id``
-    (``msg_...``, the same on every attempt), ``delivered`` whether it was recorded so."""
+    (``msg_...``, the same on every attempt), ``delivered`` whether it was recorded so,
+    ``failed`` whether the backend gave it up (no more attempts)."""
 
     id: str
     url: str
     delivered: bool = False
+    failed: bool = False
 
 
 class WorkflowExecution(_Result):
@@ -237,8 +239,9 @@ class WorkflowExecution(_Result):
 
     @property
     def webhook_due(self) -> ExecutionWebhook | None:
-        """The completion webhook still to deliver, if any."""
-        return self.webhook if self.webhook is not None and not self.webhook.delivered else None
+        """The completion webhook still to deliver, if any (neither delivered nor given up)."""
+        hook = self.webhook
+        return hook if hook is not None and not (hook.delivered or hook.failed) else None
 
 
 class Claim(_Result):
@@ -314,12 +317,15 @@ class HeldLease:
     """The lease a task holds, in a context variable (see :func:`holding_lease`).
 
     ``finished`` is the execution as a write under this lease left it in a final status
-    (``None`` while the task has not finished it).
+    (``None`` while the task has not finished it). ``lost`` is set once the backend said the
+    lease is gone (a heartbeat refused with ``lease_lost``): from then on a write under it
+    raises :class:`LeaseLostError` without being sent.
     """
 
     execution_id: str
     epoch: int
     finished: WorkflowExecution | None = None
+    lost: bool = False
 
 
 _held_lease: ContextVar[HeldLease | None] = ContextVar("held_lease", default=None)
@@ -330,7 +336,8 @@ def holding_lease(execution_id: str, epoch: int) -> Iterator[HeldLease]:
     """While inside, this context's writes about ``execution_id`` carry ``X-Lease-Epoch``.
 
     Context-local (threads and asyncio tasks do not see each other's lease); nested blocks
-    restore the outer lease on exit.
+    restore the outer lease on exit. A thread started inside sees it only when it runs in a
+    copy of this context (``contextvars.copy_context().run``, one copy per thread).
     """
     held = HeldLease(str(execution_id), _check_epoch(epoch))
     token = _held_lease.set(held)
@@ -674,10 +681,17 @@ class InternalAPIClient:
         epoch: int,
         *,
         lease_seconds: int | None = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
         organization_id: OrgArg = _DEFAULT_ORG,
     ) -> Lease:
         """Extend the lease of ``epoch`` (by ``lease_seconds``, default the claimed length);
-        :class:`LeaseLostError` when that lease is no longer the execution's live one."""
+        :class:`LeaseLostError` when that lease is no longer the execution's live one.
+
+        ``timeout`` bounds each attempt and ``deadline`` the whole call with its retries
+        (default ``API_TIMEOUT`` and ``API_DEADLINE``): a heartbeat must not outlast the
+        lease it extends (``ExecutionTask`` gives it a sixth and a third of the lease).
+        """
         body: dict[str, Any] = {"epoch": _check_epoch(epoch)}
         if lease_seconds is not None:
             body["lease_seconds"] = _check_lease_seconds(lease_seconds)
@@ -688,6 +702,8 @@ class InternalAPIClient:
             "heartbeat_execution",
             json_body=body,
             endpoint="workflow-executions/{id}/heartbeat/",
+            timeout=timeout,
+            deadline=deadline,
         )
         lease = data.get("lease") if isinstance(data, dict) else None
         parsed: Lease = self._parse(Lease, lease, "POST", "workflow-executions/{id}/heartbeat/")
@@ -1094,6 +1110,7 @@ class InternalAPIClient:
         json_body: Any = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
+        deadline: float | None = None,
         retry: bool = True,
         endpoint: str | None = None,
         lease: HeldLease | None = None,
@@ -1102,7 +1119,17 @@ class InternalAPIClient:
             raise RuntimeError("this InternalAPIClient is closed; open a new one")
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be a positive number of seconds")
+        if deadline is not None and deadline <= 0:
+            raise ValueError("deadline must be a positive number of seconds")
+        if lease is not None and lease.lost:
+            raise LeaseLostError(
+                f"the lease of epoch {lease.epoch} is lost (a heartbeat was refused); not sent",
+                error_code="lease_lost",
+                method=method,
+                path=path,
+            )
         config = self.config
+        deadline = deadline or config.api_deadline
         headers = {
             "authorization": f"Bearer {config.api_key()}",
             "user-agent": self._user_agent,
@@ -1131,7 +1158,7 @@ class InternalAPIClient:
             params=params,
             body=body,
             timeout=timeout or config.api_timeout,
-            deadline=time.monotonic() + config.api_deadline,
+            deadline=time.monotonic() + deadline,
         )
         breaker = self._breaker
 
@@ -1141,7 +1168,7 @@ class InternalAPIClient:
             remaining = call.deadline - time.monotonic()
             if remaining <= 0:
                 raise APITimeoutError(
-                    f"deadline of {config.api_deadline:g}s passed",
+                    f"deadline of {deadline:g}s passed",
                     method=method,
                     path=path,
                     request_id=call.headers["x-request-id"],
@@ -1169,7 +1196,7 @@ class InternalAPIClient:
         attempt.__qualname__ = f"InternalAPIClient {method} {call.endpoint}"
         if not retry:
             return attempt()
-        return self._policy(method).call(attempt)
+        return self._policy(method, deadline).call(attempt)
 
     def _send(self, pool: httpx2.Client, request: httpx2.Request, call: _Call, limit: float) -> Any:
         import httpx2
@@ -1280,7 +1307,7 @@ class InternalAPIClient:
         else:
             logger.info("internal API call failed: %s", error, extra=fields)
 
-    def _policy(self, method: str) -> RetryPolicy:
+    def _policy(self, method: str, deadline: float) -> RetryPolicy:
         config = self.config
         key = (
             "api",
@@ -1288,7 +1315,7 @@ class InternalAPIClient:
             config.api_retry_attempts,
             config.api_retry_base_delay,
             config.api_retry_max_delay,
-            config.api_deadline,
+            deadline,
             config.api_retry_budget_ratio,
             config.api_retry_budget_min_per_second,
         )
@@ -1303,7 +1330,7 @@ class InternalAPIClient:
                 exceptions=(InternalAPIError,),
                 retry_if=_should_retry_read if method == "GET" else _should_retry_write,
                 budget=_retry_budget(config),
-                deadline=config.api_deadline,
+                deadline=deadline,
             )
             _policies[key] = policy
         return policy

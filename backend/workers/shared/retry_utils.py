@@ -19,7 +19,8 @@ The whole public surface (one logger, ``backend.workers.shared.retry_utils``)::
     CircuitBreaker(name, failure_threshold=5, recovery_timeout=60.0,
                    expected_exception=Exception, is_failure=None, redis_url=None, *,
                    initial_recovery_timeout=None, probe_timeout=None,
-                   key_prefix="worker:breaker:", reconnect_interval=1.0)
+                   key_prefix="worker:breaker:", reconnect_interval=1.0,
+                   clock=time.monotonic)
                                                open initial_recovery_timeout first, x1.5
                                                per failed probe, up to recovery_timeout;
                                                @breaker, .call(), await .acall(), .state,

@@ -8,17 +8,21 @@ Use :class:`ExecutionTask` as the base of any task that works on an execution::
 **The lease** (``claim_execution``, on by default). Before the body runs, the task claims the
 execution for ``<celery hostname>:<pid>`` with a lease of ``EXECUTION_LEASE_SECONDS`` (its
 name and delivery queue go with the claim, so the backend can send it again). While the body
-runs, a thread heartbeats every third of the lease (a shorter task sends none). The claimed
+runs, a thread heartbeats every third of the lease (a shorter task sends none; each heartbeat
+within a third of the lease, so one stalled request does not cost it). The claimed
 execution is ``self.execution`` (no second read), and the body's writes about it carry the
 lease's epoch (``X-Lease-Epoch``). When the body returns without having finished the
 execution itself, it is finished in one call (``COMPLETED``, ``result`` = the return value
 when that is a dict); then the webhook the backend made due is delivered and recorded (SSRF
 guard, signature, ``webhook-id`` = the backend's id). A claim refused with ``lease_held``
 (a duplicate message) or ``illegal_transition`` (already final) ends the task quietly (INFO);
-a claimed execution already final with a webhook due gets the webhook only. A
-``LeaseLostError`` anywhere (another worker owns the execution now) ends the task quietly
-(WARNING): nothing is marked, nothing re-queued. ``claim_execution=False`` turns all of this
-off: the body alone sets the statuses, as the module README's Quick Start task does.
+a claimed execution already final with a webhook due gets the webhook only. A claim that
+fails marks nothing (unfenced, and it may have been applied): one whose outcome is unknown
+(transient, an unusable answer, ``idempotency_in_flight``) re-queues the task, any other
+refusal is raised. A ``LeaseLostError`` anywhere (another worker owns the execution now)
+ends the task quietly (WARNING): nothing is marked, nothing re-queued.
+``claim_execution=False`` turns all of this off: the body alone sets the statuses, as the
+module README's Quick Start task does.
 
 **Failures**, when the task body raises, are sorted once, here:
 
@@ -39,7 +43,8 @@ off: the body alone sets the statuses, as the module README's Quick Start task d
   failure. A task killed at its hard time limit
   runs no code of its own: Celery's ``on_failure`` hook in the worker's main process marks
   its execution ``ERROR`` instead (in a thread, so the consumer is never blocked), since the
-  message is acknowledged and the task will not run again.
+  message is acknowledged and the task will not run again. A leased run's mark is fenced by
+  its epoch, which the run left in a :class:`_LeaseNote`; a run without a lease marks nothing.
 
 The execution is found by the task's ``execution_id`` argument (positional or keyword), and
 its organization by an ``organization_id`` argument or ``ORGANIZATION_ID``. Logging context,
@@ -49,20 +54,24 @@ module adds none of its own.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import hashlib
 import inspect
 import logging
 import os
 import random
+import re
 import socket
 import threading
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import Task
-from celery.exceptions import Reject, Retry, TaskPredicate, TimeLimitExceeded
+from celery.exceptions import Reject, Retry, TaskPredicate, TimeLimitExceeded, WorkerLostError
 
 from . import _redact
 from .config import WorkerConfig
@@ -75,6 +84,10 @@ logger = logging.getLogger(__name__)
 
 #: Longest ``error_message`` written to the backend.
 MAX_ERROR_MESSAGE = 1000
+#: Task and queue names the backend accepts in a claim's ``dispatch`` (and their lengths).
+DISPATCH_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@-]*")
+MAX_TASK_NAME = 255
+MAX_QUEUE_NAME = 128
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -164,13 +177,14 @@ class ExecutionTask(Task):
     ) -> Any:
         from .api_client import ConflictError, LeaseHeldError, LeaseLostError, holding_lease
 
+        task, queue = self._dispatch()
         try:
             claim = client.claim_execution(
                 execution_id,
                 worker=self._worker_name(),
                 lease_seconds=lease_seconds,
-                task=self.name,
-                queue=self._queue_name(),
+                task=task,
+                queue=queue,
             )
         except (LeaseHeldError, ConflictError) as exc:
             if isinstance(exc, LeaseHeldError) or exc.error_code == "illegal_transition":
@@ -182,13 +196,17 @@ class ExecutionTask(Task):
                     extra={"execution_id": execution_id, "retry_after": exc.retry_after},
                 )
                 return None
-            self._fail(exc, args, kwargs)
+            self._claim_failed(exc, execution_id, args, kwargs)
             raise
         except Exception as exc:
-            self._fail(exc, args, kwargs)
+            self._claim_failed(exc, execution_id, args, kwargs)
             raise
         run = _Run(claim.execution, claim.lease.epoch, client.organization_id)
         token = _current_run.set(run)
+        note = None
+        if not self.request.is_eager and self.request.id:
+            note = _LeaseNote(self.config(), str(self.request.id))
+            note.write(execution_id, run.epoch)
         try:
             with holding_lease(execution_id, claim.lease.epoch) as held:
                 run.held = held
@@ -202,6 +220,35 @@ class ExecutionTask(Task):
             return None
         finally:
             _current_run.reset(token)
+            if note is not None:
+                note.remove()
+
+    def _claim_failed(
+        self,
+        exc: Exception,
+        execution_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """A claim that failed marks nothing: without a lease an ERROR mark is unfenced, and
+        the claim may have been applied (its answer lost) or belong to another run. A claim
+        whose outcome is unknown is tried again later (raises ``Retry``; the next claim is
+        refused with ``lease_held`` if this one was applied, and the lease then runs out);
+        any other refusal is logged and raised, and the backend's repairs own the execution."""
+        from .api_client import _IN_FLIGHT_CODE, APIResponseError, ConflictError
+
+        unknown = (
+            is_transient(exc)
+            or isinstance(exc, APIResponseError)
+            or (isinstance(exc, ConflictError) and exc.error_code == _IN_FLIGHT_CODE)
+        )
+        if unknown:
+            self._requeue(exc, args, kwargs)
+        logger.error(
+            "claim failed: %s; the execution is not marked",
+            exc,
+            extra={"execution_id": execution_id, "error_type": type(exc).__name__},
+        )
 
     def _run_claimed(
         self,
@@ -218,7 +265,7 @@ class ExecutionTask(Task):
         if execution.is_final:  # handed out again for its webhook only
             self._deliver_webhook(client, execution)
             return None
-        keeper = _LeaseKeeper(self.config(), run, interval=lease_seconds / 3)
+        keeper = _LeaseKeeper(self.config(), run, lease_seconds=lease_seconds)
         keeper.start()
         try:
             try:
@@ -329,15 +376,38 @@ class ExecutionTask(Task):
         host = self.request.hostname or socket.gethostname()
         return f"{str(host)[:240]}:{os.getpid()}"
 
+    def _dispatch(self) -> tuple[str | None, str | None]:
+        """This task's name and the queue its message came from, for the claim, so the
+        backend can send the task there again; ``(None, None)`` (the backend keeps what it
+        knows) when either is not a name the backend accepts (:data:`DISPATCH_NAME`)."""
+        queue = self._queue_name()
+        if (
+            queue is None
+            or not DISPATCH_NAME.fullmatch(self.name)
+            or len(self.name) > MAX_TASK_NAME
+            or not DISPATCH_NAME.fullmatch(queue)
+            or len(queue) > MAX_QUEUE_NAME
+            or queue.startswith("amq.")
+        ):
+            return None, None
+        return self.name, queue
+
     def _queue_name(self) -> str | None:
-        """The queue this message came from, so the backend can send the task there again."""
+        """The name of the queue this message came from: the consumed queue bound with its
+        exchange and routing key (a routing key is not a queue name under a topic exchange
+        or custom routes); run eagerly, the task's own or the default queue."""
         info = self.request.delivery_info or {}
-        queue = (
-            info.get("routing_key")
-            or getattr(self, "queue", None)
-            or self.app.conf.task_default_queue
-        )
-        return str(queue)[:255] if queue else None
+        routing_key = info.get("routing_key")
+        if routing_key is None:
+            queue = getattr(self, "queue", None) or self.app.conf.task_default_queue
+            return str(queue) if queue else None
+        exchange = info.get("exchange") or ""
+        queues = self.app.amqp.queues
+        for candidate in queues.values():
+            bound_to = getattr(candidate.exchange, "name", "") or ""
+            if candidate.routing_key == routing_key and bound_to == exchange:
+                return str(candidate.name)
+        return str(routing_key) if routing_key in queues else None
 
     def _fail(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """The transient/permanent rule: re-queue (raises ``Retry``) or mark ``ERROR``."""
@@ -408,18 +478,32 @@ class ExecutionTask(Task):
         """Celery's failure hook: after a hard time limit, mark the execution ``ERROR``.
 
         Celery calls it in the worker's main process once it killed the task's process; the
-        mark runs in a thread so that the consumer is not held up by the backend.
+        mark runs in a thread so that the consumer is not held up by the backend. A leased
+        run's mark carries the lease's epoch (the run left it in a :class:`_LeaseNote`), so
+        the backend refuses it once another worker holds the execution; a run that held no
+        lease (its claim failed or was refused) marks nothing.
         """
-        if not isinstance(exc, TimeLimitExceeded):
+        if not isinstance(exc, TimeLimitExceeded | WorkerLostError):
             return  # every other failure was sorted in __call__, inside the task's process
+        noted = _LeaseNote(self.config(), task_id).take() if self.claim_execution else None
+        if isinstance(exc, WorkerLostError):
+            return  # the message goes back to the queue (task_reject_on_worker_lost)
         execution_id, organization_id = self._execution_of(tuple(args or ()), dict(kwargs or {}))
         if execution_id is None:
             return
-        self.config()
+        epoch = None
+        if self.claim_execution:
+            if noted is None or noted[0] != execution_id:
+                logger.warning(
+                    "hard time limit: this run held no lease on the execution; not marked",
+                    extra={"execution_id": execution_id},
+                )
+                return
+            epoch = noted[1]
         message = _error_message(exc, 0)
         threading.Thread(
             target=self._mark_or_log,
-            args=(execution_id, organization_id, message, None),
+            args=(execution_id, organization_id, message, epoch),
             name=f"mark-error-{execution_id}",
             daemon=True,
         ).start()
@@ -467,11 +551,25 @@ class ExecutionTask(Task):
                 self._deliver_webhook(client, marked)
 
     def _mark_or_log(
-        self, execution_id: str, organization_id: str | None, message: str, attempts: int | None
+        self, execution_id: str, organization_id: str | None, message: str, epoch: int | None
     ) -> None:
-        """Mark the execution ``ERROR``; a refusal is logged (for use outside the task)."""
+        """Mark the execution ``ERROR`` (fenced by ``epoch`` when the run held a lease, then
+        its webhook delivered); a refusal is logged (for use outside the task)."""
+        from .api_client import InternalAPIClient, LeaseLostError, holding_lease
+
         try:
-            self._mark(execution_id, organization_id, message, attempts)
+            if epoch is None:
+                self._mark(execution_id, organization_id, message, None)
+                return
+            with holding_lease(execution_id, epoch):
+                marked = self._mark(execution_id, organization_id, message, None)
+                with InternalAPIClient(self.config(), organization_id=organization_id) as client:
+                    self._deliver_webhook(client, marked)
+        except LeaseLostError as exc:
+            logger.warning(
+                "lease lost: another worker owns the execution now; not marked ERROR",
+                extra={"execution_id": execution_id, "epoch": epoch, "error": str(exc)},
+            )
         except Exception as exc:
             _log_not_marked(execution_id, exc)
 
@@ -524,13 +622,18 @@ _current_run: ContextVar[_Run | None] = ContextVar("execution_task_run", default
 
 
 class _LeaseKeeper:
-    """Heartbeats the run's lease every ``interval`` seconds from a thread, while the body
-    runs; ``lost`` turns True when the backend says the lease is gone."""
+    """Heartbeats the run's lease from a thread while the body runs, at every third of the
+    lease (a fixed schedule: a slow or failed heartbeat does not push the next one back).
+    Each heartbeat gets at most a sixth of the lease per attempt and a third in all (never
+    more than ``API_TIMEOUT`` / ``API_DEADLINE``), so one stalled request cannot cost the
+    lease; a failed one is tried again at the next tick.
+    ``lost`` turns True when the backend says the lease is gone, and the run's held lease
+    is marked lost, so the body's writes under it stop (raised, never sent)."""
 
-    def __init__(self, config: WorkerConfig, run: _Run, *, interval: float) -> None:
+    def __init__(self, config: WorkerConfig, run: _Run, *, lease_seconds: float) -> None:
         self._config = config
         self._run = run
-        self._interval = interval
+        self._interval = lease_seconds / 3
         self._stopped = threading.Event()
         self.lost = False
         # The task's context (its log fields, so its X-Request-ID), not a shared one.
@@ -556,18 +659,71 @@ class _LeaseKeeper:
 
         run = self._run
         fields = {"execution_id": run.execution.id, "epoch": run.epoch}
+        interval = self._interval
+        timeout = min(interval / 2, self._config.api_timeout)
+        deadline = min(interval, self._config.api_deadline)
+        due = time.monotonic() + interval
         with InternalAPIClient(self._config, organization_id=run.organization_id) as client:
-            while not self._stopped.wait(self._interval):
+            while not self._stopped.wait(max(0.0, due - time.monotonic())):
+                due = max(due + interval, time.monotonic())
                 try:
-                    client.heartbeat_execution(run.execution.id, run.epoch)
+                    client.heartbeat_execution(
+                        run.execution.id, run.epoch, timeout=timeout, deadline=deadline
+                    )
                 except LeaseLostError:
                     self.lost = True  # also when it answers after stop(): no finish then
+                    if run.held is not None:
+                        run.held.lost = True
                     logger.warning("heartbeat: the lease is lost", extra=fields)
                     return
                 except Exception as exc:  # the next beat tries again; the lease may hold
                     logger.info(
                         "heartbeat failed: %s", exc, extra={**fields, "error": type(exc).__name__}
                     )
+
+
+class _LeaseNote:
+    """The lease a run holds, in a file the worker's main process can read: a task killed at
+    its hard time limit runs no code of its own, and the main process's ``ERROR`` mark must
+    carry the lease's epoch. ``WORKER_DATA_DIR/leases/<hash of the task id>``, written after
+    the claim and removed when the run ends (or by the main process's failure hook)."""
+
+    def __init__(self, config: WorkerConfig, task_id: str) -> None:
+        digest = hashlib.sha256(task_id.encode()).hexdigest()[:32]
+        self.path = config.worker_data_dir / "leases" / digest
+
+    def write(self, execution_id: str, epoch: int) -> None:
+        """Note the lease; a note that cannot be written is logged (no mark at the limit)."""
+        text = f"{execution_id} {epoch}\n"
+        try:
+            try:
+                self.path.write_text(text)
+            except FileNotFoundError:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.write_text(text)
+        except OSError as exc:
+            logger.warning(
+                "cannot note the lease for the hard time limit: %s",
+                exc,
+                extra={"execution_id": execution_id, "error_type": type(exc).__name__},
+            )
+
+    def take(self) -> tuple[str, int] | None:
+        """The noted ``(execution_id, epoch)``, removing the note; ``None`` when there is none
+        (or it is unreadable: cut short by the kill)."""
+        try:
+            parts = self.path.read_text().split()
+        except OSError:
+            return None
+        self.remove()
+        if len(parts) != 2 or not parts[1].isdigit():
+            return None
+        return parts[0], int(parts[1])
+
+    def remove(self) -> None:
+        """Forget the note (there may be none)."""
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
 
 
 def _seconds_until(when: Any) -> float | None:
