@@ -143,10 +143,13 @@ def test_transient_failures_requeue_permanent_ones_mark_error(
         # and never reached the backend; the re-queued run's claim is the one attempt.
         assert crew.client.get_workflow_execution(transient).attempts == 1
 
-        # Permanent: the backend rejects the input: the execution is marked ERROR, once.
-        # The 422 goes to the next request, so no other request may be in flight.
+        # Permanent: the backend rejects the finish's input: the execution is marked ERROR,
+        # once, under the run's lease. The claim goes through; the 422 goes to the request
+        # after it, so no other request may be in flight. (A refused claim marks nothing:
+        # without a lease the mark would be unfenced; the backend's repairs own it.)
         wait_quiet(fault)
-        fault.push(Respond(422, {"error": "validation_error", "detail": "workflow is invalid"}))
+        fault.push(Forward(live_backend.url),
+                   Respond(422, {"error": "validation_error", "detail": "workflow is invalid"}))
         (permanent,) = crew.create(1)
         crew.submit([permanent])
         crew.wait_all([permanent], "ERROR", timeout=60)
@@ -154,11 +157,12 @@ def test_transient_failures_requeue_permanent_ones_mark_error(
         assert message.startswith("APIValidationError: 422 validation_error"), (message, seen())
         assert "workflow is invalid" in message
 
-        # A task for an execution that does not exist: nothing to mark, and it says so.
+        # A task for an execution that does not exist: its claim is refused, nothing is
+        # marked, and it says so.
         missing = str(uuid.uuid4())
         crew.submit([missing])
-        line = wait_for_log(crew, lambda r: r.get("message") ==
-                            "could not mark the execution ERROR", 30, "the refusal line")
+        line = wait_for_log(crew, lambda r: str(r.get("message", "")).startswith(
+            "claim failed: ") and r.get("execution_id") == missing, 30, "the refusal line")
         assert line["execution_id"] == missing and line["error_type"] == "NotFoundError"
 
 
