@@ -28,10 +28,10 @@ from django.utils import timezone
 
 from backend.internal_api.models import Dispatch, WorkflowExecution
 from backend.internal_api.transitions import mark_dispatched
+from backend.workers.shared import _fs_transport as fs_transport
 
 logger = logging.getLogger("backend.internal_api")
 
-FS_TRANSPORT = "backend.workers.shared._fs_transport:Transport"
 # A broker that does not answer must not hold a request long: one quick retry, then the
 # lifecycle process publishes the row on its next pass.
 RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
@@ -64,18 +64,7 @@ def _broker_conf(url: str, data_dir: Path) -> dict[str, Any]:
         "broker_connection_retry": False,
     }
     if url.startswith("filesystem://"):
-        folders = {name: Path(data_dir) / "broker" / name for name in ("queue", "processed")}
-        folders["control"] = Path(data_dir) / "broker" / "control"
-        for folder in folders.values():
-            folder.mkdir(parents=True, exist_ok=True)
-        conf["broker_transport"] = FS_TRANSPORT
-        conf["broker_transport_options"] = {
-            "data_folder_in": str(folders["queue"]),
-            "data_folder_out": str(folders["queue"]),
-            "processed_folder": str(folders["processed"]),
-            "store_processed": False,
-            "control_folder": str(folders["control"]),
-        }
+        conf.update(fs_transport.celery_conf(Path(data_dir) / "broker"))
     elif url.startswith(("redis://", "rediss://")):
         # A Redis that accepts and then stalls must not hold the outbox rows (locked while
         # run_lifecycle publishes) for good: its commands give up after a while.

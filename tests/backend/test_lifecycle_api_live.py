@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from kombu import Connection
 
-from backend.internal_api.publish import FS_TRANSPORT
+from backend.workers.shared import _fs_transport as fs_transport
 from tests.live_backend import LiveBackend
 
 BACKENDS = ["live_backend", pytest.param("live_backend_pg", marks=pytest.mark.postgres)]
@@ -119,17 +119,12 @@ def test_a_dispatch_lands_in_the_embedded_broker(
     execution_id = new_execution(backend, dispatch={"task": "lc.process", "queue": queue})
     _, execution = call(backend, "GET", f"workflow-executions/{execution_id}/")
     assert execution["status"] == "QUEUED"
-    folders = {
-        name: backend.data_dir / "broker" / name for name in ("queue", "processed", "control")
-    }
-    options = {
-        "data_folder_in": str(folders["queue"]),
-        "data_folder_out": str(folders["queue"]),
-        "processed_folder": str(folders["processed"]),
-        "store_processed": False,
-        "control_folder": str(folders["control"]),  # kombu's default is ./control
-    }
-    with Connection("filesystem://", transport=FS_TRANSPORT, transport_options=options) as conn:
+    conf = fs_transport.celery_conf(backend.data_dir / "broker")  # the workers' folders
+    with Connection(
+        "filesystem://",
+        transport=conf["broker_transport"],
+        transport_options=conf["broker_transport_options"],
+    ) as conn:
         simple = conn.SimpleQueue(queue)
         message = simple.get(timeout=5)
         message.ack()

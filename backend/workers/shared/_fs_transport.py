@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 from time import monotonic
 from typing import Any
 
@@ -49,3 +50,24 @@ class Transport(filesystem.Transport):
     def default_connection_params(self) -> dict[str, Any]:
         """No default host: a ``filesystem://`` URL names none, and none is needed."""
         return {"port": self.default_port}
+
+
+def celery_conf(broker_dir: Path) -> dict[str, Any]:
+    """Celery settings of the embedded broker in ``broker_dir``: the one folder layout that the
+    workers consume and the backend publishes to (the folders are made when missing)."""
+    folders = {name: Path(broker_dir) / name for name in ("queue", "processed", "control")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    return {
+        "broker_transport": f"{__name__}:Transport",
+        "broker_transport_options": {
+            "data_folder_in": str(folders["queue"]),
+            "data_folder_out": str(folders["queue"]),
+            "processed_folder": str(folders["processed"]),
+            "store_processed": False,
+            "control_folder": str(folders["control"]),
+            # kombu polls the folder once a second by default: a prefork pool then idles up
+            # to a second between tasks. 0.1 s costs a directory listing.
+            "polling_interval": 0.1,
+        },
+    }

@@ -567,22 +567,11 @@ class WorkerConfig(BaseSettings):
         if self.celery_result_backend:
             conf["result_backend"] = self.celery_result_backend
         if self.broker_url.startswith("filesystem://"):
-            # The embedded broker: producer and consumer share one folder pair.
-            folders = {name: self.broker_dir / name for name in ("queue", "processed", "control")}
-            for folder in folders.values():
-                folder.mkdir(parents=True, exist_ok=True)
-            # kombu's own transport can hand a consumer a half-written message file.
-            conf["broker_transport"] = "backend.workers.shared._fs_transport:Transport"
-            conf["broker_transport_options"] = {
-                "data_folder_in": str(folders["queue"]),
-                "data_folder_out": str(folders["queue"]),
-                "processed_folder": str(folders["processed"]),
-                "store_processed": False,
-                "control_folder": str(folders["control"]),
-                # kombu polls the folder once a second by default: a prefork pool then
-                # idles up to a second between tasks. 0.1 s costs a directory listing.
-                "polling_interval": 0.1,
-            }
+            # The embedded broker: producer and consumer share one folder pair; kombu's own
+            # transport can hand a consumer a half-written message file.
+            from . import _fs_transport  # kombu's, needed only by this broker
+
+            conf.update(_fs_transport.celery_conf(self.broker_dir))
         elif self.broker_url.startswith(("redis://", "rediss://")):
             # Redelivery of unacknowledged tasks must wait longer than a task may run.
             conf["broker_transport_options"] = {
