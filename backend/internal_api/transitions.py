@@ -173,6 +173,20 @@ def fence(change: Change, epoch: int, now: Any) -> None:
     )
 
 
+def apply_fenced(
+    organization_id: str, execution_id: Any, change: Change, epoch: int | None
+) -> tuple[WorkflowExecution, bool]:
+    """:func:`apply` ``change``; returns the row and True when it applied. When it did not, the
+    row as stored and False, after :func:`check_fence` (409 ``lease_lost`` for a superseded or
+    expired ``epoch``): the caller says why else it was refused."""
+    updated = apply(organization_id, execution_id, change)
+    if updated is not None:
+        return updated, True
+    execution = read(organization_id, execution_id)
+    check_fence(execution, epoch)
+    return execution, False
+
+
 def check_fence(execution: WorkflowExecution, epoch: int | None) -> None:
     """409 ``lease_lost`` when ``epoch`` (from ``X-Lease-Epoch``) no longer holds
     ``execution``; nothing when it does, or when no epoch was given."""
@@ -261,11 +275,9 @@ def apply_status(
         change.leased = True
         if target in TERMINAL_STATUSES:
             change.reason = EventReason.FINISHED
-    updated = apply(organization_id, execution_id, change)
-    if updated is not None:
-        return updated
-    execution = read(organization_id, execution_id)
-    check_fence(execution, epoch)
+    execution, applied = apply_fenced(organization_id, execution_id, change, epoch)
+    if applied:
+        return execution
     if execution.status != target:
         raise APIError(
             409,
@@ -289,11 +301,9 @@ def update_fields(
             change.set(f"{name} = %s", _prep(name, value))
     if epoch is not None:
         fence(change, epoch, now)
-    updated = apply(organization_id, execution_id, change)
-    if updated is not None:
-        return updated
-    execution = read(organization_id, execution_id)
-    check_fence(execution, epoch)
+    execution, applied = apply_fenced(organization_id, execution_id, change, epoch)
+    if applied:
+        return execution
     raise APIError(409, "lease_lost", f"the lease of epoch {epoch} changed meanwhile")
 
 
@@ -436,11 +446,9 @@ def heartbeat(
     change.where(
         "status = 'IN_PROGRESS' AND lease_epoch = %s AND lease_expires_at >= %s", epoch, stamp
     )
-    updated = apply(organization_id, execution_id, change)
-    if updated is not None:
-        return updated
-    execution = read(organization_id, execution_id)
-    check_fence(execution, epoch)
+    execution, applied = apply_fenced(organization_id, execution_id, change, epoch)
+    if applied:
+        return execution
     raise APIError(409, "lease_lost", f"the lease of epoch {epoch} has ended")
 
 
@@ -459,11 +467,9 @@ def release(
     change.where(
         "status = 'IN_PROGRESS' AND lease_epoch = %s AND lease_expires_at IS NOT NULL", epoch
     )
-    updated = apply(organization_id, execution_id, change)
-    if updated is not None:
-        return updated
-    execution = read(organization_id, execution_id)
-    check_fence(execution, epoch)
+    execution, applied = apply_fenced(organization_id, execution_id, change, epoch)
+    if applied:
+        return execution
     raise APIError(409, "lease_lost", f"the lease of epoch {epoch} has ended")
 
 
