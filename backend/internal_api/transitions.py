@@ -104,9 +104,7 @@ def apply(organization_id: str, execution_id: Any, change: Change) -> WorkflowEx
                 return None
             row = _instance(values)
             row.from_status = found[0]
-            if change.reason is not None and (
-                change.always_event or row.from_status != row.status
-            ):
+            if change.reason is not None and (change.always_event or row.from_status != row.status):
                 cursor.execute(
                     f"INSERT INTO {_EVENTS} (execution_id, from_status, to_status, at, worker, "
                     "epoch, reason) VALUES (%s, %s, %s, %s, %s, %s, %s)",

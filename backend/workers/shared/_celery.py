@@ -1,6 +1,6 @@
 """Celery signal wiring for observability; :func:`install` connects it once per process.
 
-It runs automatically when a worker follows the seed's Quick Start: from
+It runs automatically when a worker follows the module README's Quick Start: from
 ``WorkerConfig.get_celery_config()``, from ``WorkerLogger.configure()`` and from
 ``HealthServer.start()`` (the last two when Celery is imported). What it connects:
 

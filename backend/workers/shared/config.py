@@ -226,7 +226,7 @@ class WorkerConfig(BaseSettings):
         allow_inf_nan=False,  # inf, nan and 1e999 are refused for every number
     )
 
-    # --- the seed's table -------------------------------------------------------------
+    # --- the module README's table --------------------------------------------------------
     internal_service_api_key: SecretStr = Field(
         description="API key for internal service authentication (required)"
     )
@@ -250,7 +250,7 @@ class WorkerConfig(BaseSettings):
     metrics_port: int = Field(8080, ge=0, le=65535, description="Health server port (0: any)")
     max_concurrent_tasks: int = Field(10, ge=1, le=10_000, description="Worker concurrency")
 
-    # --- beyond the seed ----------------------------------------------------------------
+    # --- beyond the module README ---------------------------------------------------------
     celery_broker_url: str | None = Field(None, description="Broker URL (default: filesystem)")
     celery_result_backend: str | None = Field(None, description="Result backend URL")
     worker_data_dir: Path = Field(Path(".data"), description="Local data (filesystem broker)")
@@ -549,7 +549,7 @@ class WorkerConfig(BaseSettings):
             # One message per process at a time: long tasks do not hoard the queue.
             "worker_prefetch_multiplier": 1,
             "worker_concurrency": self.max_concurrent_tasks,
-            # The seed's `-Q my-worker` consumes what the worker's own tasks send.
+            # The module README's `-Q my-worker` consumes what the worker's own tasks send.
             "task_default_queue": self.worker_name,
             # Keep trying the broker at start-up instead of exiting on the first refusal.
             "broker_connection_retry_on_startup": True,

@@ -137,7 +137,8 @@ class HealthReport:
     checks: dict[str, HealthCheckResult]
 
     def to_dict(self) -> dict[str, Any]:
-        """The seed's JSON shape: status, timestamp, uptime_seconds, worker_name, checks."""
+        """The module README's JSON shape: status, timestamp, uptime_seconds, worker_name and
+        checks."""
         return {
             "status": self.status.value,
             "timestamp": self.timestamp,
