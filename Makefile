@@ -37,6 +37,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/deptry .
 
 test: lint $(WSTAMP)
 	$(WPY) -c "import django" 2>/dev/null && { echo "Django leaked into $(WORKER_VENV)"; exit 1; } || true
