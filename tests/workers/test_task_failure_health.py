@@ -156,7 +156,8 @@ def worker(live_backend: LiveBackend, tmp_path: Path) -> Iterator[Worker]:
 
 
 def test_a_worker_whose_tasks_all_fail_is_unhealthy_and_not_ready(worker: Worker) -> None:
-    assert worker.worker_process()["status"] == "healthy"
+    first = worker.worker_process()
+    assert first["status"] == "healthy", first  # the check's message and details say why
     worker.send("my_task", TASK_MIN_SAMPLE - 1)
     wait_until(lambda: worker.worker_process().get("details", {}).get("recent_tasks", {})
                .get("count") == TASK_MIN_SAMPLE - 1, 90, "the first failed tasks to be counted")
