@@ -50,8 +50,8 @@ WORKER_PYTHON = os.environ.get("WORKER_PYTHON") or next(
     (str(p) for p in [REPO_ROOT / ".venv-worker" / "bin" / "python"] if p.exists()),
     sys.executable,
 )
-EXECUTIONS = 200
-ROUNDS = 3
+EXECUTIONS = 300
+ROUNDS = 5
 WARMUP = 50
 TARGET_THROUGHPUT_RATIO = 1.2
 IDLE_SETTLE = 3.0

@@ -330,7 +330,9 @@ def claim(
     more attempt. Terminal with its webhook due and not handed out within
     ``WEBHOOK_DUE_TIMEOUT``: a new epoch for delivering the webhook, status unchanged. A live
     lease, or a webhook handed out recently: 409 ``lease_held`` (``Retry-After``); otherwise
-    terminal: 409 ``illegal_transition``.
+    terminal: 409 ``illegal_transition``. A claim by the worker that holds the live lease (or
+    the webhook's hand-out) is that claim retried, its answer lost: it gets the same lease back,
+    unchanged, so a claim needs no ``Idempotency-Key``.
     """
     for _ in range(3):  # a lease may expire between the UPDATE and the read that explains it
         now = timezone.now()
@@ -365,6 +367,8 @@ def claim(
         execution = read(organization_id, execution_id)
         if execution.status == ExecutionStatus.IN_PROGRESS and lease_live(execution, now):
             assert execution.lease_expires_at is not None
+            if execution.lease_worker == worker:
+                return Claim(execution, execution.lease_epoch, execution.lease_expires_at)
             raise _lease_held(execution.lease_expires_at - now, "a live lease is held")
         if execution.status in TERMINAL_STATUSES:
             return _claim_webhook(organization_id, execution, worker, lease_seconds, now)
@@ -410,6 +414,8 @@ def _claim_webhook(
             return Claim(updated, updated.lease_epoch, now + timeout)
         execution = read(organization_id, execution.pk)
         handed = execution.webhook_handed_at or now
+    if execution.lease_worker == worker and handed >= now - timeout:  # its retried claim
+        return Claim(execution, execution.lease_epoch, handed + timeout)
     raise _lease_held(handed + timeout - now, "its due webhook is being delivered")
 
 

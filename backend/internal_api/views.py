@@ -420,7 +420,8 @@ class ExecutionClaimView(APIView):
     def post(self, request: Request, pk: uuid.UUID) -> Response:
         """Claim: -> IN_PROGRESS under a new lease; 409 ``lease_held`` (``Retry-After``) or
         ``illegal_transition``. A finished execution with its webhook due is handed out for
-        the webhook only."""
+        the webhook only. The worker that holds the lease gets it back unchanged (its claim
+        retried), so a claim needs no ``Idempotency-Key``."""
         org_id = require_organization(request)
         data = _validated(ClaimSerializer, request.data)
         dispatch = data.get("dispatch") or {}

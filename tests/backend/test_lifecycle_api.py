@@ -278,6 +278,38 @@ def test_a_live_lease_is_held(api: Api) -> None:
     assert row(execution_id) == before
 
 
+def test_a_claim_retried_by_its_worker_gets_its_lease_back_unchanged(api: Api) -> None:
+    # The first claim applied and its answer was lost: the same worker asks again.
+    execution_id, epoch = claimed(api)
+    before = row(execution_id)
+    response = claim(api, execution_id)
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["lease"]["epoch"] == epoch and body["execution"]["attempts"] == 1
+    assert body["execution"]["lease"]["worker"] == "host-1:100"
+    assert parse_time(body["lease"]["expires_at"]) == before["lease_expires_at"]
+    assert row(execution_id) == before
+    assert len(events(api, execution_id)) == 1
+    # Another worker's claim is still refused, and an expired lease is no one's to get back.
+    assert error_of(claim(api, execution_id, worker="host-2:200")) == (409, "lease_held")
+    expire_lease(execution_id)
+    assert claim(api, execution_id).json()["lease"]["epoch"] == epoch + 1
+
+
+def test_a_webhook_claim_retried_by_its_worker_gets_the_hand_out_back(api: Api) -> None:
+    execution_id, epoch = claimed(api, webhook_url=HOOK)
+    assert status(api, execution_id, epoch, "COMPLETED").status_code == 200
+    before = row(execution_id)
+    response = claim(api, execution_id)  # the finisher, to whom the webhook is handed
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["lease"]["epoch"] == epoch and body["execution"]["status"] == "COMPLETED"
+    expected = before["webhook_handed_at"] + timedelta(seconds=settings.WEBHOOK_DUE_TIMEOUT)
+    assert parse_time(body["lease"]["expires_at"]) == expected
+    assert row(execution_id) == before
+    assert error_of(claim(api, execution_id, worker="host-2:200")) == (409, "lease_held")
+
+
 def test_an_expired_lease_is_claimed_again_with_a_new_epoch(api: Api) -> None:
     execution_id, epoch = claimed(api)
     expire_lease(execution_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +23,9 @@ from backend.workers.shared import (
     InternalAPIClient,
     LeaseLostError,
     WorkerConfig,
+    WorkflowExecution,
     _celery,
+    tasks,
 )
 from tests.fault_server import FaultServer, Respond, Stall, Truncate
 
@@ -99,6 +102,23 @@ def make_task(config: WorkerConfig, body: Any, **options: Any) -> Any:
     return app.task(bind=True, base=ExecutionTask, worker_config=config, **options)(body)
 
 
+def test_the_worker_name_is_one_per_process_and_thread(backend: FaultServer) -> None:
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        return None
+
+    task = make_task(make_config(backend), body)
+    here = {task._worker_name() for _ in range(3)}
+    with ThreadPoolExecutor(2) as pool:
+        barrier = threading.Barrier(2)
+
+        def name(_: int) -> str:
+            barrier.wait(5)  # both pool threads run one each
+            return str(task._worker_name())
+
+        threads = set(pool.map(name, range(2)))
+    assert len(here) == 1 and len(threads) == 2 and here.isdisjoint(threads)
+
+
 def test_a_fault_free_run_is_three_requests_claim_finish_record(
     backend: FaultServer, receiver: FaultServer
 ) -> None:
@@ -116,11 +136,18 @@ def test_a_fault_free_run_is_three_requests_claim_finish_record(
     assert outcome.successful() and outcome.result == {"pages": 3}
     assert sent(backend) == ["POST claim", "POST status", "POST webhook-deliveries"]
     claim_body, finish, record = (r.json() for r in backend.requests)
-    assert claim_body["lease_seconds"] == 3 and claim_body["worker"].rsplit(":", 1)[1].isdigit()
+    host, pid, token = claim_body["worker"].rsplit(":", 2)
+    assert claim_body["lease_seconds"] == 3 and pid == str(os.getpid()) and host
+    assert len(token) == 8 and int(token, 16) >= 0
     assert claim_body["dispatch"] == {"task": task.name, "queue": "celery"}
     assert finish == {"status": "COMPLETED", "result": {"pages": 3}}
     assert record["webhook_id"] == WEBHOOK_ID and record["outcome"] == "delivered"
     assert [r.headers.get("x-lease-epoch") for r in backend.requests] == [None, "7", "7"]
+    # The claim and the fenced finish are idempotent by themselves (a claim retried by its
+    # worker gets its lease back; a finish retried is already applied): no Idempotency-Key,
+    # which would cost the backend a look-up and an insert. The record keeps its key.
+    keys = [r.headers.get("idempotency-key") for r in backend.requests]
+    assert keys[:2] == [None, None] and keys[2]
     (hook,) = receiver.requests
     assert hook.headers["webhook-id"] == WEBHOOK_ID
     assert hook.json()["status"] == "COMPLETED" and hook.json()["execution_id"] == EXECUTION_ID
@@ -259,6 +286,65 @@ def test_heartbeats_run_while_the_body_runs(backend: FaultServer) -> None:
     assert task.apply(args=[EXECUTION_ID]).successful()
     assert sent(backend) == ["POST claim", "POST heartbeat", "POST heartbeat", "POST status"]
     assert [r.json() for r in backend.requests[1:3]] == [{"epoch": 7}, {"epoch": 7}]
+
+
+def lease_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == f"lease-{EXECUTION_ID}"]
+
+
+def test_a_run_shorter_than_a_third_of_its_lease_starts_no_heartbeat_thread(
+    backend: FaultServer,
+) -> None:
+    seen: list[list[str]] = []
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        seen.append(lease_threads())
+        backend.push(Respond(200, execution("COMPLETED")))
+
+    task = make_task(make_config(backend, execution_lease_seconds=30), body)
+    backend.push(claim())
+    assert task.apply(args=[EXECUTION_ID]).successful()
+    assert seen == [[]] and lease_threads() == []
+    assert sent(backend) == ["POST claim", "POST status"]
+
+
+def test_a_run_past_a_third_of_its_lease_gets_its_thread_and_it_ends_with_the_run(
+    backend: FaultServer,
+) -> None:
+    seen: list[list[str]] = []
+    heartbeat = Respond(200, {"lease": {"epoch": 7, "expires_at": "2026-01-01T00:01:00Z"}})
+
+    def body(self: ExecutionTask, execution_id: str) -> None:
+        backend.push(heartbeat)
+        wait_for(backend, "POST heartbeat")
+        seen.append(lease_threads())
+        backend.push(Respond(200, execution("COMPLETED")))
+
+    task = make_task(make_config(backend), body)
+    backend.push(claim())
+    assert task.apply(args=[EXECUTION_ID]).successful()
+    assert seen == [[f"lease-{EXECUTION_ID}"]] and lease_threads() == []
+
+
+@pytest.mark.parametrize(("runs_for", "noted"), [(0.0, False), (1.0, True)])
+def test_the_lease_note_is_written_once_a_run_outlives_half_its_hard_limit(
+    tmp_path: Any, backend: FaultServer, runs_for: float, noted: bool
+) -> None:
+    config = make_config(backend, worker_data_dir=tmp_path)
+    run = tasks._Run(WorkflowExecution.model_validate(execution()), 7, "org-a")
+    note = tasks._LeaseNote(config, "task-1")
+    keeper = tasks._LeaseKeeper(config, run, lease_seconds=60, note_for="task-1", note_within=0.4)
+    keeper.start()
+    deadline = time.monotonic() + runs_for
+    while time.monotonic() < deadline and not note.path.exists():
+        time.sleep(0.01)
+    assert note.path.exists() == noted
+    if noted:
+        assert note.path.read_text().split() == [EXECUTION_ID, "7"]
+    keeper.stop()
+    assert not note.path.exists()  # forgotten when the run ends
+    time.sleep(0.3)  # past the note's time: a stopped run is never noted
+    assert not note.path.exists()
 
 
 def test_a_lease_lost_at_heartbeat_stops_every_further_write(

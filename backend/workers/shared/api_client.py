@@ -620,6 +620,7 @@ class InternalAPIClient:
     def _post_status(
         self, execution_id: str, body: dict[str, Any], organization_id: OrgArg, operation: str
     ) -> WorkflowExecution:
+        lease = _lease_of(execution_id)
         data = self._org_call(
             "POST",
             f"workflow-executions/{_seg(execution_id)}/status/",
@@ -627,7 +628,8 @@ class InternalAPIClient:
             operation,
             json_body=body,
             endpoint="workflow-executions/{id}/status/",
-            lease=_lease_of(execution_id),
+            lease=lease,
+            keyed=lease is None,  # under a lease a write is idempotent by itself
         )
         execution: WorkflowExecution = self._parse(
             WorkflowExecution, data, "POST", "workflow-executions/{id}/status/"
@@ -671,6 +673,7 @@ class InternalAPIClient:
             "claim_execution",
             json_body=body,
             endpoint="workflow-executions/{id}/claim/",
+            keyed=False,  # a claim retried by its worker gets its own lease back
         )
         claim: Claim = self._parse(Claim, data, "POST", "workflow-executions/{id}/claim/")
         return claim
@@ -1114,6 +1117,7 @@ class InternalAPIClient:
         retry: bool = True,
         endpoint: str | None = None,
         lease: HeldLease | None = None,
+        keyed: bool = True,
     ) -> Any:
         if self._closed:
             raise RuntimeError("this InternalAPIClient is closed; open a new one")
@@ -1145,7 +1149,7 @@ class InternalAPIClient:
             # NaN and infinities are not JSON: refused here, not by the backend.
             body = json.dumps(json_body, separators=(",", ":"), allow_nan=False).encode()
             headers["content-type"] = "application/json"
-        if method == "POST":
+        if method == "POST" and (keyed or idempotency_key is not None):
             key = idempotency_key or uuid.uuid4().hex
             if len(key) > 255:
                 raise ValueError("idempotency_key must be at most 255 characters")

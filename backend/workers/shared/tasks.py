@@ -59,9 +59,11 @@ import contextvars
 import hashlib
 import inspect
 import logging
+import math
 import os
 import random
 import re
+import secrets
 import socket
 import threading
 import time
@@ -84,6 +86,7 @@ logger = logging.getLogger(__name__)
 
 #: Longest ``error_message`` written to the backend.
 MAX_ERROR_MESSAGE = 1000
+_slot = threading.local()  # this thread's claim token (ExecutionTask._worker_name)
 #: Task and queue names the backend accepts in a claim's ``dispatch`` (and their lengths).
 DISPATCH_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@-]*")
 MAX_TASK_NAME = 255
@@ -203,10 +206,6 @@ class ExecutionTask(Task):
             raise
         run = _Run(claim.execution, claim.lease.epoch, client.organization_id)
         token = _current_run.set(run)
-        note = None
-        if not self.request.is_eager and self.request.id:
-            note = _LeaseNote(self.config(), str(self.request.id))
-            note.write(execution_id, run.epoch)
         try:
             with holding_lease(execution_id, claim.lease.epoch) as held:
                 run.held = held
@@ -220,8 +219,6 @@ class ExecutionTask(Task):
             return None
         finally:
             _current_run.reset(token)
-            if note is not None:
-                note.remove()
 
     def _claim_failed(
         self,
@@ -265,7 +262,14 @@ class ExecutionTask(Task):
         if execution.is_final:  # handed out again for its webhook only
             self._deliver_webhook(client, execution)
             return None
-        keeper = _LeaseKeeper(self.config(), run, lease_seconds=lease_seconds)
+        noted = not self.request.is_eager and bool(self.request.id)
+        keeper = _LeaseKeeper(
+            self.config(),
+            run,
+            lease_seconds=lease_seconds,
+            note_for=str(self.request.id) if noted else None,
+            note_within=self._hard_time_limit() if noted else None,
+        )
         keeper.start()
         try:
             try:
@@ -371,10 +375,22 @@ class ExecutionTask(Task):
                 extra={"execution_id": run.execution.id, "error_type": type(exc).__name__},
             )
 
+    def _hard_time_limit(self) -> float | None:
+        """Seconds this run may take before the pool kills it (``None``: no limit)."""
+        limits = self.request.timelimit or (None, None)
+        hard = limits[1] if len(limits) > 1 else None
+        return hard or self.time_limit or self.app.conf.task_time_limit or None
+
     def _worker_name(self) -> str:
-        """``<celery hostname>:<pid>``: who holds a lease, as the backend records it."""
+        """``<celery hostname>:<pid>:<token>``: who holds a lease, as the backend records it.
+        The token is drawn once per process and thread, so no two running tasks share a name
+        (hostnames and pids repeat across hosts and containers): the backend hands its live
+        lease back only to a claim of the same name, the same claim retried."""
         host = self.request.hostname or socket.gethostname()
-        return f"{str(host)[:240]}:{os.getpid()}"
+        pid = os.getpid()
+        if getattr(_slot, "pid", None) != pid:  # a thread's first claim, or a forked child's
+            _slot.pid, _slot.token = pid, secrets.token_hex(4)
+        return f"{str(host)[:230]}:{pid}:{_slot.token}"
 
     def _dispatch(self) -> tuple[str | None, str | None]:
         """This task's name and the queue its message came from, for the claim, so the
@@ -596,8 +612,11 @@ class ExecutionTask(Task):
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[str | None, str | None]:
         """The ``execution_id`` and ``organization_id`` arguments of this call, if any."""
+        signature = self.__dict__.get("_run_signature")
+        if signature is None:  # the same for every call: read once per task
+            signature = self.__dict__["_run_signature"] = inspect.signature(self.run)
         try:
-            bound = inspect.signature(self.run).bind_partial(*args, **kwargs).arguments
+            bound = signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
             bound = dict(kwargs)
         execution_id = bound.get("execution_id")
@@ -628,31 +647,70 @@ class _LeaseKeeper:
     more than ``API_TIMEOUT`` / ``API_DEADLINE``), so one stalled request cannot cost the
     lease; a failed one is tried again at the next tick.
     ``lost`` turns True when the backend says the lease is gone, and the run's held lease
-    is marked lost, so the body's writes under it stop (raised, never sent)."""
+    is marked lost, so the body's writes under it stop (raised, never sent).
 
-    def __init__(self, config: WorkerConfig, run: _Run, *, lease_seconds: float) -> None:
+    A short run costs no thread: the process's :class:`_Schedule` starts the heartbeat thread
+    (and writes the :class:`_LeaseNote` of task ``note_for``) only when the run outlives the
+    first third of its lease, or half of ``note_within`` (the hard time limit), whichever
+    comes first."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        run: _Run,
+        *,
+        lease_seconds: float,
+        note_for: str | None = None,
+        note_within: float | None = None,
+    ) -> None:
         self._config = config
         self._run = run
         self._interval = lease_seconds / 3
+        self._note_for = note_for
+        self._note_within = note_within
+        self._note: _LeaseNote | None = None
         self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._schedule: _Schedule | None = None
+        self._first_beat = 0.0
         self.lost = False
-        # The task's context (its log fields, so its X-Request-ID), not a shared one.
-        self._thread = threading.Thread(
-            target=contextvars.copy_context().run,
-            args=(self._beat,),
-            name=f"lease-{run.execution.id}",
-            daemon=True,
-        )
 
     def start(self) -> None:
-        """Start heartbeating (the first one after ``interval``)."""
+        """Schedule the run's heartbeats (the first one after ``interval``)."""
+        now = time.monotonic()
+        self._first_beat = now + self._interval
+        launch = self._first_beat
+        if self._note_for is not None and self._note_within:
+            launch = min(launch, now + self._note_within / 2)
+        # The task's context (its log fields, so its X-Request-ID), not a shared one.
+        self._context = contextvars.copy_context()
+        self._schedule = _Schedule.of_this_process()
+        self._schedule.add(self, launch)
+
+    def launch(self) -> None:
+        """Note the lease and start the heartbeat thread (called by the schedule, once)."""
+        if self._note_for is not None:
+            note = _LeaseNote(self._config, self._note_for)
+            if note.write(self._run.execution.id, self._run.epoch):
+                self._note = note
+        self._thread = threading.Thread(
+            target=self._context.run,
+            args=(self._beat,),
+            name=f"lease-{self._run.execution.id}",
+            daemon=True,
+        )
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop heartbeating; waits a moment for a heartbeat in flight."""
+        """Stop heartbeating (waits a moment for a heartbeat in flight) and forget the note."""
         self._stopped.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=min(self._interval, 5.0))
+        if self._schedule is not None:
+            self._schedule.discard(self)  # after this, no launch can begin
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(timeout=min(self._interval, 5.0))
+        if self._note is not None:
+            self._note.remove()
 
     def _beat(self) -> None:
         from .api_client import InternalAPIClient, LeaseLostError
@@ -662,7 +720,7 @@ class _LeaseKeeper:
         interval = self._interval
         timeout = min(interval / 2, self._config.api_timeout)
         deadline = min(interval, self._config.api_deadline)
-        due = time.monotonic() + interval
+        due = self._first_beat
         with InternalAPIClient(self._config, organization_id=run.organization_id) as client:
             while not self._stopped.wait(max(0.0, due - time.monotonic())):
                 due = max(due + interval, time.monotonic())
@@ -682,6 +740,54 @@ class _LeaseKeeper:
                     )
 
 
+class _Schedule:
+    """One thread per process that launches each run's :class:`_LeaseKeeper` when it is due,
+    so that a run shorter than that starts no thread at all. Made anew in a forked child
+    (threads do not survive a fork)."""
+
+    _current: ClassVar[_Schedule | None] = None
+
+    @classmethod
+    def of_this_process(cls) -> _Schedule:
+        """The schedule of the calling process, made (with its thread) on first use."""
+        schedule = cls._current
+        if schedule is None or schedule.pid != os.getpid():
+            schedule = cls._current = cls()
+        return schedule
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._due: dict[_LeaseKeeper, float] = {}
+        self._wake_at = math.inf
+        self._changed = threading.Condition()
+        threading.Thread(target=self._run, name="lease-schedule", daemon=True).start()
+
+    def add(self, keeper: _LeaseKeeper, at: float) -> None:
+        """Launch ``keeper`` at ``at`` (``time.monotonic()``), unless discarded before."""
+        with self._changed:
+            self._due[keeper] = at
+            if at < self._wake_at:  # else the thread wakes before it is due anyway
+                self._changed.notify()
+
+    def discard(self, keeper: _LeaseKeeper) -> None:
+        """Do not launch ``keeper`` (it may have been launched already)."""
+        with self._changed:
+            self._due.pop(keeper, None)
+
+    def _run(self) -> None:
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                for keeper in [k for k, at in self._due.items() if at <= now]:
+                    del self._due[keeper]
+                    try:
+                        keeper.launch()
+                    except Exception:  # a thread that cannot start: that run goes unbeaten
+                        logger.exception("cannot start the lease's heartbeat thread")
+                self._wake_at = min(self._due.values(), default=math.inf)
+                self._changed.wait(None if self._wake_at == math.inf else self._wake_at - now)
+
+
 class _LeaseNote:
     """The lease a run holds, in a file the worker's main process can read: a task killed at
     its hard time limit runs no code of its own, and the main process's ``ERROR`` mark must
@@ -692,8 +798,9 @@ class _LeaseNote:
         digest = hashlib.sha256(task_id.encode()).hexdigest()[:32]
         self.path = config.worker_data_dir / "leases" / digest
 
-    def write(self, execution_id: str, epoch: int) -> None:
-        """Note the lease; a note that cannot be written is logged (no mark at the limit)."""
+    def write(self, execution_id: str, epoch: int) -> bool:
+        """Note the lease; a note that cannot be written is logged (no mark at the limit)
+        and False is returned."""
         text = f"{execution_id} {epoch}\n"
         try:
             try:
@@ -707,6 +814,8 @@ class _LeaseNote:
                 exc,
                 extra={"execution_id": execution_id, "error_type": type(exc).__name__},
             )
+            return False
+        return True
 
     def take(self) -> tuple[str, int] | None:
         """The noted ``(execution_id, epoch)``, removing the note; ``None`` when there is none
