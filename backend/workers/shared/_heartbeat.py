@@ -185,7 +185,9 @@ def child_heartbeats(timeout: float) -> list[dict[str, Any]]:
                 age = None
         if age is None:
             started = _process_age(pid)
-            fresh = started is not None and started < timeout  # still starting up
+            if started is None:  # exited since the pool listed it: being replaced, not stale
+                continue
+            fresh = started < timeout  # still starting up
         else:
             fresh = age <= timeout
         out.append(
