@@ -341,7 +341,9 @@ def test_the_lease_note_is_written_once_a_run_outlives_half_its_hard_limit(
     assert note.path.exists() == noted
     if noted:
         assert note.path.read_text().split() == [EXECUTION_ID, "7"]
-    keeper.stop()
+    keeper.stop()  # the body ended: the note still covers the finish and the webhook
+    assert note.path.exists() == noted
+    keeper.close()
     assert not note.path.exists()  # forgotten when the run ends
     time.sleep(0.3)  # past the note's time: a stopped run is never noted
     assert not note.path.exists()

@@ -256,8 +256,6 @@ class ExecutionTask(Task):
         kwargs: dict[str, Any],
     ) -> Any:
         """The body under the lease (heartbeats while it runs), then the finish."""
-        from .api_client import ConflictError, LeaseLostError
-
         execution = run.execution
         if execution.is_final:  # handed out again for its webhook only
             self._deliver_webhook(client, execution)
@@ -271,6 +269,23 @@ class ExecutionTask(Task):
             note_within=self._hard_time_limit() if noted else None,
         )
         keeper.start()
+        try:
+            return self._body_and_finish(client, run, keeper, args, kwargs)
+        finally:
+            keeper.close()
+
+    def _body_and_finish(
+        self,
+        client: InternalAPIClient,
+        run: _Run,
+        keeper: _LeaseKeeper,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """The body (heartbeats while it runs), the finish, the webhook."""
+        from .api_client import ConflictError, LeaseLostError
+
+        execution = run.execution
         try:
             try:
                 retval = super().__call__(*args, **kwargs)
@@ -652,7 +667,8 @@ class _LeaseKeeper:
     A short run costs no thread: the process's :class:`_Schedule` starts the heartbeat thread
     (and writes the :class:`_LeaseNote` of task ``note_for``) only when the run outlives the
     first third of its lease, or half of ``note_within`` (the hard time limit), whichever
-    comes first."""
+    comes first. ``stop`` ends the heartbeats when the body returns; ``close`` ends the run
+    (after its finish and webhook, which the note still covers)."""
 
     def __init__(
         self,
@@ -673,6 +689,7 @@ class _LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._schedule: _Schedule | None = None
         self._first_beat = 0.0
+        self._context = contextvars.Context()
         self.lost = False
 
     def start(self) -> None:
@@ -693,6 +710,8 @@ class _LeaseKeeper:
             note = _LeaseNote(self._config, self._note_for)
             if note.write(self._run.execution.id, self._run.epoch):
                 self._note = note
+        if self._stopped.is_set():  # the body ended: the note still covers finish and webhook
+            return
         self._thread = threading.Thread(
             target=self._context.run,
             args=(self._beat,),
@@ -702,13 +721,18 @@ class _LeaseKeeper:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop heartbeating (waits a moment for a heartbeat in flight) and forget the note."""
+        """Stop heartbeating (the body ended); waits a moment for a heartbeat in flight."""
         self._stopped.set()
-        if self._schedule is not None:
-            self._schedule.discard(self)  # after this, no launch can begin
         thread = self._thread
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
             thread.join(timeout=min(self._interval, 5.0))
+
+    def close(self) -> None:
+        """The run ended (finish and webhook included): nothing more is launched, and the
+        lease note is forgotten."""
+        self._stopped.set()
+        if self._schedule is not None:
+            self._schedule.discard(self)  # after this, no launch can begin
         if self._note is not None:
             self._note.remove()
 
