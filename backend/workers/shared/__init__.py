@@ -33,23 +33,24 @@ _EXPORTS: dict[str, str] = {
     "set_testing": "retry_utils",
     # api_client.py
     "InternalAPIClient": "api_client",
-    "InternalAPIError": "api_client",
-    "OrganizationRequiredError": "api_client",
-    "AuthenticationError": "api_client",
-    "NotFoundError": "api_client",
-    "ConflictError": "api_client",
-    "APIValidationError": "api_client",
-    "RateLimitedError": "api_client",
-    "ServerError": "api_client",
-    "APIResponseError": "api_client",
-    "APITimeoutError": "api_client",
-    "APIConnectionError": "api_client",
-    "APICircuitOpenError": "api_client",
-    "WebhookError": "api_client",
-    "WebhookNotRecordedError": "api_client",
-    "WebhookURLRefusedError": "api_client",
-    "LeaseLostError": "api_client",
-    "LeaseHeldError": "api_client",
+    # errors.py
+    "InternalAPIError": "errors",
+    "OrganizationRequiredError": "errors",
+    "AuthenticationError": "errors",
+    "NotFoundError": "errors",
+    "ConflictError": "errors",
+    "APIValidationError": "errors",
+    "RateLimitedError": "errors",
+    "ServerError": "errors",
+    "APIResponseError": "errors",
+    "APITimeoutError": "errors",
+    "APIConnectionError": "errors",
+    "APICircuitOpenError": "errors",
+    "WebhookError": "errors",
+    "WebhookNotRecordedError": "errors",
+    "WebhookURLRefusedError": "errors",
+    "LeaseLostError": "errors",
+    "LeaseHeldError": "errors",
     # models.py
     "WorkflowExecution": "models",
     "ExecutionStatus": "models",
@@ -93,7 +94,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # the same names, eagerly, for type checkers
-    from .api_client import (
+    from .api_client import InternalAPIClient as InternalAPIClient
+    from .config import (
+        ConfigurationError as ConfigurationError,
+        WorkerConfig as WorkerConfig,
+    )
+    from .errors import (
         APICircuitOpenError as APICircuitOpenError,
         APIConnectionError as APIConnectionError,
         APIResponseError as APIResponseError,
@@ -101,7 +107,6 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers
         APIValidationError as APIValidationError,
         AuthenticationError as AuthenticationError,
         ConflictError as ConflictError,
-        InternalAPIClient as InternalAPIClient,
         InternalAPIError as InternalAPIError,
         LeaseHeldError as LeaseHeldError,
         LeaseLostError as LeaseLostError,
@@ -112,10 +117,6 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers
         WebhookError as WebhookError,
         WebhookNotRecordedError as WebhookNotRecordedError,
         WebhookURLRefusedError as WebhookURLRefusedError,
-    )
-    from .config import (
-        ConfigurationError as ConfigurationError,
-        WorkerConfig as WorkerConfig,
     )
     from .health import (
         HealthChecker as HealthChecker,

@@ -30,7 +30,7 @@ claimed) the writes about that execution (status, ``PATCH``, webhook record) car
 ``X-Lease-Epoch``, so the backend refuses them with ``lease_lost`` once another worker holds
 the execution. The lease lives in a context variable: never on the client, never shared.
 
-Exceptions (every class is importable from this module)::
+Exceptions (defined in ``errors.py``; every class is importable from this module)::
 
     InternalAPIError                 any failed call; status, error_code, detail, request_id,
     |                                method, path, retry_after; .transient
@@ -84,7 +84,9 @@ from urllib.parse import quote
 from pydantic import ValidationError
 
 from . import _http, _metrics, _redact
-from ._errors import (
+from ._retry_after import parse_retry_after
+from .config import WorkerConfig
+from .errors import (
     APICircuitOpenError,
     APIConnectionError,
     APIResponseError,
@@ -104,8 +106,6 @@ from ._errors import (
     WebhookURLRefusedError,
     one_line,
 )
-from ._retry_after import parse_retry_after
-from .config import WorkerConfig
 from .models import (
     FINAL_STATUSES,
     BackendHealth,
