@@ -38,6 +38,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/deptry .
+	$(VENV)/bin/lint-imports
 
 test: lint $(WSTAMP)
 	$(WPY) -c "import django" 2>/dev/null && { echo "Django leaked into $(WORKER_VENV)"; exit 1; } || true

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from ._errors import WebhookError, WebhookURLRefusedError, one_line
 from ._http import shared_ssl_context
 from ._retry_after import parse_retry_after
+from .errors import WebhookError, WebhookURLRefusedError, one_line
 
 if TYPE_CHECKING:
     import httpx2

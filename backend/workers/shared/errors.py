@@ -1,8 +1,8 @@
 """The exceptions of the internal API client and of webhook delivery.
 
 The hierarchy is drawn in :mod:`backend.workers.shared.api_client`, which re-exports every
-class; this module only keeps them apart from the client so that the webhook module can raise
-them without importing the client.
+class, as the package does. This module imports nothing of the client (no ``httpx2``), so the
+webhook module can raise them, and a caller catch them, without loading it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from . import _redact
 from .retry_utils import CircuitBreakerOpenError
 
 if TYPE_CHECKING:
-    from .api_client import WebhookResult
+    from .models import WebhookResult
 
 #: Longest ``detail`` kept in an exception (the backend's text, or a body excerpt).
 MAX_DETAIL = 300
