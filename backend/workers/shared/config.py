@@ -26,7 +26,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from . import _celery, _http, _redact
 
-MASK = "**********"
+MASK = _redact.MASK  # what a secret shows as (one mask for the package)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("structured", "simple")
 _SECRET_FIELDS = ("internal_service_api_key", "webhook_signing_secret")
