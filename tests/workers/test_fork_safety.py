@@ -113,3 +113,25 @@ def test_close_all_closes_and_next_use_reopens() -> None:
             _http.close_all()
             assert _http.pool_count() == 0
         assert server.connections_accepted == 2
+
+
+def test_preload_before_the_fork_leaves_the_child_its_transport_and_tls_context() -> None:
+    # What a prefork worker's main process does before its pool forks (_celery): the child
+    # finds the transport stack imported and the parent's TLS context, and its calls work.
+    _http.preload()
+    context = _http.shared_ssl_context()
+    with FaultServer(default=Respond(200, EXECUTION)) as server:
+        config = make_config(server.url)
+
+        def child() -> int:
+            import sys
+
+            if "httpcore2" not in sys.modules or "h11" not in sys.modules:
+                return 3
+            if _http.shared_ssl_context() is not context:  # inherited, not rebuilt
+                return 4
+            with InternalAPIClient(config) as api:
+                return 0 if api.get_workflow_execution("e-1").id == "e-1" else 5
+
+        assert run_in_child(child) == 0
+        assert server.connections_accepted == 1

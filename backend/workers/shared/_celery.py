@@ -162,19 +162,23 @@ def _forks_a_pool(worker: Any) -> bool:
 def _share_with_pool() -> None:
     """In the main process, before the pool forks: make the children share memory.
 
-    The modules every task uses (the API client, httpx2, prometheus-client) are imported
-    once here instead of once per child, and ``gc.freeze()`` moves the heap out of the
+    The modules every task uses (the API client, httpx2 and its transport stack,
+    prometheus-client) are imported and the TLS context is built once here instead of once
+    per child, and ``gc.freeze()`` moves the heap out of the
     collector's reach: a child's collections would otherwise write to every object header
     and copy the pages the fork shared (about a third of an idle worker's memory, see
     ``benchmarks/bench_worker.py``).
     """
     import gc
 
-    import httpx2  # noqa: F401
     import prometheus_client  # noqa: F401
 
-    from . import api_client  # noqa: F401
+    from . import (
+        _http,
+        api_client,  # noqa: F401
+    )
 
+    _http.preload()
     gc.freeze()
 
 

@@ -66,6 +66,16 @@ def shared_ssl_context() -> ssl.SSLContext:
     return context
 
 
+def preload() -> None:
+    """Import the transport stack (httpx2's connection pool and its HTTP/1.1 machinery) and
+    build the TLS context now. Called in a prefork worker's main process before the pool
+    forks: the children then share those pages (and the CA certificates) instead of each
+    loading its own copy at its first request."""
+    import httpx2
+
+    httpx2.HTTPTransport(verify=shared_ssl_context()).close()
+
+
 def pool_count() -> int:
     """How many pools this process holds now (for diagnostics and tests)."""
     return len(_pools)
@@ -113,11 +123,11 @@ def _new_pool(base_url: str, max_connections: int, max_keepalive: int) -> httpx2
 
 def _forget_after_fork() -> None:
     # Runs in the child only: drop (never close) the inherited pools, and replace the lock,
-    # which another parent thread may have held at the moment of the fork.
-    global _lock, _ssl_context
+    # which another parent thread may have held at the moment of the fork. The TLS context
+    # is kept: it holds no connection, only settings and CA certificates.
+    global _lock
     _lock = threading.RLock()
     _pools.clear()
-    _ssl_context = None
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
