@@ -253,8 +253,23 @@ def test_allow_list_entry_with_a_port_exempts_that_port_only() -> None:
 
 @pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), 1e999, True, "5"])
 def test_a_bad_timeout_is_a_value_error_naming_it(timeout: Any, backend: FaultServer) -> None:
-    with pytest.raises(ValueError, match="timeout must be a positive number"):
+    with pytest.raises(ValueError, match="timeout must be"):
         make_client(backend).send_webhook("http://localhost/", {}, timeout=timeout)
+
+
+BAD_SECONDS = [0, -1, float("nan"), float("inf"), float("-inf"), 1e999, True, "5", [1]]
+
+
+@pytest.mark.parametrize("name", ["timeout", "deadline"])
+@pytest.mark.parametrize("value", BAD_SECONDS)
+def test_a_call_with_a_bad_timeout_or_deadline_is_refused_before_sending(
+    name: str, value: Any, backend: FaultServer
+) -> None:
+    backend.reset()
+    client = make_client(backend)
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        client._call("GET", "health/", None, **{name: value})
+    assert backend.requests == []
 
 
 @pytest.mark.parametrize("url", [None, b"http://localhost/", 5, ["http://localhost/"]])

@@ -84,6 +84,7 @@ from urllib.parse import quote
 from pydantic import ValidationError
 
 from . import _http, _metrics, _redact
+from ._resilience import check_number
 from ._retry_after import parse_retry_after
 from .config import WorkerConfig
 from .errors import (
@@ -718,12 +719,8 @@ class InternalAPIClient:
             body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise WebhookError(f"webhook payload is not JSON-serialisable: {exc}") from None
-        if timeout is not None and not (
-            isinstance(timeout, int | float)
-            and not isinstance(timeout, bool)
-            and 0 < timeout < float("inf")
-        ):
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if timeout is not None:
+            check_number("timeout", timeout, minimum=0, strict=True)
         check_headers(headers or {})
         if execution_id is not None and webhook_id is None and _lease_of(execution_id) is None:
             # The backend refuses to record a delivery of an unknown execution: find out
@@ -990,10 +987,10 @@ class InternalAPIClient:
     ) -> Any:
         if self._closed:
             raise RuntimeError("this InternalAPIClient is closed; open a new one")
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be a positive number of seconds")
-        if deadline is not None and deadline <= 0:
-            raise ValueError("deadline must be a positive number of seconds")
+        if timeout is not None:
+            check_number("timeout", timeout, minimum=0, strict=True)
+        if deadline is not None:
+            check_number("deadline", deadline, minimum=0, strict=True)
         if lease is not None and lease.lost:
             raise LeaseLostError(
                 f"the lease of epoch {lease.epoch} is lost (a heartbeat was refused); not sent",

@@ -39,6 +39,7 @@ from typing import IO, Any, TypeVar, cast, overload
 import structlog
 
 from . import _metrics, _redact, _stats
+from ._resilience import check_number
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("structured", "simple")
@@ -507,12 +508,7 @@ def monitor_performance(
     per-process statistics shown by ``/health/metrics`` and to the histogram
     ``worker_function_duration_seconds``. Exceptions pass through untouched.
     """
-    if (
-        isinstance(slow_threshold_ms, bool)
-        or not isinstance(slow_threshold_ms, int | float)
-        or slow_threshold_ms < 0
-    ):
-        raise ValueError(f"slow_threshold_ms must be a number >= 0, got {slow_threshold_ms!r}")
+    check_number("slow_threshold_ms", slow_threshold_ms, minimum=0)
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     if func is None:
