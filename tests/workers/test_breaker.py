@@ -474,7 +474,7 @@ def test_forked_child_is_not_wedged_by_a_lock_held_in_the_parent(name: str) -> N
     release = threading.Event()
 
     def hold_locks() -> None:
-        with breaker._lock, budget._lock:
+        with breaker._local._lock, budget._lock:
             holding.set()
             release.wait(10)
 

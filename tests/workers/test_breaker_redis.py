@@ -469,9 +469,9 @@ def test_a_cancelled_async_caller_gives_the_probe_lease_back(prefix: str) -> Non
         ran.append("probe")
 
     async def cancelled_while_admitted() -> None:
-        # Holding the breaker's lock pauses the admitting thread right after Redis granted
-        # the lease (it then takes the lock to note the state).
-        with breaker._lock:
+        # Holding the local state's lock pauses the admitting thread right after Redis
+        # granted the lease (the local state then takes it to follow Redis' answer).
+        with breaker._local._lock:
             task = asyncio.ensure_future(breaker.acall(probe))
             deadline = time.monotonic() + 10
             while not client.exists(lease) and time.monotonic() < deadline:
