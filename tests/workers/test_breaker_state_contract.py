@@ -255,9 +255,7 @@ def test_the_probes_success_closes(make: Make) -> None:
 def test_each_failed_probe_reopens_for_longer_up_to_the_maximum(
     make: Make, initial: float, maximum: float, periods: list[float]
 ) -> None:
-    subject = make(
-        failure_threshold=1, recovery_timeout=maximum, initial_recovery_timeout=initial
-    )
+    subject = make(failure_threshold=1, recovery_timeout=maximum, initial_recovery_timeout=initial)
     state = subject.state
     fail_once(state)
     for period in periods:

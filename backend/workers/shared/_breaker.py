@@ -1,6 +1,8 @@
 """The circuit breaker: closed, open, half-open with one probe; local or shared through Redis.
 
-Public names are re-exported by :mod:`retry_utils`, whose docstring lists them.
+The transitions live behind :class:`_breaker_state.BreakerState`; this module admits calls,
+tells which outcomes count, announces changes and keeps the registry. Public names are
+re-exported by :mod:`retry_utils`, whose docstring lists them.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from ._resilience import (
 
 if TYPE_CHECKING:
     import asyncio
+
 
 class CircuitBreakerOpenError(Exception):
     """A breaker refused the call; ``retry_after`` is the seconds until a probe may run."""
@@ -356,9 +359,7 @@ class CircuitBreaker:
         if not admission.cancelled() and admission.exception() is None:
             verdict = admission.result()
             if verdict.probe:
-                threading.Thread(
-                    target=self._record, args=(verdict, RELEASE), daemon=True
-                ).start()
+                threading.Thread(target=self._record, args=(verdict, RELEASE), daemon=True).start()
 
     async def _arecord(self, verdict: Verdict, outcome: str) -> None:
         """:meth:`_record`, in a thread when it has to ask Redis."""
