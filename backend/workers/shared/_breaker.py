@@ -1,12 +1,13 @@
 """The circuit breaker: closed, open, half-open with one probe; local or shared through Redis.
 
-Public names are re-exported by :mod:`retry_utils`, whose docstring lists them.
+The transitions live behind :class:`_breaker_state.BreakerState`; this module admits calls,
+tells which outcomes count, announces changes and keeps the registry. Public names are
+re-exported by :mod:`retry_utils`, whose docstring lists them.
 """
 
 from __future__ import annotations
 
 import contextvars
-import enum
 import inspect
 import logging
 import os
@@ -15,6 +16,18 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from ._breaker_state import (
+    FAILURE,
+    LOCAL_CALL,
+    REJECT,
+    RELEASE,
+    SUCCESS,
+    BreakerState,
+    CircuitState,
+    FallbackBreakerState,
+    LocalBreakerState,
+    Verdict,
+)
 from ._resilience import (
     ExceptionTypes,
     P,
@@ -31,16 +44,6 @@ from ._resilience import (
 
 if TYPE_CHECKING:
     import asyncio
-
-    from ._breaker_store import RedisBreakerStore
-
-
-class CircuitState(enum.StrEnum):
-    """A breaker's state; the values are what metrics and health report."""
-
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
 
 
 class CircuitBreakerOpenError(Exception):
@@ -83,32 +86,6 @@ def remove_shared_state_listener(listener: SharedStateListener) -> None:
     """Stop calling a listener added with :func:`add_shared_state_listener`."""
     _shared_state_listeners.remove(listener)
 
-
-class _Ticket:
-    """What admission granted one call: a plain call or the probe, local or from Redis."""
-
-    __slots__ = ("failures", "probe", "shared", "token")
-
-    def __init__(
-        self, *, probe: bool, shared: bool = False, token: str = "", failures: int = 0
-    ) -> None:
-        self.probe = probe
-        self.shared = shared
-        self.token = token  # a shared probe's lease token
-        self.failures = failures  # the shared failure count when the call was admitted
-
-    def tells_redis_nothing(self, outcome: str) -> bool:
-        """Whether reporting ``outcome`` of this shared call would change nothing in Redis
-        (the common case then costs no second round trip)."""
-        return not self.probe and (
-            outcome == _RELEASE or (outcome == _SUCCESS and self.failures == 0)
-        )
-
-
-_LOCAL_CALL = _Ticket(probe=False)
-#: How much longer the breaker stays open after each failed probe (up to recovery_timeout).
-RECOVERY_GROWTH = 1.5
-_SUCCESS, _FAILURE, _RELEASE = "success", "failure", "release"
 
 _registry: dict[str, CircuitBreaker] = {}
 _registry_lock = threading.Lock()
@@ -200,29 +177,36 @@ class CircuitBreaker:
         if not callable(clock):
             raise ValueError(f"clock must be a callable returning seconds, got {clock!r}")
         self.clock = clock
-        self._lock = threading.Lock()
-        self._state = CircuitState.CLOSED
-        self._failures = 0
-        self._opened_at = 0.0
-        self._open_for = self.initial_recovery_timeout  # the current open period
-        self._probe: _Ticket | None = None  # the local probe holding the lease
-        self._probe_until = 0.0
         self._listeners: list[StateListener] = []
         self._shared_listeners: list[SharedStateListener] = []
-        self._store: RedisBreakerStore | None = None
-        self._degraded = False
-        self._next_reconnect = 0.0
+        self._local = LocalBreakerState(
+            failure_threshold=self.failure_threshold,
+            recovery_timeout=self.recovery_timeout,
+            initial_recovery_timeout=self.initial_recovery_timeout,
+            probe_timeout=self.probe_timeout,
+            clock=clock,
+            on_change=self._emit,
+        )
+        self._fallback: FallbackBreakerState | None = None
+        self._states: BreakerState = self._local  # the one this breaker asks
         if redis_url is not None:
             from ._breaker_store import RedisBreakerStore
 
-            self._store = RedisBreakerStore(
-                redis_url,
-                key_prefix + name,
-                failure_threshold=self.failure_threshold,
-                recovery_timeout=self.recovery_timeout,
-                initial_recovery_timeout=self.initial_recovery_timeout,
-                probe_timeout=self.probe_timeout,
+            self._fallback = FallbackBreakerState(
+                RedisBreakerStore(
+                    redis_url,
+                    key_prefix + name,
+                    failure_threshold=self.failure_threshold,
+                    recovery_timeout=self.recovery_timeout,
+                    initial_recovery_timeout=self.initial_recovery_timeout,
+                    probe_timeout=self.probe_timeout,
+                ),
+                self._local,
+                reconnect_interval=self.reconnect_interval,
+                clock=clock,
+                on_reachable=self._shared_state_changed,
             )
+            self._states = self._fallback
         with _registry_lock:
             if name in _registry:
                 raise ValueError(
@@ -231,9 +215,9 @@ class CircuitBreaker:
             _registry[name] = self
 
     def __repr__(self) -> str:
-        where = "shared" if self._store is not None else "local"
+        where = "shared" if self._fallback is not None else "local"
         return (
-            f"CircuitBreaker({self.name!r}, state={self._state.value}, {where}, "
+            f"CircuitBreaker({self.name!r}, state={self._local.state.value}, {where}, "
             f"failure_threshold={self.failure_threshold}, "
             f"recovery_timeout={self.recovery_timeout})"
         )
@@ -243,32 +227,22 @@ class CircuitBreaker:
     @property
     def state(self) -> CircuitState:
         """The current state (read from Redis for a shared breaker that reaches it)."""
-        if self._store is not None:
-            observed = self._ask_redis(self._store.snapshot)
-            if observed is not None:
-                return self._observe(CircuitState(observed))
-        with self._lock:
-            if (
-                self._state is CircuitState.OPEN
-                and self.clock() - self._opened_at >= self._open_for
-            ):
-                return CircuitState.HALF_OPEN  # the next call will be the probe
-            return self._state
+        return self._states.snapshot()
 
     @property
     def shared(self) -> bool:
         """True when the state is meant to live in Redis (``redis_url`` given)."""
-        return self._store is not None
+        return self._fallback is not None
 
     @property
     def degraded(self) -> bool:
         """True while a shared breaker cannot reach Redis and runs on local state."""
-        return self._degraded
+        return self._fallback is not None and self._fallback.degraded
 
     @property
     def shared_state_ok(self) -> bool:
         """False only while a shared breaker runs on local state; health reads this."""
-        return not self._degraded
+        return not self.degraded
 
     def add_listener(self, listener: StateListener) -> None:
         """Call ``listener(breaker, old, new)`` on every state change of this breaker."""
@@ -282,19 +256,10 @@ class CircuitBreaker:
 
     def reset(self) -> None:
         """Close the breaker and forget its failures (in Redis too, when shared)."""
-        if self._store is not None:
-            self._ask_redis(self._store.reset)
-        with self._lock:
-            change = self._set_state(CircuitState.CLOSED)
-            self._failures = 0
-            self._probe = None
-            self._open_for = self.initial_recovery_timeout
-        self._emit(change)
+        self._states.reset()
 
-    def _emit(self, change: tuple[CircuitState, CircuitState] | None) -> None:
-        if change is None:
-            return
-        old, new = change
+    def _emit(self, old: CircuitState, new: CircuitState) -> None:
+        """Log a state change and tell the listeners (the state tells, outside its lock)."""
         level = logging.WARNING if new is CircuitState.OPEN else logging.INFO
         logger.log(
             level,
@@ -307,182 +272,67 @@ class CircuitBreaker:
         notify(self._listeners, self, old, new)
         notify(_state_listeners, self, old, new)
 
-    def _set_state(self, new: CircuitState) -> tuple[CircuitState, CircuitState] | None:
-        """Change state (lock held); the transition to report, if any."""
-        old = self._state
-        if old is new:
-            return None
-        self._state = new
-        if new is CircuitState.OPEN:
-            self._opened_at = self.clock()
-        return old, new
-
-    def _observe(self, observed: CircuitState) -> CircuitState:
-        """Adopt the state Redis reported, announcing it if it differs from the last one."""
-        with self._lock:
-            change = self._set_state(observed)
-            if observed is CircuitState.CLOSED:
-                self._failures = 0
-                self._open_for = self.initial_recovery_timeout
-        self._emit(change)
-        return observed
-
-    # -- shared state: Redis, or local state while Redis is unreachable
-
-    def _ask_redis(self, operation: Callable[..., R], *args: Any) -> R | None:
-        """``operation(*args)`` on the store; None when Redis is unreachable (the breaker is
-        then degraded, and asks again only once per ``reconnect_interval``)."""
-        if self._degraded:
-            now = self.clock()
-            with self._lock:
-                if now < self._next_reconnect:
-                    return None
-                self._next_reconnect = now + self.reconnect_interval
-        from ._breaker_store import StoreUnavailable
-
-        try:
-            answer = operation(*args)
-        except StoreUnavailable as exc:
-            self._set_degraded(True, exc)
-            return None
-        if self._degraded:
-            self._set_degraded(False)
-        return answer
-
-    def _set_degraded(self, degraded: bool, reason: BaseException | None = None) -> None:
-        with self._lock:
-            changed = self._degraded is not degraded
-            self._degraded = degraded
-            if degraded:
-                self._next_reconnect = self.clock() + self.reconnect_interval
-                if changed:  # local state starts afresh
-                    self._failures = 0
-                    self._probe = None
-        if not changed:
-            return
-        if degraded:
+    def _shared_state_changed(self, ok: bool, reason: BaseException | None) -> None:
+        """Log that Redis was lost (running on local state) or regained; tell the listeners."""
+        if ok:
+            logger.info(
+                "circuit breaker %s: shared state reachable again",
+                self.name,
+                extra={"breaker": self.name, "shared_state_ok": True},
+            )
+        else:
             logger.warning(
                 "circuit breaker %s: shared state unreachable, using local state: %s",
                 self.name,
                 reason,
                 extra={"breaker": self.name, "shared_state_ok": False},
             )
-        else:
-            logger.info(
-                "circuit breaker %s: shared state reachable again",
-                self.name,
-                extra={"breaker": self.name, "shared_state_ok": True},
-            )
-        notify(self._shared_listeners, self, not degraded)
-        notify(_shared_state_listeners, self, not degraded)
+        notify(self._shared_listeners, self, ok)
+        notify(_shared_state_listeners, self, ok)
 
     # -- admission and outcome
 
-    def _admit(self) -> _Ticket:
-        """Let a call through (returning its ticket) or raise CircuitBreakerOpenError."""
-        if self._store is not None:
-            verdict = self._ask_redis(self._store.acquire)
-            if verdict is not None:
-                self._observe(CircuitState(verdict.state))
-                if verdict.decision == "reject":
-                    raise CircuitBreakerOpenError(self.name, verdict.retry_after)
-                return _Ticket(
-                    probe=verdict.decision == "probe",
-                    shared=True,
-                    token=verdict.token,
-                    failures=verdict.failures,
-                )
-        return self._admit_local()
+    def _admit(self) -> Verdict:
+        """Let a call through (returning its verdict) or raise CircuitBreakerOpenError."""
+        verdict = self._states.admit()
+        if verdict.decision == REJECT:
+            raise CircuitBreakerOpenError(self.name, verdict.retry_after)
+        return verdict
 
-    def _admit_local(self) -> _Ticket:
-        change = None
-        try:
-            with self._lock:
-                if self._state is CircuitState.CLOSED:
-                    return _LOCAL_CALL
-                now = self.clock()
-                if self._state is CircuitState.OPEN:
-                    wait = self._opened_at + self._open_for - now
-                    if wait > 0:
-                        raise CircuitBreakerOpenError(self.name, wait)
-                    change = self._set_state(CircuitState.HALF_OPEN)
-                if self._probe is not None and now < self._probe_until:
-                    raise CircuitBreakerOpenError(self.name, self._probe_until - now)
-                self._probe = _Ticket(probe=True)
-                self._probe_until = now + self.probe_timeout
-                return self._probe
-        finally:
-            self._emit(change)
-
-    def _record(self, ticket: _Ticket, outcome: str) -> None:
-        if ticket.shared and self._store is not None:
-            if ticket.tells_redis_nothing(outcome):
-                return
-            new = self._ask_redis(self._store.record, outcome, ticket.token)
-            if new is not None:
-                self._observe(CircuitState(new))
-                return
-        self._record_local(ticket, outcome)
-
-    def _record_local(self, ticket: _Ticket, outcome: str) -> None:
-        change = None
-        with self._lock:
-            if self._state is CircuitState.HALF_OPEN:
-                # Only the probe holding the lease decides; calls admitted earlier and a
-                # probe whose lease ran out say nothing.
-                if ticket is self._probe and self.clock() < self._probe_until:
-                    self._probe = None
-                    if outcome == _SUCCESS:
-                        change = self._set_state(CircuitState.CLOSED)
-                        self._failures = 0
-                        self._open_for = self.initial_recovery_timeout
-                    elif outcome == _FAILURE:
-                        self._open_for = min(
-                            self._open_for * RECOVERY_GROWTH, self.recovery_timeout
-                        )
-                        change = self._set_state(CircuitState.OPEN)
-            elif self._state is CircuitState.CLOSED:
-                if outcome == _SUCCESS:
-                    self._failures = 0
-                elif outcome == _FAILURE:
-                    self._failures += 1
-                    if self._failures >= self.failure_threshold:
-                        self._open_for = self.initial_recovery_timeout
-                        change = self._set_state(CircuitState.OPEN)
-                        self._failures = 0
-            # OPEN: a call admitted before the breaker opened says nothing new
-        self._emit(change)
+    def _record(self, verdict: Verdict, outcome: str) -> None:
+        self._states.record(verdict, outcome)
 
     def _outcome_of(self, exc: BaseException) -> str:
         if not isinstance(exc, Exception):
-            return _RELEASE
+            return RELEASE
         if isinstance(exc, self.expected_exception) and (
             self.is_failure is None or self.is_failure(exc)
         ):
-            return _FAILURE
-        return _SUCCESS
+            return FAILURE
+        return SUCCESS
 
     def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Call ``fn(*args, **kwargs)`` through the breaker."""
-        if self._store is None and self._state is CircuitState.CLOSED:
-            ticket = _LOCAL_CALL  # the success path: no lock, no allocation
+        local = self._local
+        if self._fallback is None and local.state is CircuitState.CLOSED:
+            verdict = LOCAL_CALL  # the success path: no lock, no allocation
         else:
-            ticket = self._admit()
+            verdict = self._admit()
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
-            self._record(ticket, self._outcome_of(exc))
+            self._record(verdict, self._outcome_of(exc))
             raise
-        if ticket is not _LOCAL_CALL or self._failures:
-            self._record(ticket, _SUCCESS)
+        if verdict is not LOCAL_CALL or local.failures:
+            self._record(verdict, SUCCESS)
         return result
 
     async def acall(self, fn: Callable[..., Awaitable[R]], /, *args: Any, **kwargs: Any) -> R:
         """Await ``fn(*args, **kwargs)`` through the breaker (Redis is asked off the loop)."""
         import asyncio
 
-        if self._store is None:
-            ticket = self._admit()
+        if self._fallback is None:
+            verdict = self._admit()
         else:
             # Redis is asked in a thread (with this context, for log lines). A plain future,
             # not a task, so that nothing cancels it: if the caller is cancelled meanwhile,
@@ -491,36 +341,34 @@ class CircuitBreaker:
                 None, contextvars.copy_context().run, self._admit
             )
             try:
-                ticket = await asyncio.shield(admission)
+                verdict = await asyncio.shield(admission)
             except asyncio.CancelledError:
                 admission.add_done_callback(self._release_abandoned)
                 raise
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:
-            await self._arecord(ticket, self._outcome_of(exc))
+            await self._arecord(verdict, self._outcome_of(exc))
             raise
-        await self._arecord(ticket, _SUCCESS)
+        await self._arecord(verdict, SUCCESS)
         return result
 
-    def _release_abandoned(self, admission: asyncio.Future[_Ticket]) -> None:
+    def _release_abandoned(self, admission: asyncio.Future[Verdict]) -> None:
         """Give back the probe lease granted to a caller that was cancelled meanwhile (in a
         thread: this runs on the event loop, and Redis may be slow)."""
         if not admission.cancelled() and admission.exception() is None:
-            ticket = admission.result()
-            if ticket.probe:
-                threading.Thread(
-                    target=self._record, args=(ticket, _RELEASE), daemon=True
-                ).start()
+            verdict = admission.result()
+            if verdict.probe:
+                threading.Thread(target=self._record, args=(verdict, RELEASE), daemon=True).start()
 
-    async def _arecord(self, ticket: _Ticket, outcome: str) -> None:
+    async def _arecord(self, verdict: Verdict, outcome: str) -> None:
         """:meth:`_record`, in a thread when it has to ask Redis."""
-        if ticket.shared and not ticket.tells_redis_nothing(outcome):
+        if verdict.shared and not verdict.tells_shared_state_nothing(outcome):
             import asyncio
 
-            await asyncio.to_thread(self._record, ticket, outcome)
+            await asyncio.to_thread(self._record, verdict, outcome)
         else:
-            self._record(ticket, outcome)
+            self._record(verdict, outcome)
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Decorate ``fn`` (sync or async) so every call passes through this breaker (the
@@ -613,8 +461,7 @@ def _after_fork_in_child() -> None:
     global _registry_lock
     _registry_lock = threading.Lock()
     for breaker in _registry.values():
-        breaker._lock = threading.Lock()
-        breaker._probe = None  # a parent thread's probe never ends in the child
+        (breaker._fallback or breaker._local).after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -8,8 +8,9 @@ when the lease runs out). Every transition is one Lua script, so concurrent proc
 both count the same failure, both open the breaker or both take the probe. Redis' ``TIME``
 is the only clock used, so hosts with skewed clocks agree.
 
-Only :mod:`_breaker` uses this module, and only when a breaker is given a ``redis_url``;
-``redis`` is imported here and nowhere else in the retry code.
+It implements :class:`_breaker_state.BreakerState`; :mod:`_breaker` imports it only when a
+breaker is given a ``redis_url``, and ``redis`` is imported here and nowhere else in the retry
+code.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from ._breaker_state import CircuitState, StoreUnavailable, Verdict
 
 # Connection timeouts: a breaker must answer fast even when Redis has gone away.
 CONNECT_TIMEOUT = 0.25
@@ -122,21 +124,6 @@ return state
 """
 
 
-class StoreUnavailable(Exception):
-    """Redis could not be reached or answered with an error."""
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """Redis' answer to "may I call?": the state, the decision and what the caller needs."""
-
-    state: str
-    decision: str
-    retry_after: float
-    failures: int
-    token: str
-
-
 _clients: dict[str, redis.Redis] = {}
 _clients_lock = threading.Lock()
 
@@ -171,7 +158,8 @@ def _text(value: Any) -> str:
 
 
 class RedisBreakerStore:
-    """The shared state of one breaker; every method may raise :class:`StoreUnavailable`."""
+    """The shared state of one breaker, a :class:`_breaker_state.BreakerState`; every method
+    may raise :class:`StoreUnavailable`."""
 
     def __init__(
         self,
@@ -201,7 +189,7 @@ class RedisBreakerStore:
         self._snapshot = client.register_script(_SNAPSHOT)
         self._client = client
 
-    def acquire(self) -> Verdict:
+    def admit(self) -> Verdict:
         """Ask to call; a probe decision holds the lease under the returned token."""
         token = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex}"  # who holds a lease
         try:
@@ -213,21 +201,23 @@ class RedisBreakerStore:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
         state, decision, retry_after_ms, failures = reply
         return Verdict(
-            state=_text(state),
+            state=CircuitState(_text(state)),
             decision=_text(decision),
             retry_after=int(retry_after_ms) / 1000.0,
             failures=int(failures),
             token=token,
+            shared=True,
         )
 
-    def record(self, outcome: str, token: str) -> str:
-        """Report a call's outcome ('success', 'failure' or 'release'); the new state."""
+    def record(self, verdict: Verdict, outcome: str) -> CircuitState:
+        """Report the outcome ('success', 'failure' or 'release') of a call admitted with
+        ``verdict``; the new state."""
         try:
             reply = self._record(
                 keys=self._keys,
                 args=[
                     outcome,
-                    token,
+                    verdict.token,
                     self._threshold,
                     self._ttl_ms,
                     self._initial_ms,
@@ -236,15 +226,15 @@ class RedisBreakerStore:
             )
         except redis.RedisError as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        return _text(reply)
+        return CircuitState(_text(reply))
 
-    def snapshot(self) -> str:
+    def snapshot(self) -> CircuitState:
         """The state a call would meet now, without changing anything."""
         try:
             reply = self._snapshot(keys=[self.key], args=[self._recovery_ms])
         except redis.RedisError as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        return _text(reply)
+        return CircuitState(_text(reply))
 
     def reset(self) -> None:
         """Forget the shared state (the breaker reads as closed)."""

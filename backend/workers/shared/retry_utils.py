@@ -60,9 +60,10 @@ Every retry is logged at WARNING with the ``extra`` fields ``function``, ``attem
 retry listeners; a retry not made (deadline, budget) is logged at INFO with
 ``give_up_reason``. Breaker transitions are logged too (WARNING when one opens).
 
-Layout: the breaker lives in ``_breaker.py`` (its Redis state in ``_breaker_store.py``), what
-both share in ``_resilience.py``; this module is the retry engine, the executor and the public
-home of every name above.
+Layout: the breaker lives in ``_breaker.py``, its state machine (local, or shared with a local
+fallback) in ``_breaker_state.py``, its Redis state in ``_breaker_store.py``, what breaker and
+retry engine share in ``_resilience.py``; this module is the retry engine, the executor and the
+public home of every name above.
 """
 
 from __future__ import annotations
@@ -83,7 +84,6 @@ from typing import TYPE_CHECKING, Any, cast
 from ._breaker import (
     CircuitBreaker,
     CircuitBreakerOpenError,
-    CircuitState,
     add_shared_state_listener,
     add_state_listener,
     all_breakers,
@@ -92,6 +92,7 @@ from ._breaker import (
     remove_shared_state_listener,
     remove_state_listener,
 )
+from ._breaker_state import CircuitState
 from ._resilience import (
     ExceptionTypes,
     P,
