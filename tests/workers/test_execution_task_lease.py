@@ -25,7 +25,7 @@ from backend.workers.shared import (
     WorkerConfig,
     WorkflowExecution,
     _celery,
-    tasks,
+    _lease,
 )
 from tests.fault_server import FaultServer, Respond, Stall, Truncate
 
@@ -331,9 +331,9 @@ def test_the_lease_note_is_written_once_a_run_outlives_half_its_hard_limit(
     tmp_path: Any, backend: FaultServer, runs_for: float, noted: bool
 ) -> None:
     config = make_config(backend, worker_data_dir=tmp_path)
-    run = tasks._Run(WorkflowExecution.model_validate(execution()), 7, "org-a")
-    note = tasks._LeaseNote(config, "task-1")
-    keeper = tasks._LeaseKeeper(config, run, lease_seconds=60, note_for="task-1", note_within=0.4)
+    run = _lease.Run(WorkflowExecution.model_validate(execution()), 7, "org-a")
+    note = _lease.LeaseNote(config, "task-1")
+    keeper = _lease.LeaseKeeper(config, run, lease_seconds=60, note_for="task-1", note_within=0.4)
     keeper.start()
     deadline = time.monotonic() + runs_for
     while time.monotonic() < deadline and not note.path.exists():

@@ -44,7 +44,8 @@ module README's Quick Start task does.
   runs no code of its own: Celery's ``on_failure`` hook in the worker's main process marks
   its execution ``ERROR`` instead (in a thread, so the consumer is never blocked), since the
   message is acknowledged and the task will not run again. A leased run's mark is fenced by
-  its epoch, which the run left in a :class:`_LeaseNote`; a run without a lease marks nothing.
+  its epoch, which the run left in its lease note (``_lease``); a run without a lease marks
+  nothing.
 
 The execution is found by the task's ``execution_id`` argument (positional or keyword), and
 its organization by an ``organization_id`` argument or ``ORGANIZATION_ID``. Logging context,
@@ -54,21 +55,14 @@ module adds none of its own.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import hashlib
 import inspect
 import logging
-import math
 import os
 import random
 import re
 import secrets
 import socket
 import threading
-import time
-from contextvars import ContextVar
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -76,11 +70,12 @@ from celery import Task
 from celery.exceptions import Reject, Retry, TaskPredicate, TimeLimitExceeded, WorkerLostError
 
 from . import _redact
+from ._lease import LeaseKeeper, LeaseNote, Run, current_run
 from .config import WorkerConfig
 from .retry_utils import CircuitBreakerOpenError
 
 if TYPE_CHECKING:
-    from .api_client import HeldLease, InternalAPIClient, WorkflowExecution
+    from .api_client import InternalAPIClient, WorkflowExecution
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +118,7 @@ class ExecutionTask(Task):
     def execution(self) -> WorkflowExecution | None:
         """The execution this run claimed, as the claim returned it (``None`` without a
         claim: ``claim_execution=False``, or a plain call outside a worker)."""
-        run = _current_run.get()
+        run = current_run.get()
         return run.execution if run is not None else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -204,8 +199,8 @@ class ExecutionTask(Task):
         except Exception as exc:
             self._claim_failed(exc, execution_id, args, kwargs)
             raise
-        run = _Run(claim.execution, claim.lease.epoch, client.organization_id)
-        token = _current_run.set(run)
+        run = Run(claim.execution, claim.lease.epoch, client.organization_id)
+        token = current_run.set(run)
         try:
             with holding_lease(execution_id, claim.lease.epoch) as held:
                 run.held = held
@@ -218,7 +213,7 @@ class ExecutionTask(Task):
             )
             return None
         finally:
-            _current_run.reset(token)
+            current_run.reset(token)
 
     def _claim_failed(
         self,
@@ -250,7 +245,7 @@ class ExecutionTask(Task):
     def _run_claimed(
         self,
         client: InternalAPIClient,
-        run: _Run,
+        run: Run,
         lease_seconds: int,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -261,7 +256,7 @@ class ExecutionTask(Task):
             self._deliver_webhook(client, execution)
             return None
         noted = not self.request.is_eager and bool(self.request.id)
-        keeper = _LeaseKeeper(
+        keeper = LeaseKeeper(
             self.config(),
             run,
             lease_seconds=lease_seconds,
@@ -277,8 +272,8 @@ class ExecutionTask(Task):
     def _body_and_finish(
         self,
         client: InternalAPIClient,
-        run: _Run,
-        keeper: _LeaseKeeper,
+        run: Run,
+        keeper: LeaseKeeper,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
@@ -373,7 +368,7 @@ class ExecutionTask(Task):
         be told, the lease runs out and the backend sends the task again)."""
         from .api_client import InternalAPIClient
 
-        run = _current_run.get()
+        run = current_run.get()
         if run is None:
             return
         try:
@@ -510,13 +505,13 @@ class ExecutionTask(Task):
 
         Celery calls it in the worker's main process once it killed the task's process; the
         mark runs in a thread so that the consumer is not held up by the backend. A leased
-        run's mark carries the lease's epoch (the run left it in a :class:`_LeaseNote`), so
+        run's mark carries the lease's epoch (the run left it in a :class:`LeaseNote`), so
         the backend refuses it once another worker holds the execution; a run that held no
         lease (its claim failed or was refused) marks nothing.
         """
         if not isinstance(exc, TimeLimitExceeded | WorkerLostError):
             return  # every other failure was sorted in __call__, inside the task's process
-        noted = _LeaseNote(self.config(), task_id).take() if self.claim_execution else None
+        noted = LeaseNote(self.config(), task_id).take() if self.claim_execution else None
         if isinstance(exc, WorkerLostError):
             return  # the message goes back to the queue (task_reject_on_worker_lost)
         execution_id, organization_id = self._execution_of(tuple(args or ()), dict(kwargs or {}))
@@ -563,7 +558,7 @@ class ExecutionTask(Task):
 
         self.config()  # built first: it registers the secrets the message is scrubbed of
         message = _error_message(exc, self.request.retries)
-        run = _current_run.get()
+        run = current_run.get()
         # Under a lease the backend counts the attempts (one per claim).
         attempts = None if run is not None else self.request.retries + 1
         try:
@@ -640,223 +635,6 @@ class ExecutionTask(Task):
             None if execution_id is None else str(execution_id),
             None if organization_id is None else str(organization_id),
         )
-
-
-@dataclass
-class _Run:
-    """One leased run of a task: the claimed execution, its epoch, its organization."""
-
-    execution: WorkflowExecution
-    epoch: int
-    organization_id: str | None
-    held: HeldLease | None = None
-
-
-_current_run: ContextVar[_Run | None] = ContextVar("execution_task_run", default=None)
-
-
-class _LeaseKeeper:
-    """Heartbeats the run's lease from a thread while the body runs, at every third of the
-    lease (a fixed schedule: a slow or failed heartbeat does not push the next one back).
-    Each heartbeat gets at most a sixth of the lease per attempt and a third in all (never
-    more than ``API_TIMEOUT`` / ``API_DEADLINE``), so one stalled request cannot cost the
-    lease; a failed one is tried again at the next tick.
-    ``lost`` turns True when the backend says the lease is gone, and the run's held lease
-    is marked lost, so the body's writes under it stop (raised, never sent).
-
-    A short run costs no thread: the process's :class:`_Schedule` starts the heartbeat thread
-    (and writes the :class:`_LeaseNote` of task ``note_for``) only when the run outlives the
-    first third of its lease, or half of ``note_within`` (the hard time limit), whichever
-    comes first. ``stop`` ends the heartbeats when the body returns; ``close`` ends the run
-    (after its finish and webhook, which the note still covers)."""
-
-    def __init__(
-        self,
-        config: WorkerConfig,
-        run: _Run,
-        *,
-        lease_seconds: float,
-        note_for: str | None = None,
-        note_within: float | None = None,
-    ) -> None:
-        self._config = config
-        self._run = run
-        self._interval = lease_seconds / 3
-        self._note_for = note_for
-        self._note_within = note_within
-        self._note: _LeaseNote | None = None
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._schedule: _Schedule | None = None
-        self._first_beat = 0.0
-        self._context = contextvars.Context()
-        self.lost = False
-
-    def start(self) -> None:
-        """Schedule the run's heartbeats (the first one after ``interval``)."""
-        now = time.monotonic()
-        self._first_beat = now + self._interval
-        launch = self._first_beat
-        if self._note_for is not None and self._note_within:
-            launch = min(launch, now + self._note_within / 2)
-        # The task's context (its log fields, so its X-Request-ID), not a shared one.
-        self._context = contextvars.copy_context()
-        self._schedule = _Schedule.of_this_process()
-        self._schedule.add(self, launch)
-
-    def launch(self) -> None:
-        """Note the lease and start the heartbeat thread (called by the schedule, once)."""
-        if self._note_for is not None:
-            note = _LeaseNote(self._config, self._note_for)
-            if note.write(self._run.execution.id, self._run.epoch):
-                self._note = note
-        if self._stopped.is_set():  # the body ended: the note still covers finish and webhook
-            return
-        self._thread = threading.Thread(
-            target=self._context.run,
-            args=(self._beat,),
-            name=f"lease-{self._run.execution.id}",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop heartbeating (the body ended); waits a moment for a heartbeat in flight."""
-        self._stopped.set()
-        thread = self._thread
-        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
-            thread.join(timeout=min(self._interval, 5.0))
-
-    def close(self) -> None:
-        """The run ended (finish and webhook included): nothing more is launched, and the
-        lease note is forgotten."""
-        self._stopped.set()
-        if self._schedule is not None:
-            self._schedule.discard(self)  # after this, no launch can begin
-        if self._note is not None:
-            self._note.remove()
-
-    def _beat(self) -> None:
-        from .api_client import InternalAPIClient, LeaseLostError
-
-        run = self._run
-        fields = {"execution_id": run.execution.id, "epoch": run.epoch}
-        interval = self._interval
-        timeout = min(interval / 2, self._config.api_timeout)
-        deadline = min(interval, self._config.api_deadline)
-        due = self._first_beat
-        with InternalAPIClient(self._config, organization_id=run.organization_id) as client:
-            while not self._stopped.wait(max(0.0, due - time.monotonic())):
-                due = max(due + interval, time.monotonic())
-                try:
-                    client.heartbeat_execution(
-                        run.execution.id, run.epoch, timeout=timeout, deadline=deadline
-                    )
-                except LeaseLostError:
-                    self.lost = True  # also when it answers after stop(): no finish then
-                    if run.held is not None:
-                        run.held.lost = True
-                    logger.warning("heartbeat: the lease is lost", extra=fields)
-                    return
-                except Exception as exc:  # the next beat tries again; the lease may hold
-                    logger.info(
-                        "heartbeat failed: %s", exc, extra={**fields, "error": type(exc).__name__}
-                    )
-
-
-class _Schedule:
-    """One thread per process that launches each run's :class:`_LeaseKeeper` when it is due,
-    so that a run shorter than that starts no thread at all. Made anew in a forked child
-    (threads do not survive a fork)."""
-
-    _current: ClassVar[_Schedule | None] = None
-
-    @classmethod
-    def of_this_process(cls) -> _Schedule:
-        """The schedule of the calling process, made (with its thread) on first use."""
-        schedule = cls._current
-        if schedule is None or schedule.pid != os.getpid():
-            schedule = cls._current = cls()
-        return schedule
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self._due: dict[_LeaseKeeper, float] = {}
-        self._wake_at = math.inf
-        self._changed = threading.Condition()
-        threading.Thread(target=self._run, name="lease-schedule", daemon=True).start()
-
-    def add(self, keeper: _LeaseKeeper, at: float) -> None:
-        """Launch ``keeper`` at ``at`` (``time.monotonic()``), unless discarded before."""
-        with self._changed:
-            self._due[keeper] = at
-            if at < self._wake_at:  # else the thread wakes before it is due anyway
-                self._changed.notify()
-
-    def discard(self, keeper: _LeaseKeeper) -> None:
-        """Do not launch ``keeper`` (it may have been launched already)."""
-        with self._changed:
-            self._due.pop(keeper, None)
-
-    def _run(self) -> None:
-        with self._changed:
-            while True:
-                now = time.monotonic()
-                for keeper in [k for k, at in self._due.items() if at <= now]:
-                    del self._due[keeper]
-                    try:
-                        keeper.launch()
-                    except Exception:  # a thread that cannot start: that run goes unbeaten
-                        logger.exception("cannot start the lease's heartbeat thread")
-                self._wake_at = min(self._due.values(), default=math.inf)
-                self._changed.wait(None if self._wake_at == math.inf else self._wake_at - now)
-
-
-class _LeaseNote:
-    """The lease a run holds, in a file the worker's main process can read: a task killed at
-    its hard time limit runs no code of its own, and the main process's ``ERROR`` mark must
-    carry the lease's epoch. ``WORKER_DATA_DIR/leases/<hash of the task id>``, written after
-    the claim and removed when the run ends (or by the main process's failure hook)."""
-
-    def __init__(self, config: WorkerConfig, task_id: str) -> None:
-        digest = hashlib.sha256(task_id.encode()).hexdigest()[:32]
-        self.path = config.worker_data_dir / "leases" / digest
-
-    def write(self, execution_id: str, epoch: int) -> bool:
-        """Note the lease; a note that cannot be written is logged (no mark at the limit)
-        and False is returned."""
-        text = f"{execution_id} {epoch}\n"
-        try:
-            try:
-                self.path.write_text(text)
-            except FileNotFoundError:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.path.write_text(text)
-        except OSError as exc:
-            logger.warning(
-                "cannot note the lease for the hard time limit: %s",
-                exc,
-                extra={"execution_id": execution_id, "error_type": type(exc).__name__},
-            )
-            return False
-        return True
-
-    def take(self) -> tuple[str, int] | None:
-        """The noted ``(execution_id, epoch)``, removing the note; ``None`` when there is none
-        (or it is unreadable: cut short by the kill)."""
-        try:
-            parts = self.path.read_text().split()
-        except OSError:
-            return None
-        self.remove()
-        if len(parts) != 2 or not parts[1].isdigit():
-            return None
-        return parts[0], int(parts[1])
-
-    def remove(self) -> None:
-        """Forget the note (there may be none)."""
-        with contextlib.suppress(OSError):
-            self.path.unlink(missing_ok=True)
 
 
 def _seconds_until(when: Any) -> float | None:
