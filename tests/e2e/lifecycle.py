@@ -235,12 +235,13 @@ def assert_nothing_lost(crew: Fleet, ids: list[str]) -> dict[str, Any]:
 
 
 def claimed_by(crew: Fleet, execution_id: str) -> list[int]:
-    """Process ids (the ``:<pid>`` end of the worker name) of every claim of an execution."""
+    """Process ids (the ``<pid>`` of the worker name ``<host>:<pid>:<token>``) of every claim
+    of an execution."""
     pids = []
     for event in crew.events(execution_id):
         if event.get("reason") == "claimed":
-            with contextlib.suppress(ValueError):
-                pids.append(int(str(event.get("worker", "")).rsplit(":", 1)[-1]))
+            with contextlib.suppress(ValueError, IndexError):
+                pids.append(int(str(event.get("worker", "")).rsplit(":", 2)[-2]))
     return pids
 
 
