@@ -221,7 +221,6 @@ class HealthChecker:
         self._latest: dict[str, HealthCheckResult] = {}
         self._history: deque[HealthReport] = deque(maxlen=HISTORY_SIZE)
         self._last: HealthReport | None = None
-        self._last_pair: tuple[HealthReport, bytes] | None = None
         self._report_lock = threading.Lock()
         self._report_done: threading.Event | None = None
         self._stop = threading.Event()
@@ -342,7 +341,6 @@ class HealthChecker:
             worker_name=self.config.worker_name,
             checks=checks,
         )
-        self._last_pair = (report, _json_body(report.to_dict()))
         self._last = report
         self._history.append(report)
         for listener in list(self._listeners):
@@ -356,10 +354,6 @@ class HealthChecker:
     def last_report(self) -> HealthReport | None:
         """The most recent report, or None before the first run."""
         return self._last
-
-    def last_report_json(self) -> tuple[HealthReport, bytes] | None:
-        """The last report and its JSON encoding (made once per report), or None."""
-        return self._last_pair
 
     def history(self) -> list[HealthReport]:
         """Up to the last 100 reports, oldest first."""
@@ -702,6 +696,25 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _ALLOWED = "GET, HEAD"
 
 
+class _LastReportBody:
+    """The JSON body of a checker's last report, encoded once per report: ``/health/quick``,
+    the orchestrator's frequent probe, then only writes bytes."""
+
+    def __init__(self, checker: HealthChecker) -> None:
+        self._checker = checker
+        self._pair: tuple[HealthReport, bytes] | None = None
+
+    def get(self) -> tuple[HealthReport, bytes] | None:
+        """The last report and its body, or None before the first report."""
+        report = self._checker.last_report
+        if report is None:
+            return None
+        pair = self._pair
+        if pair is None or pair[0] is not report:
+            pair = self._pair = (report, _json_body(report.to_dict()))
+        return pair
+
+
 class _Refused(Exception):
     """The request cannot be served: answered with ``status`` and the connection closed."""
 
@@ -746,6 +759,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "worker-health"
     sys_version = ""
     checker: HealthChecker  # set on the per-server subclass
+    last_body: _LastReportBody  # likewise
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("health request: " + format, *args)
@@ -1006,7 +1020,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def quick(self, _query: dict[str, list[str]]) -> None:
         """``/health/quick``: the last report as it was."""
-        last = self.checker.last_report_json()
+        last = self.last_body.get()
         if last is None:
             self._send(
                 503,
@@ -1155,7 +1169,11 @@ class HealthServer:
         warning naming it and what to do, keeps ``error`` and returns: the process runs on."""
         if self.running:
             return
-        handler = type("HealthHandler", (_Handler,), {"checker": self.health_checker})
+        handler = type(
+            "HealthHandler",
+            (_Handler,),
+            {"checker": self.health_checker, "last_body": _LastReportBody(self.health_checker)},
+        )
         try:
             server = _Server((self.host, self._requested_port), handler)
         except OSError as exc:
