@@ -70,7 +70,7 @@ def test_every_example_worker_variable_is_documented() -> None:
 
 
 def test_every_health_endpoint_is_documented() -> None:
-    source = (REPO_ROOT / "backend" / "workers" / "shared" / "health.py").read_text()
+    source = (REPO_ROOT / "backend" / "workers" / "shared" / "_health_server.py").read_text()
     routes = set(re.findall(r'^\s+"(/[a-z/]+)": \(_Handler', source, re.M))
-    assert routes, "no routes found in health.py"
+    assert routes, "no routes found in _health_server.py"
     assert sorted(r for r in routes if f"`GET {r}`" not in README) == []

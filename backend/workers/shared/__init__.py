@@ -68,10 +68,11 @@ _EXPORTS: dict[str, str] = {
     "monitor_performance": "logging_utils",
     # health.py
     "HealthChecker": "health",
-    "HealthServer": "health",
     "HealthCheckResult": "health",
     "HealthStatus": "health",
-    "HealthServerError": "health",
+    # _health_server.py
+    "HealthServer": "_health_server",
+    "HealthServerError": "_health_server",
     # tasks.py
     "ExecutionTask": "tasks",
     "is_transient": "tasks",
@@ -94,6 +95,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # the same names, eagerly, for type checkers
+    from ._health_server import (
+        HealthServer as HealthServer,
+        HealthServerError as HealthServerError,
+    )
     from .api_client import InternalAPIClient as InternalAPIClient
     from .config import (
         ConfigurationError as ConfigurationError,
@@ -121,8 +126,6 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers
     from .health import (
         HealthChecker as HealthChecker,
         HealthCheckResult as HealthCheckResult,
-        HealthServer as HealthServer,
-        HealthServerError as HealthServerError,
         HealthStatus as HealthStatus,
     )
     from .logging_utils import (
