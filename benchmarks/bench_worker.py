@@ -10,10 +10,10 @@ Workers, all ``celery worker`` prefork with 4 processes on the same Redis broker
 (b2) for comparison, (b) with the one memory measure every worker of ours gets (``gc.freeze()``
     before the pool forks).
 
-Printed: total PSS (main process plus children, idle after start, from
-``/proc/<pid>/smaps_rollup``) and time from launch to Celery's "ready" line for each; end to
-end executions per second for (a) and (c) against gunicorn + PostgreSQL, in alternating
-rounds (the median of each); the imports that cost most in ``python -X importtime`` of the
+Printed: total PSS (main process plus children, idle after start and again after the
+throughput rounds, from ``/proc/<pid>/smaps_rollup``) and time from launch to Celery's
+"ready" line for each; end to end executions per second for (a) and (c) against gunicorn +
+PostgreSQL, in alternating rounds (the median of each); the imports that cost most in ``python -X importtime`` of the
 example worker. Targets: PSS(a) <= 1.2 x PSS(b), PSS(a) < PSS(c), throughput(a) /
 throughput(c) >= 1.2 (issue 10: the example worker claims, finishes in one call, and that
 is all it asks of the backend).
@@ -319,6 +319,7 @@ def measure(tmp: Path) -> int:
                         run_throughput(backend, running[key], specs[key][3]))
             for key in ("a", "c"):
                 results[key]["throughput"] = statistics.median(results[key]["rates"])
+                results[key]["pss_after"] = running[key].footprint()[0]
         finally:
             for worker in running.values():
                 worker.stop()
@@ -340,6 +341,8 @@ def measure(tmp: Path) -> int:
     print(f"PSS (a)/(b) = {a['pss'] / b['pss']:.2f}  (target <= 1.2); "
           f"(a)/(b2) = {a['pss'] / results['b2']['pss']:.2f} (both with gc.freeze)")
     print(f"PSS (a)/(c) = {a['pss'] / c['pss']:.2f}  (target < 1)")
+    print(f"PSS after the throughput rounds: (a) {mib(a['pss_after'])}, (c) {mib(c['pss_after'])}"
+          f" ((a)/(c) = {a['pss_after'] / c['pss_after']:.2f})")
     print(f"start-up (a)/(b) = {a['startup'] / b['startup']:.2f}, "
           f"(a)/(c) = {a['startup'] / c['startup']:.2f}")
     ratios = [x / y for x, y in zip(a["rates"], c["rates"], strict=True)]
