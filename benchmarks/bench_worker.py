@@ -10,13 +10,13 @@ Workers, all ``celery worker`` prefork with 4 processes on the same Redis broker
 (b2) for comparison, (b) with the one memory measure every worker of ours gets (``gc.freeze()``
     before the pool forks).
 
-Printed: total PSS (main process plus children, idle after start and again after the
-throughput rounds, from ``/proc/<pid>/smaps_rollup``) and time from launch to Celery's
-"ready" line for each; end to end executions per second for (a) and (c) against gunicorn +
-PostgreSQL, in alternating rounds (the median of each); the imports that cost most in ``python -X importtime`` of the
-example worker. Targets: PSS(a) <= 1.2 x PSS(b), PSS(a) < PSS(c), throughput(a) /
-throughput(c) >= 1.2 (issue 10: the example worker claims, finishes in one call, and that
-is all it asks of the backend).
+Printed: total PSS (main process plus children, from ``/proc/<pid>/smaps_rollup``), idle
+after start and again after the throughput rounds, and time from launch to Celery's "ready"
+line for each; end to end executions per second for (a) and (c) against gunicorn +
+PostgreSQL, in alternating rounds (the median of each); the imports that cost most in
+``python -X importtime`` of the example worker. Targets: PSS(a) <= 1.2 x PSS(b), PSS(a) <
+PSS(c), throughput(a) / throughput(c) >= 1.2 (issue 10: the example worker claims, finishes
+in one call, and that is all it asks of the backend).
 
 Needs Redis and PostgreSQL on localhost. Run: ``.venv/bin/python benchmarks/bench_worker.py``.
 """
