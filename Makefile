@@ -13,7 +13,7 @@ WSTAMP := $(WORKER_VENV)/.installed
 # "Editable installation" banner at every editable install of a flat layout).
 PIP_INSTALL := -m pip install -qq --disable-pip-version-check
 
-.PHONY: demo test test-workers test-backend lint bench backend lifecycle install clean
+.PHONY: demo test test-workers test-backend test-backend-postgres lint bench backend lifecycle install clean
 
 # Full environment: worker, backend and test tools.
 $(STAMP): pyproject.toml
@@ -40,18 +40,23 @@ lint: $(STAMP)
 	$(VENV)/bin/deptry .
 	$(VENV)/bin/lint-imports
 
-# The worker and backend suites run side by side (each prints its output when it ends); the
+# The worker and backend suites run two at a time (each prints its output when it ends): the
+# backend's PostgreSQL run of its API suites starts once the worker suite is done. The
 # end-to-end suite, whose faults are timed, runs alone after them.
+PG_SUITE := tests/backend/test_api_postgres.py
 test: lint $(WSTAMP)
 	$(WPY) -c "import django" 2>/dev/null && { echo "Django leaked into $(WORKER_VENV)"; exit 1; } || true
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-workers test-backend
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-workers test-backend test-backend-postgres
 	$(PY) -m pytest tests/e2e
 
 test-workers: $(WSTAMP)
 	BACKEND_PYTHON=$(abspath $(PY)) $(WPY) -m pytest tests/workers
 
 test-backend: $(STAMP)
-	$(PY) -m pytest tests/backend
+	$(PY) -m pytest tests/backend --ignore=$(PG_SUITE)
+
+test-backend-postgres: $(STAMP)
+	$(PY) -m pytest $(PG_SUITE)
 
 bench: $(STAMP)
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
