@@ -214,6 +214,7 @@ class LiveBackend:
             self.create_organization(self.org_id)
             self._prepared = True
         log = self.log_path.open("ab")
+        log_start = log.tell()
         try:
             self._process = subprocess.Popen(
                 [
@@ -238,7 +239,7 @@ class LiveBackend:
             )
         finally:
             log.close()
-        self._wait_ready()
+        self._wait_ready(log_start)
         return self
 
     def stop(self) -> None:
@@ -299,21 +300,37 @@ class LiveBackend:
         headers["X-Organization-ID"] = org_id or self.org_id
         return headers
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, log_start: int) -> None:
+        # Ready once this master has bound the port (its own "Listening at" line, logged at
+        # INFO: a restart's probe could be answered by the orphaned workers of a killed master)
+        # and answers healthy.
         deadline = time.monotonic() + self.start_timeout
         request = urllib.request.Request(f"{self.url}/internal/v1/health/", headers=self.headers())
+        assert self._process is not None
+        listening = f"Listening at: {self.url} ({self._process.pid})"
+        if self.log_level.upper() not in ("DEBUG", "INFO"):
+            listening = ""
         while time.monotonic() < deadline:
             if self._process is None or self._process.poll() is not None:
                 raise BackendStartError(f"backend exited during start-up:\n{self._tail()}")
-            try:
-                with urllib.request.urlopen(request, timeout=2) as response:
-                    if json.load(response).get("status") == "healthy":
-                        return
-            except (OSError, ValueError):
-                pass
+            if listening in self._log_since(log_start):
+                try:
+                    with urllib.request.urlopen(request, timeout=2) as response:
+                        if json.load(response).get("status") == "healthy":
+                            return
+                except (OSError, ValueError):
+                    pass
             time.sleep(0.1)
         self.stop()
         raise BackendStartError(f"backend not ready after {self.start_timeout} s:\n{self._tail()}")
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def _tail(self, lines: int = 30) -> str:
         return "\n".join(self.logs().splitlines()[-lines:])
