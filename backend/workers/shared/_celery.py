@@ -33,6 +33,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -77,14 +78,25 @@ def install() -> None:
         for signal, handler in handlers.items():
             signal.connect(handler, weak=False, dispatch_uid=_UID + handler.__name__)
         _route_shutdown_messages()
+        if _runs_worker_command():
+            _heartbeat.expect_worker()
         _installed = True
     _metrics.subscribe_resilience()
 
 
+def _runs_worker_command() -> bool:
+    """True when this process runs ``celery worker``, read from click's context: the
+    ``celery`` command imports the app (``-A``) with its subcommand already chosen."""
+    click = sys.modules.get("click")
+    context = click.get_current_context(silent=True) if click is not None else None
+    if context is None:
+        return False
+    root = context.find_root()
+    return root.command.name == "celery" and root.invoked_subcommand == "worker"
+
+
 def install_if_celery_loaded() -> None:
     """:func:`install` when Celery is already imported (never imports it just for this)."""
-    import sys
-
     if "celery" in sys.modules:
         install()
 

@@ -35,6 +35,7 @@ class _MainState:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.worker: Any = None
+        self.expected = False
         self.ready = False
         self.run_dir: Path | None = None
         self.heartbeat_dir: Path | None = None
@@ -126,6 +127,7 @@ def stop_main() -> None:
         run_dir, STATE.run_dir, STATE.heartbeat_dir = STATE.run_dir, None, None
         STATE.ready = False
         STATE.worker = None
+        STATE.expected = False
     if run_dir is not None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -147,8 +149,18 @@ def task_done() -> None:
     _child.wake.set()
 
 
+def expect_worker() -> None:
+    """This process runs ``celery worker``: until the worker attaches it is starting."""
+    STATE.expected = True
+
+
 def worker_attached() -> bool:
-    """True when a Celery worker runs in this process."""
+    """True when a Celery worker runs in this process, or is starting (``celery worker``)."""
+    return STATE.worker is not None or STATE.expected
+
+
+def worker_started() -> bool:
+    """True once the Celery worker of this process has initialised (``worker_init``)."""
     return STATE.worker is not None
 
 

@@ -498,6 +498,9 @@ class HealthChecker:
         if not _heartbeat.worker_attached():
             details["celery_worker"] = False
             return HealthStatus.HEALTHY, "Worker process healthy"
+        if not _heartbeat.worker_started():
+            details.update(celery_worker=True, consumer_connected=False, consumer_ready=False)
+            return HealthStatus.DEGRADED, "celery worker starting"
         children = _heartbeat.child_heartbeats(self.config.health_heartbeat_timeout)
         connected = _heartbeat.consumer_connected()
         details.update(
