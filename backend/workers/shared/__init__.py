@@ -75,7 +75,7 @@ _EXPORTS: dict[str, str] = {
     "HealthServerError": "_health_server",
     # tasks.py
     "ExecutionTask": "tasks",
-    "is_transient": "tasks",
+    "is_transient": "errors",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -122,6 +122,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers
         WebhookError as WebhookError,
         WebhookNotRecordedError as WebhookNotRecordedError,
         WebhookURLRefusedError as WebhookURLRefusedError,
+        is_transient as is_transient,
     )
     from .health import (
         HealthChecker as HealthChecker,
@@ -163,7 +164,4 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers
         retry as retry,
         set_testing as set_testing,
     )
-    from .tasks import (
-        ExecutionTask as ExecutionTask,
-        is_transient as is_transient,
-    )
+    from .tasks import ExecutionTask as ExecutionTask

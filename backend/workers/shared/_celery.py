@@ -41,6 +41,7 @@ from contextvars import Token
 from typing import Any
 
 from . import _heartbeat, _metrics, _redact, _stats
+from .errors import is_transient
 
 TASK_ARGUMENTS = ("execution_id", "organization_id")
 _UID = "backend.workers.shared._celery."
@@ -237,13 +238,11 @@ def _route_shutdown_messages() -> None:
 
 def _failure(outcome: str, retval: Any) -> tuple[str | None, bool]:
     """The exception type a finished task failed with (None when it succeeded), and whether
-    that exception is transient (see :func:`tasks.is_transient`)."""
+    that exception is transient (see :func:`errors.is_transient`)."""
     if outcome != "failure":
         return None, False
     if not isinstance(retval, BaseException):
         return "FAILURE", False
-    from .tasks import is_transient
-
     return type(retval).__name__, is_transient(retval)
 
 

@@ -41,7 +41,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from . import _metrics, _redact
-from .health import HISTORY_SIZE, HealthChecker, HealthReport, HealthStatus, _now_iso
+from ._timefmt import utc_now_iso
+from .health import HISTORY_SIZE, HealthChecker, HealthReport, HealthStatus
 
 log = logging.getLogger("backend.workers.shared.health")  # the server's records kept their name
 
@@ -413,7 +414,7 @@ class _Handler(BaseHTTPRequestHandler):
                 _json_body(
                     {
                         "status": HealthStatus.UNHEALTHY.value,
-                        "timestamp": _now_iso(),
+                        "timestamp": utc_now_iso(),
                         "uptime_seconds": self.checker.uptime_seconds(),
                         "worker_name": self.checker.config.worker_name,
                         "checks": {},

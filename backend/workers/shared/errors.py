@@ -26,6 +26,12 @@ def one_line(text: str, limit: int = MAX_DETAIL) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
+def is_transient(exc: BaseException) -> bool:
+    """True when trying the work again later may succeed: an open circuit breaker, or an
+    exception whose ``transient`` attribute is ``True`` (the client's transient errors)."""
+    return isinstance(exc, CircuitBreakerOpenError) or getattr(exc, "transient", False) is True
+
+
 class InternalAPIError(Exception):
     """A call to the internal API failed; the base of every error the client raises.
 

@@ -27,11 +27,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _heartbeat, _metrics, _redact, _stats
+from ._timefmt import utc_now_iso
 from .config import ConfigurationError
 
 if TYPE_CHECKING:
@@ -75,10 +76,6 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class HealthStatus(enum.StrEnum):
     """Outcome of a check or of a whole report, from best to worst."""
 
@@ -109,7 +106,7 @@ class HealthCheckResult:
     message: str
     details: dict[str, Any] | None = None
     duration_ms: float = 0.0
-    timestamp: str = dataclasses.field(default_factory=_now_iso)
+    timestamp: str = dataclasses.field(default_factory=utc_now_iso)
 
     def __post_init__(self) -> None:
         try:
@@ -340,7 +337,7 @@ class HealthChecker:
         checks = {name: self._collect(name, run, bound) for name, (run, bound) in started}
         report = HealthReport(
             status=worst([r.status for r in checks.values()]),
-            timestamp=_now_iso(),
+            timestamp=utc_now_iso(),
             uptime_seconds=self.uptime_seconds(),
             worker_name=self.config.worker_name,
             checks=checks,
@@ -576,7 +573,7 @@ class HealthChecker:
                 "pool_processes": len(_heartbeat.pool_pids()),
             }
         return {
-            "timestamp": _now_iso(),
+            "timestamp": utc_now_iso(),
             "worker_name": self.config.worker_name,
             "worker_version": self.config.worker_version,
             "uptime_seconds": self.uptime_seconds(),

@@ -40,6 +40,7 @@ import structlog
 
 from . import _metrics, _redact, _stats
 from ._resilience import check_number
+from ._timefmt import utc_iso
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("structured", "simple")
@@ -112,19 +113,9 @@ class _State:
         self.log_level = "INFO"
         self.log_format = "structured"
         self.handler: logging.Handler | None = None
-        self.ts_second = -1
-        self.ts_prefix = ""
 
 
 _state = _State()
-
-
-def _timestamp(created: float) -> str:
-    second = int(created)
-    if second != _state.ts_second:
-        _state.ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _state.ts_second = second
-    return f"{_state.ts_prefix}.{int((created - second) * 1000):03d}Z"
 
 
 def _exception_fields(exc_info: Any) -> dict[str, str] | None:
@@ -206,7 +197,7 @@ def _assemble(record: logging.LogRecord) -> dict[str, Any]:
         args = record.args
         fields = {k: v for k, v in record.__dict__.items() if k not in _RECORD_ATTRS}
     out: dict[str, Any] = {
-        "timestamp": _timestamp(record.created),
+        "timestamp": utc_iso(record.created),
         "level": record.levelname,
         "logger": record.name,
         "message": message,

@@ -72,7 +72,7 @@ from celery.exceptions import Reject, Retry, TaskPredicate, TimeLimitExceeded, W
 from . import _redact
 from ._lease import LeaseKeeper, LeaseNote, Run, current_run
 from .config import WorkerConfig
-from .retry_utils import CircuitBreakerOpenError
+from .errors import is_transient
 
 if TYPE_CHECKING:
     from .api_client import InternalAPIClient, WorkflowExecution
@@ -86,11 +86,6 @@ _slot = threading.local()  # this thread's claim token (ExecutionTask._worker_na
 DISPATCH_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@-]*")
 MAX_TASK_NAME = 255
 MAX_QUEUE_NAME = 128
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True when trying the task again later may succeed (see the module docstring)."""
-    return isinstance(exc, CircuitBreakerOpenError) or getattr(exc, "transient", False) is True
 
 
 class ExecutionTask(Task):
