@@ -2,7 +2,7 @@
 
 Against gunicorn (gthread) on SQLite, the same ``GET workflow-executions/{id}/``:
 
-(a) the seed's pattern, ``with InternalAPIClient(config) as client:
+(a) the module README's pattern, ``with InternalAPIClient(config) as client:
     client.get_workflow_execution(id)``, once per iteration (a task's life);
 (b) the same GET through one raw pooled ``httpx2.Client`` with the same headers, JSON decoded;
 (c) a fresh ``httpx2.Client`` per call (what a naive worker does).
@@ -79,7 +79,7 @@ def main() -> int:
         }
         base = config.internal_api_base_url + "/"
 
-        def seed_pattern() -> None:
+        def readme_pattern() -> None:
             with InternalAPIClient(config) as client:
                 client.get_workflow_execution(execution_id)
 
@@ -97,13 +97,13 @@ def main() -> int:
                 response.json()
 
         for _ in range(WARMUP):
-            seed_pattern()
+            readme_pattern()
             raw_pooled()
 
         print(f"GET {path} against gunicorn gthread + SQLite at {backend.url}")
         spent = {"a": 0.0, "b": 0.0}
         for _ in range(ITERATIONS // BLOCK):
-            for name, fn in (("a", seed_pattern), ("b", raw_pooled)):
+            for name, fn in (("a", readme_pattern), ("b", raw_pooled)):
                 started = time.perf_counter()
                 for _ in range(BLOCK):
                     fn()

@@ -580,7 +580,8 @@ def test_the_current_epoch_writes_and_no_header_writes_as_before(api: Api) -> No
     assert patched.status_code == 200 and patched.json()["total_files"] == 3
     plain = api.call("PATCH", f"workflow-executions/{execution_id}/", {"failed_files": 1})
     assert plain.status_code == 200 and plain.json()["failed_files"] == 1
-    # A plain status update on a leased execution is accepted as before (seed's tasks).
+    # A plain status update on a leased execution is accepted as before (the module README's
+    # plain tasks).
     assert status(api, execution_id, None, "IN_PROGRESS").status_code == 200
 
 

@@ -418,7 +418,7 @@ def test_a_webhook_due_on_an_execution_without_a_task_is_counted_in_health(
         json={"workflow_id": "wf-plain", "webhook_url": "https://hooks.example/x"},
     )
     pk = uuid.UUID(answer.json()["id"])
-    for status in ("IN_PROGRESS", "COMPLETED"):  # the seed's plain task, no lease
+    for status in ("IN_PROGRESS", "COMPLETED"):  # the module README's plain task, no lease
         done = scene.http.post(f"/workflow-executions/{pk}/status/", json={"status": status})
         assert done.status_code == 200, done.text
     scene.update(pk, webhook_handed_at=datetime.now(UTC) - PAST)

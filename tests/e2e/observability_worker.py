@@ -1,4 +1,4 @@
-"""A worker built the seed's Quick Start way, run by tests/e2e/test_observability.py.
+"""A worker built the module README's Quick Start way, run by tests/e2e/test_observability.py.
 
 Started as ``celery -A observability_worker worker`` with this folder on PYTHONPATH; every
 setting comes from the environment the test prepares.

@@ -288,7 +288,7 @@ def test_overdue_work_is_counted_until_repaired_and_others_stay_ready(
 def test_a_task_sent_directly_still_completes_beside_the_lifecycle(
     stacks: Callable[[str], Stack], tmp_path: Path
 ) -> None:
-    """An execution created without ``dispatch`` and its task sent directly (the seed's
+    """An execution created without ``dispatch`` and its task sent directly (the module README's
     way) is claimed and completed with a legal history."""
     stack = stacks("filesystem")
     with stack_fleet(stack, tmp_path, concurrency=2, work=WORK) as crew:

@@ -1,7 +1,7 @@
 """Observability of a real ``celery worker`` (prefork, two children) against the real backend.
 
-The worker (``observability_worker.py``) is built the seed's Quick Start way. Its stdout and
-stderr are captured separately; every line must be a JSON object. Tasks are sent through the
+The worker (``observability_worker.py``) is built the module README's Quick Start way. Its stdout
+and stderr are captured separately; every line must be a JSON object. Tasks are sent through the
 filesystem broker in a temporary directory; counts are read back from ``/metrics`` and
 ``/health/metrics`` served by the worker's main process.
 """

@@ -17,7 +17,7 @@ KEY = "swi-config-key-Zx81Qp"
 SECRET = "whsec_c2VjcmV0LXZhbHVlLWZvci10ZXN0cw=="
 REPO = Path(__file__).resolve().parents[2]
 
-SEED_DEFAULTS = {
+README_DEFAULTS = {
     "django_app_backend_url": "http://localhost:8000",
     "worker_name": "unstract-worker",
     "worker_version": "1.0.0",
@@ -45,14 +45,14 @@ def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-def test_seed_defaults(env: pytest.MonkeyPatch) -> None:
+def test_readme_defaults(env: pytest.MonkeyPatch) -> None:
     config = WorkerConfig()
-    for name, value in SEED_DEFAULTS.items():
+    for name, value in README_DEFAULTS.items():
         assert getattr(config, name) == value, name
     assert config.api_key() == KEY
 
 
-def test_seed_attributes(env: pytest.MonkeyPatch) -> None:
+def test_readme_attributes(env: pytest.MonkeyPatch) -> None:
     env.setenv("WORKER_NAME", "my-worker")
     env.setenv("METRICS_PORT", "9191")
     config = WorkerConfig()
@@ -266,8 +266,8 @@ def test_celery_config_embedded_broker_when_unset(
     assert Path(options["data_folder_in"]).is_relative_to(tmp_path / "data")
 
 
-def test_seed_quick_start_merge_keeps_a_working_broker(env: pytest.MonkeyPatch) -> None:
-    """The seed merges get_celery_config() after its own broker_url from the environment."""
+def test_readme_quick_start_merge_keeps_a_working_broker(env: pytest.MonkeyPatch) -> None:
+    """The Quick Start merges get_celery_config() after its own broker_url from the environment."""
     config = WorkerConfig()
     merged = {"broker_url": os.getenv("CELERY_BROKER_URL"), **config.get_celery_config()}
     assert merged["broker_url"] == "filesystem://"

@@ -29,7 +29,7 @@ from tests.conftest import free_port
 from tests.live_backend import LiveBackend
 
 pytestmark = pytest.mark.timeout(120)
-SEED_KEYS = ["status", "timestamp", "uptime_seconds", "worker_name", "checks"]
+README_KEYS = ["status", "timestamp", "uptime_seconds", "worker_name", "checks"]
 
 
 def get(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
@@ -101,7 +101,7 @@ def test_health_against_the_live_backend(live_config: WorkerConfig,
     server = serve(checker)
     status, body = get_json(server.url + "/health")
     assert status == 200, body
-    assert list(body) == SEED_KEYS
+    assert list(body) == README_KEYS
     assert body["worker_name"] == "health-test"
     assert list(body["checks"]) == ["api_connectivity", "system_resources", "worker_process",
                                     "custom"]
@@ -205,7 +205,7 @@ def test_quick_never_runs_checks(make_config: Callable[..., WorkerConfig],
             break
     for _ in range(20):
         status, body = get_json(server.url + "/health/quick")
-        assert status == 200 and list(body) == SEED_KEYS
+        assert status == 200 and list(body) == README_KEYS
     assert len(calls) == 1
 
 
@@ -218,7 +218,7 @@ def test_history_metrics_and_prometheus(make_config: Callable[..., WorkerConfig]
         get(server.url + "/health")
     status, history = get_json(server.url + "/health/history")
     assert status == 200 and history["count"] >= 3
-    assert all(list(report) == SEED_KEYS for report in history["history"])
+    assert all(list(report) == README_KEYS for report in history["history"])
     assert get_json(server.url + "/health/history?limit=2")[1]["count"] == 2
     status, error = get_json(server.url + "/health/history?limit=zero")
     assert status == 400 and error["error"] == "bad_limit"

@@ -1,4 +1,4 @@
-"""@retry under real Celery tasks with the seed's decorator stack:
+"""@retry under real Celery tasks with the module README's decorator stack:
 
     @app.task(bind=True)
     @monitor_performance
@@ -66,7 +66,7 @@ def task_using_celery_retry(self: Any, execution_id: str) -> str:
 pytestmark = pytest.mark.usefixtures("no_sleep")  # retries run without sleeping
 
 
-def test_seed_stack_retries_inside_the_task_and_keeps_identity() -> None:
+def test_readme_stack_retries_inside_the_task_and_keeps_identity() -> None:
     execution_id = uuid.uuid4().hex
     result = my_task.delay(execution_id).get()
     assert result["status"] == "success"
@@ -86,7 +86,7 @@ def test_celery_checks_arguments_against_the_kept_signature() -> None:
     assert attempts[execution_id] == 0  # refused by Celery before any attempt
 
 
-def test_seed_stack_raises_the_original_error_after_the_last_attempt() -> None:
+def test_readme_stack_raises_the_original_error_after_the_last_attempt() -> None:
     execution_id = uuid.uuid4().hex
     with pytest.raises(ConnectionError, match=r"attempt 3\)$"):
         my_task.apply(args=(execution_id,), kwargs={"fail_times": 10}).get()
@@ -134,7 +134,7 @@ def my_task(self, execution_id):
 '''
 
 
-def test_seed_stack_in_a_real_celery_worker(tmp_path: Path) -> None:
+def test_readme_stack_in_a_real_celery_worker(tmp_path: Path) -> None:
     data = tmp_path / "data"
     for sub in ("q", "c", "results"):
         (data / sub).mkdir(parents=True)

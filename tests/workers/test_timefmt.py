@@ -25,7 +25,8 @@ def test_utc_iso_is_iso_8601_with_milliseconds_and_z(when: float) -> None:
 
 def test_a_second_boundary_is_crossed_both_ways() -> None:
     # The formatted second is cached: going back to an earlier second must not reuse it.
-    assert [utc_iso(t) for t in (10.5, 11.25, 10.75)] == [reference(t) for t in (10.5, 11.25, 10.75)]
+    moments = (10.5, 11.25, 10.75)
+    assert [utc_iso(t) for t in moments] == [reference(t) for t in moments]
 
 
 def test_threads_formatting_different_seconds_never_mix_them() -> None:

@@ -1,7 +1,7 @@
 """The specification as written: the module README's copy of its blocks runs unedited.
 
 The specification's fenced blocks stand verbatim in the module README
-(``backend/workers/shared/README.md``); :data:`tests.e2e.seedenv.SPEC_BLOCKS` knows each by
+(``backend/workers/shared/README.md``); :data:`tests.e2e.readme_snippets.SPEC_BLOCKS` knows each by
 the SHA-256 of its text, so the README is checked to still hold every one unchanged, and the
 blocks run here are read from it (nothing outside the repository is read). The environment is
 the Quick Start's: its ``.env`` block and the README's ``ORGANIZATION_ID`` block are written
@@ -10,7 +10,7 @@ command. Only the values the specification leaves as placeholders come from the 
 the environment:
 
 - ``INTERNAL_SERVICE_API_KEY``: the live backend's;
-- ``DJANGO_APP_BACKEND_URL``: a loopback proxy to the live backend that maps the seed's
+- ``DJANGO_APP_BACKEND_URL``: a loopback proxy to the live backend that maps the README's
   literal ``execution-id`` in request paths to a real execution (created here), so
   ``client.get_workflow_execution('execution-id')`` reads, and updates, a real execution;
 - ``https://example.com/webhook``: the snippet runs in its own mount namespace whose
@@ -18,8 +18,8 @@ the environment:
   (certificate made here, trusted through ``SSL_CERT_FILE``) verifies the Standard Webhooks
   signature; ``WEBHOOK_ALLOWED_HOSTS=example.com`` lets the SSRF guard through for it.
 
-The Quick Start worker module is saved as ``my_worker.py`` and started with the seed's own
-command, its task is sent with the README's ``send`` command, and the seed's
+The Quick Start worker module is saved as ``my_worker.py`` and started with the README's own
+command, its task is sent with the README's ``send`` command, and the README's
 ``curl http://localhost:8080/health`` is run as written.
 """
 
@@ -48,7 +48,7 @@ from tests.e2e.harness import (
     new_webhook_secret,
     wait_until,
 )
-from tests.e2e.seedenv import (
+from tests.e2e.readme_snippets import (
     SPEC_BLOCKS,
     Block,
     PlaceholderProxy,
@@ -126,9 +126,9 @@ def test_the_quick_start_says_how_to_get_an_organization_and_send_a_task() -> No
 
 
 @pytest.fixture(scope="module")
-def seed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def readme_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The user's working directory: the Quick Start's ``.env`` written verbatim."""
-    folder = tmp_path_factory.mktemp("seed")
+    folder = tmp_path_factory.mktemp("readme")
     (folder / ".env").write_text(spec("quick start environment").text + organization_block().text)
     return folder
 
@@ -153,13 +153,13 @@ def client(live_backend: Any, organization: str) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def placeholder_execution(client: Any) -> str:
-    """The real execution that stands in for the seed's ``'execution-id'``."""
-    return str(client.create_workflow_execution("seed-usage-snippet").id)
+    """The real execution that stands in for the module README's ``'execution-id'``."""
+    return str(client.create_workflow_execution("readme-usage-snippet").id)
 
 
 @pytest.fixture(scope="module")
 def proxy(live_backend: Any, placeholder_execution: str) -> Iterator[PlaceholderProxy]:
-    """The backend as the seed's snippets reach it: ``execution-id`` mapped to a real id."""
+    """The backend as the README's snippets reach it: ``execution-id`` mapped to a real id."""
     server = PlaceholderProxy(live_backend.url, {"execution-id": placeholder_execution}).start()
     yield server
     server.stop()
@@ -169,7 +169,7 @@ def proxy(live_backend: Any, placeholder_execution: str) -> Iterator[Placeholder
 def example_com(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """An HTTPS receiver standing in for example.com, and a hosts file that points there."""
     if shutil.which("unshare") is None or shutil.which("openssl") is None:
-        pytest.fail("the seed test needs util-linux `unshare` and `openssl`")
+        pytest.fail("the README snippets test needs util-linux `unshare` and `openssl`")
     folder = tmp_path_factory.mktemp("example-com")
     cert, key = self_signed_certificate("example.com", folder)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -190,8 +190,8 @@ def example_com(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     receiver.stop()
 
 
-def seed_environment(
-    live_backend: Any, proxy: PlaceholderProxy, seed_dir: Path, example_com: dict[str, Any]
+def readme_environment(
+    live_backend: Any, proxy: PlaceholderProxy, readme_dir: Path, example_com: dict[str, Any]
 ) -> dict[str, str]:
     """The process environment: the user's shell plus the placeholders' real values."""
     env = {
@@ -206,7 +206,7 @@ def seed_environment(
             "WEBHOOK_SIGNING_SECRET": example_com["secret"],
             "WEBHOOK_ALLOWED_HOSTS": "example.com",
             "SSL_CERT_FILE": str(example_com["cert"]),
-            "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{seed_dir}",
+            "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{readme_dir}",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "PYTHONUNBUFFERED": "1",
             # The backend publishes the task (send's dispatch): the worker consumes the same
@@ -218,7 +218,7 @@ def seed_environment(
 
 
 def check_health_shape(body: dict[str, Any]) -> None:
-    """The seed's example response: the same keys, checks and value types."""
+    """The module README's example response: the same keys, checks and value types."""
     shape = json.loads(spec("health response").text)
     assert set(shape) <= set(body), body
     assert body["status"] in ("healthy", "degraded", "unhealthy")
@@ -233,7 +233,7 @@ def check_health_shape(body: dict[str, Any]) -> None:
 
 
 def curl_health() -> dict[str, Any]:
-    """The seed's own check, run as written."""
+    """The module README's own check, run as written."""
     curl = shlex.split(spec("testing: curl").text)
     done = subprocess.run(
         [*curl, "--silent", "--max-time", "20"], capture_output=True, text=True, timeout=30
@@ -243,37 +243,37 @@ def curl_health() -> dict[str, Any]:
 
 
 def wait_for_port_8080() -> None:
-    """Wait until nothing listens on 8080 (the seed's port; another run may hold it a while)."""
+    """Wait until nothing listens on 8080 (the README's port; another run may hold it a while)."""
     import socket
 
     def free() -> bool:
         with socket.socket() as sock:
             return sock.connect_ex(("127.0.0.1", 8080)) != 0
 
-    wait_until(free, 120, "port 8080 to be free: the seed's health server needs it", 1.0)
+    wait_until(free, 120, "port 8080 to be free: the README's health server needs it", 1.0)
 
 
 def test_usage_snippets_run_unedited(
     live_backend: Any,
     client: Any,
     proxy: PlaceholderProxy,
-    seed_dir: Path,
+    readme_dir: Path,
     example_com: dict[str, Any],
     placeholder_execution: str,
 ) -> None:
     wait_for_port_8080()
     snippets = [spec(name) for name in SNIPPETS]
-    blocks = seed_dir / "blocks.json"
+    blocks = readme_dir / "blocks.json"
     blocks.write_text(json.dumps([{"line": b.line, "text": b.text} for b in snippets]))
-    runner = seed_dir / "run_blocks.py"
+    runner = readme_dir / "run_blocks.py"
     runner.write_text(RUNNER)
-    env = seed_environment(live_backend, proxy, seed_dir, example_com)
+    env = readme_environment(live_backend, proxy, readme_dir, example_com)
     command = [
         "unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"',
         str(example_com["hosts"]), sys.executable, str(runner), str(blocks),
     ]  # fmt: skip
     done = subprocess.run(
-        command, cwd=seed_dir, env=env, capture_output=True, text=True, timeout=120
+        command, cwd=readme_dir, env=env, capture_output=True, text=True, timeout=120
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
@@ -312,15 +312,15 @@ def _run_and_check_worker(
     live_backend: Any,
     client: Any,
     proxy: PlaceholderProxy,
-    seed_dir: Path,
+    readme_dir: Path,
     example_com: dict[str, Any],
     task_name: str,
     log_name: str,
 ) -> None:
     wait_for_port_8080()
-    env = seed_environment(live_backend, proxy, seed_dir, example_com)
+    env = readme_environment(live_backend, proxy, readme_dir, example_com)
     env["METRICS_PORT"] = env_assignments(spec("quick start environment"))["METRICS_PORT"]
-    worker = WorkerProcess(env, seed_dir / log_name, command=command, cwd=seed_dir).launch()
+    worker = WorkerProcess(env, readme_dir / log_name, command=command, cwd=readme_dir).launch()
     try:
 
         def answers() -> bool:
@@ -332,7 +332,7 @@ def _run_and_check_worker(
             return True
 
         wait_until(answers, 60, f"curl of /health to answer (log {worker.log_path})", 0.5)
-        execution_id, _ = send_as_documented(task_name, env, seed_dir)
+        execution_id, _ = send_as_documented(task_name, env, readme_dir)
         execution = client.get_workflow_execution(execution_id)
         assert execution.status == "COMPLETED", execution
         check_health_shape(curl_health())
@@ -344,17 +344,17 @@ def _run_and_check_worker(
     assert "No hostname was supplied" not in log
 
 
-def test_quick_start_worker_runs_with_the_seeds_command(
+def test_quick_start_worker_runs_with_the_readmes_command(
     live_backend: Any,
     client: Any,
     proxy: PlaceholderProxy,
-    seed_dir: Path,
+    readme_dir: Path,
     example_com: dict[str, Any],
 ) -> None:
-    (seed_dir / "my_worker.py").write_text(spec("quick start worker").text)
+    (readme_dir / "my_worker.py").write_text(spec("quick start worker").text)
     run = shlex.split(spec("run command").text)
     _run_and_check_worker(
-        run, live_backend, client, proxy, seed_dir, example_com, "my_worker.my_task",
+        run, live_backend, client, proxy, readme_dir, example_com, "my_worker.my_task",
         "my_worker.log",
     )  # fmt: skip
 
@@ -363,12 +363,12 @@ def test_testing_section_runs_the_example_worker(
     live_backend: Any,
     client: Any,
     proxy: PlaceholderProxy,
-    seed_dir: Path,
+    readme_dir: Path,
     example_com: dict[str, Any],
 ) -> None:
     testing = spec("testing: example worker").text
     command = next(line.strip() for line in testing.splitlines() if line.startswith("python -m"))
     _run_and_check_worker(
-        shlex.split(command), live_backend, client, proxy, seed_dir, example_com,
+        shlex.split(command), live_backend, client, proxy, readme_dir, example_com,
         "example_worker.process_execution", "example.log",
     )  # fmt: skip

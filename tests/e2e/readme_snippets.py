@@ -1,10 +1,10 @@
-"""What the seed's snippets need around them: its code blocks, a path-mapping proxy, TLS.
+"""What the module README's snippets need around them: its code blocks, a path-mapping proxy, TLS.
 
 - :func:`spec_blocks` finds the specification's fenced blocks in the module README, where they
   stand verbatim: each is known by the SHA-256 of its text (:data:`SPEC_BLOCKS`, computed from
   the specification when it was adopted), so an edited block is a missing block.
 - :class:`PlaceholderProxy` is a loopback reverse proxy to the real backend that maps the
-  seed's placeholder execution id (the literal ``execution-id``) in request paths to a real
+  README's placeholder execution id (the literal ``execution-id``) in request paths to a real
   execution's id; everything else passes through untouched.
 - :func:`self_signed_certificate` makes a certificate for a host name (``example.com``) with
   the ``openssl`` command, so a local HTTPS receiver can stand in for that host.
@@ -45,7 +45,7 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "host", "content
 
 @dataclass(frozen=True)
 class Block:
-    """One fenced code block of the seed: its language, text and first line number."""
+    """One fenced code block of the module README: its language, text and first line number."""
 
     language: str
     text: str
