@@ -529,9 +529,11 @@ class HealthChecker:
         checks: dict[str, Any] = {}
         api = self.run_check("api_connectivity", max_age=READY_MAX_AGE)
         checks["backend"] = {"ok": api.status is not HealthStatus.UNHEALTHY, "message": api.message}
-        from .api_client import _backend_breaker  # the one breaker guarding backend calls
+        # The one breaker guarding backend calls; imported here, so that importing health
+        # loads no breaker (see breaker_findings).
+        from ._policy import backend_breaker
 
-        breaker = _backend_breaker(self.config)
+        breaker = backend_breaker(self.config)
         state = breaker.state.value
         checks["circuit_breaker"] = {"ok": state != "open", "state": state}
         if breaker.shared:

@@ -44,13 +44,15 @@ class ExecutionStatus(StrEnum):
     STOPPED = "STOPPED"
 
 
-class _Result(BaseModel):
+class ResultModel(BaseModel):
+    """The base of the backend's answers: immutable, and keeping the fields it adds later."""
+
     # Fields the backend adds later are kept (model_extra), never an error. The validator is
     # built on first use, not at import (worker start-up is measured).
     model_config = ConfigDict(extra="allow", frozen=True, defer_build=True)
 
 
-class Lease(_Result):
+class Lease(ResultModel):
     """A worker's lease on an execution: ``epoch`` fences its writes until ``expires_at``."""
 
     epoch: int
@@ -58,7 +60,7 @@ class Lease(_Result):
     expires_at: datetime | None = None
 
 
-class ExecutionWebhook(_Result):
+class ExecutionWebhook(ResultModel):
     """The completion webhook due for an execution: ``id`` is its ``webhook-id``
     (``msg_...``, the same on every attempt), ``delivered`` whether it was recorded so,
     ``failed`` whether the backend gave it up (no more attempts)."""
@@ -69,7 +71,7 @@ class ExecutionWebhook(_Result):
     failed: bool = False
 
 
-class WorkflowExecution(_Result):
+class WorkflowExecution(ResultModel):
     """One workflow execution as the backend returns it."""
 
     id: str
@@ -106,14 +108,14 @@ class WorkflowExecution(_Result):
         return hook if hook is not None and not (hook.delivered or hook.failed) else None
 
 
-class Claim(_Result):
+class Claim(ResultModel):
     """What a successful claim returns: the execution (as it is now) and the new lease."""
 
     execution: WorkflowExecution
     lease: Lease
 
 
-class ExecutionEvent(_Result):
+class ExecutionEvent(ResultModel):
     """One status change in an execution's history (``from_status`` is ``from``)."""
 
     from_status: str | None = Field(None, alias="from")
@@ -124,7 +126,7 @@ class ExecutionEvent(_Result):
     reason: str = ""
 
 
-class WebhookDelivery(_Result):
+class WebhookDelivery(ResultModel):
     """One recorded webhook delivery (what was sent where, and how it ended)."""
 
     id: str
@@ -139,7 +141,7 @@ class WebhookDelivery(_Result):
     created_at: datetime | None = None
 
 
-class BackendHealth(_Result):
+class BackendHealth(ResultModel):
     """The backend's answer to ``GET health/``."""
 
     status: str

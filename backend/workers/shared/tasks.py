@@ -71,6 +71,7 @@ from celery.exceptions import Reject, Retry, TaskPredicate, TimeLimitExceeded, W
 
 from . import _redact
 from ._lease import LeaseKeeper, LeaseNote, Run, current_run
+from ._policy import IN_FLIGHT_CODE
 from .config import WorkerConfig
 from .errors import is_transient
 
@@ -222,12 +223,12 @@ class ExecutionTask(Task):
         whose outcome is unknown is tried again later (raises ``Retry``; the next claim is
         refused with ``lease_held`` if this one was applied, and the lease then runs out);
         any other refusal is logged and raised, and the backend's repairs own the execution."""
-        from .api_client import _IN_FLIGHT_CODE, APIResponseError, ConflictError
+        from .api_client import APIResponseError, ConflictError
 
         unknown = (
             is_transient(exc)
             or isinstance(exc, APIResponseError)
-            or (isinstance(exc, ConflictError) and exc.error_code == _IN_FLIGHT_CODE)
+            or (isinstance(exc, ConflictError) and exc.error_code == IN_FLIGHT_CODE)
         )
         if unknown:
             self._requeue(exc, args, kwargs)
