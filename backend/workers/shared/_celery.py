@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import sys
 import threading
 import time
@@ -107,18 +106,16 @@ def install_if_celery_loaded() -> None:
 
 def _configure_if_needed(loglevel: Any) -> None:
     """Configure logging from the environment (and ``--loglevel``) unless done already."""
-    from . import logging_utils
+    from . import config, logging_utils
 
     if logging_utils.WorkerLogger.is_configured():
         return
-    level = os.environ.get("LOG_LEVEL") or "INFO"
+    level, log_format = config.logging_settings()
     if isinstance(loglevel, int) and loglevel:
         level = logging.getLevelName(loglevel)
     elif isinstance(loglevel, str) and loglevel.strip():
         level = loglevel.strip().upper()
-    logging_utils.WorkerLogger.configure(
-        log_level=level, log_format=os.environ.get("LOG_FORMAT") or "structured"
-    )
+    logging_utils.WorkerLogger.configure(log_level=level, log_format=log_format)
 
 
 def _on_celeryd_init(options: Any = None, **_: Any) -> None:

@@ -207,6 +207,40 @@ def _strip(value: str) -> str:
     return value.strip(_ASCII_SPACE)
 
 
+def _log_level(value: Any) -> str:
+    """``LOG_LEVEL``: one of :data:`LOG_LEVELS`, any case."""
+    if isinstance(value, str) and value.isascii() and _strip(value).upper() in LOG_LEVELS:
+        return _strip(value).upper()
+    raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+
+
+def _log_format(value: Any) -> str:
+    """``LOG_FORMAT``: one of :data:`LOG_FORMATS`, any case."""
+    if isinstance(value, str) and value.isascii() and _strip(value).lower() in LOG_FORMATS:
+        return _strip(value).lower()
+    raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
+
+
+def logging_settings() -> tuple[str, str]:
+    """``LOG_LEVEL`` and ``LOG_FORMAT`` from the process environment (unset or empty: INFO,
+    structured), checked as :class:`WorkerConfig` checks them, for logging set up before or
+    without a whole configuration (the Celery wiring). Raises :class:`ConfigurationError`."""
+    problems: dict[str, str] = {}
+    chosen: list[str] = []
+    for name, default, check in (
+        ("LOG_LEVEL", "INFO", _log_level),
+        ("LOG_FORMAT", "structured", _log_format),
+    ):
+        value = os.environ.get(name) or default
+        try:
+            chosen.append(check(value))
+        except ValueError as exc:
+            problems[name] = f"{exc} (got {_quoted(value, url=False)})"
+    if problems:
+        raise ConfigurationError(problems)
+    return chosen[0], chosen[1]
+
+
 def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [_strip(item) for item in value.split(",") if _strip(item)]
@@ -438,16 +472,12 @@ class WorkerConfig(BaseSettings):
     @field_validator("log_level", mode="before")
     @classmethod
     def _log_level(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.isascii() and _strip(value).upper() in LOG_LEVELS:
-            return _strip(value).upper()
-        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return _log_level(value)
 
     @field_validator("log_format", mode="before")
     @classmethod
     def _log_format(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.isascii() and _strip(value).lower() in LOG_FORMATS:
-            return _strip(value).lower()
-        raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
+        return _log_format(value)
 
     # --- validators: settings bounded by another one ----------------------------------
     @field_validator("task_soft_time_limit")
