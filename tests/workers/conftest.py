@@ -6,24 +6,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from backend.workers.shared import _breaker, _stats, retry_utils
+from backend.workers.shared import _breaker, _runtime, _stats, retry_utils
 
 
 @pytest.fixture(autouse=True)
-def isolated_breaker_registry() -> Iterator[None]:
-    """Each test sees only the circuit breakers it made (health lists every registered one)."""
-    with _breaker._registry_lock:
-        saved = dict(_breaker._registry)
-    yield
-    with _breaker._registry_lock:
-        _breaker._registry.clear()
-        _breaker._registry.update(saved)
-
-
-@pytest.fixture(autouse=True)
-def isolated_task_outcomes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test sees only the task outcomes of its own tasks (worker_process judges them)."""
-    monkeypatch.setattr(_stats, "RECENT", _stats.RecentOutcomes())
+def isolated_breakers_and_outcomes() -> Iterator[None]:
+    """Each test sees only the circuit breakers it made (health lists every registered one)
+    and the task outcomes of its own tasks (worker_process judges them): a runtime with those
+    two parts of its own."""
+    with _runtime.scoped(_breaker.REGISTRY, _stats.STATS):
+        yield
 
 
 @pytest.fixture

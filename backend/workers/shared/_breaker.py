@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextvars
 import inspect
 import logging
-import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from . import _runtime
 from ._breaker_state import (
     FAILURE,
     LOCAL_CALL,
@@ -87,8 +87,24 @@ def remove_shared_state_listener(listener: SharedStateListener) -> None:
     _shared_state_listeners.remove(listener)
 
 
-_registry: dict[str, CircuitBreaker] = {}
-_registry_lock = threading.Lock()
+class _Registry:
+    """The breakers of this process by name, in registration order."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.breakers: dict[str, CircuitBreaker] = {}
+
+    def after_fork(self) -> None:
+        """Give a forked child (Celery's prefork pool) fresh locks and no probe in flight: a
+        lock that another thread of the parent held at the moment of the fork would otherwise
+        stay locked in the child, and that thread's probe would hold the lease there until it
+        ran out. The breakers and their states are kept."""
+        self.lock = threading.Lock()
+        for breaker in self.breakers.values():
+            (breaker._fallback or breaker._local).after_fork()
+
+
+REGISTRY = _runtime.part("circuit breakers", _Registry, _Registry.after_fork)
 
 
 class CircuitBreaker:
@@ -207,12 +223,13 @@ class CircuitBreaker:
                 on_reachable=self._shared_state_changed,
             )
             self._states = self._fallback
-        with _registry_lock:
-            if name in _registry:
+        registry = REGISTRY.get()
+        with registry.lock:
+            if name in registry.breakers:
                 raise ValueError(
                     f"name {name!r} is already a registered breaker; use get_breaker({name!r})"
                 )
-            _registry[name] = self
+            registry.breakers[name] = self
 
     def __repr__(self) -> str:
         where = "shared" if self._fallback is not None else "local"
@@ -385,14 +402,15 @@ def get_breaker(name: str, **kwargs: Any) -> CircuitBreaker:
     An existing breaker whose settings differ from a given keyword is a ValueError, so two
     parts of a program cannot silently disagree about one breaker.
     """
-    with _registry_lock:
-        existing = _registry.get(name)
+    registry = REGISTRY.get()
+    with registry.lock:
+        existing = registry.breakers.get(name)
     if existing is None:
         try:
             return CircuitBreaker(name, **kwargs)
         except ValueError:
-            with _registry_lock:
-                existing = _registry.get(name)
+            with registry.lock:
+                existing = registry.breakers.get(name)
             if existing is None:
                 raise
     for key, value in kwargs.items():
@@ -418,8 +436,9 @@ def get_breaker(name: str, **kwargs: Any) -> CircuitBreaker:
 
 def all_breakers() -> list[CircuitBreaker]:
     """Every registered breaker, in registration order (health and metrics read this)."""
-    with _registry_lock:
-        return list(_registry.values())
+    registry = REGISTRY.get()
+    with registry.lock:
+        return list(registry.breakers.values())
 
 
 def circuit_breaker(
@@ -452,16 +471,3 @@ def circuit_breaker(
         return breaker(fn)
 
     return guard
-
-
-def _after_fork_in_child() -> None:
-    """Give a forked child (Celery's prefork pool) fresh locks and no probe in flight: a lock
-    that another thread of the parent held at the moment of the fork would otherwise stay
-    locked in the child, and that thread's probe would hold the lease there until it ran out."""
-    global _registry_lock
-    _registry_lock = threading.Lock()
-    for breaker in _registry.values():
-        (breaker._fallback or breaker._local).after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -24,6 +24,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from . import _runtime
 from ._breaker_state import CircuitState, StoreUnavailable, Verdict
 
 # Connection timeouts: a breaker must answer fast even when Redis has gone away.
@@ -124,24 +125,27 @@ return state
 """
 
 
-_clients: dict[str, redis.Redis] = {}
-_clients_lock = threading.Lock()
+class _Clients:
+    """One Redis client (one connection pool) per URL in this process."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_url: dict[str, redis.Redis] = {}
+
+    def after_fork(self) -> None:
+        """A fresh lock in a forked child (the parent's may have been held during the fork);
+        redis-py itself replaces inherited connections when it sees the new process id."""
+        self.lock = threading.Lock()
 
 
-def _after_fork_in_child() -> None:
-    """A fresh lock in a forked child (the parent's may have been held during the fork);
-    redis-py itself replaces inherited connections when it sees the new process id."""
-    global _clients_lock
-    _clients_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_CLIENTS = _runtime.part("breaker redis clients", _Clients, _Clients.after_fork)
 
 
 def _client(url: str) -> redis.Redis:
     """One client (one connection pool) per URL per process; redis-py resets it after fork."""
-    with _clients_lock:
-        client = _clients.get(url)
+    clients = _CLIENTS.get()
+    with clients.lock:
+        client = clients.by_url.get(url)
         if client is None:
             client = redis.Redis.from_url(
                 url,
@@ -149,7 +153,7 @@ def _client(url: str) -> redis.Redis:
                 socket_timeout=SOCKET_TIMEOUT,
                 retry=Retry(NoBackoff(), 0),  # the breaker itself decides what to do
             )
-            _clients[url] = client
+            clients.by_url[url] = client
         return client
 
 

@@ -40,7 +40,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from . import _metrics, _redact
+from . import _metrics, _redact, _runtime
 from ._timefmt import utc_now_iso
 from .health import HISTORY_SIZE, HealthChecker, HealthReport, HealthStatus
 
@@ -530,7 +530,7 @@ class HealthServer:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.error: HealthServerError | None = None
-        _SERVERS.add(self)
+        _SERVERS.get().add(self)
 
     @property
     def port(self) -> int:
@@ -625,12 +625,13 @@ class HealthServer:
         self.stop()
 
 
-_SERVERS: weakref.WeakSet[HealthServer] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for server in list(_SERVERS):
+def _close_in_child(servers: weakref.WeakSet[HealthServer]) -> weakref.WeakSet[HealthServer]:
+    """A forked child holds no health server's socket, and no server of its own."""
+    for server in list(servers):
         server._close_in_child()
+    return weakref.WeakSet()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_SERVERS: _runtime.Part[weakref.WeakSet[HealthServer]] = _runtime.part(
+    "health servers", weakref.WeakSet, _close_in_child
+)

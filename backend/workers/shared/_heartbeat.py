@@ -77,9 +77,9 @@ class _ChildBeat:
             {
                 "pid": os.getpid(),
                 "time": time.time(),
-                "functions": _stats.FUNCTIONS.snapshot(),
-                "tasks": _stats.TASKS.snapshot(),
-                "recent_tasks": _stats.RECENT.snapshot(),
+                "functions": _stats.functions().snapshot(),
+                "tasks": _stats.tasks().snapshot(),
+                "recent_tasks": _stats.recent().snapshot(),
             }
         )
         tmp = path.with_suffix(".tmp")
@@ -249,8 +249,8 @@ def _live_beats() -> list[dict[str, Any]]:
 def merged_stats() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Function and task statistics of this process, its children and exited children."""
     beats = _live_beats()
-    functions = [_stats.FUNCTIONS.snapshot(), STATE.retired_functions]
-    tasks = [_stats.TASKS.snapshot(), STATE.retired_tasks]
+    functions = [_stats.functions().snapshot(), STATE.retired_functions]
+    tasks = [_stats.tasks().snapshot(), STATE.retired_tasks]
     functions += [beat["functions"] for beat in beats]
     tasks += [beat["tasks"] for beat in beats]
     return _stats.merge(functions), _stats.merge(tasks)
@@ -260,6 +260,6 @@ def recent_tasks() -> list[_stats.Outcome]:
     """The last task outcomes of this process, its children and exited children, oldest
     first (at most :data:`_stats.RECENT_SIZE`)."""
     beats = _live_beats()
-    snapshots: list[Any] = [_stats.RECENT.snapshot(), STATE.retired_recent]
+    snapshots: list[Any] = [_stats.recent().snapshot(), STATE.retired_recent]
     snapshots += [beat.get("recent_tasks", []) for beat in beats]
     return _stats.merge_recent(snapshots)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import threading
 from typing import TYPE_CHECKING
+
+from . import _runtime
 
 if TYPE_CHECKING:
     import ssl
@@ -27,9 +28,23 @@ POOL_MAX_CONNECTIONS = 10
 #: Seconds an idle pooled connection is kept (below the backend's 75 s keep-alive).
 POOL_KEEPALIVE_EXPIRY = 60.0
 
-_lock = threading.RLock()  # get_pool() holds it while _new_pool() asks for the TLS context
-_pools: dict[tuple[str, int, int], httpx2.Client] = {}
-_ssl_context: ssl.SSLContext | None = None
+class _Pools:
+    """This process's pools, keyed by base URL and sizes, and its TLS context."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # get_pool() holds it while _new_pool() asks for TLS
+        self.pools: dict[tuple[str, int, int], httpx2.Client] = {}
+        self.ssl_context: ssl.SSLContext | None = None
+
+    def after_fork(self) -> None:
+        """In the child: drop (never close) the inherited pools and replace the lock, which
+        another parent thread may have held at the fork. The TLS context is kept: it holds no
+        connection, only settings and CA certificates."""
+        self.lock = threading.RLock()
+        self.pools = {}
+
+
+_POOLS = _runtime.part("http pools", _Pools, _Pools.after_fork)
 
 
 def get_pool(
@@ -41,28 +56,29 @@ def get_pool(
     """The process's pooled client for ``base_url``, created on first use: at most
     ``max_connections`` open, ``max_keepalive`` of them kept when idle (``None``: all)."""
     key = (base_url, max_connections, max_connections if max_keepalive is None else max_keepalive)
-    pool = _pools.get(key)
+    state = _POOLS.get()
+    pool = state.pools.get(key)
     if pool is not None:
         return pool
-    with _lock:
-        pool = _pools.get(key)
+    with state.lock:
+        pool = state.pools.get(key)
         if pool is None:
             pool = _new_pool(*key)
-            _pools[key] = pool
+            state.pools[key] = pool
         return pool
 
 
 def shared_ssl_context() -> ssl.SSLContext:
     """A verifying TLS context built once per process (loading CA certificates is slow)."""
-    global _ssl_context
-    context = _ssl_context
+    state = _POOLS.get()
+    context = state.ssl_context
     if context is None:
         import ssl
 
-        with _lock:
-            if _ssl_context is None:
-                _ssl_context = ssl.create_default_context()
-            context = _ssl_context
+        with state.lock:
+            if state.ssl_context is None:
+                state.ssl_context = ssl.create_default_context()
+            context = state.ssl_context
     return context
 
 
@@ -78,14 +94,15 @@ def preload() -> None:
 
 def pool_count() -> int:
     """How many pools this process holds now (for diagnostics and tests)."""
-    return len(_pools)
+    return len(_POOLS.get().pools)
 
 
 def close_all() -> None:
     """Close every pool of this process; the next use creates fresh ones."""
-    with _lock:
-        pools = list(_pools.values())
-        _pools.clear()
+    state = _POOLS.get()
+    with state.lock:
+        pools = list(state.pools.values())
+        state.pools.clear()
     for pool in pools:
         pool.close()
 
@@ -121,14 +138,4 @@ def _new_pool(base_url: str, max_connections: int, max_keepalive: int) -> httpx2
     )
 
 
-def _forget_after_fork() -> None:
-    # Runs in the child only: drop (never close) the inherited pools, and replace the lock,
-    # which another parent thread may have held at the moment of the fork. The TLS context
-    # is kept: it holds no connection, only settings and CA certificates.
-    global _lock
-    _lock = threading.RLock()
-    _pools.clear()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
 atexit.register(close_all)

@@ -4,16 +4,15 @@ the backend's circuit breaker, built once per process and distinct settings.
 Which failures are retried: connection errors, timeouts, 429, 502, 503, 504, and 500 for GET
 only, plus a 409 ``idempotency_in_flight``. The breaker counts only connection failures,
 timeouts, 5xx, 408 and 429 as the backend's failures. Everything built here is forgotten in a
-forked child, which builds its own.
+forked child, which builds its own (a part of the process's runtime).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any, Final
 
-from . import _metrics, _redact
+from . import _metrics, _redact, _runtime
 from .config import WorkerConfig
 from .errors import (
     APIConnectionError,
@@ -29,10 +28,19 @@ from .retry_utils import CircuitBreaker, RetryBudget, RetryPolicy, get_breaker
 IN_FLIGHT_CODE: Final = "idempotency_in_flight"
 RETRYABLE_STATUSES: Final = frozenset({429, 502, 503, 504})
 
-# One retry budget per distinct budget setting (a worker has one configuration, so one per
-# process), and the retry policies built from configurations.
-_budgets: dict[tuple[float, float], RetryBudget] = {}
-_policies: dict[tuple[Any, ...], RetryPolicy] = {}
+
+
+class _Built:
+    """One retry budget per distinct budget setting (a worker has one configuration, so one
+    per process), and the retry policies built from configurations."""
+
+    def __init__(self) -> None:
+        self.budgets: dict[tuple[float, float], RetryBudget] = {}
+        self.policies: dict[tuple[Any, ...], RetryPolicy] = {}
+
+
+# A forked child builds its own (a fresh budget: the parent's calls are not the child's).
+_BUILT = _runtime.part("client retry policies", _Built, lambda _inherited: _Built())
 
 
 # The policy hands these only the exceptions it was given, and never an open breaker
@@ -106,7 +114,8 @@ def retry_policy(
         deadline,
         budget_key,
     )
-    policy = _policies.get(key)
+    built = _BUILT.get()
+    policy = built.policies.get(key)
     if policy is None:
         policy = RetryPolicy(
             max_attempts=config.api_retry_attempts + 1,
@@ -116,23 +125,15 @@ def retry_policy(
             jitter=True,
             exceptions=exceptions,
             retry_if=retry_if,
-            budget=None if budget_key is None else _retry_budget(budget_key),
+            budget=None if budget_key is None else _retry_budget(built, budget_key),
             deadline=deadline,
         )
-        _policies[key] = policy
+        built.policies[key] = policy
     return policy
 
 
-def _retry_budget(key: tuple[float, float]) -> RetryBudget:
-    budget = _budgets.get(key)
+def _retry_budget(built: _Built, key: tuple[float, float]) -> RetryBudget:
+    budget = built.budgets.get(key)
     if budget is None:
-        budget = _budgets.setdefault(key, RetryBudget(ratio=key[0], min_per_second=key[1]))
+        budget = built.budgets.setdefault(key, RetryBudget(ratio=key[0], min_per_second=key[1]))
     return budget
-
-
-def _forget_after_fork() -> None:
-    _budgets.clear()
-    _policies.clear()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)

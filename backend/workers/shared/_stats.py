@@ -1,8 +1,8 @@
 """Per-process call statistics (count, errors, total, mean, max, p95) and their merging.
 
-``monitor_performance`` records function calls in :data:`FUNCTIONS`, the Celery wiring records
-tasks in :data:`TASKS`, and the outcome of each of the last :data:`RECENT_SIZE` tasks (when,
-which task, which exception type if it failed) in :data:`RECENT` for the ``worker_process``
+``monitor_performance`` records function calls in :func:`functions`, the Celery wiring records
+tasks in :func:`tasks`, and the outcome of each of the last :data:`RECENT_SIZE` tasks (when,
+which task, which exception type if it failed) in :func:`recent` for the ``worker_process``
 check. A prefork child publishes its snapshots through its heartbeat file; the main process
 merges the snapshots of every child with its own. A forked child starts from empty
 statistics, so nothing is counted twice.
@@ -11,12 +11,13 @@ statistics, so nothing is counted twice.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
+
+from . import _runtime
 
 SAMPLES = 256  # recent durations kept per name for the p95
 RECENT_SIZE = 50  # task outcomes kept per process (and after merging) for the health check
@@ -67,11 +68,6 @@ class CallStats:
                 }
                 for name, e in self._entries.items()
             }
-
-    def reset_after_fork(self) -> None:
-        """Start empty in a forked child, with a fresh lock (the parent's may be held)."""
-        self._lock = threading.Lock()
-        self._entries = {}
 
 
 def merge(snapshots: Iterable[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -130,11 +126,6 @@ class RecentOutcomes:
         with self._lock:
             return list(self._items)
 
-    def reset_after_fork(self) -> None:
-        """Start empty in a forked child, with a fresh lock (the parent's may be held)."""
-        self._lock = threading.Lock()
-        self._items = deque(maxlen=RECENT_SIZE)
-
 
 def merge_recent(snapshots: Iterable[Iterable[Any]]) -> list[Outcome]:
     """The last :data:`RECENT_SIZE` outcomes of several processes, oldest first."""
@@ -147,15 +138,29 @@ def merge_recent(snapshots: Iterable[Iterable[Any]]) -> list[Outcome]:
     return merged[-RECENT_SIZE:]
 
 
-FUNCTIONS = CallStats()
-TASKS = CallStats()
-RECENT = RecentOutcomes()
+class _Stats:
+    """This process's statistics: function calls, tasks, and the recent task outcomes."""
+
+    def __init__(self) -> None:
+        self.functions = CallStats()
+        self.tasks = CallStats()
+        self.recent = RecentOutcomes()
 
 
-def _after_fork() -> None:
-    FUNCTIONS.reset_after_fork()
-    TASKS.reset_after_fork()
-    RECENT.reset_after_fork()
+# A forked child starts from empty statistics, so nothing is counted twice.
+STATS = _runtime.part("statistics", _Stats, lambda _inherited: _Stats())
 
 
-os.register_at_fork(after_in_child=_after_fork)
+def functions() -> CallStats:
+    """The statistics of calls measured by ``monitor_performance`` in this process."""
+    return STATS.get().functions
+
+
+def tasks() -> CallStats:
+    """The statistics of the Celery tasks run in this process."""
+    return STATS.get().tasks
+
+
+def recent() -> RecentOutcomes:
+    """The outcomes of the last :data:`RECENT_SIZE` tasks run in this process."""
+    return STATS.get().recent

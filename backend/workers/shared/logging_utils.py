@@ -416,26 +416,24 @@ class WorkerLogger:
 
 
 class _Rss:
-    """This process's resident set size from ``/proc/self/statm`` through one open fd."""
+    """This process's resident set size from ``/proc/self/statm`` through one open fd (a
+    forked child opens its own on first use: the inherited fd names the parent's entry)."""
 
     def __init__(self) -> None:
         self.fd: int | None = None
+        self.pid = 0
         self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         self.available = os.path.exists("/proc/self/statm")
-        os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self) -> None:
-        # The inherited fd still names the parent's /proc entry: open ours on next use.
-        if self.fd is not None:
-            os.close(self.fd)
-        self.fd = None
 
     def pages(self) -> int:
         if not self.available:
             return 0
         fd = self.fd
-        if fd is None:
+        if fd is None or self.pid != os.getpid():
+            if fd is not None:
+                os.close(fd)
             fd = self.fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+            self.pid = os.getpid()
         return int(os.pread(fd, 64, 0).split()[1])
 
 
@@ -447,7 +445,7 @@ def _record(
 ) -> None:
     wall = time.perf_counter() - started
     cpu = time.thread_time() - cpu_started
-    _stats.FUNCTIONS.record(name, wall, ok)
+    _stats.functions().record(name, wall, ok)
     _metrics.function_call(name, wall, ok)
     slow = wall >= slow_s
     if slow or _perf_log.isEnabledFor(logging.DEBUG):
@@ -558,4 +556,4 @@ def _decorate(
 
 def performance_stats() -> dict[str, dict[str, Any]]:
     """This process's statistics of monitored functions (count, errors, times in ms)."""
-    return _stats.summarize(_stats.FUNCTIONS.snapshot())
+    return _stats.summarize(_stats.functions().snapshot())

@@ -71,7 +71,6 @@ from __future__ import annotations
 import enum
 import inspect
 import math
-import os
 import random
 import sys
 import threading
@@ -81,6 +80,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from . import _runtime
 from ._breaker import (
     CircuitBreaker,
     CircuitBreakerOpenError,
@@ -192,7 +192,17 @@ class BackoffStrategy(enum.StrEnum):
 # --------------------------------------------------------------------------- retry budget
 
 
-_budgets: weakref.WeakSet[RetryBudget] = weakref.WeakSet()  # for the fork handler
+def _fresh_locks(budgets: weakref.WeakSet[RetryBudget]) -> None:
+    """Fresh budget locks in a forked child (Celery's prefork pool): a lock another thread
+    of the parent held at the moment of the fork would otherwise stay locked there."""
+    for budget in list(budgets):
+        budget._lock = threading.Lock()
+
+
+#: Every budget of this process, for the fork step (the budgets themselves are kept).
+_BUDGETS: _runtime.Part[weakref.WeakSet[RetryBudget]] = _runtime.part(
+    "retry budgets", weakref.WeakSet, _fresh_locks
+)
 
 
 class RetryBudget:
@@ -215,7 +225,7 @@ class RetryBudget:
         self._retries = [0] * self._SLOTS
         self._epoch = -1  # index of the newest slot, in slot units since the monotonic origin
         self._lock = threading.Lock()
-        _budgets.add(self)
+        _BUDGETS.get().add(self)
 
     def __repr__(self) -> str:
         return (
@@ -730,13 +740,3 @@ class ResilientExecutor:
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Decorate ``fn`` (sync or async); name, docstring and signature are kept."""
         return decorate(fn, self.execute, self.aexecute)
-
-
-def _after_fork_in_child() -> None:
-    """Fresh budget locks in a forked child (Celery's prefork pool): a lock another thread
-    of the parent held at the moment of the fork would otherwise stay locked there."""
-    for budget in list(_budgets):
-        budget._lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,119 @@
+"""The per-process state of the worker package, held in one place: the process's runtime.
+
+Each module declares what it keeps per process (connection pools, circuit breakers, retry
+policies and budgets, statistics, open servers) once, as a :class:`Part`: how to build it and
+what a forked child (Celery's prefork pool) does with it. The :class:`Runtime` builds a part on
+first use and, from its one ``os.register_at_fork`` hook, runs every built part's after-fork
+step in declaration order. :func:`scoped` runs code on a new runtime, with some or all parts
+built anew (test isolation), and puts the previous one back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Part(Generic[T]):
+    """One kind of per-process state: ``build()`` makes it, ``after_fork(value)`` makes a
+    forked child's own from the inherited one (returns the value to keep, or None to keep
+    the inherited value as ``after_fork`` left it)."""
+
+    __slots__ = ("after_fork", "build", "name")
+
+    def __init__(
+        self, name: str, build: Callable[[], T], after_fork: Callable[[T], T | None] | None
+    ) -> None:
+        self.name = name
+        self.build = build
+        self.after_fork = after_fork
+
+    def __repr__(self) -> str:
+        return f"Part({self.name!r})"
+
+    def get(self) -> T:
+        """This part in the current runtime (built on first use)."""
+        return _current.get(self)
+
+
+_parts: list[Part[Any]] = []  # in declaration order: the order of the after-fork steps
+
+
+def part(
+    name: str, build: Callable[[], T], after_fork: Callable[[T], T | None] | None = None
+) -> Part[T]:
+    """Declare a part of the per-process state (once, at module level)."""
+    if any(existing.name == name for existing in _parts):
+        raise ValueError(f"part {name!r} is already declared")
+    declared = Part(name, build, after_fork)
+    _parts.append(declared)
+    return declared
+
+
+def parts() -> list[str]:
+    """The names of the declared parts, in the order a forked child resets them."""
+    return [declared.name for declared in _parts]
+
+
+class Runtime:
+    """The values of the declared parts in this process."""
+
+    def __init__(self) -> None:
+        self._values: dict[Part[Any], Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, declared: Part[T]) -> T:
+        """The value of ``declared``, built on first use."""
+        try:
+            return self._values[declared]
+        except KeyError:
+            pass
+        with self._lock:
+            if declared not in self._values:
+                self._values[declared] = declared.build()
+            return self._values[declared]
+
+    def after_fork(self) -> None:
+        """In a forked child: a fresh lock, then each built part's after-fork step."""
+        self._lock = threading.Lock()
+        for declared in _parts:
+            if declared.after_fork is not None and declared in self._values:
+                kept = declared.after_fork(self._values[declared])
+                if kept is not None:
+                    self._values[declared] = kept
+
+
+_current = Runtime()
+
+
+def current() -> Runtime:
+    """This process's runtime."""
+    return _current
+
+
+@contextlib.contextmanager
+def scoped(*fresh: Part[Any]) -> Iterator[Runtime]:
+    """Run the block on a new runtime, then restore the previous one. The new runtime builds
+    the ``fresh`` parts anew (every part when none is named) and shares the others."""
+    global _current
+    previous = _current
+    scope = Runtime()
+    if fresh:
+        scope._values = {p: v for p, v in previous._values.items() if p not in fresh}
+    _current = scope
+    try:
+        yield scope
+    finally:
+        _current = previous
+
+
+def _after_fork_in_child() -> None:
+    _current.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

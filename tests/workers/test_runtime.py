@@ -1,0 +1,131 @@
+"""The process's runtime (``_runtime``): every part of the per-process state in one place, one
+after-fork reset, and scoped runtimes for isolation.
+
+The fork tests fork this test process for real and have the child report what it sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from backend.workers.shared import (
+    _breaker,
+    _breaker_store,
+    _health_server,
+    _http,
+    _policy,
+    _runtime,
+    _stats,
+    retry_utils,
+)
+from backend.workers.shared.config import WorkerConfig
+
+EXPECTED_PARTS = {
+    "http pools", "circuit breakers", "breaker redis clients", "retry budgets",
+    "client retry policies", "statistics", "health servers",
+}
+
+
+def in_child(report: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Fork; the child runs ``report`` and sends its JSON back; the child's answer. A child
+    stuck (on a lock the fork left held) is ended by an alarm and reports nothing."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        signal.alarm(20)
+        try:
+            os.close(read)
+            os.write(write, json.dumps(report()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        answer = pipe.read()
+    os.waitpid(pid, 0)
+    assert answer, "the child reported nothing"
+    return dict(json.loads(answer))
+
+
+def test_every_per_process_state_is_a_declared_part() -> None:
+    assert set(_runtime.parts()) >= EXPECTED_PARTS
+    assert len(_runtime.parts()) == len(set(_runtime.parts()))
+    with pytest.raises(ValueError, match="already declared"):
+        _runtime.part("statistics", dict)
+
+
+def test_a_child_forked_while_other_threads_hold_every_lock_gets_fresh_ones() -> None:
+    locks = [_http._POOLS.get().lock, _breaker.REGISTRY.get().lock,
+             _breaker_store._CLIENTS.get().lock]
+    budget = retry_utils.RetryBudget()
+    locks.append(budget._lock)
+    held, release = threading.Event(), threading.Event()
+
+    def hold_all() -> None:
+        for lock in locks:
+            lock.acquire()
+        held.set()
+        release.wait(10)
+        for lock in locks:
+            lock.release()
+
+    holder = threading.Thread(target=hold_all)
+    holder.start()
+    held.wait(10)
+    try:
+        def report() -> dict[str, Any]:
+            _breaker.get_breaker("fork-fresh-lock")  # would hang on the parent's held lock
+            _http.close_all()
+            budget.record_call()
+            return {"breakers": [b.name for b in _breaker.all_breakers()]}
+
+        answer = in_child(report)
+    finally:
+        release.set()
+        holder.join()
+    assert "fork-fresh-lock" in answer["breakers"]
+
+
+def test_a_child_keeps_the_breakers_and_their_state_and_builds_the_rest_anew() -> None:
+    breaker = _breaker.get_breaker("fork-kept", failure_threshold=1, recovery_timeout=60)
+    with pytest.raises(ZeroDivisionError):
+        breaker.call(lambda: 1 / 0)
+    config = WorkerConfig(internal_service_api_key="k", _env_file=None)
+    policy = _policy.retry_policy(config, retry_if=_policy.should_retry_read)
+    _stats.functions().record("parent.call", 0.01, True)
+    _http.get_pool("http://127.0.0.1:9")
+
+    def report() -> dict[str, Any]:
+        return {
+            "state": _breaker.get_breaker("fork-kept").state.value,
+            "same_policy": _policy.retry_policy(config, retry_if=_policy.should_retry_read)
+            is policy,
+            "functions": list(_stats.functions().snapshot()),
+            "pools": _http.pool_count(),
+            "servers": len(_health_server._SERVERS.get()),
+        }
+
+    assert in_child(report) == {"state": "open", "same_policy": False, "functions": [],
+                                "pools": 0, "servers": 0}
+    assert _http.pool_count() >= 1 and "parent.call" in _stats.functions().snapshot()
+
+
+def test_a_scoped_runtime_builds_the_named_parts_anew_and_restores_them() -> None:
+    outer_breaker = _breaker.get_breaker("scoped-outer")
+    outer_pools = _http._POOLS.get()
+    with _runtime.scoped(_breaker.REGISTRY):
+        assert "scoped-outer" not in [b.name for b in _breaker.all_breakers()]
+        _breaker.get_breaker("scoped-inner")
+        assert _http._POOLS.get() is outer_pools  # not named: shared
+    names = [b.name for b in _breaker.all_breakers()]
+    assert "scoped-outer" in names and "scoped-inner" not in names
+    assert _breaker.get_breaker("scoped-outer") is outer_breaker
+    with _runtime.scoped() as fresh:
+        assert _http._POOLS.get() is not outer_pools and fresh is _runtime.current()
+    assert _http._POOLS.get() is outer_pools
