@@ -7,8 +7,12 @@ connection (the child neither closed nor used it).
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 from backend.workers.shared import _http
@@ -135,3 +139,35 @@ def test_preload_before_the_fork_leaves_the_child_its_transport_and_tls_context(
 
         assert run_in_child(child) == 0
         assert server.connections_accepted == 1
+
+
+def test_preload_quiets_httpx2_before_the_fork_and_keeps_an_explicit_level() -> None:
+    # Quieted in the parent, so no process sets a logger's level after the fork (setLevel
+    # clears the cache of every logger, writing to pages the fork shared).
+    unset, chosen = logging.getLogger("httpx2"), logging.getLogger("httpcore2")
+    saved = unset.level, chosen.level
+    try:
+        unset.setLevel(logging.NOTSET)
+        chosen.setLevel(logging.DEBUG)
+        _http.preload()
+        assert (unset.level, chosen.level) == (logging.WARNING, logging.DEBUG)
+    finally:
+        unset.setLevel(saved[0])
+        chosen.setLevel(saved[1])
+
+
+def test_the_models_validators_are_built_before_the_fork() -> None:
+    # Deferred at import (defer_build); a fresh interpreter shows that _build_models, which
+    # the prefork main process runs before forking, leaves none of them to build after it.
+    script = (
+        "from backend.workers.shared import _celery, models\n"
+        "def pending():\n"
+        "    return [n for n in models.__all__\n"
+        "            if getattr(getattr(models, n), '__pydantic_complete__', True) is False]\n"
+        "before = pending()\n"
+        "_celery._build_models()\n"
+        "print(bool(before), pending())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[2])
+    assert done.stdout.split() == ["True", "[]"]
