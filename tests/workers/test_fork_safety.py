@@ -2,7 +2,9 @@
 
 The parent uses the client (one pooled connection), forks; the child's calls succeed on a new
 connection of its own; afterwards the parent's next call still goes over its original
-connection (the child neither closed nor used it).
+connection (the child neither closed nor used it). And what a prefork worker's main process
+prepares before its pool forks, so that no child builds it again: the transport stack, the
+TLS context, the quieted httpx2 loggers, the models' validators.
 """
 
 from __future__ import annotations
@@ -128,8 +130,6 @@ def test_preload_before_the_fork_leaves_the_child_its_transport_and_tls_context(
         config = make_config(server.url)
 
         def child() -> int:
-            import sys
-
             if "httpcore2" not in sys.modules or "h11" not in sys.modules:
                 return 3
             if _http.shared_ssl_context() is not context:  # inherited, not rebuilt
@@ -156,6 +156,24 @@ def test_preload_quiets_httpx2_before_the_fork_and_keeps_an_explicit_level() -> 
         chosen.setLevel(saved[1])
 
 
+def fresh_python(script: str) -> str:
+    """What ``script`` prints, run by a fresh interpreter (nothing imported or built yet)."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[2])
+    return done.stdout
+
+
+def test_preload_imports_the_idna_codec_of_the_first_request() -> None:
+    # Each prefork child imported it (and stringprep) at its first request, after the fork.
+    assert fresh_python(
+        "import sys\n"
+        "from backend.workers.shared import _http\n"
+        "before = 'encodings.idna' in sys.modules\n"
+        "_http.preload()\n"
+        "print(before, 'encodings.idna' in sys.modules)\n"
+    ).split() == ["False", "True"]
+
+
 def test_the_models_validators_are_built_before_the_fork() -> None:
     # Deferred at import (defer_build); a fresh interpreter shows that _build_models, which
     # the prefork main process runs before forking, leaves none of them to build after it.
@@ -168,6 +186,4 @@ def test_the_models_validators_are_built_before_the_fork() -> None:
         "_celery._build_models()\n"
         "print(bool(before), pending())\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          check=True, cwd=Path(__file__).resolve().parents[2])
-    assert done.stdout.split() == ["True", "[]"]
+    assert fresh_python(script).split() == ["True", "[]"]
