@@ -69,11 +69,11 @@ def shared_ssl_context() -> ssl.SSLContext:
 def preload() -> None:
     """Import the transport stack (httpx2's connection pool, its HTTP/1.1 machinery and the
     IDNA codec of the first request's host name), build the TLS context and quiet httpx2's
-    request lines now. Called in a prefork worker's
-    main process before the pool forks: the children then share those pages (and the CA
-    certificates) instead of each loading its own copy at its first request, and no process
-    sets a logger's level after the fork (``Logger.setLevel`` clears the cache of every
-    logger of the process, which copies the pages the fork shared)."""
+    request lines now. Called in a prefork worker's main process before the pool forks: the
+    children then share those pages (and the CA certificates) instead of each loading its own
+    copy at its first request, and no process sets a logger's level after the fork
+    (``Logger.setLevel`` clears the cache of every logger of the process, which copies the
+    pages the fork shared)."""
     import encodings.idna  # noqa: F401  (each child imported it at its first request)
 
     import httpx2
