@@ -2,13 +2,19 @@
 
 The parent uses the client (one pooled connection), forks; the child's calls succeed on a new
 connection of its own; afterwards the parent's next call still goes over its original
-connection (the child neither closed nor used it).
+connection (the child neither closed nor used it). And what a prefork worker's main process
+prepares before its pool forks, so that no child builds it again: the transport stack, the
+TLS context, the quieted httpx2 loggers, the models' validators.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 from backend.workers.shared import _http
@@ -124,8 +130,6 @@ def test_preload_before_the_fork_leaves_the_child_its_transport_and_tls_context(
         config = make_config(server.url)
 
         def child() -> int:
-            import sys
-
             if "httpcore2" not in sys.modules or "h11" not in sys.modules:
                 return 3
             if _http.shared_ssl_context() is not context:  # inherited, not rebuilt
@@ -135,3 +139,51 @@ def test_preload_before_the_fork_leaves_the_child_its_transport_and_tls_context(
 
         assert run_in_child(child) == 0
         assert server.connections_accepted == 1
+
+
+def test_preload_quiets_httpx2_before_the_fork_and_keeps_an_explicit_level() -> None:
+    # Quieted in the parent, so no process sets a logger's level after the fork (setLevel
+    # clears the cache of every logger, writing to pages the fork shared).
+    unset, chosen = logging.getLogger("httpx2"), logging.getLogger("httpcore2")
+    saved = unset.level, chosen.level
+    try:
+        unset.setLevel(logging.NOTSET)
+        chosen.setLevel(logging.DEBUG)
+        _http.preload()
+        assert (unset.level, chosen.level) == (logging.WARNING, logging.DEBUG)
+    finally:
+        unset.setLevel(saved[0])
+        chosen.setLevel(saved[1])
+
+
+def fresh_python(script: str) -> str:
+    """What ``script`` prints, run by a fresh interpreter (nothing imported or built yet)."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[2])
+    return done.stdout
+
+
+def test_preload_imports_the_idna_codec_of_the_first_request() -> None:
+    # Each prefork child imported it (and stringprep) at its first request, after the fork.
+    assert fresh_python(
+        "import sys\n"
+        "from backend.workers.shared import _http\n"
+        "before = 'encodings.idna' in sys.modules\n"
+        "_http.preload()\n"
+        "print(before, 'encodings.idna' in sys.modules)\n"
+    ).split() == ["False", "True"]
+
+
+def test_the_models_validators_are_built_before_the_fork() -> None:
+    # Deferred at import (defer_build); a fresh interpreter shows that _build_models, which
+    # the prefork main process runs before forking, leaves none of them to build after it.
+    script = (
+        "from backend.workers.shared import _celery, models\n"
+        "def pending():\n"
+        "    return [n for n in models.__all__\n"
+        "            if getattr(getattr(models, n), '__pydantic_complete__', True) is False]\n"
+        "before = pending()\n"
+        "_celery._build_models()\n"
+        "print(bool(before), pending())\n"
+    )
+    assert fresh_python(script).split() == ["True", "[]"]

@@ -173,8 +173,8 @@ def _share_with_pool() -> None:
     """In the main process, before the pool forks: make the children share memory.
 
     The modules every task uses (the API client, httpx2 and its transport stack,
-    prometheus-client) are imported and the TLS context is built once here instead of once
-    per child, and ``gc.freeze()`` moves the heap out of the
+    prometheus-client) are imported, and the TLS context and the API models' validators are
+    built, once here instead of once per child, and ``gc.freeze()`` moves the heap out of the
     collector's reach: a child's collections would otherwise write to every object header
     and copy the pages the fork shared (about a third of an idle worker's memory, see
     ``benchmarks/bench_worker.py``).
@@ -189,7 +189,20 @@ def _share_with_pool() -> None:
     )
 
     _http.preload()
+    _build_models()
     gc.freeze()
+
+
+def _build_models() -> None:
+    """Build the validators of the client's models now, once for every process: they are
+    deferred at import (``defer_build``), and built after the fork each process would build
+    its own, writing to pages the fork shared (about 1.3 MiB per process)."""
+    from . import models
+
+    for name in models.__all__:
+        rebuild = getattr(getattr(models, name), "model_rebuild", None)
+        if rebuild is not None:
+            rebuild()
 
 
 def _on_worker_ready(**_: Any) -> None:

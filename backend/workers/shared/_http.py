@@ -83,13 +83,19 @@ def shared_ssl_context() -> ssl.SSLContext:
 
 
 def preload() -> None:
-    """Import the transport stack (httpx2's connection pool and its HTTP/1.1 machinery) and
-    build the TLS context now. Called in a prefork worker's main process before the pool
-    forks: the children then share those pages (and the CA certificates) instead of each
-    loading its own copy at its first request."""
+    """Import the transport stack (httpx2's connection pool, its HTTP/1.1 machinery and the
+    IDNA codec of the first request's host name), build the TLS context and quiet httpx2's
+    request lines now. Called in a prefork worker's main process before the pool forks: the
+    children then share those pages (and the CA certificates) instead of each loading its own
+    copy at its first request, and no process sets a logger's level after the fork
+    (``Logger.setLevel`` clears the cache of every logger of the process, which copies the
+    pages the fork shared)."""
+    import encodings.idna  # noqa: F401  (each child imported it at its first request)
+
     import httpx2
 
     httpx2.HTTPTransport(verify=shared_ssl_context()).close()
+    _quiet_httpx2_request_lines()
 
 
 def pool_count() -> int:

@@ -384,9 +384,12 @@ class HealthChecker:
         import prometheus_client  # noqa: F401
         import psutil  # noqa: F401
 
-        from . import api_client, logging_utils  # noqa: F401
+        from . import _http, api_client, logging_utils  # noqa: F401
 
-        httpx2.Client(trust_env=False).close()
+        # With the pools' own TLS context: a default client would load the CA certificates
+        # into a context of its own, only to drop it (megabytes, in a forked worker's main
+        # process written after the fork).
+        httpx2.Client(trust_env=False, verify=_http.shared_ssl_context()).close()
 
         self._stop.clear()
         self._background = threading.Thread(
