@@ -23,13 +23,14 @@ from backend.workers.shared import (
     _policy,
     _runtime,
     _stats,
+    logging_utils,
     retry_utils,
 )
 from backend.workers.shared.config import WorkerConfig
 
 EXPECTED_PARTS = {
     "http pools", "circuit breakers", "breaker redis clients", "retry budgets",
-    "client retry policies", "statistics", "health servers",
+    "client retry policies", "statistics", "health servers", "rss reader",
 }
 
 
@@ -100,6 +101,7 @@ def test_a_child_keeps_the_breakers_and_their_state_and_builds_the_rest_anew() -
     policy = _policy.retry_policy(config, retry_if=_policy.should_retry_read)
     _stats.functions().record("parent.call", 0.01, True)
     _http.get_pool("http://127.0.0.1:9")
+    parent_pages = logging_utils._RSS.get().pages()  # opens the parent's /proc entry
 
     def report() -> dict[str, Any]:
         return {
@@ -109,10 +111,13 @@ def test_a_child_keeps_the_breakers_and_their_state_and_builds_the_rest_anew() -
             "functions": list(_stats.functions().snapshot()),
             "pools": _http.pool_count(),
             "servers": len(_health_server._SERVERS.get()),
+            "rss_fd": logging_utils._RSS.get().fd,  # the parent's fd is not read here
+            "rss_pages": logging_utils._RSS.get().pages() > 0,
         }
 
     assert in_child(report) == {"state": "open", "same_policy": False, "functions": [],
-                                "pools": 0, "servers": 0}
+                                "pools": 0, "servers": 0, "rss_fd": None, "rss_pages": True}
+    assert parent_pages > 0
     assert _http.pool_count() >= 1 and "parent.call" in _stats.functions().snapshot()
 
 

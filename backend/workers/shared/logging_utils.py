@@ -38,7 +38,7 @@ from typing import IO, Any, TypeVar, cast, overload
 
 import structlog
 
-from . import _metrics, _redact, _stats
+from . import _metrics, _redact, _runtime, _stats
 from ._resilience import check_number
 from ._timefmt import utc_iso
 
@@ -416,28 +416,29 @@ class WorkerLogger:
 
 
 class _Rss:
-    """This process's resident set size from ``/proc/self/statm`` through one open fd (a
-    forked child opens its own on first use: the inherited fd names the parent's entry)."""
+    """This process's resident set size from ``/proc/self/statm`` through one open fd."""
 
     def __init__(self) -> None:
         self.fd: int | None = None
-        self.pid = 0
         self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         self.available = os.path.exists("/proc/self/statm")
+
+    def forget(self) -> None:
+        """In a forked child: the inherited fd names the parent's entry; open ours on use."""
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd = None
 
     def pages(self) -> int:
         if not self.available:
             return 0
         fd = self.fd
-        if fd is None or self.pid != os.getpid():
-            if fd is not None:
-                os.close(fd)
+        if fd is None:
             fd = self.fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
-            self.pid = os.getpid()
         return int(os.pread(fd, 64, 0).split()[1])
 
 
-_rss = _Rss()
+_RSS = _runtime.part("rss reader", _Rss, _Rss.forget)
 
 
 def _record(
@@ -449,7 +450,8 @@ def _record(
     _metrics.function_call(name, wall, ok)
     slow = wall >= slow_s
     if slow or _perf_log.isEnabledFor(logging.DEBUG):
-        rss_delta = (_rss.pages() - pages) * _rss.page
+        reader = _RSS.get()
+        rss_delta = (reader.pages() - pages) * reader.page
         _perf_log.log(
             logging.WARNING if slow else logging.DEBUG,
             "%s %s in %.3f ms%s",
@@ -512,7 +514,7 @@ def _decorate(
         raise TypeError(f"monitor_performance decorates a callable, got {func!r}")
     label = name or f"{func.__module__}.{func.__qualname__}"
     slow_s = slow_threshold_ms / 1000.0
-    perf, cpu_time, rss = time.perf_counter, time.thread_time, _rss.pages
+    perf, cpu_time, rss = time.perf_counter, time.thread_time, _RSS.get().pages
 
     if inspect.iscoroutinefunction(func):
         async_func = cast(Callable[..., Awaitable[Any]], func)
