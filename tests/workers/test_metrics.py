@@ -183,3 +183,20 @@ def test_a_fork_while_another_thread_records_leaves_the_child_able_to_record(
         capture_output=True, text=True, timeout=240, check=True,
     )
     assert result.stdout.split() == ["0"], f"children stuck after fork: {result.stdout}"
+
+
+def test_the_first_record_publishes_the_breakers_and_returns() -> None:
+    script = textwrap.dedent("""
+        from backend.workers.shared import _metrics, retry_utils
+
+        retry_utils.CircuitBreaker("first-record")
+        _metrics.api_request("GET", "health/", 200, 0.01)  # builds, then subscribes
+        print(_metrics.render()[0].decode())
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert 'worker_circuit_breaker_state{breaker="first-record"} 0.0' in result.stdout
+    assert 'worker_api_requests_total{endpoint="health/",method="GET",status="200"} 1.0' in (
+        result.stdout
+    )

@@ -70,7 +70,8 @@ class _Metrics:
     """
 
     def __init__(self) -> None:
-        self.recording = threading.Lock()
+        # Reentrant: the first record builds, and building publishes the breakers' states.
+        self.recording = threading.RLock()
         self.lock = threading.Lock()
         self.built = False
         self.multiprocess_dir: str | None = None
