@@ -140,3 +140,63 @@ def test_enable_multiprocess_refuses_a_file(tmp_path: Path) -> None:
     target.write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
         _metrics.enable_multiprocess(target)
+
+
+FORK_WHILE_RECORDING_SCRIPT = textwrap.dedent("""
+    import os, sys, threading, time
+    from backend.workers.shared import _metrics
+
+    _metrics.enable_multiprocess(sys.argv[1])
+
+    def record():  # another thread of the forking process (the health checks' API calls)
+        n = 0
+        while True:
+            n += 1
+            _metrics.api_request("GET", f"health/{n % 50}", 200, 0.01)
+
+    threading.Thread(target=record, daemon=True).start()
+    time.sleep(0.2)
+    hung = 0
+    for _ in range(int(sys.argv[2])):
+        pid = os.fork()
+        if pid == 0:
+            _metrics.task_finished("child.task", "success", 0.1)  # the child's first record
+            os._exit(0)
+        deadline = time.monotonic() + 3
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:  # stuck on a lock that was held at the fork
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                hung += 1
+                break
+            time.sleep(0.005)
+    print(hung)
+""")
+
+
+def test_a_fork_while_another_thread_records_leaves_the_child_able_to_record(
+    tmp_path: Path,
+) -> None:
+    forks = 20
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_WHILE_RECORDING_SCRIPT, str(tmp_path), str(forks)],
+        capture_output=True, text=True, timeout=240, check=True,
+    )
+    assert result.stdout.split() == ["0"], f"children stuck after fork: {result.stdout}"
+
+
+def test_the_first_record_publishes_the_breakers_and_returns() -> None:
+    script = textwrap.dedent("""
+        from backend.workers.shared import _metrics, retry_utils
+
+        retry_utils.CircuitBreaker("first-record")
+        _metrics.api_request("GET", "health/", 200, 0.01)  # builds, then subscribes
+        print(_metrics.render()[0].decode())
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert 'worker_circuit_breaker_state{breaker="first-record"} 0.0' in result.stdout
+    assert 'worker_api_requests_total{endpoint="health/",method="GET",status="200"} 1.0' in (
+        result.stdout
+    )

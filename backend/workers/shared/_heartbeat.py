@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _metrics, _stats
+from . import _metrics, _stats, _threads
 
 BEAT_INTERVAL = 2.0  # seconds between two heartbeats of a child
 _MIN_SPACING = 0.25  # at most four extra heartbeats per second after tasks
@@ -59,8 +59,7 @@ class _ChildBeat:
         self.path = directory / f"{os.getpid()}.json"
         self.wake = threading.Event()
         self.write()
-        self.thread = threading.Thread(target=self._run, name="worker-heartbeat", daemon=True)
-        self.thread.start()
+        self.thread = _threads.start_daemon(self._run, "worker-heartbeat")
 
     def _run(self) -> None:
         while True:

@@ -17,6 +17,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from . import _threads
 from .config import WorkerConfig
 
 if TYPE_CHECKING:
@@ -168,7 +169,8 @@ class Schedule:
         self._due: dict[LeaseKeeper, float] = {}
         self._wake_at = math.inf
         self._changed = threading.Condition()
-        threading.Thread(target=self._run, name="lease-schedule", daemon=True).start()
+        # Its keepers' threads are started from it: they inherit its blocked signals.
+        _threads.start_daemon(self._run, "lease-schedule")
 
     def add(self, keeper: LeaseKeeper, at: float) -> None:
         """Launch ``keeper`` at ``at`` (``time.monotonic()``), unless discarded before."""

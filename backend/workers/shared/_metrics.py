@@ -61,9 +61,17 @@ _BUCKETS = (
 
 
 class _Metrics:
-    """The metric objects, built lazily and rebuilt when the value storage changes."""
+    """The metric objects, built lazily and rebuilt when the value storage changes.
+
+    prometheus_client's objects are used only under ``recording``: their own locks (the
+    multiprocess values share one) are free whenever it is, so a fork taken with it (see
+    :func:`_hold_for_fork`) never leaves the child one of them locked by another thread of
+    the parent (the main process's health checks record API calls while the pool forks).
+    """
 
     def __init__(self) -> None:
+        # Reentrant: the first record builds, and building publishes the breakers' states.
+        self.recording = threading.RLock()
         self.lock = threading.Lock()
         self.built = False
         self.multiprocess_dir: str | None = None
@@ -145,6 +153,11 @@ class _Metrics:
             subscribe_resilience()
         return registry
 
+    def record(self, family: str, labels: tuple[str, ...], how: str, value: float) -> None:
+        """``inc``, ``observe`` or ``set`` (``how``) ``value`` on one labelled metric."""
+        with self.recording:
+            getattr(self.child(family, labels), how)(value)
+
     def child(self, family: str, labels: tuple[str, ...]) -> Any:
         key = (family, labels)
         found = self.children.get(key)
@@ -168,13 +181,13 @@ _state = _Metrics()
 
 def api_request(method: str, endpoint: str, status: int | str, seconds: float) -> None:
     """Count one internal API request (``status`` is the HTTP code or an error kind)."""
-    _state.child("api_requests", (method, endpoint, str(status))).inc()
-    _state.child("api_duration", (method, endpoint)).observe(seconds)
+    _state.record("api_requests", (method, endpoint, str(status)), "inc", 1)
+    _state.record("api_duration", (method, endpoint), "observe", seconds)
 
 
 def api_retry(method: str, endpoint: str, reason: str) -> None:
     """Count one retry of an internal API request and why it was retried."""
-    _state.child("api_retries", (method, endpoint, reason)).inc()
+    _state.record("api_retries", (method, endpoint, reason), "inc", 1)
 
 
 _URL = re.compile(r"\s*[a-z][a-z0-9+.-]*://\S*", re.IGNORECASE)
@@ -197,28 +210,28 @@ def breaker_state(name: str, state_value: str) -> None:
             f"unknown circuit breaker state {state_value!r}; "
             f"expected one of {', '.join(BREAKER_STATES)}"
         ) from None
-    _state.child("breaker", (breaker_label(name),)).set(value)
+    _state.record("breaker", (breaker_label(name),), "set", value)
 
 
 def breaker_shared_state(name: str, ok: bool) -> None:
     """Publish whether a Redis-shared breaker reaches Redis (False: it runs on local state)."""
-    _state.child("breaker_shared", (breaker_label(name),)).set(1.0 if ok else 0.0)
+    _state.record("breaker_shared", (breaker_label(name),), "set", 1.0 if ok else 0.0)
 
 
 def task_finished(task_name: str, outcome: str, seconds: float) -> None:
     """Count a finished Celery task (``outcome`` e.g. ``success``/``failure``) and its time."""
-    _state.child("tasks", (task_name, outcome)).inc()
-    _state.child("task_duration", (task_name,)).observe(seconds)
+    _state.record("tasks", (task_name, outcome), "inc", 1)
+    _state.record("task_duration", (task_name,), "observe", seconds)
 
 
 def function_call(name: str, seconds: float, ok: bool) -> None:
     """Record one call of a monitored function."""
-    _state.child("function", (name, "success" if ok else "failure")).observe(seconds)
+    _state.record("function", (name, "success" if ok else "failure"), "observe", seconds)
 
 
 def retry_made(function: str) -> None:
     """Count one retry made by the retry engine for ``function``."""
-    _state.child("retries", (function,)).inc()
+    _state.record("retries", (function,), "inc", 1)
 
 
 _subscribed = False
@@ -321,4 +334,22 @@ def render() -> tuple[bytes, str]:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=directory)
         return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(_state.build()), CONTENT_TYPE_LATEST
+    with _state.recording:
+        return generate_latest(_state.build()), CONTENT_TYPE_LATEST
+
+
+def _hold_for_fork() -> None:
+    """Before a fork: wait until no other thread uses prometheus_client (or builds)."""
+    _state.recording.acquire()
+    _state.lock.acquire()
+
+
+def _release_after_fork() -> None:
+    """After a fork, in the parent and in the child (its only thread is the forking one)."""
+    _state.lock.release()
+    _state.recording.release()
+
+
+os.register_at_fork(
+    before=_hold_for_fork, after_in_parent=_release_after_fork, after_in_child=_release_after_fork
+)
