@@ -31,6 +31,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import _runtime
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
@@ -64,9 +66,9 @@ class _Metrics:
     """The metric objects, built lazily and rebuilt when the value storage changes.
 
     prometheus_client's objects are used only under ``recording``: their own locks (the
-    multiprocess values share one) are free whenever it is, so a fork taken with it (see
-    :func:`_hold_for_fork`) never leaves the child one of them locked by another thread of
-    the parent (the main process's health checks record API calls while the pool forks).
+    multiprocess values share one) are free whenever it is, so a fork taken with it held (see
+    ``_runtime.hold_across_fork``) never leaves the child one of them locked by another thread
+    of the parent (the main process's health checks record API calls while the pool forks).
     """
 
     def __init__(self) -> None:
@@ -338,18 +340,5 @@ def render() -> tuple[bytes, str]:
         return generate_latest(_state.build()), CONTENT_TYPE_LATEST
 
 
-def _hold_for_fork() -> None:
-    """Before a fork: wait until no other thread uses prometheus_client (or builds)."""
-    _state.recording.acquire()
-    _state.lock.acquire()
-
-
-def _release_after_fork() -> None:
-    """After a fork, in the parent and in the child (its only thread is the forking one)."""
-    _state.lock.release()
-    _state.recording.release()
-
-
-os.register_at_fork(
-    before=_hold_for_fork, after_in_parent=_release_after_fork, after_in_child=_release_after_fork
-)
+# No other thread uses prometheus_client (or builds) while the process forks.
+_runtime.hold_across_fork(_state.recording, _state.lock)

@@ -4,8 +4,9 @@ Each module declares what it keeps per process (connection pools, circuit breake
 policies and budgets, statistics, open servers) once, as a :class:`Part`: how to build it and
 what a forked child (Celery's prefork pool) does with it. The :class:`Runtime` builds a part on
 first use and, from its one ``os.register_at_fork`` hook, runs every built part's after-fork
-step in declaration order. :func:`scoped` runs code on a new runtime, with some or all parts
-built anew (test isolation), and puts the previous one back afterwards.
+step in declaration order; locks that a fork must not catch held by another thread are taken
+around it (:func:`hold_across_fork`). :func:`scoped` runs code on a new runtime, with some or
+all parts built anew (test isolation), and puts the previous one back afterwards.
 """
 
 from __future__ import annotations
@@ -112,8 +113,31 @@ def scoped(*fresh: Part[Any]) -> Iterator[Runtime]:
         _current = previous
 
 
+_held: list[Any] = []  # locks taken before a fork and given back after it, in this order
+
+
+def hold_across_fork(*locks: Any) -> None:
+    """Take ``locks`` before every fork and give them back after it, in the parent and in
+    the child: no other thread of the parent holds one at the fork, so the child (whose only
+    thread is the forking one) inherits them free."""
+    _held.extend(locks)
+
+
+def _before_fork() -> None:
+    for lock in _held:
+        lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for lock in reversed(_held):
+        lock.release()
+
+
 def _after_fork_in_child() -> None:
+    _after_fork_in_parent()
     _current.after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)
