@@ -135,6 +135,28 @@ def test_multiprocess_mode_sums_forked_children(tmp_path: Path) -> None:
     assert 'breaker="api"' not in after
 
 
+CREATING_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from backend.workers.shared import _metrics
+
+    _metrics.enable_multiprocess(sys.argv[1])
+    _metrics.task_finished("parent.task", "success", 0.1)
+    # A process creating its value file at this moment: it exists, still empty.
+    (Path(sys.argv[1]) / "counter_4242.db").touch()
+    print(_metrics.render()[0].decode())
+""")
+
+
+def test_a_value_file_being_created_does_not_break_metrics(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", CREATING_SCRIPT, str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'worker_tasks_total{outcome="success",task="parent.task"} 1.0' in result.stdout
+
+
 def test_enable_multiprocess_refuses_a_file(tmp_path: Path) -> None:
     target = tmp_path / "file"
     target.write_text("x")

@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -321,6 +322,27 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+class _FilesCollector:
+    """prometheus_client's multiprocess collection over the value files of ``directory``,
+    minus a file a process is creating at this moment: it exists empty until it is sized, and
+    reading it would fail (prometheus/client_python#1199), answering ``/metrics`` with 500."""
+
+    def __init__(self, directory: str, merge: Callable[..., Any]) -> None:
+        self.directory = directory
+        self.merge = merge
+
+    def collect(self) -> Any:
+        """The merged metrics of every value file that holds its header."""
+        files = []
+        for path in glob.glob(os.path.join(self.directory, "*.db")):
+            try:
+                if os.path.getsize(path) > 0:
+                    files.append(path)
+            except FileNotFoundError:  # a dead process's live gauges, just removed
+                continue
+        return self.merge(files, accumulate=True)
+
+
 def render() -> tuple[bytes, str]:
     """The Prometheus text exposition of every metric and its content type."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -334,7 +356,7 @@ def render() -> tuple[bytes, str]:
 
         _reap_dead_gauges(directory)
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=directory)
+        registry.register(_FilesCollector(directory, multiprocess.MultiProcessCollector.merge))
         return generate_latest(registry), CONTENT_TYPE_LATEST
     with _state.recording:
         return generate_latest(_state.build()), CONTENT_TYPE_LATEST
