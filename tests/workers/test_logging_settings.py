@@ -74,3 +74,43 @@ def test_a_celery_worker_that_configures_nothing_names_the_bad_variable(tmp_path
                           timeout=60)
     assert done.returncode != 0
     assert "LOG_FORMAT: must be one of structured, simple (got 'json')" in done.stderr
+
+
+READY_MODULE = """
+import logging, os, sys
+from celery import Celery, signals
+from backend.workers.shared import _celery
+app = Celery('levels', broker='memory://')
+_celery.install()
+
+@signals.worker_ready.connect
+def _ready(**_):
+    logging.getLogger('probe').info('probe ready')
+    logging.getLogger('probe').warning('probe warning')
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
+"""
+
+
+@pytest.mark.parametrize(
+    ("log_level", "options", "info_shown"),
+    [
+        ("INFO", [], True),  # LOG_LEVEL, since no --loglevel was given
+        ("WARNING", [], False),
+        ("WARNING", ["--loglevel", "INFO"], True),  # an explicit --loglevel wins
+        ("INFO", ["--loglevel", "WARNING"], False),
+    ],
+)
+def test_log_level_in_a_celery_worker_that_configures_nothing(
+    tmp_path: Path, log_level: str, options: list[str], info_shown: bool
+) -> None:
+    (tmp_path / "levels.py").write_text(textwrap.dedent(READY_MODULE))
+    env = {**os.environ, "LOG_LEVEL": log_level,
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    done = subprocess.run([sys.executable, "-m", "celery", "-A", "levels", "worker", "--pool",
+                           "solo", *options], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    output = done.stdout + done.stderr
+    assert "probe warning" in output, output[-2000:]
+    assert ("probe ready" in output) is info_shown

@@ -105,17 +105,30 @@ def install_if_celery_loaded() -> None:
 
 
 def _configure_if_needed(loglevel: Any) -> None:
-    """Configure logging from the environment (and ``--loglevel``) unless done already."""
+    """Configure logging from the environment unless done already; an explicit
+    ``--loglevel`` wins over ``LOG_LEVEL``, Celery's default for it (WARNING) does not."""
     from . import config, logging_utils
 
     if logging_utils.WorkerLogger.is_configured():
         return
     level, log_format = config.logging_settings()
-    if isinstance(loglevel, int) and loglevel:
+    explicit = not _loglevel_defaulted()
+    if explicit and isinstance(loglevel, int) and loglevel:
         level = logging.getLevelName(loglevel)
-    elif isinstance(loglevel, str) and loglevel.strip():
+    elif explicit and isinstance(loglevel, str) and loglevel.strip():
         level = loglevel.strip().upper()
     logging_utils.WorkerLogger.configure(log_level=level, log_format=log_format)
+
+
+def _loglevel_defaulted() -> bool:
+    """True when the running ``celery worker`` command was given no ``--loglevel`` (click
+    says where the value came from); False outside the command (a program's own value)."""
+    click = sys.modules.get("click")
+    context = click.get_current_context(silent=True) if click is not None else None
+    if context is None or "loglevel" not in context.params:
+        return False
+    source = context.get_parameter_source("loglevel")
+    return source is not None and source.name == "DEFAULT"
 
 
 def _on_celeryd_init(options: Any = None, **_: Any) -> None:
