@@ -134,3 +134,17 @@ def test_a_scoped_runtime_builds_the_named_parts_anew_and_restores_them() -> Non
     with _runtime.scoped() as fresh:
         assert _http._POOLS.get() is not outer_pools and fresh is _runtime.current()
     assert _http._POOLS.get() is outer_pools
+
+
+def test_a_part_first_used_in_a_scope_that_does_not_name_it_outlives_the_scope() -> None:
+    with _runtime.scoped():  # a runtime of its own, like a test run outside the suite's
+        with _runtime.scoped(_breaker.REGISTRY):
+            pools = _http._POOLS.get()  # built in the enclosing runtime, not in this one
+            _http.get_pool("http://127.0.0.1:9")
+
+            def report() -> dict[str, Any]:  # a fork inside the scope resets that one too
+                return {"pools": _http.pool_count()}
+
+            assert in_child(report) == {"pools": 0}
+        assert _http._POOLS.get() is pools and _http.pool_count() == 1
+        _http.close_all()

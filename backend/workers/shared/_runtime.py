@@ -62,11 +62,16 @@ def parts() -> list[str]:
 
 
 class Runtime:
-    """The values of the declared parts in this process."""
+    """The values of the declared parts in this process. A scoped runtime (:func:`scoped`)
+    holds its own parts and hands every other to the runtime it was opened in."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, parent: Runtime | None = None, own: frozenset[Part[Any]] | None = None
+    ) -> None:
         self._values: dict[Part[Any], Any] = {}
         self._lock = threading.Lock()
+        self._parent = parent
+        self._own = own  # None: every part is its own
 
     def get(self, declared: Part[T]) -> T:
         """The value of ``declared``, built on first use."""
@@ -74,19 +79,24 @@ class Runtime:
             return self._values[declared]
         except KeyError:
             pass
+        if self._parent is not None and self._own is not None and declared not in self._own:
+            return self._parent.get(declared)
         with self._lock:
             if declared not in self._values:
                 self._values[declared] = declared.build()
             return self._values[declared]
 
     def after_fork(self) -> None:
-        """In a forked child: a fresh lock, then each built part's after-fork step."""
+        """In a forked child: a fresh lock, then each built part's after-fork step (and the
+        same in the runtime a scoped one was opened in)."""
         self._lock = threading.Lock()
         for declared in _parts:
             if declared.after_fork is not None and declared in self._values:
                 kept = declared.after_fork(self._values[declared])
                 if kept is not None:
                     self._values[declared] = kept
+        if self._parent is not None:
+            self._parent.after_fork()
 
 
 _current = Runtime()
@@ -100,12 +110,11 @@ def current() -> Runtime:
 @contextlib.contextmanager
 def scoped(*fresh: Part[Any]) -> Iterator[Runtime]:
     """Run the block on a new runtime, then restore the previous one. The new runtime builds
-    the ``fresh`` parts anew (every part when none is named) and shares the others."""
+    the ``fresh`` parts anew (every part when none is named); the others stay those of the
+    previous runtime (built there, when first used in the block)."""
     global _current
     previous = _current
-    scope = Runtime()
-    if fresh:
-        scope._values = {p: v for p, v in previous._values.items() if p not in fresh}
+    scope = Runtime(previous, frozenset(fresh) if fresh else None)
     _current = scope
     try:
         yield scope
