@@ -84,11 +84,17 @@ def install() -> None:
     _metrics.subscribe_resilience()
 
 
+def _click_context() -> Any:
+    """The click context of the running ``celery`` command in this thread (None outside it;
+    click is never imported just for this)."""
+    click = sys.modules.get("click")
+    return click.get_current_context(silent=True) if click is not None else None
+
+
 def _runs_worker_command() -> bool:
     """True when this process runs ``celery worker``, read from click's context: the
     ``celery`` command imports the app (``-A``) with its subcommand already chosen."""
-    click = sys.modules.get("click")
-    context = click.get_current_context(silent=True) if click is not None else None
+    context = _click_context()
     if context is None:
         return False
     root = context.find_root()
@@ -123,8 +129,7 @@ def _configure_if_needed(loglevel: Any) -> None:
 def _loglevel_defaulted() -> bool:
     """True when the running ``celery worker`` command was given no ``--loglevel`` (click
     says where the value came from); False outside the command (a program's own value)."""
-    click = sys.modules.get("click")
-    context = click.get_current_context(silent=True) if click is not None else None
+    context = _click_context()
     if context is None or "loglevel" not in context.params:
         return False
     source = context.get_parameter_source("loglevel")

@@ -28,7 +28,6 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -327,12 +326,13 @@ class _FilesCollector:
     minus a file a process is creating at this moment: it exists empty until it is sized, and
     reading it would fail (prometheus/client_python#1199), answering ``/metrics`` with 500."""
 
-    def __init__(self, directory: str, merge: Callable[..., Any]) -> None:
+    def __init__(self, directory: str) -> None:
         self.directory = directory
-        self.merge = merge
 
     def collect(self) -> Any:
         """The merged metrics of every value file that holds its header."""
+        from prometheus_client import multiprocess
+
         files = []
         for path in glob.glob(os.path.join(self.directory, "*.db")):
             try:
@@ -340,7 +340,7 @@ class _FilesCollector:
                     files.append(path)
             except FileNotFoundError:  # a dead process's live gauges, just removed
                 continue
-        return self.merge(files, accumulate=True)
+        return multiprocess.MultiProcessCollector.merge(files, accumulate=True)
 
 
 def render() -> tuple[bytes, str]:
@@ -349,14 +349,12 @@ def render() -> tuple[bytes, str]:
 
     directory = _state.multiprocess_dir
     if directory is not None:
-        from prometheus_client import multiprocess
-
         if not os.path.isdir(directory):  # removed at worker shutdown: nothing left to show
             return b"", CONTENT_TYPE_LATEST
 
         _reap_dead_gauges(directory)
         registry = CollectorRegistry()
-        registry.register(_FilesCollector(directory, multiprocess.MultiProcessCollector.merge))
+        registry.register(_FilesCollector(directory))
         return generate_latest(registry), CONTENT_TYPE_LATEST
     with _state.recording:
         return generate_latest(_state.build()), CONTENT_TYPE_LATEST
