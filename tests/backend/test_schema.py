@@ -48,6 +48,7 @@ CHECKS = ",".join(
         "negative_data_rejection",
     ]
 )
+STATEFUL_CHECKS = CHECKS.replace(",negative_data_rejection", "")
 CONFIG = """
 [parameters]
 "query.cursor" = ""
@@ -59,9 +60,6 @@ expected-statuses = ["2XX", "3XX", "401", "403", "404", "409", "422", "429", "5X
 [checks.negative_data_rejection]
 expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "414", "415", "422",
     "428", "429", "431", "5XX"]
-
-[phases.stateful.checks.negative_data_rejection]
-enabled = false
 
 [[operations]]
 include-method = "PATCH"
@@ -88,22 +86,26 @@ def test_schemathesis_finds_no_server_error_and_no_nonconformance(
     log_start = len(live_backend.logs())
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG.format(org_id=org_id))
-    done = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("schemathesis")),
-            "--config-file", str(config),
-            "run", f"{live_backend.url}/internal/v1/schema/",
-            "-H", f"Authorization: Bearer {live_backend.api_key}",
-            "--checks", CHECKS,
-            "--max-examples", "10",
-            "--phases", "examples,coverage,fuzzing,stateful",
-            "--workers", "1",
-            "--request-timeout", "30",
-            "--no-color",
-        ],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-2000:]
+    # The stateful phase runs apart, without the negative-data check (see the docstring):
+    # schemathesis' per-phase switch in the configuration does not turn off a check that
+    # --checks names.
+    for phases, checks in (("examples,coverage,fuzzing", CHECKS), ("stateful", STATEFUL_CHECKS)):
+        done = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("schemathesis")),
+                "--config-file", str(config),
+                "run", f"{live_backend.url}/internal/v1/schema/",
+                "-H", f"Authorization: Bearer {live_backend.api_key}",
+                "--checks", checks,
+                "--max-examples", "10",
+                "--phases", phases,
+                "--workers", "1",
+                "--request-timeout", "30",
+                "--no-color",
+            ],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-2000:]
     lines = live_backend.logs()[log_start:].splitlines()
     records = [json.loads(line) for line in lines if line.startswith("{")]
     statuses = [r["status"] for r in records if r.get("logger") == "backend.access"]
