@@ -99,7 +99,7 @@ def test_a_child_keeps_the_breakers_and_their_state_and_builds_the_rest_anew() -
         breaker.call(lambda: 1 / 0)
     config = WorkerConfig(internal_service_api_key="k", _env_file=None)
     policy = _policy.retry_policy(config, retry_if=_policy.should_retry_read)
-    _stats.functions().record("parent.call", 0.01, True)
+    _stats.recent().record("parent.task", None)
     _http.get_pool("http://127.0.0.1:9")
     parent_pages = logging_utils._RSS.get().pages()  # opens the parent's /proc entry
 
@@ -108,17 +108,17 @@ def test_a_child_keeps_the_breakers_and_their_state_and_builds_the_rest_anew() -
             "state": _breaker.get_breaker("fork-kept").state.value,
             "same_policy": _policy.retry_policy(config, retry_if=_policy.should_retry_read)
             is policy,
-            "functions": list(_stats.functions().snapshot()),
+            "recent": _stats.recent().snapshot(),
             "pools": _http.pool_count(),
             "servers": len(_health_server._SERVERS.get()),
             "rss_fd": logging_utils._RSS.get().fd,  # the parent's fd is not read here
             "rss_pages": logging_utils._RSS.get().pages() > 0,
         }
 
-    assert in_child(report) == {"state": "open", "same_policy": False, "functions": [],
+    assert in_child(report) == {"state": "open", "same_policy": False, "recent": [],
                                 "pools": 0, "servers": 0, "rss_fd": None, "rss_pages": True}
     assert parent_pages > 0
-    assert _http.pool_count() >= 1 and "parent.call" in _stats.functions().snapshot()
+    assert _http.pool_count() >= 1 and _stats.recent().snapshot()[0][1] == "parent.task"
 
 
 def test_a_scoped_runtime_builds_the_named_parts_anew_and_restores_them() -> None:

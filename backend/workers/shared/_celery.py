@@ -353,7 +353,6 @@ def _on_task_postrun(
     seconds = time.perf_counter() - started
     outcome = (state or "unknown").lower()
     _metrics.task_finished(task.name, outcome, seconds)
-    _stats.tasks().record(task.name, seconds, outcome == "success")
     if outcome in ("success", "failure"):  # finished (a re-queued task counts when it ends)
         _stats.recent().record(task.name, *_failure(outcome, retval))
     _heartbeat.task_done()

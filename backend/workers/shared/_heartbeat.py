@@ -3,9 +3,10 @@
 The main process registers its ``WorkController`` here at start-up and gets a private run
 directory (multiprocess metrics, child heartbeats). Every prefork child runs a daemon thread
 that rewrites ``heartbeats/<pid>.json`` every :data:`BEAT_INTERVAL` seconds (and soon after
-each task) with its call statistics. The health checks read it all from the main process:
-which children are alive and fresh, whether the consumer holds a broker connection, and the
-statistics merged over all children, those that exited included.
+each task) with its recent task outcomes. The health checks read it all from the main
+process: which children are alive and fresh, whether the consumer holds a broker connection,
+and the recent outcomes merged over all children, those that exited included. (Task and
+call statistics are not shipped here: the multiprocess metrics hold them.)
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 class _MainState:
-    """The worker of this (main) process, its run directory, and exited children's stats."""
+    """The worker of this (main) process, its run directory, and exited children's recent
+    task outcomes."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -39,8 +41,6 @@ class _MainState:
         self.ready = False
         self.run_dir: Path | None = None
         self.heartbeat_dir: Path | None = None
-        self.retired_functions: dict[str, dict[str, Any]] = {}
-        self.retired_tasks: dict[str, dict[str, Any]] = {}
         self.retired_recent: list[_stats.Outcome] = []
 
 
@@ -76,8 +76,6 @@ class _ChildBeat:
             {
                 "pid": os.getpid(),
                 "time": time.time(),
-                "functions": _stats.functions().snapshot(),
-                "tasks": _stats.tasks().snapshot(),
                 "recent_tasks": _stats.recent().snapshot(),
             }
         )
@@ -144,7 +142,7 @@ def child_exiting() -> None:
 
 
 def task_done() -> None:
-    """Ask the heartbeat thread for an early beat, so statistics show up promptly."""
+    """Ask the heartbeat thread for an early beat, so the task's outcome shows up promptly."""
     _child.wake.set()
 
 
@@ -221,7 +219,7 @@ def _process_age(pid: int) -> float | None:
 
 
 def _live_beats() -> list[dict[str, Any]]:
-    """The heartbeats of live children; an exited child's figures move to the retired ones."""
+    """The heartbeats of live children; an exited child's outcomes move to the retired ones."""
     directory = STATE.heartbeat_dir
     if directory is None:
         return []
@@ -234,8 +232,6 @@ def _live_beats() -> list[dict[str, Any]]:
                 continue  # replaced or removed while we read it
             pid = int(beat.get("pid", 0))
             if pid and not _metrics.pid_alive(pid):
-                STATE.retired_functions = _stats.merge([STATE.retired_functions, beat["functions"]])
-                STATE.retired_tasks = _stats.merge([STATE.retired_tasks, beat["tasks"]])
                 STATE.retired_recent = _stats.merge_recent(
                     [STATE.retired_recent, beat.get("recent_tasks", [])]
                 )
@@ -243,16 +239,6 @@ def _live_beats() -> list[dict[str, Any]]:
                 continue
             beats.append(beat)
     return beats
-
-
-def merged_stats() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Function and task statistics of this process, its children and exited children."""
-    beats = _live_beats()
-    functions = [_stats.functions().snapshot(), STATE.retired_functions]
-    tasks = [_stats.tasks().snapshot(), STATE.retired_tasks]
-    functions += [beat["functions"] for beat in beats]
-    tasks += [beat["tasks"] for beat in beats]
-    return _stats.merge(functions), _stats.merge(tasks)
 
 
 def recent_tasks() -> list[_stats.Outcome]:

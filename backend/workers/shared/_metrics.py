@@ -5,6 +5,8 @@ calls :func:`enable_multiprocess` before the pool forks: every child then writes
 to memory-mapped files in one directory and :func:`render` (in the main process, where the
 health server lives) aggregates them, so ``/metrics`` counts what all children did, also
 children that have since exited. Without it, values live in this process's registry.
+:func:`samples` reads them back (``_metric_stats`` makes the statistics of
+``/health/metrics`` from them).
 
 Metric names and labels (base units, ``_total`` counters):
 
@@ -17,7 +19,10 @@ Metric names and labels (base units, ``_total`` counters):
   reachable, 0 running on local state; the lowest among live processes; set at
   subscription and on every loss or recovery)
 - ``worker_tasks_total{task,outcome}`` and ``worker_task_duration_seconds{task}``
+- ``worker_task_max_duration_seconds{task}`` (the longest run; the maximum over every
+  process, exited ones included)
 - ``worker_function_duration_seconds{function,outcome}`` (``monitor_performance``)
+- ``worker_function_max_duration_seconds{function}`` (the longest call, as for tasks)
 - ``worker_retries_total{function}`` (every retry made by ``retry_utils``)
 """
 
@@ -80,6 +85,9 @@ class _Metrics:
         self.registry: CollectorRegistry | None = None
         self.children: dict[tuple[str, tuple[str, ...]], Any] = {}
         self.families: dict[str, Any] = {}
+        # The largest value each max gauge was set to by this process (or the process it was
+        # forked from, whose values count as well).
+        self.maxima: dict[tuple[str, tuple[str, ...]], float] = {}
 
     def build(self) -> CollectorRegistry:
         with self.lock:
@@ -137,12 +145,26 @@ class _Metrics:
                 registry=registry,
                 buckets=_BUCKETS,
             )
+            f["task_max"] = Gauge(
+                "worker_task_max_duration_seconds",
+                "Longest Celery task run time",
+                ["task"],
+                registry=registry,
+                multiprocess_mode="max",
+            )
             f["function"] = Histogram(
                 "worker_function_duration_seconds",
                 "Run time of monitored functions",
                 ["function", "outcome"],
                 registry=registry,
                 buckets=_BUCKETS,
+            )
+            f["function_max"] = Gauge(
+                "worker_function_max_duration_seconds",
+                "Longest run time of monitored functions",
+                ["function"],
+                registry=registry,
+                multiprocess_mode="max",
             )
             f["retries"] = Counter(
                 "worker_retries",
@@ -160,6 +182,14 @@ class _Metrics:
         with self.recording:
             getattr(self.child(family, labels), how)(value)
 
+    def record_max(self, family: str, labels: tuple[str, ...], value: float) -> None:
+        """Raise the max gauge ``family`` to ``value`` when that is a new maximum."""
+        with self.recording:
+            key = (family, labels)
+            if value > self.maxima.get(key, float("-inf")):
+                self.child(family, labels).set(value)
+                self.maxima[key] = value
+
     def child(self, family: str, labels: tuple[str, ...]) -> Any:
         key = (family, labels)
         found = self.children.get(key)
@@ -175,6 +205,7 @@ class _Metrics:
             self.built = False
             self.children = {}
             self.families = {}
+            self.maxima = {}
             self.registry = None
 
 
@@ -224,11 +255,13 @@ def task_finished(task_name: str, outcome: str, seconds: float) -> None:
     """Count a finished Celery task (``outcome`` e.g. ``success``/``failure``) and its time."""
     _state.record("tasks", (task_name, outcome), "inc", 1)
     _state.record("task_duration", (task_name,), "observe", seconds)
+    _state.record_max("task_max", (task_name,), seconds)
 
 
 def function_call(name: str, seconds: float, ok: bool) -> None:
     """Record one call of a monitored function."""
     _state.record("function", (name, "success" if ok else "failure"), "observe", seconds)
+    _state.record_max("function_max", (name,), seconds)
 
 
 def retry_made(function: str) -> None:
@@ -358,6 +391,18 @@ def render() -> tuple[bytes, str]:
         return generate_latest(registry), CONTENT_TYPE_LATEST
     with _state.recording:
         return generate_latest(_state.build()), CONTENT_TYPE_LATEST
+
+
+def samples() -> list[Any]:
+    """Every sample (``prometheus_client`` ``Sample``): aggregated over all processes in
+    multiprocess mode, else this process's."""
+    directory = _state.multiprocess_dir
+    if directory is not None:
+        if not os.path.isdir(directory):
+            return []
+        return [s for family in _FilesCollector(directory).collect() for s in family.samples]
+    with _state.recording:
+        return [s for family in _state.build().collect() for s in family.samples]
 
 
 # No other thread uses prometheus_client (or builds) while the process forks.

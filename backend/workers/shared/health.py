@@ -31,7 +31,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _heartbeat, _metrics, _redact, _stats
+from . import _heartbeat, _metric_stats, _metrics, _redact, _stats
 from ._timefmt import utc_now_iso
 from .config import ConfigurationError
 
@@ -565,10 +565,11 @@ class HealthChecker:
         return all(c["ok"] for c in checks.values()), checks
 
     def metrics(self) -> dict[str, Any]:
-        """System figures and task/function statistics merged over every process."""
+        """System figures and the task/function statistics of every process (from the
+        Prometheus metrics, see ``_metric_stats.statistics``)."""
         import psutil
 
-        functions, tasks = _heartbeat.merged_stats()
+        statistics = _metric_stats.statistics()
         me = psutil.Process()
         with me.oneshot():
             process = {
@@ -591,8 +592,8 @@ class HealthChecker:
                 "load_average": [round(x, 2) for x in os.getloadavg()],
             },
             "process": process,
-            "tasks": _stats.summarize(tasks),
-            "functions": _stats.summarize(functions),
+            "tasks": statistics["tasks"],
+            "functions": statistics["functions"],
         }
 
 

@@ -38,7 +38,7 @@ from typing import IO, Any, TypeVar, cast, overload
 
 import structlog
 
-from . import _metrics, _redact, _runtime, _stats
+from . import _metric_stats, _metrics, _redact, _runtime
 from ._resilience import check_number
 from ._timefmt import utc_iso
 
@@ -446,7 +446,6 @@ def _record(
 ) -> None:
     wall = time.perf_counter() - started
     cpu = time.thread_time() - cpu_started
-    _stats.functions().record(name, wall, ok)
     _metrics.function_call(name, wall, ok)
     slow = wall >= slow_s
     if slow or _perf_log.isEnabledFor(logging.DEBUG):
@@ -557,5 +556,6 @@ def _decorate(
 
 
 def performance_stats() -> dict[str, dict[str, Any]]:
-    """This process's statistics of monitored functions (count, errors, times in ms)."""
-    return _stats.summarize(_stats.functions().snapshot())
+    """The statistics of monitored functions (count, errors, times in ms), from the
+    Prometheus metrics: under a prefork pool, those of every process of the worker."""
+    return _metric_stats.statistics()["functions"]
