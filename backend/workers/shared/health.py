@@ -10,7 +10,9 @@ breakers: degraded while a Redis-shared breaker has lost Redis and runs on local
 overall status is the worst check. It also answers the probes' questions as plain data:
 readiness, metrics, the last report and the history.
 
-The HTTP server that serves these answers, :class:`HealthServer` (with
+This module is the checker and its runner; the built-in checks live in ``_health_checks``,
+the result types in ``_health_result``, and every public name of those is importable from
+here. The HTTP server that serves these answers, :class:`HealthServer` (with
 :class:`HealthServerError` and the request bounds ``MAX_*``), lives in ``_health_server``,
 which imports this module; those names are still importable from here (see ``__getattr__``).
 """
@@ -18,20 +20,29 @@ which imports this module; those names are still importable from here (see ``__g
 from __future__ import annotations
 
 import dataclasses
-import enum
 import importlib
 import logging
-import os
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _heartbeat, _metric_stats, _metrics, _redact, _stats
+from . import _health_checks, _heartbeat, _redact
+from ._health_checks import (
+    TASK_DEGRADED_SHARE as TASK_DEGRADED_SHARE,
+    TASK_MIN_SAMPLE as TASK_MIN_SAMPLE,
+    TASK_WINDOW_SECONDS as TASK_WINDOW_SECONDS,
+    breaker_findings as breaker_findings,
+    recent_task_findings as recent_task_findings,
+)
+from ._health_result import (
+    HealthCheckResult as HealthCheckResult,
+    HealthReport as HealthReport,
+    HealthStatus as HealthStatus,
+    worst as worst,
+)
 from ._timefmt import utc_now_iso
 from .config import ConfigurationError
 
@@ -42,13 +53,6 @@ log = logging.getLogger(__name__)
 
 HISTORY_SIZE = 100
 READY_MAX_AGE = 2.0  # seconds a backend check result is reused by /readyz
-#: The recent tasks judged by ``worker_process``: the last ``_stats.RECENT_SIZE`` (50) tasks
-#: of the worker (all pool children merged) that finished within this many seconds.
-TASK_WINDOW_SECONDS = 600.0
-#: Fewer recent tasks than this say nothing (one failed task is not a failing worker).
-TASK_MIN_SAMPLE = 3
-#: Share of failed recent tasks from which the worker is degraded; all failed is unhealthy.
-TASK_DEGRADED_SHARE = 0.5
 CheckFunction = Callable[[], "HealthCheckResult | bool"]
 #: Names defined by the HTTP server module and still importable from here.
 _SERVER_NAMES = frozenset(
@@ -74,84 +78,6 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f"{__package__}._health_server"), name)
     globals()[name] = value
     return value
-
-
-class HealthStatus(enum.StrEnum):
-    """Outcome of a check or of a whole report, from best to worst."""
-
-    HEALTHY = "healthy"
-    DEGRADED = "degraded"
-    UNHEALTHY = "unhealthy"
-
-    @property
-    def rank(self) -> int:
-        """0 healthy, 1 degraded, 2 unhealthy: the overall status is the highest rank."""
-        return _RANK[self]
-
-
-_RANK = {HealthStatus.HEALTHY: 0, HealthStatus.DEGRADED: 1, HealthStatus.UNHEALTHY: 2}
-
-
-def worst(statuses: list[HealthStatus]) -> HealthStatus:
-    """The worst of ``statuses`` (healthy when there are none)."""
-    return max(statuses, key=lambda s: s.rank, default=HealthStatus.HEALTHY)
-
-
-@dataclasses.dataclass
-class HealthCheckResult:
-    """The outcome of one check; ``duration_ms`` and ``timestamp`` are filled in by the checker."""
-
-    name: str
-    status: HealthStatus
-    message: str
-    details: dict[str, Any] | None = None
-    duration_ms: float = 0.0
-    timestamp: str = dataclasses.field(default_factory=utc_now_iso)
-
-    def __post_init__(self) -> None:
-        try:
-            self.status = HealthStatus(self.status)
-        except ValueError:
-            raise ValueError(
-                f"status must be one of {', '.join(s.value for s in HealthStatus)}, "
-                f"got {self.status!r}"
-            ) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form used in responses."""
-        out: dict[str, Any] = {"status": self.status.value, "message": self.message}
-        if self.details:
-            out["details"] = self.details
-        out["duration_ms"] = self.duration_ms
-        out["timestamp"] = self.timestamp
-        return out
-
-
-@dataclasses.dataclass(frozen=True)
-class HealthReport:
-    """All checks of one run and the overall status."""
-
-    status: HealthStatus
-    timestamp: str
-    uptime_seconds: float
-    worker_name: str
-    checks: dict[str, HealthCheckResult]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The module README's JSON shape: status, timestamp, uptime_seconds, worker_name and
-        checks."""
-        return {
-            "status": self.status.value,
-            "timestamp": self.timestamp,
-            "uptime_seconds": self.uptime_seconds,
-            "worker_name": self.worker_name,
-            "checks": {name: result.to_dict() for name, result in self.checks.items()},
-        }
-
-    @property
-    def http_status(self) -> int:
-        """200 when healthy or degraded, 503 when unhealthy."""
-        return 503 if self.status is HealthStatus.UNHEALTHY else 200
 
 
 class _Run:
@@ -413,114 +339,20 @@ class HealthChecker:
             thread.join(timeout)
         self._background = None
 
-    # --- built-in checks -------------------------------------------------------------
+    # --- built-in checks (in _health_checks) -------------------------------------------
     def check_api_connectivity(self) -> HealthCheckResult:
         """One authenticated ``GET health/`` to the backend, no retry, short timeout."""
-        from .api_client import InternalAPIClient, InternalAPIError
-
-        timeout = max(0.1, min(self.config.api_timeout, self.check_timeout * 0.8))
-        started = time.perf_counter()
-        try:
-            with InternalAPIClient(self.config) as client:
-                answer = client.health_check(timeout=timeout, retry=False)
-        except InternalAPIError as exc:
-            status = getattr(exc, "status", None)
-            why = type(exc).__name__ + (f", HTTP {status}" if status else "")
-            return HealthCheckResult(
-                "api_connectivity", HealthStatus.UNHEALTHY, f"backend unreachable ({why})"
-            )
-        latency = round((time.perf_counter() - started) * 1000, 3)
-        details = {"latency_ms": latency, "backend_status": answer.status}
-        if answer.status != "healthy":
-            return HealthCheckResult(
-                "api_connectivity",
-                HealthStatus.DEGRADED,
-                f"backend reports {answer.status!r}",
-                details,
-            )
-        return HealthCheckResult(
-            "api_connectivity", HealthStatus.HEALTHY, "API connectivity OK", details
-        )
+        return _health_checks.api_connectivity(self.config, self.check_timeout)
 
     def check_system_resources(self) -> HealthCheckResult:
         """Memory, disk (of ``WORKER_DATA_DIR``) and CPU use against the thresholds."""
-        import psutil
-
-        figures = {
-            "memory": psutil.virtual_memory().percent,
-            "disk": psutil.disk_usage(str(_existing(self.config.worker_data_dir))).percent,
-            "cpu": psutil.cpu_percent(interval=None),
-        }
-        statuses, problems = [], []
-        for kind, value in figures.items():
-            degraded = getattr(self.config, f"health_{kind}_degraded_percent")
-            unhealthy = getattr(self.config, f"health_{kind}_unhealthy_percent")
-            if value > unhealthy:
-                statuses.append(HealthStatus.UNHEALTHY)
-                problems.append(f"{kind} {value:.1f}% > {unhealthy:g}%")
-            elif value > degraded:
-                statuses.append(HealthStatus.DEGRADED)
-                problems.append(f"{kind} {value:.1f}% > {degraded:g}%")
-        details = {f"{kind}_percent": value for kind, value in figures.items()}
-        message = "System resources OK" if not problems else "; ".join(problems)
-        return HealthCheckResult("system_resources", worst(statuses), message, details)
+        return _health_checks.system_resources(self.config)
 
     def check_worker_process(self) -> HealthCheckResult:
         """The main process, the consumer's broker connection, the pool's heartbeats, the
         recent tasks (degraded when half of them failed, unhealthy when all did), and the
         circuit breakers (degraded while a Redis-shared one runs on local state)."""
-        details: dict[str, Any] = {"pid": os.getpid()}
-        status, message = self._process_status(details)
-        tasks = recent_task_findings()
-        if tasks["count"]:
-            details["recent_tasks"] = tasks
-        verdict = _task_verdict(tasks)
-        if verdict is not None and verdict[0].rank > status.rank:
-            status, message = verdict
-        elif verdict is not None:
-            message = f"{message}; {verdict[1]}"
-        breakers = breaker_findings()
-        if breakers:
-            details["circuit_breakers"] = breakers
-        lost = [b["breaker"] for b in breakers if b.get("shared_state_ok") is False]
-        if lost:
-            local = (
-                f"circuit breaker {', '.join(lost)}: shared state (Redis) unreachable, "
-                "running on this process's local state"
-            )
-            if status is HealthStatus.HEALTHY:
-                status, message = HealthStatus.DEGRADED, local
-            else:
-                message = f"{message}; {local}"
-        return HealthCheckResult("worker_process", status, message, details)
-
-    def _process_status(self, details: dict[str, Any]) -> tuple[HealthStatus, str]:
-        if not _heartbeat.worker_attached():
-            details["celery_worker"] = False
-            return HealthStatus.HEALTHY, "Worker process healthy"
-        if not _heartbeat.worker_started():
-            details.update(celery_worker=True, consumer_connected=False, consumer_ready=False)
-            return HealthStatus.DEGRADED, "celery worker starting"
-        children = _heartbeat.child_heartbeats(self.config.health_heartbeat_timeout)
-        connected = _heartbeat.consumer_connected()
-        details.update(
-            celery_worker=True,
-            consumer_connected=connected,
-            consumer_ready=_heartbeat.STATE.ready,
-            pool_processes=children,
-        )
-        stale = [c["pid"] for c in children if not c["fresh"]]
-        if not connected:
-            return HealthStatus.UNHEALTHY, "consumer not connected to the broker"
-        if stale:
-            return (
-                HealthStatus.UNHEALTHY,
-                f"{len(stale)} of {len(children)} pool processes without a heartbeat for "
-                f"{self.config.health_heartbeat_timeout:g} s: {stale}",
-            )
-        if not _heartbeat.STATE.ready:
-            return HealthStatus.DEGRADED, "consumer starting"
-        return HealthStatus.HEALTHY, "Worker process healthy"
+        return _health_checks.worker_process(self.config)
 
     # --- probes ---------------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -567,94 +399,7 @@ class HealthChecker:
     def metrics(self) -> dict[str, Any]:
         """System figures and the task/function statistics of every process (from the
         Prometheus metrics, see ``_metric_stats.statistics``)."""
-        import psutil
-
-        statistics = _metric_stats.statistics()
-        me = psutil.Process()
-        with me.oneshot():
-            process = {
-                "pid": me.pid,
-                "rss_bytes": me.memory_info().rss,
-                "threads": me.num_threads(),
-                "pool_processes": len(_heartbeat.pool_pids()),
-            }
-        return {
-            "timestamp": utc_now_iso(),
-            "worker_name": self.config.worker_name,
-            "worker_version": self.config.worker_version,
-            "uptime_seconds": self.uptime_seconds(),
-            "system": {
-                "cpu_percent": psutil.cpu_percent(interval=None),
-                "memory_percent": psutil.virtual_memory().percent,
-                "disk_percent": psutil.disk_usage(
-                    str(_existing(self.config.worker_data_dir))
-                ).percent,
-                "load_average": [round(x, 2) for x in os.getloadavg()],
-            },
-            "process": process,
-            "tasks": statistics["tasks"],
-            "functions": statistics["functions"],
-        }
-
-
-def recent_task_findings() -> dict[str, Any]:
-    """The worker's recent tasks (see :data:`TASK_WINDOW_SECONDS`): how many, how many
-    failed (and of those, how many with an exception that is not transient), and how often
-    each exception type (and each task) failed."""
-    since = time.time() - TASK_WINDOW_SECONDS
-    recent = [item for item in _heartbeat.recent_tasks() if item[0] >= since]
-    failures: dict[str, int] = {}
-    failing_tasks: dict[str, int] = {}
-    permanent = 0
-    for _when, name, error, transient in recent:
-        if error is not None:
-            failures[error] = failures.get(error, 0) + 1
-            failing_tasks[name] = failing_tasks.get(name, 0) + 1
-            permanent += not transient
-    return {
-        "count": len(recent),
-        "failed": sum(failures.values()),
-        "failed_permanently": permanent,
-        "failures": dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "failing_tasks": dict(sorted(failing_tasks.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "window": f"the last {_stats.RECENT_SIZE} tasks within {TASK_WINDOW_SECONDS:g} s",
-    }
-
-
-def _task_verdict(tasks: dict[str, Any]) -> tuple[HealthStatus, str] | None:
-    """Unhealthy when every recent task failed, degraded from TASK_DEGRADED_SHARE; None
-    below TASK_MIN_SAMPLE tasks or under the share."""
-    count, failed = tasks["count"], tasks["failed"]
-    if count < TASK_MIN_SAMPLE or failed < count * TASK_DEGRADED_SHARE:
-        return None
-    kinds = ", ".join(f"{name} x{n}" for name, n in tasks["failures"].items())
-    if failed == count:
-        return HealthStatus.UNHEALTHY, f"all {count} recent tasks failed ({kinds})"
-    return HealthStatus.DEGRADED, f"{failed} of {count} recent tasks failed ({kinds})"
-
-
-def breaker_findings() -> list[dict[str, Any]]:
-    """Every circuit breaker of this process: name (URLs left out), state, and for a
-    Redis-shared one whether its shared state is reachable (False: running on local state)."""
-    module = sys.modules.get("backend.workers.shared._breaker")
-    if module is None:  # no breaker can exist yet
-        return []
-    found = []
-    for breaker in module.all_breakers():
-        entry: dict[str, Any] = {
-            "breaker": _metrics.breaker_label(breaker.name),
-            "state": breaker.state.value,  # read first: a shared read may notice Redis' loss
-        }
-        if breaker.shared:
-            entry["shared_state_ok"] = breaker.shared_state_ok
-        found.append(entry)
-    return found
-
-
-def _existing(path: Path) -> Path:
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
+        return _health_checks.metrics(self.config, self.uptime_seconds())
 
 
 def _age(timestamp: str) -> float:
