@@ -20,10 +20,10 @@ from backend.workers.shared import (
     _breaker_store,
     _health_server,
     _http,
+    _performance,
     _policy,
     _runtime,
     _stats,
-    logging_utils,
     retry_utils,
 )
 from backend.workers.shared.config import WorkerConfig
@@ -101,7 +101,7 @@ def test_a_child_keeps_the_breakers_and_their_state_and_builds_the_rest_anew() -
     policy = _policy.retry_policy(config, retry_if=_policy.should_retry_read)
     _stats.recent().record("parent.task", None)
     _http.get_pool("http://127.0.0.1:9")
-    parent_pages = logging_utils._RSS.get().pages()  # opens the parent's /proc entry
+    parent_pages = _performance._RSS.get().pages()  # opens the parent's /proc entry
 
     def report() -> dict[str, Any]:
         return {
@@ -111,8 +111,8 @@ def test_a_child_keeps_the_breakers_and_their_state_and_builds_the_rest_anew() -
             "recent": _stats.recent().snapshot(),
             "pools": _http.pool_count(),
             "servers": len(_health_server._SERVERS.get()),
-            "rss_fd": logging_utils._RSS.get().fd,  # the parent's fd is not read here
-            "rss_pages": logging_utils._RSS.get().pages() > 0,
+            "rss_fd": _performance._RSS.get().fd,  # the parent's fd is not read here
+            "rss_pages": _performance._RSS.get().pages() > 0,
         }
 
     assert in_child(report) == {"state": "open", "same_policy": False, "recent": [],
