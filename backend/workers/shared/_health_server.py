@@ -17,7 +17,8 @@ the :class:`~backend.workers.shared.health.HealthChecker` finds:
 
 Responses carry no secret and no configuration beyond the worker's name and version. The
 public names are importable from ``backend.workers.shared`` and
-``backend.workers.shared.health``.
+``backend.workers.shared.health``. Requests are read, within bounds, by
+``_strict_http.StrictHandler``; this module routes them to the checker.
 """
 
 from __future__ import annotations

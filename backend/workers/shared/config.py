@@ -2,7 +2,8 @@
 
 ``WorkerConfig()`` reads the process environment and a ``.env`` file (``ENV_FILE`` names
 another one). Any bad value raises one :class:`ConfigurationError` that names every bad
-variable; secrets never appear in a message, a ``repr`` or a dump.
+variable; secrets never appear in a message, a ``repr`` or a dump. The checks of one value
+that the validators call live in ``_config_checks``.
 """
 
 from __future__ import annotations
