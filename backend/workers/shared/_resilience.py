@@ -1,4 +1,4 @@
-"""What the retry engine (:mod:`retry_utils`) and the circuit breaker (:mod:`_breaker`) share:
+"""What the retry engine (:mod:`_retry_policy`) and the circuit breaker (:mod:`_breaker`) share:
 argument checks that raise ValueError naming the parameter, the name of a callable in logs,
 the sync/async decorator, listener calls, and the one logger of both.
 """

@@ -2,17 +2,15 @@
 
 ``WorkerConfig()`` reads the process environment and a ``.env`` file (``ENV_FILE`` names
 another one). Any bad value raises one :class:`ConfigurationError` that names every bad
-variable; secrets never appear in a message, a ``repr`` or a dump.
+variable; secrets never appear in a message, a ``repr`` or a dump. The checks of one value
+that the validators call live in ``_config_checks``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import SplitResult, urlsplit
 
 from pydantic import (
     Field,
@@ -25,10 +23,28 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from . import _celery, _http, _redact
+from ._config_checks import (
+    LOG_FORMATS as LOG_FORMATS,
+    LOG_LEVELS as LOG_LEVELS,
+    MAX_SECRET_LENGTH as MAX_SECRET_LENGTH,
+    MAX_URL_LENGTH as MAX_URL_LENGTH,
+    broker_schemes,
+    check_backend_url,
+    check_data_dir,
+    check_log_format,
+    check_log_level,
+    check_order,
+    check_secret,
+    check_token,
+    check_transport_url,
+    check_webhook_secret,
+    result_backend_schemes,
+    split_csv,
+    strip_ascii,
+    visible_ascii_problem,
+)
 
 MASK = _redact.MASK  # what a secret shows as (one mask for the package)
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-LOG_FORMATS = ("structured", "simple")
 _SECRET_FIELDS = ("internal_service_api_key", "webhook_signing_secret")
 _URL_FIELDS = (
     "django_app_backend_url",
@@ -38,12 +54,8 @@ _URL_FIELDS = (
 )
 #: Longest duration setting (one year): longer ones overflow timers (threading, Redis).
 MAX_SECONDS = 365 * 24 * 3600.0
-MAX_URL_LENGTH = 2048
-MAX_SECRET_LENGTH = 4096
 #: Characters of a bad value quoted in a ``ConfigurationError``.
 MAX_QUOTED = 80
-_ASCII_SPACE = " \t\r\n\f\v"
-_WEBHOOK_SECRET_PREFIX = "whsec_"  # Standard Webhooks' prefix (the standardwebhooks library's)
 
 
 class ConfigurationError(ValueError):
@@ -55,172 +67,6 @@ class ConfigurationError(ValueError):
         super().__init__(f"invalid worker configuration ({len(problems)} problem(s)):\n{lines}")
 
 
-# --- checks of one value (messages never quote the value: the caller decides) --------
-
-
-def _visible_ascii_problem(text: str) -> str | None:
-    """Why ``text`` is not visible ASCII (no space, no control character), by position only."""
-    for position, char in enumerate(text, 1):
-        if not char.isascii():
-            return f"has a non-ASCII character at position {position}"
-        if not char.isprintable() or char.isspace():
-            return f"has a space or control character at position {position}"
-    return None
-
-
-def _check_token(value: str, *, max_length: int) -> str:
-    """A header-safe identifier: visible ASCII, at most ``max_length`` characters."""
-    if not value:
-        raise ValueError("must not be empty")
-    if len(value) > max_length:
-        raise ValueError(f"must be at most {max_length} characters")
-    problem = _visible_ascii_problem(value)
-    if problem is not None:
-        raise ValueError(f"{problem}: it goes into HTTP headers, which take visible ASCII")
-    return value
-
-
-def _check_secret(text: str) -> None:
-    """A secret fit for a header; the message names the problem, never a character of it."""
-    if not text.strip():
-        raise ValueError("must not be empty")
-    if text != text.strip():
-        raise ValueError(
-            "has leading or trailing whitespace (a line break copied from a file?): remove it"
-        )
-    if len(text) > MAX_SECRET_LENGTH:
-        raise ValueError(f"must be at most {MAX_SECRET_LENGTH} characters")
-    problem = _visible_ascii_problem(text)
-    if problem is not None:
-        raise ValueError(f"{problem} of {len(text)}: only visible ASCII can be sent")
-
-
-def _split_url(value: str) -> SplitResult:
-    """``value`` parsed, checked for what every URL setting needs (no secret in a message)."""
-    if len(value) > MAX_URL_LENGTH:
-        raise ValueError(f"must be at most {MAX_URL_LENGTH} characters")
-    problem = _visible_ascii_problem(value)
-    if problem is not None:
-        raise ValueError(f"{problem} (write an international host name in its xn-- form)")
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError:
-        raise ValueError("is not a valid URL (its port must be a number from 1 to 65535)") from None
-    if port == 0:
-        raise ValueError("has port 0: give the port the service listens on (1 to 65535)")
-    return parts
-
-
-def _check_backend_url(value: str) -> str:
-    parts = _split_url(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http(s) URL with a host, e.g. http://localhost:8000")
-    root = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
-    if "@" in parts.netloc:
-        raise ValueError(
-            "must not hold a user or password (the client sends INTERNAL_SERVICE_API_KEY as "
-            f"its bearer key; credentials in the URL would replace it): write {root}"
-        )
-    if parts.path.strip("/") or "?" in value or "#" in value:
-        raise ValueError(
-            f"must be the backend's root, without path, query or fragment: write {root} "
-            "(the client adds /internal/v1/)"
-        )
-    return root
-
-
-def _check_transport_url(value: str, known: frozenset[str], example: str) -> str:
-    """A Celery broker or result backend URL (``;`` separates failover URLs)."""
-    for url in value.split(";"):
-        parts = _split_url(url)
-        scheme = parts.scheme.lower()
-        if "://" not in url or not scheme:
-            raise ValueError(f"must be a URL with a scheme, e.g. {example}")
-        name = scheme.partition("+")[0]  # db+postgresql://, sqla+sqlite://, cache+memcached://
-        if name not in known:
-            schemes = ", ".join(f"{k}://" for k in sorted(known))
-            raise ValueError(f"has scheme {name!r}, not one of {schemes}")
-    return value
-
-
-def _broker_schemes() -> frozenset[str]:
-    from kombu.transport import TRANSPORT_ALIASES  # imported only when a broker URL is set
-
-    return frozenset(name.lower() for name in TRANSPORT_ALIASES)
-
-
-def _result_backend_schemes() -> frozenset[str]:
-    from celery.app.backends import BACKEND_ALIASES  # only when a result backend is set
-
-    return frozenset(name.lower() for name in BACKEND_ALIASES) | {"db", "cache"}
-
-
-def _check_webhook_secret(text: str) -> None:
-    """Standard Webhooks' form: base64, optionally prefixed with ``whsec_``."""
-    _check_secret(text)
-    body = text.removeprefix(_WEBHOOK_SECRET_PREFIX)
-    try:
-        # The library pads and decodes leniently (dropping stray characters); strictly here,
-        # so that what it signs with is exactly what was written.
-        key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        key = b""
-    if not key:
-        raise ValueError(
-            "must be a Standard Webhooks secret: base64 (A-Z, a-z, 0-9, +, /), optionally "
-            "prefixed with whsec_"
-        )
-
-
-def _check_data_dir(path: Path) -> Path:
-    """A folder that exists and is writable, or can be created in a writable one."""
-    try:
-        probe = path
-        while not probe.exists():
-            probe = probe.parent
-        if not probe.is_dir():
-            shown = "it is" if probe == path else f"{probe} is"
-            raise ValueError(f"cannot be used as a folder: {shown} a file")
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise ValueError(f"is not writable ({probe} refuses new files)")
-    except OSError as exc:
-        raise ValueError(f"cannot be used: {exc.strerror or exc}") from None
-    return path
-
-
-def _check_order(value: float, info: ValidationInfo, other: str, must_be: str) -> float:
-    """``value`` against the setting ``other`` (validated before it, when valid):
-    ``must_be`` is ``"below"``, ``"at most"`` or ``"at least"``."""
-    limit = info.data.get(other)
-    if limit is None:
-        return value
-    ok = {"below": value < limit, "at most": value <= limit, "at least": value >= limit}
-    if not ok[must_be]:
-        raise ValueError(f"must be {must_be} {other.upper()} ({limit:g})")
-    return value
-
-
-def _strip(value: str) -> str:
-    """``value`` without ASCII whitespace at its ends (a line break or other Unicode space
-    stays, and is refused by the checks)."""
-    return value.strip(_ASCII_SPACE)
-
-
-def _log_level(value: Any) -> str:
-    """``LOG_LEVEL``: one of :data:`LOG_LEVELS`, any case."""
-    if isinstance(value, str) and value.isascii() and _strip(value).upper() in LOG_LEVELS:
-        return _strip(value).upper()
-    raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
-
-
-def _log_format(value: Any) -> str:
-    """``LOG_FORMAT``: one of :data:`LOG_FORMATS`, any case."""
-    if isinstance(value, str) and value.isascii() and _strip(value).lower() in LOG_FORMATS:
-        return _strip(value).lower()
-    raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
-
-
 def logging_settings() -> tuple[str, str]:
     """``LOG_LEVEL`` and ``LOG_FORMAT`` from the process environment (unset or empty: INFO,
     structured), checked as :class:`WorkerConfig` checks them, for logging set up before or
@@ -228,8 +74,8 @@ def logging_settings() -> tuple[str, str]:
     problems: dict[str, str] = {}
     chosen: list[str] = []
     for name, default, check in (
-        ("LOG_LEVEL", "INFO", _log_level),
-        ("LOG_FORMAT", "structured", _log_format),
+        ("LOG_LEVEL", "INFO", check_log_level),
+        ("LOG_FORMAT", "structured", check_log_format),
     ):
         value = os.environ.get(name) or default
         try:
@@ -239,12 +85,6 @@ def logging_settings() -> tuple[str, str]:
     if problems:
         raise ConfigurationError(problems)
     return chosen[0], chosen[1]
-
-
-def _split_csv(value: Any) -> Any:
-    if isinstance(value, str):
-        return [_strip(item) for item in value.split(",") if _strip(item)]
-    return value
 
 
 class WorkerConfig(BaseSettings):
@@ -350,7 +190,7 @@ class WorkerConfig(BaseSettings):
     @classmethod
     def _api_key(cls, value: SecretStr) -> SecretStr:
         text = value.get_secret_value()
-        _check_secret(text)
+        check_secret(text)
         if "," in text:
             raise ValueError(
                 "holds a comma: a worker sends one key (a comma-separated list of keys is "
@@ -361,7 +201,7 @@ class WorkerConfig(BaseSettings):
     @field_validator("webhook_signing_secret", mode="before")
     @classmethod
     def _blank_secret_is_none(cls, value: Any) -> Any:
-        if isinstance(value, str) and not _strip(value):
+        if isinstance(value, str) and not strip_ascii(value):
             return None
         return value
 
@@ -369,7 +209,7 @@ class WorkerConfig(BaseSettings):
     @classmethod
     def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            _check_webhook_secret(value.get_secret_value())
+            check_webhook_secret(value.get_secret_value())
         return value
 
     # --- validators: URLs ---------------------------------------------------------------
@@ -382,12 +222,12 @@ class WorkerConfig(BaseSettings):
     )
     @classmethod
     def _url_stripped(cls, value: Any) -> Any:
-        return _strip(value) if isinstance(value, str) else value
+        return strip_ascii(value) if isinstance(value, str) else value
 
     @field_validator("django_app_backend_url")
     @classmethod
     def _backend_url(cls, value: str) -> str:
-        return _check_backend_url(value)
+        return check_backend_url(value)
 
     @field_validator("celery_broker_url", "celery_result_backend", "circuit_breaker_redis_url")
     @classmethod
@@ -399,20 +239,20 @@ class WorkerConfig(BaseSettings):
     def _broker_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        return _check_transport_url(value, _broker_schemes(), "redis://localhost:6379/0")
+        return check_transport_url(value, broker_schemes(), "redis://localhost:6379/0")
 
     @field_validator("celery_result_backend")
     @classmethod
     def _result_backend(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        return _check_transport_url(value, _result_backend_schemes(), "redis://localhost:6379/1")
+        return check_transport_url(value, result_backend_schemes(), "redis://localhost:6379/1")
 
     @field_validator("circuit_breaker_redis_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
         if value is not None:
-            _check_transport_url(
+            check_transport_url(
                 value, frozenset({"redis", "rediss", "unix"}), "redis://localhost:6379/2"
             )
             if ";" in value:
@@ -423,7 +263,7 @@ class WorkerConfig(BaseSettings):
     @field_validator("worker_name")
     @classmethod
     def _worker_name(cls, value: str) -> str:
-        _check_token(value, max_length=200)
+        check_token(value, max_length=200)
         if "," in value:
             raise ValueError("must not hold a comma (it is also the worker's Celery queue)")
         return value
@@ -431,24 +271,24 @@ class WorkerConfig(BaseSettings):
     @field_validator("worker_version")
     @classmethod
     def _worker_version(cls, value: str) -> str:
-        return _check_token(value, max_length=100)
+        return check_token(value, max_length=100)
 
     @field_validator("organization_id", mode="before")
     @classmethod
     def _blank_org_is_none(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return _strip(value) or None
+            return strip_ascii(value) or None
         return value
 
     @field_validator("organization_id")
     @classmethod
     def _organization_id(cls, value: str | None) -> str | None:
-        return None if value is None else _check_token(value, max_length=64)
+        return None if value is None else check_token(value, max_length=64)
 
     @field_validator("webhook_allowed_hosts", mode="before")
     @classmethod
     def _hosts(cls, value: Any) -> Any:
-        hosts = _split_csv(value)
+        hosts = split_csv(value)
         if isinstance(hosts, list) and all(isinstance(h, str) for h in hosts):
             return [h.lower() for h in hosts]
         return hosts  # not a list of text: the type check reports it
@@ -457,7 +297,7 @@ class WorkerConfig(BaseSettings):
     @classmethod
     def _hosts_visible(cls, value: list[str]) -> list[str]:
         for position, host in enumerate(value, 1):
-            problem = _visible_ascii_problem(host)
+            problem = visible_ascii_problem(host)
             if problem is not None or len(host) > 260:
                 why = problem or "is longer than a host name"
                 raise ValueError(f"host {position} {why} (write host or host:port, in ASCII)")
@@ -466,36 +306,36 @@ class WorkerConfig(BaseSettings):
     @field_validator("health_host")
     @classmethod
     def _health_host(cls, value: str) -> str:
-        return _check_token(_strip(value), max_length=255)
+        return check_token(strip_ascii(value), max_length=255)
 
     # --- validators: choices ------------------------------------------------------------
     @field_validator("log_level", mode="before")
     @classmethod
     def _log_level(cls, value: Any) -> Any:
-        return _log_level(value)
+        return check_log_level(value)
 
     @field_validator("log_format", mode="before")
     @classmethod
     def _log_format(cls, value: Any) -> Any:
-        return _log_format(value)
+        return check_log_format(value)
 
     # --- validators: settings bounded by another one ----------------------------------
     @field_validator("task_soft_time_limit")
     @classmethod
     def _soft_below_hard(cls, value: float, info: ValidationInfo) -> float:
-        return _check_order(value, info, "task_time_limit", "below")
+        return check_order(value, info, "task_time_limit", "below")
 
     @field_validator("api_retry_max_delay")
     @classmethod
     def _max_delay_above_base(cls, value: float, info: ValidationInfo) -> float:
-        return _check_order(value, info, "api_retry_base_delay", "at least")
+        return check_order(value, info, "api_retry_base_delay", "at least")
 
     @field_validator("api_max_keepalive_connections")
     @classmethod
     def _keepalive_within_pool(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is None:
             return None
-        return int(_check_order(value, info, "api_max_connections", "at most"))
+        return int(check_order(value, info, "api_max_connections", "at most"))
 
     @field_validator(
         "health_memory_unhealthy_percent",
@@ -505,13 +345,13 @@ class WorkerConfig(BaseSettings):
     @classmethod
     def _unhealthy_above_degraded(cls, value: float, info: ValidationInfo) -> float:
         degraded = str(info.field_name).replace("_unhealthy_", "_degraded_")
-        return _check_order(value, info, degraded, "at least")
+        return check_order(value, info, degraded, "at least")
 
     # --- validators: paths --------------------------------------------------------------
     @field_validator("worker_data_dir", mode="before")
     @classmethod
     def _printable_path(cls, value: Any) -> Any:
-        if isinstance(value, str) and (not _strip(value) or not value.isprintable()):
+        if isinstance(value, str) and (not strip_ascii(value) or not value.isprintable()):
             raise ValueError("must be a folder's path (not empty, no control character)")
         return value
 
@@ -522,7 +362,7 @@ class WorkerConfig(BaseSettings):
             path = value.expanduser().resolve()
         except (OSError, RuntimeError, ValueError) as exc:
             raise ValueError(f"cannot be resolved: {exc}") from None
-        return _check_data_dir(path)
+        return check_data_dir(path)
 
     @field_serializer(*_SECRET_FIELDS)
     def _mask(self, value: SecretStr | None) -> str | None:
