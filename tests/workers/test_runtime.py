@@ -11,6 +11,8 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,7 +20,9 @@ import pytest
 from backend.workers.shared import (
     _breaker,
     _breaker_store,
+    _celery,
     _health_server,
+    _heartbeat,
     _http,
     _policy,
     _runtime,
@@ -31,6 +35,7 @@ from backend.workers.shared.config import WorkerConfig
 EXPECTED_PARTS = {
     "http pools", "circuit breakers", "breaker redis clients", "retry budgets",
     "client retry policies", "statistics", "health servers", "rss reader",
+    "worker main process", "child heartbeat", "celery wiring",
 }
 
 
@@ -148,3 +153,48 @@ def test_a_part_first_used_in_a_scope_that_does_not_name_it_outlives_the_scope()
             assert in_child(report) == {"pools": 0}
         assert _http._POOLS.get() is pools and _http.pool_count() == 1
         _http.close_all()
+
+
+def test_a_prefork_child_keeps_the_heartbeat_directory_and_not_the_main_process_state(
+    tmp_path: Path,
+) -> None:
+    with _runtime.scoped(_heartbeat._MAIN, _heartbeat._CHILD):
+        _heartbeat.expect_worker()
+        _heartbeat.STATE.worker = SimpleNamespace(pool=None)  # a stand-in WorkController
+        _heartbeat.STATE.heartbeat_dir = tmp_path
+        _heartbeat.set_ready(True)
+
+        def report() -> dict[str, Any]:
+            _heartbeat.start_child()  # as on worker_process_init: beats where the main reads
+            return {
+                "attached": _heartbeat.worker_attached(),
+                "ready": _heartbeat.STATE.ready,
+                "beat": (tmp_path / f"{os.getpid()}.json").exists(),
+            }
+
+        assert in_child(report) == {"attached": False, "ready": False, "beat": True}
+        assert _heartbeat.worker_attached() and _heartbeat.STATE.ready
+    assert _heartbeat.STATE.heartbeat_dir != tmp_path  # the scope's state went with it
+
+
+def test_a_child_forked_by_a_running_task_keeps_the_wiring_but_not_the_task() -> None:
+    from celery import Celery
+
+    app = Celery("runtime-fork", set_as_current=False)
+    with _runtime.scoped(_celery._WIRING):
+        _celery.install()
+
+        @app.task(name="runtime.fork")
+        def fork_in_task(execution_id: str) -> dict[str, Any]:
+            def report() -> dict[str, Any]:
+                wiring = _celery._WIRING.get()
+                return {"installed": wiring.installed, "running": list(wiring.running)}
+
+            return {"child": in_child(report), "parent": list(_celery._WIRING.get().running)}
+
+        result = fork_in_task.apply(args=("exec-1",))
+        assert result.get() == {
+            "child": {"installed": True, "running": []},
+            "parent": [result.id],
+        }
+        assert _celery._WIRING.get().running == {}

@@ -15,7 +15,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -54,6 +54,31 @@ def part(
     declared = Part(name, build, after_fork)
     _parts.append(declared)
     return declared
+
+
+class _Proxy:
+    """Stands for a part's value under a module-level name: each attribute read or written
+    is that of the value in the current runtime (built on first use)."""
+
+    __slots__ = ("_part",)
+
+    def __init__(self, declared: Part[Any]) -> None:
+        object.__setattr__(self, "_part", declared)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._part.get(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._part.get(), name, value)
+
+    def __repr__(self) -> str:
+        return f"proxy({self._part!r})"
+
+
+def proxy(declared: Part[T]) -> T:
+    """A stand-in for ``declared``'s value in whichever runtime is current, for state that
+    other modules read as a plain object (``_heartbeat.STATE``)."""
+    return cast(T, _Proxy(declared))
 
 
 def parts() -> list[str]:
