@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +33,8 @@ from backend.workers.shared import (
     retry_utils,
 )
 from backend.workers.shared.config import WorkerConfig
+
+REPO = Path(__file__).resolve().parents[2]
 
 EXPECTED_PARTS = {
     "http pools", "circuit breakers", "breaker redis clients", "retry budgets",
@@ -198,3 +202,28 @@ def test_a_child_forked_by_a_running_task_keeps_the_wiring_but_not_the_task() ->
             "parent": [result.id],
         }
         assert _celery._WIRING.get().running == {}
+
+
+def test_outside_celery_the_modules_that_install_the_wiring_load_none_of_it() -> None:
+    # config, logging and the health server reach the wiring through the runtime, which
+    # loads it only when Celery is imported (get_celery_config() installs it in any case).
+    code = (
+        "import json, sys\n"
+        "from backend.workers.shared import HealthChecker, HealthServer, WorkerConfig, "
+        "WorkerLogger\n"
+        "config = WorkerConfig(internal_service_api_key='k', _env_file=None,\n"
+        "                      celery_result_backend='redis://127.0.0.1:9/1')\n"
+        "WorkerLogger.configure()\n"
+        "with HealthServer(HealthChecker(config), port=0, host='127.0.0.1'):\n"
+        "    pass\n"
+        "loaded = lambda: [m in sys.modules for m in ('celery', "
+        "'backend.workers.shared._celery')]\n"
+        "before = loaded()\n"
+        "config.get_celery_config()\n"
+        "print('LOADED ' + json.dumps([before, loaded()]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ENV_FILE"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                          capture_output=True, text=True, check=True)
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("LOADED ")]
+    assert json.loads(line.removeprefix("LOADED ")) == [[False, False], [True, True]]

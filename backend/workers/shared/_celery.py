@@ -2,7 +2,9 @@
 
 It runs automatically when a worker follows the module README's Quick Start: from
 ``WorkerConfig.get_celery_config()``, from ``WorkerLogger.configure()`` and from
-``HealthServer.start()`` (the last two when Celery is imported). What it connects:
+``HealthServer.start()`` (the last two when Celery is imported), each through
+``_runtime.install_celery``: they import nothing of this module, which is built on them
+(configuration, logging, client). What it connects:
 
 - ``celeryd_init`` and ``setup_logging``: Celery leaves the root logger, its handlers and
   ``sys.stdout`` alone (our handler stays the only one); if nothing configured logging yet,
@@ -115,12 +117,6 @@ def _runs_worker_command() -> bool:
         return False
     root = context.find_root()
     return root.command.name == "celery" and root.invoked_subcommand == "worker"
-
-
-def install_if_celery_loaded() -> None:
-    """:func:`install` when Celery is already imported (never imports it just for this)."""
-    if "celery" in sys.modules:
-        install()
 
 
 # --- logging --------------------------------------------------------------------------

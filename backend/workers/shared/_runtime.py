@@ -7,12 +7,18 @@ first use and, from its one ``os.register_at_fork`` hook, runs every built part'
 step in declaration order; locks that a fork must not catch held by another thread are taken
 around it (:func:`hold_across_fork`). :func:`scoped` runs code on a new runtime, with some or
 all parts built anew (test isolation), and puts the previous one back afterwards.
+
+:func:`install_celery` is the one way in to the Celery wiring (``_celery``): the modules that
+install it as the module README promises (``WorkerConfig.get_celery_config()``,
+``WorkerLogger.configure()``, ``HealthServer.start()``) call it here and import nothing of
+Celery; the package registers the wiring at import (:func:`provide_celery_wiring`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar, cast
@@ -145,6 +151,25 @@ def scoped(*fresh: Part[Any]) -> Iterator[Runtime]:
         yield scope
     finally:
         _current = previous
+
+
+_celery_wiring: Callable[[], None] | None = None
+
+
+def provide_celery_wiring(install: Callable[[], None]) -> None:
+    """Register the function that installs the Celery wiring (the package's ``__init__``)."""
+    global _celery_wiring
+    _celery_wiring = install
+
+
+def install_celery(*, if_imported: bool = False) -> None:
+    """Install the Celery wiring in this process (idempotent); with ``if_imported``, only
+    when Celery is imported already (never imports it just for this)."""
+    if if_imported and "celery" not in sys.modules:
+        return
+    if _celery_wiring is None:
+        raise RuntimeError("no Celery wiring registered: the package registers it at import")
+    _celery_wiring()
 
 
 _held: list[Any] = []  # locks taken before a fork and given back after it, in this order

@@ -24,7 +24,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from . import _celery, _http, _redact
+from . import _http, _redact, _runtime
 
 MASK = _redact.MASK  # what a secret shows as (one mask for the package)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -150,10 +150,15 @@ def _broker_schemes() -> frozenset[str]:
     return frozenset(name.lower() for name in TRANSPORT_ALIASES)
 
 
-def _result_backend_schemes() -> frozenset[str]:
-    from celery.app.backends import BACKEND_ALIASES  # only when a result backend is set
-
-    return frozenset(name.lower() for name in BACKEND_ALIASES) | {"db", "cache"}
+#: The result backends Celery knows (``celery.app.backends.BACKEND_ALIASES``, which the tests
+#: hold this equal to) and the ``db+``/``cache+`` prefixes: config imports nothing of Celery.
+_RESULT_BACKEND_SCHEMES = frozenset(
+    (
+        "arangodb", "azureblockblob", "cache", "cassandra", "consul", "cosmosdbsql",
+        "couchbase", "couchdb", "database", "db", "disabled", "dynamodb", "elasticsearch",
+        "file", "gs", "mongodb", "redis", "rediss", "riak", "rpc", "s3", "sentinel",
+    )
+)  # fmt: skip
 
 
 def _check_webhook_secret(text: str) -> None:
@@ -406,7 +411,7 @@ class WorkerConfig(BaseSettings):
     def _result_backend(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        return _check_transport_url(value, _result_backend_schemes(), "redis://localhost:6379/1")
+        return _check_transport_url(value, _RESULT_BACKEND_SCHEMES, "redis://localhost:6379/1")
 
     @field_validator("circuit_breaker_redis_url")
     @classmethod
@@ -564,7 +569,7 @@ class WorkerConfig(BaseSettings):
 
     def get_celery_config(self) -> dict[str, Any]:
         """Production Celery settings for a worker built on this configuration."""
-        _celery.install()  # task log context, child heartbeats, multiprocess metrics
+        _runtime.install_celery()  # task log context, child heartbeats, multiprocess metrics
         conf: dict[str, Any] = {
             "broker_url": self.broker_url,
             # JSON only: no pickle payloads from the broker, ever.

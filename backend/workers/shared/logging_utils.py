@@ -377,9 +377,7 @@ class WorkerLogger:
             _state.configured = True
         logging.captureWarnings(True)  # warnings become log lines in the same format
         _redact.register_from_environment()
-        from . import _celery
-
-        _celery.install_if_celery_loaded()
+        _runtime.install_celery(if_imported=True)
 
     @classmethod
     def reset(cls) -> None:
