@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 EXPECTED_PARTS = {
     "http pools", "circuit breakers", "breaker redis clients", "retry budgets",
-    "client retry policies", "statistics", "health servers", "rss reader",
+    "client guards", "statistics", "health servers", "rss reader",
     "worker main process", "child heartbeat", "celery wiring",
 }
 
@@ -227,3 +227,23 @@ def test_outside_celery_the_modules_that_install_the_wiring_load_none_of_it() ->
                           capture_output=True, text=True, check=True)
     (line,) = [line for line in done.stdout.splitlines() if line.startswith("LOADED ")]
     assert json.loads(line.removeprefix("LOADED ")) == [[False, False], [True, True]]
+
+
+def test_equal_settings_share_one_guards_and_a_child_or_a_scope_builds_its_own() -> None:
+    config = WorkerConfig(internal_service_api_key="k", _env_file=None)
+    guards = _policy.guards(config)
+    assert _policy.guards(WorkerConfig(internal_service_api_key="k2", _env_file=None)) is guards
+    assert _policy.backend_breaker(config) is guards.breaker
+    assert _policy.retry_policy(config, retry_if=_policy.should_retry_read).budget is guards.budget
+
+    def report() -> dict[str, Any]:
+        child = _policy.guards(config)
+        return {"guards": child is guards, "breaker": child.breaker is guards.breaker,
+                "budget": child.budget is guards.budget}
+
+    # The breaker and its state are kept (the registry's), the budget is the child's own.
+    assert in_child(report) == {"guards": False, "breaker": True, "budget": False}
+    with _runtime.scoped(_breaker.REGISTRY):  # the guards follow the breakers' registry
+        assert _policy.guards(config) is not guards
+        assert _policy.backend_breaker(config) is not guards.breaker
+    assert _policy.guards(config) is guards

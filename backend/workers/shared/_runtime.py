@@ -29,16 +29,22 @@ T = TypeVar("T")
 class Part(Generic[T]):
     """One kind of per-process state: ``build()`` makes it, ``after_fork(value)`` makes a
     forked child's own from the inherited one (returns the value to keep, or None to keep
-    the inherited value as ``after_fork`` left it)."""
+    the inherited value as ``after_fork`` left it). It ``follows`` the parts it holds values
+    of: a scoped runtime that builds one of those anew builds this one anew too."""
 
-    __slots__ = ("after_fork", "build", "name")
+    __slots__ = ("after_fork", "build", "follows", "name")
 
     def __init__(
-        self, name: str, build: Callable[[], T], after_fork: Callable[[T], T | None] | None
+        self,
+        name: str,
+        build: Callable[[], T],
+        after_fork: Callable[[T], T | None] | None,
+        follows: tuple[Part[Any], ...] = (),
     ) -> None:
         self.name = name
         self.build = build
         self.after_fork = after_fork
+        self.follows = follows
 
     def __repr__(self) -> str:
         return f"Part({self.name!r})"
@@ -52,12 +58,16 @@ _parts: list[Part[Any]] = []  # in declaration order: the order of the after-for
 
 
 def part(
-    name: str, build: Callable[[], T], after_fork: Callable[[T], T | None] | None = None
+    name: str,
+    build: Callable[[], T],
+    after_fork: Callable[[T], T | None] | None = None,
+    *,
+    follows: tuple[Part[Any], ...] = (),
 ) -> Part[T]:
     """Declare a part of the per-process state (once, at module level)."""
     if any(existing.name == name for existing in _parts):
         raise ValueError(f"part {name!r} is already declared")
-    declared = Part(name, build, after_fork)
+    declared = Part(name, build, after_fork, follows)
     _parts.append(declared)
     return declared
 
@@ -142,10 +152,15 @@ def current() -> Runtime:
 def scoped(*fresh: Part[Any]) -> Iterator[Runtime]:
     """Run the block on a new runtime, then restore the previous one. The new runtime builds
     the ``fresh`` parts anew (every part when none is named); the others stay those of the
-    previous runtime (built there, when first used in the block)."""
+    previous runtime (built there, when first used in the block), except those that follow
+    a fresh one."""
     global _current
     previous = _current
-    scope = Runtime(previous, frozenset(fresh) if fresh else None)
+    own = set(fresh)
+    for declared in _parts:  # declaration order: a part follows parts declared before it
+        if any(followed in own for followed in declared.follows):
+            own.add(declared)
+    scope = Runtime(previous, frozenset(own) if fresh else None)
     _current = scope
     try:
         yield scope
