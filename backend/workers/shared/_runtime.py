@@ -6,7 +6,9 @@ what a forked child (Celery's prefork pool) does with it. The :class:`Runtime` b
 first use and, from its one ``os.register_at_fork`` hook, runs every built part's after-fork
 step in declaration order; locks that a fork must not catch held by another thread are taken
 around it (:func:`hold_across_fork`). :func:`scoped` runs code on a new runtime, with some or
-all parts built anew (test isolation), and puts the previous one back afterwards.
+all parts built anew (test isolation), and puts the previous one back afterwards; a part
+built from another's values ``follows`` it, and is built anew with it. :func:`proxy` stands
+for a part's current value under a module-level name.
 
 :func:`install_celery` is the one way in to the Celery wiring (``_celery``): the modules that
 install it as the module README promises (``WorkerConfig.get_celery_config()``,
