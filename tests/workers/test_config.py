@@ -614,3 +614,13 @@ def test_pool_limits_default_and_validated(env: pytest.MonkeyPatch) -> None:
             WorkerConfig()
         assert list(info.value.problems) == [name]
         env.delenv(name)
+
+
+def test_result_backend_schemes_are_celerys_own() -> None:
+    # config checks CELERY_RESULT_BACKEND without importing Celery: its list is Celery's.
+    from celery.app.backends import BACKEND_ALIASES
+
+    from backend.workers.shared import _config_checks
+
+    celerys = frozenset(name.lower() for name in BACKEND_ALIASES) | {"db", "cache"}
+    assert celerys == _config_checks.RESULT_BACKEND_SCHEMES

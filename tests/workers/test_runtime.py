@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,7 +22,9 @@ import pytest
 from backend.workers.shared import (
     _breaker,
     _breaker_store,
+    _celery,
     _health_server,
+    _heartbeat,
     _http,
     _performance,
     _policy,
@@ -28,9 +34,12 @@ from backend.workers.shared import (
 )
 from backend.workers.shared.config import WorkerConfig
 
+REPO = Path(__file__).resolve().parents[2]
+
 EXPECTED_PARTS = {
     "http pools", "circuit breakers", "breaker redis clients", "retry budgets",
-    "client retry policies", "statistics", "health servers", "rss reader",
+    "client guards", "statistics", "health servers", "rss reader",
+    "worker main process", "child heartbeat", "celery wiring",
 }
 
 
@@ -148,3 +157,93 @@ def test_a_part_first_used_in_a_scope_that_does_not_name_it_outlives_the_scope()
             assert in_child(report) == {"pools": 0}
         assert _http._POOLS.get() is pools and _http.pool_count() == 1
         _http.close_all()
+
+
+def test_a_prefork_child_keeps_the_heartbeat_directory_and_not_the_main_process_state(
+    tmp_path: Path,
+) -> None:
+    with _runtime.scoped(_heartbeat._MAIN, _heartbeat._CHILD):
+        _heartbeat.expect_worker()
+        _heartbeat.STATE.worker = SimpleNamespace(pool=None)  # a stand-in WorkController
+        _heartbeat.STATE.heartbeat_dir = tmp_path
+        _heartbeat.set_ready(True)
+
+        def report() -> dict[str, Any]:
+            _heartbeat.start_child()  # as on worker_process_init: beats where the main reads
+            return {
+                "attached": _heartbeat.worker_attached(),
+                "ready": _heartbeat.STATE.ready,
+                "beat": (tmp_path / f"{os.getpid()}.json").exists(),
+            }
+
+        assert in_child(report) == {"attached": False, "ready": False, "beat": True}
+        assert _heartbeat.worker_attached() and _heartbeat.STATE.ready
+    assert _heartbeat.STATE.heartbeat_dir != tmp_path  # the scope's state went with it
+
+
+def test_a_child_forked_by_a_running_task_keeps_the_wiring_but_not_the_task() -> None:
+    from celery import Celery
+
+    app = Celery("runtime-fork", set_as_current=False)
+    with _runtime.scoped(_celery._WIRING):
+        _celery.install()
+
+        @app.task(name="runtime.fork")
+        def fork_in_task(execution_id: str) -> dict[str, Any]:
+            def report() -> dict[str, Any]:
+                wiring = _celery._WIRING.get()
+                return {"installed": wiring.installed, "running": list(wiring.running)}
+
+            return {"child": in_child(report), "parent": list(_celery._WIRING.get().running)}
+
+        result = fork_in_task.apply(args=("exec-1",))
+        assert result.get() == {
+            "child": {"installed": True, "running": []},
+            "parent": [result.id],
+        }
+        assert _celery._WIRING.get().running == {}
+
+
+def test_outside_celery_the_modules_that_install_the_wiring_load_none_of_it() -> None:
+    # config, logging and the health server reach the wiring through the runtime, which
+    # loads it only when Celery is imported (get_celery_config() installs it in any case).
+    code = (
+        "import json, sys\n"
+        "from backend.workers.shared import HealthChecker, HealthServer, WorkerConfig, "
+        "WorkerLogger\n"
+        "config = WorkerConfig(internal_service_api_key='k', _env_file=None,\n"
+        "                      celery_result_backend='redis://127.0.0.1:9/1')\n"
+        "WorkerLogger.configure()\n"
+        "with HealthServer(HealthChecker(config), port=0, host='127.0.0.1'):\n"
+        "    pass\n"
+        "loaded = lambda: [m in sys.modules for m in ('celery', "
+        "'backend.workers.shared._celery')]\n"
+        "before = loaded()\n"
+        "config.get_celery_config()\n"
+        "print('LOADED ' + json.dumps([before, loaded()]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ENV_FILE"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                          capture_output=True, text=True, check=True)
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("LOADED ")]
+    assert json.loads(line.removeprefix("LOADED ")) == [[False, False], [True, True]]
+
+
+def test_equal_settings_share_one_guards_and_a_child_or_a_scope_builds_its_own() -> None:
+    config = WorkerConfig(internal_service_api_key="k", _env_file=None)
+    guards = _policy.guards(config)
+    assert _policy.guards(WorkerConfig(internal_service_api_key="k2", _env_file=None)) is guards
+    assert _policy.backend_breaker(config) is guards.breaker
+    assert _policy.retry_policy(config, retry_if=_policy.should_retry_read).budget is guards.budget
+
+    def report() -> dict[str, Any]:
+        child = _policy.guards(config)
+        return {"guards": child is guards, "breaker": child.breaker is guards.breaker,
+                "budget": child.budget is guards.budget}
+
+    # The breaker and its state are kept (the registry's), the budget is the child's own.
+    assert in_child(report) == {"guards": False, "breaker": True, "budget": False}
+    with _runtime.scoped(_breaker.REGISTRY):  # the guards follow the breakers' registry
+        assert _policy.guards(config) is not guards
+        assert _policy.backend_breaker(config) is not guards.breaker
+    assert _policy.guards(config) is guards

@@ -4,7 +4,8 @@ The module README's Quick Start starts its health server when the module is impo
 Celery has made the worker: ``/readyz`` must not answer 200 in that window (a rollout would take
 the worker for ready before its consumer exists). The probe module below stands for such a
 module: run by a real ``celery`` command, it reports what the health checks say at import time
-and exits.
+and exits. Each of the three ways the Quick Start installs the Celery wiring
+(``get_celery_config()``, ``WorkerLogger.configure()``, ``HealthServer.start()``) is enough.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ REPO = Path(__file__).resolve().parents[2]
 PROBE = """
 import json, os
 from celery import Celery
-from backend.workers.shared import HealthChecker, WorkerConfig
+from backend.workers.shared import HealthChecker, HealthServer, WorkerConfig, WorkerLogger
 
 config = WorkerConfig()
 app = Celery('probe')
-app.config_from_object({'broker_url': 'memory://', **config.get_celery_config()})
 checker = HealthChecker(config)
+{trigger}
 process = checker.check_worker_process()
 print('PROBE ' + json.dumps({
     'status': process.status.value, 'message': process.message,
@@ -40,8 +41,16 @@ os._exit(0)
 """
 
 
-def probe(tmp_path: Path, *command: str) -> dict[str, Any]:
-    (tmp_path / "probe.py").write_text(textwrap.dedent(PROBE))
+CELERY_CONFIG = "app.config_from_object({'broker_url': 'memory://', **config.get_celery_config()})"
+TRIGGERS = {
+    "get_celery_config": CELERY_CONFIG,
+    "WorkerLogger.configure": "WorkerLogger.configure()",
+    "HealthServer.start": "HealthServer(checker, port=0, host='127.0.0.1').start()",
+}
+
+
+def probe(tmp_path: Path, *command: str, trigger: str = CELERY_CONFIG) -> dict[str, Any]:
+    (tmp_path / "probe.py").write_text(textwrap.dedent(PROBE).replace("{trigger}", trigger))
     env = {k: v for k, v in os.environ.items() if k not in ("CELERY_BROKER_URL", "ENV_FILE")}
     env.update({
         "INTERNAL_SERVICE_API_KEY": "test-key-starting",
@@ -57,8 +66,9 @@ def probe(tmp_path: Path, *command: str) -> dict[str, Any]:
     return dict(json.loads(lines[0].removeprefix("PROBE ")))
 
 
-def test_celery_worker_is_starting_until_its_worker_exists(tmp_path: Path) -> None:
-    seen = probe(tmp_path, "worker", "--pool", "solo")
+@pytest.mark.parametrize("trigger", TRIGGERS)
+def test_celery_worker_is_starting_until_its_worker_exists(tmp_path: Path, trigger: str) -> None:
+    seen = probe(tmp_path, "worker", "--pool", "solo", trigger=TRIGGERS[trigger])
     assert seen == {"status": "degraded", "message": "celery worker starting",
                     "consumer_listed": True, "consumer_ok": False}
 

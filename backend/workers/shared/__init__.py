@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import _runtime
+
 # Public name -> the module (in this package) that defines it. One section per module.
 _EXPORTS: dict[str, str] = {
     # config.py
@@ -79,6 +81,17 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+
+def _install_celery_wiring() -> None:
+    """Install the Celery wiring, imported only then: the modules that install it reach it
+    through the runtime (``_runtime.install_celery``), and nothing else needs it."""
+    from . import _celery
+
+    _celery.install()
+
+
+_runtime.provide_celery_wiring(_install_celery_wiring)
 
 
 def __getattr__(name: str) -> Any:

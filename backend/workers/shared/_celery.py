@@ -2,7 +2,9 @@
 
 It runs automatically when a worker follows the module README's Quick Start: from
 ``WorkerConfig.get_celery_config()``, from ``WorkerLogger.configure()`` and from
-``HealthServer.start()`` (the last two when Celery is imported). What it connects:
+``HealthServer.start()`` (the last two when Celery is imported), each through
+``_runtime.install_celery``: they import nothing of this module, which is built on them
+(configuration, logging, client). What it connects:
 
 - ``celeryd_init`` and ``setup_logging``: Celery leaves the root logger, its handlers and
   ``sys.stdout`` alone (our handler stays the only one); if nothing configured logging yet,
@@ -39,27 +41,43 @@ from collections.abc import Mapping
 from contextvars import Token
 from typing import Any
 
-from . import _heartbeat, _metrics, _redact, _stats
+from . import _heartbeat, _metrics, _redact, _runtime, _stats
 from .errors import is_transient
 
 TASK_ARGUMENTS = ("execution_id", "organization_id")
 _UID = "backend.workers.shared._celery."
 
 log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_installed = False
-_running: dict[str, tuple[Token[Mapping[str, Any]], Mapping[str, Any], float]] = {}
-_positional: dict[str, tuple[str, ...]] = {}
-_takes_organization: dict[str, bool] = {}
+
+
+class _Wiring:
+    """What the wiring knows in this process: whether its handlers are connected, the tasks
+    running (their log context and start), and what each task's signature takes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.installed = False
+        self.running: dict[str, tuple[Token[Mapping[str, Any]], Mapping[str, Any], float]] = {}
+        self.positional: dict[str, tuple[str, ...]] = {}
+        self.takes_organization: dict[str, bool] = {}
+
+    def after_fork(self) -> None:
+        """A forked child keeps the connected handlers and the signatures read; the tasks
+        running in the parent are not its own."""
+        self.lock = threading.Lock()
+        self.running = {}
+
+
+_WIRING = _runtime.part("celery wiring", _Wiring, _Wiring.after_fork)
 
 
 def install() -> None:
     """Connect the observability signal handlers (idempotent, cheap after the first call)."""
-    global _installed
-    if _installed:
+    wiring = _WIRING.get()
+    if wiring.installed:
         return
-    with _lock:
-        if _installed:
+    with wiring.lock:
+        if wiring.installed:
             return
         from celery import signals
 
@@ -80,7 +98,7 @@ def install() -> None:
         _route_shutdown_messages()
         if _runs_worker_command():
             _heartbeat.expect_worker()
-        _installed = True
+        wiring.installed = True
     _metrics.subscribe_resilience()
 
 
@@ -99,12 +117,6 @@ def _runs_worker_command() -> bool:
         return False
     root = context.find_root()
     return root.command.name == "celery" and root.invoked_subcommand == "worker"
-
-
-def install_if_celery_loaded() -> None:
-    """:func:`install` when Celery is already imported (never imports it just for this)."""
-    if "celery" in sys.modules:
-        install()
 
 
 # --- logging --------------------------------------------------------------------------
@@ -275,7 +287,8 @@ def _failure(outcome: str, retval: Any) -> tuple[str | None, bool]:
 
 
 def _positional_names(task: Any) -> tuple[str, ...]:
-    names = _positional.get(task.name)
+    cache = _WIRING.get().positional
+    names = cache.get(task.name)
     if names is None:
         try:
             params = inspect.signature(task.run).parameters.values()
@@ -286,14 +299,15 @@ def _positional_names(task: Any) -> tuple[str, ...]:
             if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
                 break
             ordered.append(param.name)
-        names = _positional[task.name] = tuple(ordered)
+        names = cache[task.name] = tuple(ordered)
     return names
 
 
 def _takes_org_id(task: Any) -> bool:
     """Whether the task's function accepts an ``organization_id`` keyword (True when its
     signature cannot be read: then nothing is dropped)."""
-    known = _takes_organization.get(task.name)
+    cache = _WIRING.get().takes_organization
+    known = cache.get(task.name)
     if known is None:
         try:
             params = inspect.signature(task.run).parameters.values()
@@ -305,7 +319,7 @@ def _takes_org_id(task: Any) -> bool:
                 or (p.name == "organization_id" and p.kind is not p.POSITIONAL_ONLY)
                 for p in params
             )
-        _takes_organization[task.name] = known
+        cache[task.name] = known
     return known
 
 
@@ -336,7 +350,7 @@ def _on_task_prerun(
         kwargs.pop("organization_id")
     fields = {"task_id": task_id, "task_name": task.name, **task_fields(task, args, kwargs)}
     token, previous = logging_utils.bind_context(fields)
-    _running[task_id] = (token, previous, time.perf_counter())
+    _WIRING.get().running[task_id] = (token, previous, time.perf_counter())
 
 
 def _on_task_postrun(
@@ -346,7 +360,7 @@ def _on_task_postrun(
     retval: Any = None,
     **_: Any,
 ) -> None:
-    entry = _running.pop(task_id, None) if task_id is not None else None
+    entry = _WIRING.get().running.pop(task_id, None) if task_id is not None else None
     if entry is None or task is None:
         return
     token, previous, started = entry

@@ -309,9 +309,7 @@ class HealthServer:
         )
         self._thread.start()
         self.health_checker.start_background()
-        from . import _celery
-
-        _celery.install_if_celery_loaded()
+        _runtime.install_celery(if_imported=True)
         log.info(
             "health server listening on %s:%s",
             self.host,

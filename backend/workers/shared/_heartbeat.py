@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _metrics, _stats, _threads
+from . import _metrics, _runtime, _stats, _threads
 
 BEAT_INTERVAL = 2.0  # seconds between two heartbeats of a child
 _MIN_SPACING = 0.25  # at most four extra heartbeats per second after tasks
@@ -44,7 +44,16 @@ class _MainState:
         self.retired_recent: list[_stats.Outcome] = []
 
 
-STATE = _MainState()
+def _in_child(inherited: _MainState) -> _MainState:
+    """A forked child (a prefork pool's) is not the main process: it keeps only the
+    heartbeat directory, where its own heartbeat thread writes."""
+    state = _MainState()
+    state.heartbeat_dir = inherited.heartbeat_dir
+    return state
+
+
+_MAIN = _runtime.part("worker main process", _MainState, _in_child)
+STATE = _runtime.proxy(_MAIN)  # the current runtime's, attribute by attribute
 
 
 class _ChildBeat:
@@ -87,7 +96,7 @@ class _ChildBeat:
             log.debug("heartbeat not written to %s: %s", path, exc)
 
 
-_child = _ChildBeat()
+_CHILD = _runtime.part("child heartbeat", _ChildBeat, lambda _inherited: _ChildBeat())
 
 
 def start_main(worker: Any) -> None:
@@ -132,18 +141,18 @@ def stop_main() -> None:
 def start_child() -> None:
     """In a prefork child after fork: start the heartbeat thread."""
     if STATE.heartbeat_dir is not None:
-        _child.start(STATE.heartbeat_dir)
+        _CHILD.get().start(STATE.heartbeat_dir)
 
 
 def child_exiting() -> None:
     """In a prefork child about to exit: last heartbeat, drop its live gauges."""
-    _child.write()
+    _CHILD.get().write()
     _metrics.mark_process_dead(os.getpid())
 
 
 def task_done() -> None:
     """Ask the heartbeat thread for an early beat, so the task's outcome shows up promptly."""
-    _child.wake.set()
+    _CHILD.get().wake.set()
 
 
 def expect_worker() -> None:

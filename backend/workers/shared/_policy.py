@@ -1,18 +1,22 @@
-"""How the client's calls are retried and guarded: the retry policies, the retry budget and
-the backend's circuit breaker, built once per process and distinct settings.
+"""How the client's calls are retried and guarded: for each configuration, its :class:`Guards`
+(the backend's circuit breaker, the retry budget and the retry policies), built once per
+process and distinct settings.
 
 Which failures are retried: connection errors, timeouts, 429, 502, 503, 504, and 500 for GET
 only, plus a 409 ``idempotency_in_flight``. The breaker counts only connection failures,
 timeouts, 5xx, 408 and 429 as the backend's failures. Everything built here is forgotten in a
-forked child, which builds its own (a part of the process's runtime).
+forked child, which builds its own (a part of the process's runtime, which follows the
+breakers' registry).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Final
 
 from . import _metrics, _redact, _runtime
+from ._breaker import REGISTRY
 from .config import WorkerConfig
 from .errors import (
     APIConnectionError,
@@ -29,18 +33,95 @@ IN_FLIGHT_CODE: Final = "idempotency_in_flight"
 RETRYABLE_STATUSES: Final = frozenset({429, 502, 503, 504})
 
 
+class Guards:
+    """What guards the calls of one configuration in this process: the circuit breaker of its
+    backend URL, the retry budget of its settings, and the retry policies built on them."""
+
+    def __init__(self, config: WorkerConfig, budget: RetryBudget) -> None:
+        self._config = config  # the first of the configurations with these settings
+        self.budget = budget
+        self._policies: dict[tuple[Any, ...], RetryPolicy] = {}
+
+    @functools.cached_property
+    def breaker(self) -> CircuitBreaker:
+        """The one circuit breaker guarding calls to the backend URL in this process."""
+        config = self._config
+        _metrics.subscribe_resilience()  # breaker states and retries in /metrics (idempotent)
+        return get_breaker(
+            f"internal-api {_redact.redact_url(config.internal_api_base_url)}",
+            failure_threshold=config.circuit_breaker_failure_threshold,
+            recovery_timeout=config.circuit_breaker_recovery_timeout,
+            initial_recovery_timeout=config.circuit_breaker_initial_recovery_timeout,
+            is_failure=is_breaker_failure,
+            redis_url=config.circuit_breaker_redis_url,
+        )
+
+    def policy(
+        self,
+        retry_if: Callable[[BaseException], bool],
+        exceptions: tuple[type[BaseException], ...],
+        deadline: float,
+        budgeted: bool,
+    ) -> RetryPolicy:
+        """The policy of ``API_RETRY_*`` for these arguments (one per distinct arguments)."""
+        key = (retry_if, exceptions, deadline, budgeted)
+        policy = self._policies.get(key)
+        if policy is None:
+            config = self._config
+            policy = RetryPolicy(
+                max_attempts=config.api_retry_attempts + 1,
+                base_delay=config.api_retry_base_delay,
+                max_delay=config.api_retry_max_delay,
+                backoff="exponential",
+                jitter=True,
+                exceptions=exceptions,
+                retry_if=retry_if,
+                budget=self.budget if budgeted else None,
+                deadline=deadline,
+            )
+            policy = self._policies.setdefault(key, policy)
+        return policy
+
 
 class _Built:
-    """One retry budget per distinct budget setting (a worker has one configuration, so one
-    per process), and the retry policies built from configurations."""
+    """The guards of each distinct configuration, and one retry budget per distinct budget
+    setting (a worker has one configuration, so one of each per process)."""
 
     def __init__(self) -> None:
+        self.guards: dict[tuple[Any, ...], Guards] = {}
         self.budgets: dict[tuple[float, float], RetryBudget] = {}
-        self.policies: dict[tuple[Any, ...], RetryPolicy] = {}
 
 
-# A forked child builds its own (a fresh budget: the parent's calls are not the child's).
-_BUILT = _runtime.part("client retry policies", _Built, lambda _inherited: _Built())
+# A forked child builds its own (a fresh budget: the parent's calls are not the child's); so
+# does a scoped runtime with breakers of its own.
+_BUILT = _runtime.part("client guards", _Built, lambda _inherited: _Built(), follows=(REGISTRY,))
+
+
+def guards(config: WorkerConfig) -> Guards:
+    """The guards of ``config``'s calls in this process (shared by equal settings)."""
+    key = (
+        config.django_app_backend_url,
+        config.circuit_breaker_failure_threshold,
+        config.circuit_breaker_recovery_timeout,
+        config.circuit_breaker_initial_recovery_timeout,
+        config.circuit_breaker_redis_url,
+        config.api_retry_attempts,
+        config.api_retry_base_delay,
+        config.api_retry_max_delay,
+        config.api_retry_budget_ratio,
+        config.api_retry_budget_min_per_second,
+    )
+    built = _BUILT.get()
+    found = built.guards.get(key)
+    if found is None:
+        budget_key = (config.api_retry_budget_ratio, config.api_retry_budget_min_per_second)
+        budget = built.budgets.get(budget_key)
+        if budget is None:
+            budget = built.budgets.setdefault(
+                budget_key, RetryBudget(ratio=budget_key[0], min_per_second=budget_key[1])
+            )
+        found = built.guards.setdefault(key, Guards(config, budget))
+    return found
 
 
 # The policy hands these only the exceptions it was given, and never an open breaker
@@ -76,15 +157,7 @@ def is_breaker_failure(exc: BaseException) -> bool:
 
 def backend_breaker(config: WorkerConfig) -> CircuitBreaker:
     """The one circuit breaker guarding calls to ``config``'s backend URL in this process."""
-    _metrics.subscribe_resilience()  # breaker states and retries in /metrics (idempotent)
-    return get_breaker(
-        f"internal-api {_redact.redact_url(config.internal_api_base_url)}",
-        failure_threshold=config.circuit_breaker_failure_threshold,
-        recovery_timeout=config.circuit_breaker_recovery_timeout,
-        initial_recovery_timeout=config.circuit_breaker_initial_recovery_timeout,
-        is_failure=is_breaker_failure,
-        redis_url=config.circuit_breaker_redis_url,
-    )
+    return guards(config).breaker
 
 
 def retry_policy(
@@ -100,40 +173,4 @@ def retry_policy(
     ``budgeted``; one shared policy per distinct arguments and settings."""
     if deadline is None:
         deadline = config.api_deadline
-    budget_key = (
-        (config.api_retry_budget_ratio, config.api_retry_budget_min_per_second)
-        if budgeted
-        else None
-    )
-    key = (
-        retry_if,
-        exceptions,
-        config.api_retry_attempts,
-        config.api_retry_base_delay,
-        config.api_retry_max_delay,
-        deadline,
-        budget_key,
-    )
-    built = _BUILT.get()
-    policy = built.policies.get(key)
-    if policy is None:
-        policy = RetryPolicy(
-            max_attempts=config.api_retry_attempts + 1,
-            base_delay=config.api_retry_base_delay,
-            max_delay=config.api_retry_max_delay,
-            backoff="exponential",
-            jitter=True,
-            exceptions=exceptions,
-            retry_if=retry_if,
-            budget=None if budget_key is None else _retry_budget(built, budget_key),
-            deadline=deadline,
-        )
-        built.policies[key] = policy
-    return policy
-
-
-def _retry_budget(built: _Built, key: tuple[float, float]) -> RetryBudget:
-    budget = built.budgets.get(key)
-    if budget is None:
-        budget = built.budgets.setdefault(key, RetryBudget(ratio=key[0], min_per_second=key[1]))
-    return budget
+    return guards(config).policy(retry_if, exceptions, deadline, budgeted)

@@ -6,16 +6,24 @@ what a forked child (Celery's prefork pool) does with it. The :class:`Runtime` b
 first use and, from its one ``os.register_at_fork`` hook, runs every built part's after-fork
 step in declaration order; locks that a fork must not catch held by another thread are taken
 around it (:func:`hold_across_fork`). :func:`scoped` runs code on a new runtime, with some or
-all parts built anew (test isolation), and puts the previous one back afterwards.
+all parts built anew (test isolation), and puts the previous one back afterwards; a part
+built from another's values ``follows`` it, and is built anew with it. :func:`proxy` stands
+for a part's current value under a module-level name.
+
+:func:`install_celery` is the one way in to the Celery wiring (``_celery``): the modules that
+install it as the module README promises (``WorkerConfig.get_celery_config()``,
+``WorkerLogger.configure()``, ``HealthServer.start()``) call it here and import nothing of
+Celery; the package registers the wiring at import (:func:`provide_celery_wiring`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -23,16 +31,22 @@ T = TypeVar("T")
 class Part(Generic[T]):
     """One kind of per-process state: ``build()`` makes it, ``after_fork(value)`` makes a
     forked child's own from the inherited one (returns the value to keep, or None to keep
-    the inherited value as ``after_fork`` left it)."""
+    the inherited value as ``after_fork`` left it). It ``follows`` the parts it holds values
+    of: a scoped runtime that builds one of those anew builds this one anew too."""
 
-    __slots__ = ("after_fork", "build", "name")
+    __slots__ = ("after_fork", "build", "follows", "name")
 
     def __init__(
-        self, name: str, build: Callable[[], T], after_fork: Callable[[T], T | None] | None
+        self,
+        name: str,
+        build: Callable[[], T],
+        after_fork: Callable[[T], T | None] | None,
+        follows: tuple[Part[Any], ...] = (),
     ) -> None:
         self.name = name
         self.build = build
         self.after_fork = after_fork
+        self.follows = follows
 
     def __repr__(self) -> str:
         return f"Part({self.name!r})"
@@ -46,14 +60,43 @@ _parts: list[Part[Any]] = []  # in declaration order: the order of the after-for
 
 
 def part(
-    name: str, build: Callable[[], T], after_fork: Callable[[T], T | None] | None = None
+    name: str,
+    build: Callable[[], T],
+    after_fork: Callable[[T], T | None] | None = None,
+    *,
+    follows: tuple[Part[Any], ...] = (),
 ) -> Part[T]:
     """Declare a part of the per-process state (once, at module level)."""
     if any(existing.name == name for existing in _parts):
         raise ValueError(f"part {name!r} is already declared")
-    declared = Part(name, build, after_fork)
+    declared = Part(name, build, after_fork, follows)
     _parts.append(declared)
     return declared
+
+
+class _Proxy:
+    """Stands for a part's value under a module-level name: each attribute read or written
+    is that of the value in the current runtime (built on first use)."""
+
+    __slots__ = ("_part",)
+
+    def __init__(self, declared: Part[Any]) -> None:
+        object.__setattr__(self, "_part", declared)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._part.get(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._part.get(), name, value)
+
+    def __repr__(self) -> str:
+        return f"proxy({self._part!r})"
+
+
+def proxy(declared: Part[T]) -> T:
+    """A stand-in for ``declared``'s value in whichever runtime is current, for state that
+    other modules read as a plain object (``_heartbeat.STATE``)."""
+    return cast(T, _Proxy(declared))
 
 
 def parts() -> list[str]:
@@ -111,15 +154,39 @@ def current() -> Runtime:
 def scoped(*fresh: Part[Any]) -> Iterator[Runtime]:
     """Run the block on a new runtime, then restore the previous one. The new runtime builds
     the ``fresh`` parts anew (every part when none is named); the others stay those of the
-    previous runtime (built there, when first used in the block)."""
+    previous runtime (built there, when first used in the block), except those that follow
+    a fresh one."""
     global _current
     previous = _current
-    scope = Runtime(previous, frozenset(fresh) if fresh else None)
+    own = set(fresh)
+    for declared in _parts:  # declaration order: a part follows parts declared before it
+        if any(followed in own for followed in declared.follows):
+            own.add(declared)
+    scope = Runtime(previous, frozenset(own) if fresh else None)
     _current = scope
     try:
         yield scope
     finally:
         _current = previous
+
+
+_celery_wiring: Callable[[], None] | None = None
+
+
+def provide_celery_wiring(install: Callable[[], None]) -> None:
+    """Register the function that installs the Celery wiring (the package's ``__init__``)."""
+    global _celery_wiring
+    _celery_wiring = install
+
+
+def install_celery(*, if_imported: bool = False) -> None:
+    """Install the Celery wiring in this process (idempotent); with ``if_imported``, only
+    when Celery is imported already (never imports it just for this)."""
+    if if_imported and "celery" not in sys.modules:
+        return
+    if _celery_wiring is None:
+        raise RuntimeError("no Celery wiring registered: the package registers it at import")
+    _celery_wiring()
 
 
 _held: list[Any] = []  # locks taken before a fork and given back after it, in this order

@@ -22,12 +22,13 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from . import _celery, _http, _redact
+from . import _http, _redact, _runtime
 from ._config_checks import (
     LOG_FORMATS as LOG_FORMATS,
     LOG_LEVELS as LOG_LEVELS,
     MAX_SECRET_LENGTH as MAX_SECRET_LENGTH,
     MAX_URL_LENGTH as MAX_URL_LENGTH,
+    RESULT_BACKEND_SCHEMES,
     broker_schemes,
     check_backend_url,
     check_data_dir,
@@ -38,7 +39,6 @@ from ._config_checks import (
     check_token,
     check_transport_url,
     check_webhook_secret,
-    result_backend_schemes,
     split_csv,
     strip_ascii,
     visible_ascii_problem,
@@ -246,7 +246,7 @@ class WorkerConfig(BaseSettings):
     def _result_backend(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        return check_transport_url(value, result_backend_schemes(), "redis://localhost:6379/1")
+        return check_transport_url(value, RESULT_BACKEND_SCHEMES, "redis://localhost:6379/1")
 
     @field_validator("circuit_breaker_redis_url")
     @classmethod
@@ -404,7 +404,7 @@ class WorkerConfig(BaseSettings):
 
     def get_celery_config(self) -> dict[str, Any]:
         """Production Celery settings for a worker built on this configuration."""
-        _celery.install()  # task log context, child heartbeats, multiprocess metrics
+        _runtime.install_celery()  # task log context, child heartbeats, multiprocess metrics
         conf: dict[str, Any] = {
             "broker_url": self.broker_url,
             # JSON only: no pickle payloads from the broker, ever.

@@ -41,7 +41,7 @@ from typing import IO, Any, cast
 
 import structlog
 
-from . import _redact
+from . import _redact, _runtime
 from ._performance import (
     DEFAULT_SLOW_THRESHOLD_MS as DEFAULT_SLOW_THRESHOLD_MS,
     monitor_performance as monitor_performance,
@@ -454,9 +454,7 @@ class WorkerLogger:
             _state.configured = True
         logging.captureWarnings(True)  # warnings become log lines in the same format
         _redact.register_from_environment()
-        from . import _celery
-
-        _celery.install_if_celery_loaded()
+        _runtime.install_celery(if_imported=True)
 
     @classmethod
     def reset(cls) -> None:
