@@ -12,7 +12,9 @@ from celery.exceptions import Reject, TaskPredicate, TimeLimitExceeded, WorkerLo
 
 from . import _redact
 from ._lease import LeaseNote, current_run
+from ._retry_policy import retry_after_of
 from .errors import is_transient
+from .retry_utils import RetryPolicy
 
 if TYPE_CHECKING:
     from .api_client import WorkflowExecution
@@ -34,15 +36,20 @@ class FailureRule(Task):
         self._mark_error(exc, args, kwargs)
 
     def transient_countdown(self, exc: BaseException) -> float:
-        """Seconds before the re-queued task runs again after the transient ``exc``."""
-        retry_after = getattr(exc, "retry_after", None)
-        if isinstance(retry_after, int | float) and retry_after > 0:
+        """Seconds before the re-queued task runs again after the transient ``exc``: the retry
+        engine's schedule for re-queue ``retries + 1`` (``retry_backoff`` doubling up to
+        ``retry_backoff_max``, ``retry_jitter``; a server's ``Retry-After`` first)."""
+        schedule = RetryPolicy(
+            base_delay=self.retry_backoff,
+            max_delay=self.retry_backoff_max,
+            jitter=self.retry_jitter,
+        )
+        wait = schedule.next_delay(self.request.retries + 1, exc)
+        if self.retry_jitter and retry_after_of(exc) is not None:
             # "Not before": jitter only adds (up to a quarter), so tasks re-queued by one
             # outage do not all come back in the same instant the breaker half-opens.
-            wait = float(min(retry_after, self.retry_backoff_max))
-            return wait + random.uniform(0, wait / 4) if self.retry_jitter else wait
-        delay = min(self.retry_backoff_max, self.retry_backoff * 2**self.request.retries)
-        return random.uniform(0, delay) if self.retry_jitter else delay
+            wait += random.uniform(0, wait / 4)
+        return wait
 
     def _requeue(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Re-queue with Celery's retry (raises ``Retry``); returns when retries are spent."""

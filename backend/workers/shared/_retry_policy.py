@@ -72,6 +72,14 @@ class BackoffStrategy(enum.StrEnum):
             raise ValueError(f"backoff must be one of {allowed}, got {value!r}") from None
 
 
+def retry_after_of(exc: BaseException | None) -> int | float | None:
+    """The server's ``Retry-After`` carried by ``exc`` (seconds, at least 0), or None."""
+    hint = getattr(exc, "retry_after", None)
+    if isinstance(hint, int | float) and not isinstance(hint, bool) and hint >= 0:
+        return hint  # NaN fails `>= 0`
+    return None
+
+
 # --------------------------------------------------------------------------- retry listeners
 
 
@@ -242,9 +250,9 @@ class RetryPolicy:
 
     def next_delay(self, retry_number: int, exc: BaseException | None = None) -> float:
         """The delay actually used: ``exc.retry_after`` when present, else jittered backoff."""
-        hint = getattr(exc, "retry_after", None)
-        if isinstance(hint, int | float) and not isinstance(hint, bool) and hint >= 0:
-            return float(min(hint, self.max_delay))  # NaN fails `>= 0`; inf, 10**400 capped
+        hint = retry_after_of(exc)
+        if hint is not None:
+            return float(min(hint, self.max_delay))  # inf, 10**400 capped
         delay = self.backoff_delay(retry_number)
         return random.uniform(0.0, delay) if self.jitter else delay
 
