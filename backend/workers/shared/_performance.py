@@ -16,10 +16,10 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, cast, overload
+from typing import Any, TypeVar, overload
 
 from . import _metric_stats, _metrics, _runtime
-from ._resilience import check_number
+from ._resilience import check_number, decorate
 
 DEFAULT_SLOW_THRESHOLD_MS = 1000.0
 # The name it had in logging_utils, where this code lived: lines are filtered on it.
@@ -126,39 +126,31 @@ def _decorate(
     slow_s = slow_threshold_ms / 1000.0
     perf, cpu_time, rss = time.perf_counter, time.thread_time, _RSS.get().pages
 
-    if inspect.iscoroutinefunction(func):
-        async_func = cast(Callable[..., Awaitable[Any]], func)
+    def run(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        pages = rss()
+        cpu_started = cpu_time()
+        started = perf()
+        ok = False
+        try:
+            result = fn(*args, **kwargs)
+            ok = True
+            return result
+        finally:
+            _record(label, started, cpu_started, pages, ok, slow_s)
 
-        @functools.wraps(func)
-        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-            pages = rss()
-            cpu_started = cpu_time()
-            started = perf()
-            ok = False
-            try:
-                result = await async_func(*args, **kwargs)
-                ok = True
-                return result
-            finally:
-                _record(label, started, cpu_started, pages, ok, slow_s)
+    async def arun(fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any) -> Any:
+        pages = rss()
+        cpu_started = cpu_time()
+        started = perf()
+        ok = False
+        try:
+            result = await fn(*args, **kwargs)
+            ok = True
+            return result
+        finally:
+            _record(label, started, cpu_started, pages, ok, slow_s)
 
-        wrapper: Callable[..., Any] = async_wrapper
-    else:
-
-        @functools.wraps(func)
-        def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-            pages = rss()
-            cpu_started = cpu_time()
-            started = perf()
-            ok = False
-            try:
-                result = func(*args, **kwargs)
-                ok = True
-                return result
-            finally:
-                _record(label, started, cpu_started, pages, ok, slow_s)
-
-        wrapper = sync_wrapper
+    wrapper = decorate(func, run, arun)
     # Celery reads the signature without following __wrapped__: state it explicitly.
     # (Builtins without a signature keep the wrapper's.)
     with contextlib.suppress(TypeError, ValueError):
