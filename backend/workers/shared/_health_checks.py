@@ -11,7 +11,6 @@ runs them.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -214,11 +213,10 @@ def _task_verdict(tasks: dict[str, Any]) -> tuple[HealthStatus, str] | None:
 def breaker_findings() -> list[dict[str, Any]]:
     """Every circuit breaker of this process: name (URLs left out), state, and for a
     Redis-shared one whether its shared state is reachable (False: running on local state)."""
-    module = sys.modules.get("backend.workers.shared._breaker")
-    if module is None:  # no breaker can exist yet
-        return []
+    from . import _breaker  # loaded with the client; a checker without one imports it here
+
     found = []
-    for breaker in module.all_breakers():
+    for breaker in _breaker.all_breakers():
         entry: dict[str, Any] = {
             "breaker": _metrics.breaker_label(breaker.name),
             "state": breaker.state.value,  # read first: a shared read may notice Redis' loss
