@@ -12,9 +12,8 @@ from celery.exceptions import Reject, TaskPredicate, TimeLimitExceeded, WorkerLo
 
 from . import _redact
 from ._lease import LeaseNote, current_run
-from ._retry_policy import retry_after_of
+from ._retry_policy import RetryPolicy, retry_after_of
 from .errors import is_transient
-from .retry_utils import RetryPolicy
 
 if TYPE_CHECKING:
     from .api_client import WorkflowExecution
