@@ -25,7 +25,7 @@ import signal, sys, time
 from pathlib import Path
 from backend.workers.shared import _heartbeat, _lease
 
-_heartbeat.STATE.heartbeat_dir = Path(sys.argv[1])
+_heartbeat._MAIN.get().heartbeat_dir = Path(sys.argv[1])
 _heartbeat.start_child()  # as on worker_process_init
 _lease.Schedule.of_this_process()  # its thread, as for a leased run
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # as billiard around its write

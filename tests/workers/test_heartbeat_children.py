@@ -25,15 +25,16 @@ OLD_PROCESS = 1  # init: started with the machine, long before any test
 @pytest.fixture
 def heartbeat_dir(tmp_path: Path) -> Iterator[Path]:
     """A stand-in Celery worker whose pool lists the pids :func:`judge` is given."""
-    saved = (_heartbeat.STATE.worker, _heartbeat.STATE.heartbeat_dir)
-    _heartbeat.STATE.worker = SimpleNamespace(pool=SimpleNamespace(_pool=SimpleNamespace(_pool=[])))
-    _heartbeat.STATE.heartbeat_dir = tmp_path
+    state = _heartbeat._MAIN.get()
+    saved = (state.worker, state.heartbeat_dir)
+    state.worker = SimpleNamespace(pool=SimpleNamespace(_pool=SimpleNamespace(_pool=[])))
+    state.heartbeat_dir = tmp_path
     yield tmp_path
-    _heartbeat.STATE.worker, _heartbeat.STATE.heartbeat_dir = saved
+    state.worker, state.heartbeat_dir = saved
 
 
 def judge(pids: list[int]) -> list[dict[str, Any]]:
-    _heartbeat.STATE.worker.pool._pool._pool = [SimpleNamespace(pid=pid) for pid in pids]
+    _heartbeat._MAIN.get().worker.pool._pool._pool = [SimpleNamespace(pid=pid) for pid in pids]
     return _heartbeat.child_heartbeats(TIMEOUT)
 
 

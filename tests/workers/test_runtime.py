@@ -164,21 +164,21 @@ def test_a_prefork_child_keeps_the_heartbeat_directory_and_not_the_main_process_
 ) -> None:
     with _runtime.scoped(_heartbeat._MAIN, _heartbeat._CHILD):
         _heartbeat.expect_worker()
-        _heartbeat.STATE.worker = SimpleNamespace(pool=None)  # a stand-in WorkController
-        _heartbeat.STATE.heartbeat_dir = tmp_path
+        _heartbeat._MAIN.get().worker = SimpleNamespace(pool=None)  # a stand-in WorkController
+        _heartbeat._MAIN.get().heartbeat_dir = tmp_path
         _heartbeat.set_ready(True)
 
         def report() -> dict[str, Any]:
             _heartbeat.start_child()  # as on worker_process_init: beats where the main reads
             return {
                 "attached": _heartbeat.worker_attached(),
-                "ready": _heartbeat.STATE.ready,
+                "ready": _heartbeat.consumer_ready(),
                 "beat": (tmp_path / f"{os.getpid()}.json").exists(),
             }
 
         assert in_child(report) == {"attached": False, "ready": False, "beat": True}
-        assert _heartbeat.worker_attached() and _heartbeat.STATE.ready
-    assert _heartbeat.STATE.heartbeat_dir != tmp_path  # the scope's state went with it
+        assert _heartbeat.worker_attached() and _heartbeat.consumer_ready()
+    assert _heartbeat._MAIN.get().heartbeat_dir != tmp_path  # the scope's state went with it
 
 
 def test_a_child_forked_by_a_running_task_keeps_the_wiring_but_not_the_task() -> None:

@@ -126,7 +126,7 @@ def _process_status(config: WorkerConfig, details: dict[str, Any]) -> tuple[Heal
     details.update(
         celery_worker=True,
         consumer_connected=connected,
-        consumer_ready=_heartbeat.STATE.ready,
+        consumer_ready=_heartbeat.consumer_ready(),
         pool_processes=children,
     )
     stale = [c["pid"] for c in children if not c["fresh"]]
@@ -138,7 +138,7 @@ def _process_status(config: WorkerConfig, details: dict[str, Any]) -> tuple[Heal
             f"{len(stale)} of {len(children)} pool processes without a heartbeat for "
             f"{config.health_heartbeat_timeout:g} s: {stale}",
         )
-    if not _heartbeat.STATE.ready:
+    if not _heartbeat.consumer_ready():
         return HealthStatus.DEGRADED, "consumer starting"
     return HealthStatus.HEALTHY, "Worker process healthy"
 

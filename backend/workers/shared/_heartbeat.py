@@ -53,7 +53,6 @@ def _in_child(inherited: _MainState) -> _MainState:
 
 
 _MAIN = _runtime.part("worker main process", _MainState, _in_child)
-STATE = _runtime.proxy(_MAIN)  # the current runtime's, attribute by attribute
 
 
 class _ChildBeat:
@@ -101,9 +100,10 @@ _CHILD = _runtime.part("child heartbeat", _ChildBeat, lambda _inherited: _ChildB
 
 def start_main(worker: Any) -> None:
     """In the main process at worker start: run directory, multiprocess metrics (cleaned)."""
-    with STATE.lock:
-        STATE.worker = worker
-        if STATE.run_dir is not None:
+    state = _MAIN.get()
+    with state.lock:
+        state.worker = worker
+        if state.run_dir is not None:
             return
         _remove_abandoned_run_dirs()
         run_dir = Path(tempfile.mkdtemp(prefix=f"{_RUN_PREFIX}{os.getpid()}-"))
@@ -111,7 +111,7 @@ def start_main(worker: Any) -> None:
         _metrics.enable_multiprocess(metrics_dir)
         heartbeat_dir = run_dir / "heartbeats"
         heartbeat_dir.mkdir()
-        STATE.run_dir, STATE.heartbeat_dir = run_dir, heartbeat_dir
+        state.run_dir, state.heartbeat_dir = run_dir, heartbeat_dir
 
 
 def _remove_abandoned_run_dirs() -> None:
@@ -122,26 +122,34 @@ def _remove_abandoned_run_dirs() -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def consumer_ready() -> bool:
+    """True while the worker's consumer runs (between ``worker_ready`` and shutdown)."""
+    return bool(_MAIN.get().ready)
+
+
 def set_ready(ready: bool) -> None:
     """The consumer started (or the worker is stopping)."""
-    STATE.ready = ready
+    state = _MAIN.get()
+    state.ready = ready
 
 
 def stop_main() -> None:
     """In the main process at worker shutdown: remove the run directory."""
-    with STATE.lock:
-        run_dir, STATE.run_dir, STATE.heartbeat_dir = STATE.run_dir, None, None
-        STATE.ready = False
-        STATE.worker = None
-        STATE.expected = False
+    state = _MAIN.get()
+    with state.lock:
+        run_dir, state.run_dir, state.heartbeat_dir = state.run_dir, None, None
+        state.ready = False
+        state.worker = None
+        state.expected = False
     if run_dir is not None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def start_child() -> None:
     """In a prefork child after fork: start the heartbeat thread."""
-    if STATE.heartbeat_dir is not None:
-        _CHILD.get().start(STATE.heartbeat_dir)
+    state = _MAIN.get()
+    if state.heartbeat_dir is not None:
+        _CHILD.get().start(state.heartbeat_dir)
 
 
 def child_exiting() -> None:
@@ -157,22 +165,26 @@ def task_done() -> None:
 
 def expect_worker() -> None:
     """This process runs ``celery worker``: until the worker attaches it is starting."""
-    STATE.expected = True
+    state = _MAIN.get()
+    state.expected = True
 
 
 def worker_attached() -> bool:
     """True when a Celery worker runs in this process, or is starting (``celery worker``)."""
-    return STATE.worker is not None or STATE.expected
+    state = _MAIN.get()
+    return state.worker is not None or state.expected
 
 
 def worker_started() -> bool:
     """True once the Celery worker of this process has initialised (``worker_init``)."""
-    return STATE.worker is not None
+    state = _MAIN.get()
+    return state.worker is not None
 
 
 def consumer_connected() -> bool:
     """True when the worker's consumer holds a live broker connection."""
-    worker = STATE.worker
+    state = _MAIN.get()
+    worker = state.worker
     consumer = getattr(worker, "consumer", None)
     connection = getattr(consumer, "connection", None)
     if connection is None:
@@ -182,7 +194,8 @@ def consumer_connected() -> bool:
 
 def pool_pids() -> list[int]:
     """Process ids of the prefork pool's children (empty for solo or thread pools)."""
-    pool = getattr(getattr(STATE.worker, "pool", None), "_pool", None)
+    state = _MAIN.get()
+    pool = getattr(getattr(state.worker, "pool", None), "_pool", None)
     processes = getattr(pool, "_pool", None)
     if not isinstance(processes, list):
         return []
@@ -191,7 +204,8 @@ def pool_pids() -> list[int]:
 
 def child_heartbeats(timeout: float) -> list[dict[str, Any]]:
     """Each pool child: its pid, seconds since its last heartbeat, and whether that is fresh."""
-    directory = STATE.heartbeat_dir
+    state = _MAIN.get()
+    directory = state.heartbeat_dir
     now = time.time()
     out = []
     for pid in pool_pids():
@@ -229,11 +243,12 @@ def _process_age(pid: int) -> float | None:
 
 def _live_beats() -> list[dict[str, Any]]:
     """The heartbeats of live children; an exited child's outcomes move to the retired ones."""
-    directory = STATE.heartbeat_dir
+    state = _MAIN.get()
+    directory = state.heartbeat_dir
     if directory is None:
         return []
     beats = []
-    with STATE.lock:
+    with state.lock:
         for path in directory.glob("*.json"):
             try:
                 beat = json.loads(path.read_text(encoding="utf-8"))
@@ -241,8 +256,8 @@ def _live_beats() -> list[dict[str, Any]]:
                 continue  # replaced or removed while we read it
             pid = int(beat.get("pid", 0))
             if pid and not _metrics.pid_alive(pid):
-                STATE.retired_recent = _stats.merge_recent(
-                    [STATE.retired_recent, beat.get("recent_tasks", [])]
+                state.retired_recent = _stats.merge_recent(
+                    [state.retired_recent, beat.get("recent_tasks", [])]
                 )
                 path.unlink(missing_ok=True)
                 continue
@@ -253,7 +268,8 @@ def _live_beats() -> list[dict[str, Any]]:
 def recent_tasks() -> list[_stats.Outcome]:
     """The last task outcomes of this process, its children and exited children, oldest
     first (at most :data:`_stats.RECENT_SIZE`)."""
+    state = _MAIN.get()
     beats = _live_beats()
-    snapshots: list[Any] = [_stats.recent().snapshot(), STATE.retired_recent]
+    snapshots: list[Any] = [_stats.recent().snapshot(), state.retired_recent]
     snapshots += [beat.get("recent_tasks", []) for beat in beats]
     return _stats.merge_recent(snapshots)

@@ -7,8 +7,7 @@ first use and, from its one ``os.register_at_fork`` hook, runs every built part'
 step in declaration order; locks that a fork must not catch held by another thread are taken
 around it (:func:`hold_across_fork`). :func:`scoped` runs code on a new runtime, with some or
 all parts built anew (test isolation), and puts the previous one back afterwards; a part
-built from another's values ``follows`` it, and is built anew with it. :func:`proxy` stands
-for a part's current value under a module-level name.
+built from another's values ``follows`` it, and is built anew with it.
 
 :func:`install_celery` is the one way in to the Celery wiring (``_celery``): the modules that
 install it as the module README promises (``WorkerConfig.get_celery_config()``,
@@ -23,7 +22,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -72,31 +71,6 @@ def part(
     declared = Part(name, build, after_fork, follows)
     _parts.append(declared)
     return declared
-
-
-class _Proxy:
-    """Stands for a part's value under a module-level name: each attribute read or written
-    is that of the value in the current runtime (built on first use)."""
-
-    __slots__ = ("_part",)
-
-    def __init__(self, declared: Part[Any]) -> None:
-        object.__setattr__(self, "_part", declared)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._part.get(), name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._part.get(), name, value)
-
-    def __repr__(self) -> str:
-        return f"proxy({self._part!r})"
-
-
-def proxy(declared: Part[T]) -> T:
-    """A stand-in for ``declared``'s value in whichever runtime is current, for state that
-    other modules read as a plain object (``_heartbeat.STATE``)."""
-    return cast(T, _Proxy(declared))
 
 
 def parts() -> list[str]:

@@ -377,7 +377,7 @@ class HealthChecker:
         if lost:  # still ready: each breaker goes on protecting on local state
             checks["breaker_shared_state"] = {"ok": True, "running_on_local_state": lost}
         if _heartbeat.worker_attached():
-            attached = _heartbeat.STATE.ready and _heartbeat.consumer_connected()
+            attached = _heartbeat.consumer_ready() and _heartbeat.consumer_connected()
             checks["consumer"] = {"ok": attached}
         tasks = recent_task_findings()
         if tasks["count"]:
