@@ -15,11 +15,11 @@ PIP_INSTALL := -m pip install -qq --disable-pip-version-check
 
 .PHONY: demo test test-workers test-backend test-backend-postgres lint bench backend lifecycle install clean
 
-# Full environment: worker, backend and test tools.
+# Full environment: worker, backend, test and lint tools.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) $(PIP_INSTALL) --upgrade pip
-	$(PY) $(PIP_INSTALL) -e ".[backend,test,backend-test]"
+	$(PY) $(PIP_INSTALL) -e ".[backend,test,lint,backend-test]"
 	touch $@
 
 # Worker-only environment: proves the worker package and its tests need no Django.
