@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -22,11 +23,15 @@ class Hinted(Exception):
         self.retry_after = retry_after
 
 
+_made = itertools.count()  # Celery warns when one task name is registered twice
+
+
 @pytest.fixture
 def task() -> Iterator[Any]:
     app = Celery("countdown", set_as_current=False)
 
-    @app.task(base=ExecutionTask, bind=True, retry_backoff=2.0, retry_backoff_max=60.0)
+    @app.task(base=ExecutionTask, bind=True, name=f"countdown.{next(_made)}.work",
+              retry_backoff=2.0, retry_backoff_max=60.0)
     def work(self: ExecutionTask, execution_id: str) -> None:
         """Never run: only its countdown is asked for."""
 
@@ -71,3 +76,43 @@ def test_the_countdown_follows_the_retry_schedule(
     low, high = spread
     for _ in range(50):
         assert low <= countdown(task, exc, retries, jitter=True) <= high
+
+
+def make_task(**options: Any) -> Any:
+    app = Celery("options", set_as_current=False)
+
+    @app.task(base=ExecutionTask, bind=True, name=f"options.{next(_made)}.work", **options)
+    def work(self: ExecutionTask, execution_id: str) -> None:
+        """Never run: only its options are looked at."""
+
+    return app.tasks[work.name]  # the name makes Celery build the task class
+
+
+def test_a_backoff_above_its_cap_is_capped_and_celerys_true_is_one_second() -> None:
+    assert countdown(make_task(retry_backoff=200, retry_backoff_max=60), Exception(), 0,
+                     jitter=False) == 60.0
+    assert countdown(make_task(retry_backoff=True), Exception(), 2, jitter=False) == 4.0
+
+
+# Options that would make the failure handling itself fail: refused when the task is made.
+BAD_OPTIONS = [
+    ("retry_backoff", "1"),
+    ("retry_backoff", -1),
+    ("retry_backoff", math.nan),
+    ("retry_backoff", math.inf),
+    ("retry_backoff", None),
+    ("retry_backoff_max", "60"),
+    ("retry_backoff_max", -0.5),
+    ("retry_backoff_max", math.inf),
+    ("retry_backoff_max", False),
+    ("retry_jitter", 1),
+    ("retry_jitter", "yes"),
+    ("retry_jitter", None),
+]
+
+
+@pytest.mark.parametrize(("option", "value"), BAD_OPTIONS)
+def test_a_bad_backoff_option_is_refused_when_the_task_is_made(option: str, value: Any) -> None:
+    # What Celery's task decorator does: a subclass of the base with the options set on it.
+    with pytest.raises(ValueError, match=f"^options.work: {option} must be"):
+        type("work", (ExecutionTask,), {"name": "options.work", option: value})

@@ -39,7 +39,7 @@ class FailureRule(Task):
         engine's schedule for re-queue ``retries + 1`` (``retry_backoff`` doubling up to
         ``retry_backoff_max``, ``retry_jitter``; a server's ``Retry-After`` first)."""
         schedule = RetryPolicy(
-            base_delay=self.retry_backoff,
+            base_delay=min(self.retry_backoff, self.retry_backoff_max),
             max_delay=self.retry_backoff_max,
             jitter=self.retry_jitter,
         )

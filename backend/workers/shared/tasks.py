@@ -72,6 +72,7 @@ from ._leased_run import (
     MAX_TASK_NAME as MAX_TASK_NAME,
     LeasedRun,
 )
+from ._resilience import check_number
 from .config import WorkerConfig
 from .errors import is_transient as is_transient
 
@@ -99,6 +100,21 @@ class ExecutionTask(LeasedRun, FailureRule):
     worker_config: ClassVar[WorkerConfig | None] = None
     claim_execution: ClassVar[bool] = True
     lease_seconds: ClassVar[int | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Celery makes a subclass per task: its backoff options are checked there, at start-up,
+        # not on the first failure (whose handling must not fail). ``retry_backoff=True`` is
+        # Celery's form of 1 s.
+        super().__init_subclass__(**kwargs)
+        name = getattr(cls, "name", None) or cls.__name__
+        backoff = 1.0 if cls.retry_backoff is True else cls.retry_backoff
+        cls.retry_backoff = check_number(f"{name}: retry_backoff", backoff, minimum=0.0)
+        cls.retry_backoff_max = check_number(
+            f"{name}: retry_backoff_max", cls.retry_backoff_max, minimum=0.0
+        )
+        if not isinstance(cls.retry_jitter, bool):
+            jitter = cls.retry_jitter
+            raise ValueError(f"{name}: retry_jitter must be True or False, got {jitter!r}")
 
     @property
     def execution(self) -> WorkflowExecution | None:
