@@ -174,3 +174,38 @@ def test_a_cycle_keeps_the_other_fields(log_file: tuple[str, Path]) -> None:
         assert (record["ratio"], record["n"]) == ("nan", 3)
     else:
         assert "ratio=nan n=3" in line
+
+
+# exc_info given while another exception is being handled: the line names the exception given
+# (or the one being handled, for True), and none for a value that names no exception.
+EXC_INFO = [
+    ("true", True, "KeyError"),
+    ("an exception", ValueError("given"), "ValueError"),
+    ("a tuple", (TypeError, TypeError("given"), None), "TypeError"),
+    ("an empty tuple", (None, None, None), None),
+    ("text", "yes", None),
+    ("a number", 1, None),
+    ("a bad tuple", (1, 2, 3), None),
+    ("a short tuple", (ValueError,), None),
+    ("false", False, None),
+]
+
+
+@pytest.mark.parametrize(("exc_info", "named"), [case[1:] for case in EXC_INFO],
+                         ids=[case[0] for case in EXC_INFO])
+def test_exc_info_names_only_the_exception_it_gives(log_file: tuple[str, Path], exc_info: Any,
+                                                    named: str | None) -> None:
+    log_format, path = log_file
+    with _our_handler_only():
+        try:
+            raise KeyError("being handled")
+        except KeyError:
+            WorkerLogger.get_logger("hostile").info("structlog", exc_info=exc_info)
+    text = path.read_text(encoding="utf-8")
+    if log_format == "structured":
+        (line,) = text.splitlines()
+        exception = _strict(line).get("exception")
+        assert (exception or {}).get("type") == named
+    else:
+        assert ("Traceback" in text or f"{named}: given" in text) == (named is not None)
+        assert ("KeyError" in text) == (named == "KeyError")

@@ -218,8 +218,6 @@ def _assemble(record: logging.LogRecord) -> dict[str, Any]:
         except Exception:  # arguments that do not fit the format, or fail to print
             message = f"{_text(record.msg)} {_repr(record.args)}"
         exc_info = record.exc_info
-        if type(exc_info) is tuple and exc_info[:1] == (None,):  # exc_info=True, no exception
-            exc_info = None
         args = record.args
         fields = {
             (key if type(key) is str else _repr(key)): value
@@ -245,9 +243,21 @@ def _assemble(record: logging.LogRecord) -> dict[str, Any]:
             out.setdefault("task_name", args["name"])
     if fields:
         out.update(_redact_items(fields))
-    if exc_info:
+    exc_info = _exception_of(exc_info)
+    if exc_info is not None:
         out["exc_info"] = exc_info
     return out
+
+
+def _exception_of(exc_info: Any) -> Any:
+    """``exc_info`` when it names an exception (``True``: the one being handled; an exception;
+    a tuple holding one), else None: structlog's renderer would take any other true value, or
+    a ``(None, None, None)``, for the exception being handled."""
+    if exc_info is True or isinstance(exc_info, BaseException):
+        return exc_info
+    if type(exc_info) is tuple and len(exc_info) == 3 and isinstance(exc_info[1], BaseException):
+        return exc_info
+    return None
 
 
 def _json_default(value: Any) -> Any:
