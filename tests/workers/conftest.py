@@ -14,7 +14,7 @@ def isolated_breakers_and_outcomes() -> Iterator[None]:
     """Each test sees only the circuit breakers it made (health lists every registered one)
     and the task outcomes of its own tasks (worker_process judges them): a runtime with those
     two parts of its own."""
-    with _runtime.scoped(_breaker.REGISTRY, _stats.STATS):
+    with _runtime.scoped(_breaker.REGISTRY, _stats.RECENT):
         yield
 
 

@@ -98,6 +98,29 @@ def test_a_smaller_duration_leaves_the_max() -> None:
     assert f'worker_task_max_duration_seconds{{task="{name}"}} 0.9' in text
 
 
+PID_REUSE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from backend.workers.shared import _metric_stats, _metrics
+
+    _metrics.enable_multiprocess(sys.argv[1])
+    _metrics.function_call("work", 2.0, True)
+    # A later process with this pid writes into the same value file with nothing recorded yet
+    # of its own: what prometheus_client and the maxima hold per process starts empty.
+    with _metrics._state.lock:
+        _metrics._state.children = {}
+        _metrics._state.maxima = {}
+    _metrics.function_call("work", 0.5, True)
+    print(json.dumps(_metric_stats.statistics()["functions"]["work"]))
+""")
+
+
+def test_a_process_reusing_a_pid_keeps_the_maximum_in_its_file(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", PID_REUSE_SCRIPT, str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    figures = json.loads(done.stdout)
+    assert (figures["count"], figures["max_ms"]) == (2, 2000.0)
+
+
 CHILDREN_SCRIPT = textwrap.dedent("""
     import json, os, sys, time
     from backend.workers.shared import _metric_stats, _metrics

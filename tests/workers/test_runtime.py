@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 EXPECTED_PARTS = {
     "http pools", "circuit breakers", "breaker redis clients", "retry budgets",
-    "client guards", "statistics", "health servers", "rss reader",
+    "client guards", "recent task outcomes", "health servers", "rss reader",
     "worker main process", "child heartbeat", "celery wiring",
 }
 
@@ -67,7 +67,7 @@ def test_every_per_process_state_is_a_declared_part() -> None:
     assert set(_runtime.parts()) >= EXPECTED_PARTS
     assert len(_runtime.parts()) == len(set(_runtime.parts()))
     with pytest.raises(ValueError, match="already declared"):
-        _runtime.part("statistics", dict)
+        _runtime.part("recent task outcomes", dict)
 
 
 def test_a_child_forked_while_other_threads_hold_every_lock_gets_fresh_ones() -> None:

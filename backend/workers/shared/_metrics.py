@@ -186,8 +186,14 @@ class _Metrics:
         """Raise the max gauge ``family`` to ``value`` when that is a new maximum."""
         with self.recording:
             key = (family, labels)
-            if value > self.maxima.get(key, float("-inf")):
-                self.child(family, labels).set(value)
+            child = self.child(family, labels)
+            known = self.maxima.get(key)
+            if known is None:
+                # What the value file holds already: a process whose pid a dead child had
+                # writes into that child's file, and must not lower its maximum.
+                known = self.maxima[key] = child._value.get()
+            if value > known:
+                child.set(value)
                 self.maxima[key] = value
 
     def child(self, family: str, labels: tuple[str, ...]) -> Any:

@@ -55,9 +55,9 @@ def merge_recent(snapshots: Iterable[Iterable[Any]]) -> list[Outcome]:
 
 
 # A forked child starts from no outcomes, so nothing is counted twice.
-STATS = _runtime.part("statistics", RecentOutcomes, lambda _inherited: RecentOutcomes())
+RECENT = _runtime.part("recent task outcomes", RecentOutcomes, lambda _inherited: RecentOutcomes())
 
 
 def recent() -> RecentOutcomes:
     """The outcomes of the last :data:`RECENT_SIZE` tasks run in this process."""
-    return STATS.get()
+    return RECENT.get()

@@ -11,8 +11,8 @@ overall status is the worst check. It also answers the probes' questions as plai
 readiness, metrics, the last report and the history.
 
 This module is the checker and its runner; the built-in checks live in ``_health_checks``,
-the result types in ``_health_result``, and every public name of those is importable from
-here. The HTTP server that serves these answers, :class:`HealthServer` (with
+the result types in ``_health_result``; the result types, the thresholds and the findings
+are importable from here. The HTTP server that serves these answers, :class:`HealthServer` (with
 :class:`HealthServerError` and the request bounds ``MAX_*``), lives in ``_health_server``,
 which imports this module; those names are still importable from here (see ``__getattr__``).
 """
@@ -48,6 +48,11 @@ from .config import ConfigurationError
 
 if TYPE_CHECKING:
     from .config import WorkerConfig
+
+for _public in (HealthCheckResult, HealthReport, HealthStatus, worst, breaker_findings,
+                recent_task_findings):
+    _public.__module__ = __name__  # their public home, in reprs, tracebacks and pickles
+del _public
 
 log = logging.getLogger(__name__)
 

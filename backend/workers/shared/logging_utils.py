@@ -42,6 +42,7 @@ from typing import IO, Any, cast
 import structlog
 
 from . import _redact, _runtime
+from ._config_checks import LOG_FORMATS as LOG_FORMATS, LOG_LEVELS as LOG_LEVELS
 from ._performance import (
     DEFAULT_SLOW_THRESHOLD_MS as DEFAULT_SLOW_THRESHOLD_MS,
     monitor_performance as monitor_performance,
@@ -49,8 +50,10 @@ from ._performance import (
 )
 from ._timefmt import utc_iso
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-LOG_FORMATS = ("structured", "simple")
+for _public in (monitor_performance, performance_stats):
+    _public.__module__ = __name__  # their public home, in reprs and tracebacks
+del _public
+
 DEFAULT_WORKER_NAME = "unstract-worker"
 # The leading fields of every line, in this order; a call's own field of the same name
 # is written with a trailing underscore instead of replacing one.

@@ -90,6 +90,7 @@ from ._retry_budget import RetryBudget
 from ._retry_policy import (
     BackoffStrategy,
     RetryEvent,
+    RetryListener as RetryListener,
     RetryPolicy,
     add_retry_listener,
     is_testing,
