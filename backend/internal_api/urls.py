@@ -41,7 +41,7 @@ urlpatterns = [
         views.ExecutionEventsView.as_view(),
         name="execution-events",
     ),
-    path("webhook-deliveries/", views.DeliveryListView.as_view(), name="deliveries"),
-    path("webhook-deliveries/<uuid:pk>/", views.DeliveryDetailView.as_view(), name="delivery"),
+    *views.WEBHOOK_DELIVERIES.urls(),
+    *views.FILE_EXECUTIONS.urls(),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
 ]
