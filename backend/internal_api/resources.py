@@ -310,11 +310,15 @@ class Transitions:
 class Reference:
     """A field naming another organization-scoped object (``execution_id`` ->
     ``WorkflowExecution``): a create or batch item naming one the organization does not
-    have is 400 naming the field, nothing written."""
+    have is 400 naming the field, nothing written. With ``lock``, every write locks the
+    referenced rows (``FOR NO KEY UPDATE``, in key order) before its own rows: an
+    ``after_write`` that updates them (an execution's file counts) then sees every earlier
+    writer's rows, and writers of one parent take their locks in one order (no deadlock)."""
 
     model: type[models.Model]
     label: str
     organization_field: str = "organization"
+    lock: bool = False
 
 
 # ``create(resource, org_id, request, data)`` -> (object, HTTP status): a resource's own create.
@@ -368,26 +372,40 @@ class Resource:
         """The object as the API answers it."""
         return self.serializer(instance).data
 
-    def check_references(self, org_id: str, values: Iterable[tuple[str, str, Any]]) -> None:
+    def check_references(
+        self,
+        org_id: str,
+        values: Iterable[tuple[str, str, Any]],
+        stored: Iterable[Any] = (),
+    ) -> None:
         """400 naming the first ``(where, field, value)`` whose referenced object the
-        organization does not have (one query per referenced model)."""
-        wanted: dict[str, list[tuple[str, Any]]] = {}
-        for where, name, value in values:
-            if name in self.references and value is not None:
-                wanted.setdefault(name, []).append((where, value))
-        for name, uses in wanted.items():
-            reference = self.references[name]
-            found = set(
-                reference.model.objects.filter(
-                    **{reference.organization_field: org_id},
-                    pk__in={value for _, value in uses},
-                ).values_list("pk", flat=True)
+        organization does not have (one query per referenced model); the references to lock
+        (``Reference.lock``) are locked, those of the ``stored`` objects too."""
+        stored = list(stored)
+        for name, reference in self.references.items():
+            uses = [(where, v) for where, n, v in values if n == name and v is not None]
+            held = {getattr(instance, name) for instance in stored} if reference.lock else set()
+            if not uses and not held:
+                continue
+            rows = reference.model.objects.filter(
+                **{reference.organization_field: org_id},
+                pk__in={value for _, value in uses} | held,
             )
+            if reference.lock:
+                rows = rows.select_for_update(no_key=True).order_by("pk")
+            found = set(rows.values_list("pk", flat=True))
             for where, value in uses:
                 if value not in found:
                     raise APIError(
                         400, "validation_error", f"{where}{name}: no such {reference.label}"
                     )
+
+    def locked(self, org_id: str, pk: Any) -> Any:
+        """The organization's object ``pk`` locked for a write, after the references it holds
+        (``Reference.lock``); 404 when there is none."""
+        if any(reference.lock for reference in self.references.values()):
+            self.check_references(org_id, (), [self.get(org_id, pk)])
+        return self.get(org_id, pk, lock=True)
 
     def new(self, org_id: str, data: dict[str, Any]) -> Any:
         """An unsaved object of the organization with ``data``."""
@@ -530,7 +548,7 @@ def _detail_view(resource: Resource) -> type[APIView]:
             org_id = require_organization(request)
             data = validated(update_serializer, request.data)
             with transaction.atomic():
-                instance = resource.get(org_id, pk, lock=True)
+                instance = resource.locked(org_id, pk)
                 check_if_match(request, resource.represent(instance))
                 resource.change(instance, data)
                 instance.save()
@@ -550,7 +568,7 @@ def _detail_view(resource: Resource) -> type[APIView]:
             """Delete one object; with ``If-Match``, only that version of it."""
             org_id = require_organization(request)
             with transaction.atomic():
-                instance = resource.get(org_id, pk, lock=True)
+                instance = resource.locked(org_id, pk)
                 check_if_match(request, resource.represent(instance))
                 resource.model.objects.filter(pk=instance.pk).delete()
                 if resource.after_write is not None:
@@ -664,6 +682,7 @@ def apply_batch(resource: Resource, org_id: str, items: list[Any]) -> list[Any]:
     """Create (no ``id``) or update (``id``) every item in one transaction; the objects'
     representations in item order. All or nothing: any refusal raises before the commit."""
     checked = [_validated_item(resource, index, item) for index, item in enumerate(items)]
+    wanted = {pk for pk, _ in checked if pk is not None}
     with transaction.atomic():
         resource.check_references(
             org_id,
@@ -673,8 +692,8 @@ def apply_batch(resource: Resource, org_id: str, items: list[Any]) -> list[Any]:
                 if pk is None
                 for name, value in data.items()
             ],
+            resource.scoped(org_id).filter(pk__in=wanted) if wanted else (),
         )
-        wanted = {pk for pk, _ in checked if pk is not None}
         stored = {
             row.pk: row
             for row in resource.scoped(org_id)

@@ -103,6 +103,7 @@ try:
 except PackageNotFoundError:
     BACKEND_VERSION = "unknown"
 
+
 class HealthView(APIView):
     """``GET health/``: the backend process answers, with the lifecycle's overdue counts."""
 
@@ -450,9 +451,7 @@ def record_delivery(
                 .first()
             )
             if found is None:
-                raise APIError(
-                    400, "validation_error", "execution_id: no such workflow execution"
-                )
+                raise APIError(400, "validation_error", "execution_id: no such workflow execution")
             current_epoch, due_id = found
             if epoch is not None and epoch != current_epoch:
                 raise superseded(epoch)
@@ -486,8 +485,8 @@ def record_delivery(
 
 def count_files(org_id: str, files: list[Any]) -> None:
     """The file counts of the executions of ``files`` follow from their files, in the
-    write's transaction: ``total_files`` counts every file (any status), ``successful_files``
-    the COMPLETED ones, ``failed_files`` the ERROR ones."""
+    write's transaction: ``total_files`` counts every file (any status, SKIPPED included),
+    ``successful_files`` the COMPLETED ones, ``failed_files`` the ERROR ones."""
     execution_ids = {file.execution_id for file in files}
     if not execution_ids:
         return
@@ -502,6 +501,9 @@ def count_files(org_id: str, files: list[Any]) -> None:
         )
         return Coalesce(Subquery(rows), 0)
 
+    # The executions are locked already (``Reference.lock``), so this statement's snapshot
+    # has the files of every transaction that held them before: under READ COMMITTED an
+    # UPDATE that waited for the lock itself would count from its older snapshot instead.
     WorkflowExecution.objects.filter(pk__in=execution_ids, organization_id=org_id).update(
         total_files=counted(),
         successful_files=counted(status=FileStatus.COMPLETED),
@@ -538,7 +540,7 @@ FILE_EXECUTIONS = Resource(
         "execution_id": Filter("uuid"),
         "status": Filter("choice", choices=tuple(FileStatus.values)),
     },
-    references={"execution_id": Reference(WorkflowExecution, "workflow execution")},
+    references={"execution_id": Reference(WorkflowExecution, "workflow execution", lock=True)},
     transitions=Transitions("status", FILE_ALLOWED_SOURCES),
     batch=True,
     after_write=count_files,
