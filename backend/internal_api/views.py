@@ -521,6 +521,7 @@ WEBHOOK_DELIVERIES = Resource(
     operations=frozenset({"list", "create", "read"}),
     filters={"execution_id": Filter("uuid")},
     create=record_delivery,
+    version_field="created_at",  # a delivery record never changes
     create_parameters=(EPOCH_PARAMETER,),
     create_responses={
         200: OpenApiResponse(
@@ -544,4 +545,5 @@ FILE_EXECUTIONS = Resource(
     transitions=Transitions("status", FILE_ALLOWED_SOURCES),
     batch=True,
     after_write=count_files,
+    version_field="modified_at",
 )
