@@ -337,6 +337,9 @@ class Reference:
 
 # ``create(resource, org_id, request, data)`` -> (object, HTTP status): a resource's own create.
 Creator = Callable[["Resource", str, Request, dict[str, Any]], tuple[models.Model, int]]
+# ``update(resource, org_id, request, pk, data)`` -> the object as stored: a resource's own
+# update (it calls ``resource.check_if_match`` under the row's lock).
+Updater = Callable[["Resource", str, Request, Any, dict[str, Any]], models.Model]
 # ``after_write(org_id, objects)``: runs in the write's transaction (derived values to keep).
 AfterWrite = Callable[[str, list[models.Model]], None]
 
@@ -368,6 +371,8 @@ class Resource:
     after_write: AfterWrite | None = None
     create_parameters: tuple[OpenApiParameter, ...] = ()
     create_responses: Mapping[int, Any] | None = None
+    update: Updater | None = None
+    update_parameters: tuple[OpenApiParameter, ...] = ()
     version_field: str | None = None
 
     @property
@@ -412,6 +417,12 @@ class Resource:
         """The object's representation with its ETag (304 for a current ``If-None-Match``)."""
         etag = None if self.version_field is None else self.etag(instance)
         return versioned(request, self.represent(instance), status, etag)
+
+    def check_if_match(self, request: Request, instance: Any) -> None:
+        """:func:`check_if_match` against ``instance`` (locked by the caller); nothing to
+        compute without the header."""
+        if "If-Match" in request.headers:
+            check_if_match(request, self.etag(instance))
 
     def represent(self, instance: Any) -> Any:
         """The object as the API answers it."""
@@ -589,7 +600,12 @@ def _detail_view(resource: Resource) -> type[APIView]:
 
         @extend_schema(
             operation_id=f"{prefix}_update",
-            parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER, IF_MATCH_PARAMETER],
+            parameters=[
+                ORG_PARAMETER,
+                REQUEST_ID_PARAMETER,
+                IF_MATCH_PARAMETER,
+                *resource.update_parameters,
+            ],
             request=update_serializer,
             responses={200: resource.serializer, **errors(*WRITE, 412)},
         )
@@ -597,9 +613,12 @@ def _detail_view(resource: Resource) -> type[APIView]:
             """Update fields of one object; with ``If-Match``, only that version of it."""
             org_id = require_organization(request)
             data = validated(update_serializer, request.data)
+            if resource.update is not None:
+                updated = resource.update(resource, org_id, request, pk, data)
+                return resource.answer(request, updated)
             with transaction.atomic():
                 instance = resource.locked(org_id, pk)
-                check_if_match(request, resource.etag(instance))
+                resource.check_if_match(request, instance)
                 resource.change(instance, data)
                 instance.save()
                 if resource.after_write is not None:
@@ -619,7 +638,7 @@ def _detail_view(resource: Resource) -> type[APIView]:
             org_id = require_organization(request)
             with transaction.atomic():
                 instance = resource.locked(org_id, pk)
-                check_if_match(request, resource.etag(instance))
+                resource.check_if_match(request, instance)
                 resource.model.objects.filter(pk=instance.pk).delete()
                 if resource.after_write is not None:
                     resource.after_write(org_id, [instance])

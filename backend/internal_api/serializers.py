@@ -485,13 +485,6 @@ class WebhookDeliveryCreateSerializer(StrictSerializer):
     )
 
 
-class ExecutionPageSerializer(serializers.Serializer):
-    """One page of executions."""
-
-    results = ExecutionSerializer(many=True)
-    next_cursor = serializers.CharField(allow_null=True)
-
-
 class FileExecutionSerializer(serializers.ModelSerializer):
     """One file of an execution as the API returns it."""
 

@@ -10,12 +10,7 @@ from backend.internal_api import views
 urlpatterns = [
     path("health/", views.HealthView.as_view(), name="health"),
     path("metrics/", views.MetricsView.as_view(), name="metrics"),
-    path("workflow-executions/", views.ExecutionListView.as_view(), name="executions"),
-    path(
-        "workflow-executions/<uuid:pk>/",
-        views.ExecutionDetailView.as_view(),
-        name="execution",
-    ),
+    *views.WORKFLOW_EXECUTIONS.urls(),
     path(
         "workflow-executions/<uuid:pk>/status/",
         views.ExecutionStatusView.as_view(),

@@ -20,7 +20,7 @@ from django.db.models.functions import Coalesce
 from django.http import HttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from prometheus_client import CONTENT_TYPE_LATEST
 from rest_framework import renderers
 from rest_framework.request import Request
@@ -28,7 +28,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from backend.internal_api import lifecycle
-from backend.internal_api.errors import APIError, printable
+from backend.internal_api.errors import APIError
 from backend.internal_api.models import (
     FILE_ALLOWED_SOURCES,
     DeliveryOutcome,
@@ -47,9 +47,6 @@ from backend.internal_api.resources import (
     EPOCH_HEADER,
     EPOCH_PARAMETER,
     IDEMPOTENCY_PARAMETER,
-    IF_NONE_MATCH_PARAMETER,
-    MAX_PAGE,
-    NOT_MODIFIED,
     ORG_PARAMETER,
     REQUEST_ID_PARAMETER,
     SCOPED,
@@ -60,19 +57,15 @@ from backend.internal_api.resources import (
     Transitions,
     errors,
     lease_epoch,
-    page,
     require_organization,
     validated,
-    versioned,
 )
 from backend.internal_api.serializers import (
-    STATUS_VALUES,
     ClaimResultSerializer,
     ClaimSerializer,
     ErrorSerializer,
     EventListSerializer,
     ExecutionCreateSerializer,
-    ExecutionPageSerializer,
     ExecutionSerializer,
     ExecutionUpdateSerializer,
     FileExecutionCreateSerializer,
@@ -166,125 +159,6 @@ class MetricsView(APIView):
     def get(self, request: Request) -> HttpResponse:
         """The figures every gunicorn worker reads alike (nothing kept in memory)."""
         return HttpResponse(lifecycle.metrics_text(), content_type=CONTENT_TYPE_LATEST)
-
-
-class ExecutionListView(APIView):
-    """``GET/POST workflow-executions/``."""
-
-    @extend_schema(
-        operation_id="workflow_executions_list",
-        parameters=[
-            ORG_PARAMETER,
-            REQUEST_ID_PARAMETER,
-            OpenApiParameter(
-                "status", OpenApiTypes.STR, enum=ExecutionStatus.values, required=False
-            ),
-            OpenApiParameter("workflow_id", OpenApiTypes.STR, required=False),
-            OpenApiParameter(
-                "limit", OpenApiTypes.INT, required=False, description=f"1 to {MAX_PAGE}"
-            ),
-            OpenApiParameter("cursor", OpenApiTypes.STR, required=False),
-        ],
-        responses={200: ExecutionPageSerializer, **errors(*SCOPED)},
-    )
-    def get(self, request: Request) -> Response:
-        """List the organization's executions, newest first, a page at a time."""
-        org_id = require_organization(request)
-        rows = WorkflowExecution.objects.filter(organization_id=org_id)
-        status = request.query_params.get("status")
-        if status is not None:
-            if status not in ExecutionStatus.values:
-                raise APIError(
-                    400,
-                    "validation_error",
-                    f'status: "{printable(status)}" is not a valid status; '
-                    f"allowed: {STATUS_VALUES}",
-                )
-            rows = rows.filter(status=status)
-        workflow_id = request.query_params.get("workflow_id")
-        if workflow_id is not None:
-            rows = rows.filter(workflow_id=workflow_id)
-        items, next_cursor = page(request, rows)
-        return Response(
-            {"results": ExecutionSerializer(items, many=True).data, "next_cursor": next_cursor}
-        )
-
-    @extend_schema(
-        operation_id="workflow_executions_create",
-        parameters=[ORG_PARAMETER, IDEMPOTENCY_PARAMETER, REQUEST_ID_PARAMETER],
-        request=ExecutionCreateSerializer,
-        responses={201: ExecutionSerializer, **errors(*WRITE)},
-    )
-    def post(self, request: Request) -> Response:
-        """Create an execution in status PENDING; with ``dispatch``, also its outbox row in
-        the same transaction, published after the commit (then QUEUED)."""
-        org_id = require_organization(request)
-        data = validated(ExecutionCreateSerializer, request.data)
-        dispatch = data.pop("dispatch", None)
-        if dispatch is None:
-            execution = WorkflowExecution.objects.create(organization_id=org_id, **data)
-            return Response(ExecutionSerializer(execution).data, status=201)
-        published: list[WorkflowExecution] = []
-        with transaction.atomic():
-            execution = WorkflowExecution.objects.create(
-                organization_id=org_id,
-                dispatch_task=dispatch["task"],
-                dispatch_queue=dispatch["queue"],
-                **data,
-            )
-            row = Dispatch.objects.create(
-                execution=execution,
-                task=dispatch["task"],
-                queue=dispatch["queue"],
-                reason=DispatchReason.CREATED,
-            )
-            publish_after_commit(row, published)
-        return Response(ExecutionSerializer(published[-1] if published else execution).data, 201)
-
-
-class ExecutionDetailView(APIView):
-    """``GET/PATCH/DELETE workflow-executions/{id}/``."""
-
-    @extend_schema(
-        operation_id="workflow_executions_read",
-        parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER, IF_NONE_MATCH_PARAMETER],
-        responses={200: ExecutionSerializer, 304: NOT_MODIFIED, **errors(*SCOPED)},
-    )
-    def get(self, request: Request, pk: uuid.UUID) -> HttpResponse:
-        """Read one execution (with its ``ETag``; 304 for a current ``If-None-Match``)."""
-        org_id = require_organization(request)
-        return versioned(request, ExecutionSerializer(read(org_id, pk)).data)
-
-    @extend_schema(
-        operation_id="workflow_executions_update",
-        parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER, EPOCH_PARAMETER],
-        request=ExecutionUpdateSerializer,
-        responses={200: ExecutionSerializer, **errors(*WRITE)},
-    )
-    def patch(self, request: Request, pk: uuid.UUID) -> Response:
-        """Update result, file counts, task id or pipeline id (never the status)."""
-        org_id = require_organization(request)
-        epoch = lease_epoch(request)
-        data = validated(ExecutionUpdateSerializer, request.data)
-        if data:
-            execution = update_fields(org_id, pk, data, epoch=epoch)
-        else:
-            execution = read(org_id, pk)
-            check_fence(execution, epoch)
-        return Response(ExecutionSerializer(execution).data)
-
-    @extend_schema(
-        operation_id="workflow_executions_delete",
-        parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER],
-        responses={204: None, **errors(*SCOPED)},
-    )
-    def delete(self, request: Request, pk: uuid.UUID) -> Response:
-        """Delete one execution (its webhook deliveries stay, unlinked)."""
-        org_id = require_organization(request)
-        deleted = WorkflowExecution.objects.filter(pk=pk, organization_id=org_id).delete()[0]
-        if not deleted:
-            raise APIError(404, "not_found", "no such workflow execution")
-        return Response(status=204)
 
 
 class ExecutionStatusView(APIView):
@@ -483,6 +357,57 @@ def record_delivery(
     return delivery, 201
 
 
+def create_execution(
+    resource: Resource, org_id: str, request: Request, data: dict[str, Any]
+) -> tuple[WorkflowExecution, int]:
+    """Create an execution in status PENDING (``POST workflow-executions/``); with
+    ``dispatch``, also its outbox row in the same transaction, published after the commit
+    (then QUEUED)."""
+    dispatch = data.pop("dispatch", None)
+    if dispatch is None:
+        return WorkflowExecution.objects.create(organization_id=org_id, **data), 201
+    published: list[WorkflowExecution] = []
+    with transaction.atomic():
+        execution = WorkflowExecution.objects.create(
+            organization_id=org_id,
+            dispatch_task=dispatch["task"],
+            dispatch_queue=dispatch["queue"],
+            **data,
+        )
+        row = Dispatch.objects.create(
+            execution=execution,
+            task=dispatch["task"],
+            queue=dispatch["queue"],
+            reason=DispatchReason.CREATED,
+        )
+        publish_after_commit(row, published)
+    return (published[-1] if published else execution), 201
+
+
+def update_execution(
+    resource: Resource, org_id: str, request: Request, pk: Any, data: dict[str, Any]
+) -> WorkflowExecution:
+    """Update result, file counts, task id or pipeline id (``PATCH workflow-executions/{id}/``,
+    never the status) in one conditional UPDATE, fenced by ``X-Lease-Epoch``; with
+    ``If-Match``, under the row's lock after checking the version."""
+    epoch = lease_epoch(request)
+    if "If-Match" not in request.headers:
+        return _update_fields(org_id, pk, data, epoch)
+    with transaction.atomic():
+        resource.check_if_match(request, resource.locked(org_id, pk))
+        return _update_fields(org_id, pk, data, epoch)
+
+
+def _update_fields(
+    org_id: str, pk: Any, data: dict[str, Any], epoch: int | None
+) -> WorkflowExecution:
+    if data:
+        return update_fields(org_id, pk, data, epoch=epoch)
+    execution = read(org_id, pk)
+    check_fence(execution, epoch)
+    return execution
+
+
 def count_files(org_id: str, files: list[Any]) -> None:
     """The file counts of the executions of ``files`` follow from their files, in the
     write's transaction: ``total_files`` counts every file (any status, SKIPPED included),
@@ -512,6 +437,21 @@ def count_files(org_id: str, files: list[Any]) -> None:
     )
 
 
+WORKFLOW_EXECUTIONS = Resource(
+    name="workflow-executions",
+    model=WorkflowExecution,
+    serializer=ExecutionSerializer,
+    label="workflow execution",
+    create_serializer=ExecutionCreateSerializer,
+    update_serializer=ExecutionUpdateSerializer,
+    filters={
+        "status": Filter("choice", choices=tuple(ExecutionStatus.values)),
+        "workflow_id": Filter(),
+    },
+    create=create_execution,
+    update=update_execution,
+    update_parameters=(EPOCH_PARAMETER,),
+)
 WEBHOOK_DELIVERIES = Resource(
     name="webhook-deliveries",
     model=WebhookDelivery,

@@ -228,6 +228,35 @@ def test_every_header_with_hostile_values(
         still_readable(api, ids)
 
 
+@pytest.mark.parametrize("value", HEADER_VALUES)
+@pytest.mark.parametrize("header", ["If-Match", "If-None-Match"])
+@pytest.mark.parametrize("method", ["GET", "PATCH", "DELETE"])
+def test_version_headers_of_workflow_executions_with_hostile_values(
+    api: Api, ids: dict[str, str], method: str, header: str, value: str
+) -> None:
+    """``If-Match`` that is not the current ETag: 412, nothing changed; ``If-None-Match``
+    that is not it: a full answer (NUL and surrogates: 400 naming the header)."""
+    before = snapshot(api)
+    path = f"/internal/v1/workflow-executions/{ids['execution']}/"
+    response = api.client.generic(
+        method,
+        path,
+        data=b'{"total_files": 1}' if method == "PATCH" else b"",
+        content_type="application/json",
+        headers={**api.headers(), header: value},
+    )
+    body = check_answer(response, api)
+    unstorable = "\x00" in value or any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    if unstorable:
+        assert response.status_code == 400 and header.lower() in body["detail"].lower(), body
+    elif header == "If-Match" and method != "GET":
+        assert (response.status_code, body["error"]) == (412, "precondition_failed"), body
+    elif method == "GET":
+        assert response.status_code == 200, body
+    if response.status_code >= 400:
+        assert snapshot(api) == before
+
+
 QUERIES = ["execution_id", "status", "limit", "cursor", "format", "%00"]
 
 

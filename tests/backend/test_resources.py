@@ -302,6 +302,43 @@ def test_a_stale_if_match_is_412_and_changes_nothing(api: Api) -> None:
     assert api.call("DELETE", path, headers=anything).status_code == 204
 
 
+def test_workflow_executions_are_a_declared_resource_with_versions(api: Api) -> None:
+    eid = execution(api)
+    path = f"workflow-executions/{eid}/"
+    etag = api.call("GET", path)["ETag"]
+    listed = api.call("GET", "workflow-executions/?status=PENDING")
+    assert listed.status_code == 200 and [row["id"] for row in listed.json()["results"]] == [eid]
+    cached = api.call(
+        "GET", "workflow-executions/", headers={**api.headers(), "If-None-Match": listed["ETag"]}
+    )
+    assert cached.status_code == 304
+    first = api.call("PATCH", path, {"total_files": 2}, headers={**api.headers(), "If-Match": etag})
+    assert first.status_code == 200 and first["ETag"] != etag
+    assert first["ETag"] == api.call("GET", path)["ETag"]
+    stale = api.call("PATCH", path, {"total_files": 3}, headers={**api.headers(), "If-Match": etag})
+    assert error_of(stale) == (412, "precondition_failed")
+    assert error_of(api.call("DELETE", path, headers={**api.headers(), "If-Match": etag})) == (
+        412,
+        "precondition_failed",
+    )
+    assert counts(api, eid) == (2, 0, 0)
+    # The lease fence still applies under If-Match: a superseded epoch is 409, nothing changed.
+    claimed = api.call("POST", f"{path}claim/", {"worker": "w"}).json()
+    current = api.call("GET", path)["ETag"]
+    fenced = {
+        **api.headers(),
+        "If-Match": current,
+        "X-Lease-Epoch": str(claimed["lease"]["epoch"] + 1),
+    }
+    assert error_of(api.call("PATCH", path, {"total_files": 5}, headers=fenced)) == (
+        409,
+        "lease_lost",
+    )
+    assert (
+        api.call("DELETE", path, headers={**api.headers(), "If-Match": current}).status_code == 204
+    )
+
+
 def test_the_schema_lists_the_versions_headers(api: Api) -> None:
     document = json.loads(api.call("GET", "schema/?format=json").content)
     paths = document["paths"]

@@ -13,9 +13,9 @@ generator repeats keys), so it counts as accepted; a delivery's ``execution_id``
 existing execution of the organization (400 otherwise), so for ``POST webhook-deliveries/``
 a 400 counts as accepted too, and so for ``POST file-executions/`` and its ``batch/`` (an
 item's ``execution_id`` or ``id`` must name an existing object). A generated ``If-Match`` is
-a stale version: 412 counts as accepted. The organization header is a fixed parameter, not a
-``-H`` header: schemathesis would otherwise generate a bad one, send ours instead and report the
-accepted request as a schema violation. PATCH's ``result`` is any JSON without NUL in its
+a stale version: 412 counts as accepted (and as a refusal). The organization header is a
+fixed parameter, not a ``-H`` header: schemathesis would otherwise generate a bad one, send
+ours instead and report the accepted request as a schema violation. PATCH's ``result`` is any JSON without NUL in its
 strings and field names: OpenAPI 3.0 has no ``propertyNames`` to say so (the document's
 description does), so the run generates no NUL for PATCH. The stateful phase does not run
 the negative-data check: there schemathesis (4.32) reports valid requests as
@@ -60,8 +60,8 @@ CONFIG = """
 expected-statuses = ["2XX", "3XX", "401", "403", "404", "409", "412", "422", "429", "5XX"]
 
 [checks.negative_data_rejection]
-expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "414", "415", "422",
-    "428", "429", "431", "5XX"]
+expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "412", "413", "414", "415",
+    "422", "428", "429", "431", "5XX"]
 
 [[operations]]
 include-method = "PATCH"
