@@ -15,9 +15,9 @@ a 400 counts as accepted too, and so for ``POST file-executions/`` and its ``bat
 item's ``execution_id`` or ``id`` must name an existing object). A generated ``If-Match`` is
 a stale version: 412 counts as accepted (and as a refusal). The organization header is a
 fixed parameter, not a ``-H`` header: schemathesis would otherwise generate a bad one, send
-ours instead and report the accepted request as a schema violation. PATCH's ``result`` is any JSON without NUL in its
-strings and field names: OpenAPI 3.0 has no ``propertyNames`` to say so (the document's
-description does), so the run generates no NUL for PATCH. The stateful phase does not run
+ours instead and report the accepted request as a schema violation. PATCH's ``result`` is
+any JSON without NUL in its strings and field names: OpenAPI 3.0 has no ``propertyNames`` to
+say so (the document's description does), so the run generates no NUL for PATCH. The stateful phase does not run
 the negative-data check: there schemathesis (4.32) reports valid requests as
 "Schema-violating request accepted", its own message saying "Invalid component: positive test
 case"; the coverage and fuzzing phases run it, where gunicorn's 414 and 431 (a generated
