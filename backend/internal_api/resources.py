@@ -241,11 +241,11 @@ def not_modified(request: Request, etag: str) -> HttpResponse | None:
 def versioned(
     request: Request, data: Any, status: int = 200, etag: str | None = None
 ) -> HttpResponse:
-    """The JSON answer with its ``ETag`` (given, or the hash of the body); for a 200, the 304
+    """The JSON answer with its ``ETag`` (given, or the hash of the body); for a GET, the 304
     when ``If-None-Match`` names it."""
     body = render(data)
     etag = etag or etag_of(body)
-    if status == 200:
+    if status == 200 and request.method == "GET":
         unchanged = not_modified(request, etag)
         if unchanged is not None:
             return unchanged

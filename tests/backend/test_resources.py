@@ -353,3 +353,16 @@ def test_the_schema_lists_the_versions_headers(api: Api) -> None:
     assert "304" in paths["/internal/v1/file-executions/"]["get"]["responses"]
     batch_body = document["components"]["schemas"]["FileExecutionBatchRequest"]
     assert batch_body["properties"]["items"]["maxItems"] == 500
+
+
+def test_a_write_is_never_answered_304(api: Api) -> None:
+    body = {
+        "url": "https://r.example/h",
+        "outcome": "delivered",
+        "webhook_id": "msg_" + "0" * 32,
+    }
+    headers = {**api.headers(), "If-None-Match": "*"}
+    first = api.call("POST", "webhook-deliveries/", body, headers=headers)
+    again = api.call("POST", "webhook-deliveries/", body, headers=headers)  # already recorded
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json() == first.json() and again["ETag"] == first["ETag"]

@@ -1,9 +1,10 @@
 """Declared resources under real concurrency: a gunicorn backend (SQLite, and PostgreSQL where
 transactions really run at once), requests racing from threads over HTTP.
 
-Two workers updating one file execution with the same ``If-Match``: exactly one applies, the
-other gets 412 and re-reads. Concurrent batches of one execution: its file counts are those of
-its files afterwards (each batch recounts in its own transaction).
+Two workers updating one file execution (or one workflow execution) with the same
+``If-Match``: exactly one applies, the other gets 412 and re-reads. Concurrent batches of one
+execution: its file counts are those of its files afterwards (each batch recounts in its own
+transaction).
 """
 
 from __future__ import annotations
@@ -66,17 +67,21 @@ def new_execution(backend: LiveBackend) -> str:
 
 
 @pytest.mark.parametrize("backend_fixture", BACKENDS)
+@pytest.mark.parametrize("resource", ["file-executions", "workflow-executions"])
 def test_of_two_updates_with_the_same_if_match_exactly_one_applies(
-    backend_fixture: str, request: pytest.FixtureRequest
+    backend_fixture: str, resource: str, request: pytest.FixtureRequest
 ) -> None:
     backend: LiveBackend = request.getfixturevalue(backend_fixture)
     execution_id = new_execution(backend)
     for _ in range(ROUNDS):
-        code, created, etag = call(
-            backend, "POST", "file-executions/", {"execution_id": execution_id, "file_name": "f"}
-        )
-        assert code == 201 and etag, created
-        path = f"file-executions/{created['id']}/"
+        if resource == "file-executions":
+            body = {"execution_id": execution_id, "file_name": "f"}
+            code, created, etag = call(backend, "POST", "file-executions/", body)
+            assert code == 201 and etag, created
+            path = f"file-executions/{created['id']}/"
+        else:
+            path = f"workflow-executions/{new_execution(backend)}/"
+            code, _, etag = call(backend, "GET", path)
         updates = [
             ("PATCH", path, {"result": {"by": worker}}, {"If-Match": etag})
             for worker in ("a", "b")
@@ -89,11 +94,9 @@ def test_of_two_updates_with_the_same_if_match_exactly_one_applies(
         # The loser re-reads: it sees the winner's write, and its version is the one answered.
         code, current, current_etag = call(backend, "GET", path)
         assert current == winner and current["result"] in ({"by": "a"}, {"by": "b"})
-        code, _, _ = call(backend, "PATCH", path, {"status": "IN_PROGRESS"}, **{"If-Match": etag})
+        code, _, _ = call(backend, "PATCH", path, {"result": None}, **{"If-Match": etag})
         assert code == 412
-        code, _, _ = call(
-            backend, "PATCH", path, {"status": "IN_PROGRESS"}, **{"If-Match": current_etag}
-        )
+        code, _, _ = call(backend, "PATCH", path, {"result": None}, **{"If-Match": current_etag})
         assert code == 200
 
 
