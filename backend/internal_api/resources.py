@@ -437,7 +437,7 @@ class Resource:
         """400 naming the first ``(where, field, value)`` whose referenced object the
         organization does not have (one query per referenced model); the references to lock
         (``Reference.lock``) are locked, those of the ``stored`` objects too."""
-        stored = list(stored)
+        values, stored = list(values), list(stored)
         for name, reference in self.references.items():
             uses = [(where, v) for where, n, v in values if n == name and v is not None]
             held = {getattr(instance, name) for instance in stored} if reference.lock else set()
