@@ -239,6 +239,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "ExecutionStatusEnum": "backend.internal_api.models.ExecutionStatus",
         "DeliveryOutcomeEnum": "backend.internal_api.models.DeliveryOutcome",
+        "FileStatusEnum": "backend.internal_api.models.FileStatus",
     },
 }
 

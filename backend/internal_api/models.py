@@ -1,4 +1,5 @@
-"""Database models of the internal API: organizations, executions, deliveries, idempotency.
+"""Database models of the internal API: organizations, executions, their files, deliveries,
+idempotency.
 
 Status transitions of a :class:`WorkflowExecution` (the only ones the API applies)::
 
@@ -189,6 +190,65 @@ class WebhookDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"{self.id} {self.outcome}"
+
+
+class FileStatus(models.TextChoices):
+    """States of one file of an execution, in their forward order."""
+
+    PENDING = "PENDING"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    ERROR = "ERROR"
+    SKIPPED = "SKIPPED"
+
+
+FILE_TERMINAL_STATUSES = frozenset({"COMPLETED", "ERROR", "SKIPPED"})
+_FILE_ORDER = {"PENDING": 0, "IN_PROGRESS": 1, "COMPLETED": 2, "ERROR": 2, "SKIPPED": 2}
+# Target status -> the file statuses it may be reached from: forward only, terminal final.
+FILE_ALLOWED_SOURCES: dict[str, tuple[str, ...]] = {
+    target: tuple(
+        source
+        for source in _FILE_ORDER
+        if source not in FILE_TERMINAL_STATUSES and _FILE_ORDER[source] < _FILE_ORDER[target]
+    )
+    for target in _FILE_ORDER
+}
+
+
+class FileExecution(models.Model):
+    """One file of a workflow execution and how its processing went. The execution's
+    ``total_files``, ``successful_files`` and ``failed_files`` follow from its files
+    (``views.count_files``)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="file_executions"
+    )
+    execution = models.ForeignKey(
+        WorkflowExecution, on_delete=models.CASCADE, related_name="files"
+    )
+    file_name = models.CharField(max_length=1024)
+    file_hash = models.CharField(max_length=128, blank=True, default="")
+    status = models.CharField(
+        max_length=16, choices=FileStatus.choices, default=FileStatus.PENDING
+    )
+    error_message = models.TextField(blank=True, default="")
+    execution_time = models.FloatField(null=True, blank=True, help_text="seconds")
+    result = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    modified_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["organization", "-created_at", "-id"], name="file_org_created"),
+            models.Index(
+                fields=["organization", "execution", "-created_at", "-id"], name="file_org_exec"
+            ),
+            models.Index(fields=["execution", "status"], name="file_exec_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} {self.status}"
 
 
 class DispatchReason(models.TextChoices):

@@ -24,6 +24,8 @@ from backend.internal_api.models import (
     DeliveryOutcome,
     EventReason,
     ExecutionStatus,
+    FileExecution,
+    FileStatus,
     WebhookDelivery,
     WorkflowExecution,
 )
@@ -32,6 +34,7 @@ MAX_INT = 2**31 - 1
 MAX_SECONDS = 10.0**9
 STATUS_VALUES = ", ".join(ExecutionStatus.values)
 OUTCOME_VALUES = ", ".join(DeliveryOutcome.values)
+FILE_STATUS_VALUES = ", ".join(FileStatus.values)
 # A UUID as the API writes it (or without hyphens), ASCII only: ``uuid.UUID`` alone also takes
 # braces, a ``urn:uuid:`` prefix and non-ASCII digits.
 UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}(-?[0-9a-fA-F]{4}){3}-?[0-9a-fA-F]{12}", re.ASCII)
@@ -482,18 +485,67 @@ class WebhookDeliveryCreateSerializer(StrictSerializer):
     )
 
 
-class ExecutionPageSerializer(serializers.Serializer):
-    """One page of executions."""
+class FileExecutionSerializer(serializers.ModelSerializer):
+    """One file of an execution as the API returns it."""
 
-    results = ExecutionSerializer(many=True)
-    next_cursor = serializers.CharField(allow_null=True)
+    organization_id = serializers.CharField(read_only=True)
+    execution_id = serializers.UUIDField(read_only=True)
+
+    class Meta:
+        model = FileExecution
+        fields = [
+            "id",
+            "organization_id",
+            "execution_id",
+            "file_name",
+            "file_hash",
+            "status",
+            "error_message",
+            "execution_time",
+            "result",
+            "created_at",
+            "modified_at",
+        ]
+        read_only_fields = fields
 
 
-class DeliveryPageSerializer(serializers.Serializer):
-    """One page of webhook deliveries."""
+def _file_status(**kwargs: Any) -> serializers.ChoiceField:
+    return serializers.ChoiceField(
+        choices=FileStatus.choices,
+        error_messages={
+            "invalid_choice": f'"{{input}}" is not a valid status; allowed: {FILE_STATUS_VALUES}'
+        },
+        **kwargs,
+    )
 
-    results = WebhookDeliverySerializer(many=True)
-    next_cursor = serializers.CharField(allow_null=True)
+
+class FileExecutionUpdateSerializer(StrictSerializer):
+    """Body of ``PATCH file-executions/{id}/`` (and a batch update): any of its fields but
+    the execution it belongs to; the status moves forward only."""
+
+    file_name = serializers.CharField(max_length=1024, required=False)
+    file_hash = serializers.CharField(max_length=128, required=False, allow_blank=True)
+    status = _file_status(required=False)
+    error_message = serializers.CharField(
+        max_length=10000, required=False, allow_blank=True, trim_whitespace=False
+    )
+    execution_time = _seconds(required=False, allow_null=True)
+    result = ResultField(required=False, allow_null=True)
+
+
+class FileExecutionCreateSerializer(StrictSerializer):
+    """Body of ``POST file-executions/`` (and a batch create): ``execution_id`` names one of
+    the organization's executions."""
+
+    execution_id = serializers.UUIDField()
+    file_name = serializers.CharField(max_length=1024)
+    file_hash = serializers.CharField(max_length=128, required=False, allow_blank=True, default="")
+    status = _file_status(required=False, default=FileStatus.PENDING)
+    error_message = serializers.CharField(
+        max_length=10000, required=False, allow_blank=True, default="", trim_whitespace=False
+    )
+    execution_time = _seconds(required=False, allow_null=True)
+    result = ResultField(required=False, allow_null=True)
 
 
 class LifecycleCountsSerializer(serializers.Serializer):

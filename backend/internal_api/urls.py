@@ -10,12 +10,7 @@ from backend.internal_api import views
 urlpatterns = [
     path("health/", views.HealthView.as_view(), name="health"),
     path("metrics/", views.MetricsView.as_view(), name="metrics"),
-    path("workflow-executions/", views.ExecutionListView.as_view(), name="executions"),
-    path(
-        "workflow-executions/<uuid:pk>/",
-        views.ExecutionDetailView.as_view(),
-        name="execution",
-    ),
+    *views.WORKFLOW_EXECUTIONS.urls(),
     path(
         "workflow-executions/<uuid:pk>/status/",
         views.ExecutionStatusView.as_view(),
@@ -41,7 +36,7 @@ urlpatterns = [
         views.ExecutionEventsView.as_view(),
         name="execution-events",
     ),
-    path("webhook-deliveries/", views.DeliveryListView.as_view(), name="deliveries"),
-    path("webhook-deliveries/<uuid:pk>/", views.DeliveryDetailView.as_view(), name="delivery"),
+    *views.WEBHOOK_DELIVERIES.urls(),
+    *views.FILE_EXECUTIONS.urls(),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
 ]

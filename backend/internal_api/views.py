@@ -1,60 +1,76 @@
 """Views of ``/internal/v1/``: health, workflow executions (and their lifecycle: claim,
-heartbeat, release, events), webhook deliveries.
+heartbeat, release, events), and the declared resources (``resources``): webhook deliveries
+and file executions.
 
 Authentication, the body limit, request ids and idempotency are middleware (see
-``middleware``); the views check the organization and do the work. Org-scoped endpoints fail
-closed: no ``X-Organization-ID`` is 400 ``organization_required``, an unknown organization 404,
-another organization's object 404.
+``middleware``); the views check the organization (``resources.require_organization``) and do
+the work. Org-scoped endpoints fail closed: no ``X-Organization-ID`` is 400
+``organization_required``, an unknown organization 404, another organization's object 404.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import time
 import uuid
-from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from django.conf import settings
 from django.db import DatabaseError, IntegrityError, transaction
-from django.db.models import Q, QuerySet
+from django.db.models import Count, OuterRef, Subquery
+from django.db.models.functions import Coalesce
 from django.http import HttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from prometheus_client import CONTENT_TYPE_LATEST
-from rest_framework import renderers, serializers
+from rest_framework import renderers
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from backend.internal_api import lifecycle
-from backend.internal_api.errors import APIError, printable
+from backend.internal_api.errors import APIError
 from backend.internal_api.models import (
+    FILE_ALLOWED_SOURCES,
     DeliveryOutcome,
     Dispatch,
     DispatchReason,
     ExecutionEvent,
     ExecutionStatus,
-    Organization,
+    FileExecution,
+    FileStatus,
     WebhookDelivery,
     WorkflowExecution,
 )
 from backend.internal_api.publish import publish_after_commit
+from backend.internal_api.resources import (
+    COMMON,
+    EPOCH_HEADER,
+    EPOCH_PARAMETER,
+    IDEMPOTENCY_PARAMETER,
+    ORG_PARAMETER,
+    REQUEST_ID_PARAMETER,
+    SCOPED,
+    WRITE,
+    Filter,
+    Reference,
+    Resource,
+    Transitions,
+    errors,
+    lease_epoch,
+    require_organization,
+    validated,
+)
 from backend.internal_api.serializers import (
-    STATUS_VALUES,
-    UUID_TEXT,
     ClaimResultSerializer,
     ClaimSerializer,
-    DeliveryPageSerializer,
     ErrorSerializer,
     EventListSerializer,
     ExecutionCreateSerializer,
-    ExecutionPageSerializer,
     ExecutionSerializer,
     ExecutionUpdateSerializer,
+    FileExecutionCreateSerializer,
+    FileExecutionSerializer,
+    FileExecutionUpdateSerializer,
     HealthSerializer,
     HeartbeatResultSerializer,
     HeartbeatSerializer,
@@ -80,131 +96,6 @@ try:
 except PackageNotFoundError:
     BACKEND_VERSION = "unknown"
 
-DEFAULT_PAGE = 100
-MAX_PAGE = 500
-ORG_HEADER = "X-Organization-ID"
-EPOCH_HEADER = "X-Lease-Epoch"
-MAX_EPOCH = 2**31
-
-# Organization id -> monotonic time until which its existence is trusted without a query.
-_known_orgs: dict[str, float] = {}
-
-
-def _errors(*codes: int) -> dict[int, OpenApiResponse]:
-    return {code: OpenApiResponse(ErrorSerializer) for code in codes}
-
-
-ORG_PARAMETER = OpenApiParameter(
-    ORG_HEADER,
-    OpenApiTypes.STR,
-    OpenApiParameter.HEADER,
-    required=True,
-    description="The organization the request acts for.",
-)
-IDEMPOTENCY_PARAMETER = OpenApiParameter(
-    "Idempotency-Key",
-    OpenApiTypes.STR,
-    OpenApiParameter.HEADER,
-    required=False,
-    description="Same key and body within 24 h replays the stored response.",
-)
-REQUEST_ID_PARAMETER = OpenApiParameter(
-    "X-Request-ID",
-    OpenApiTypes.STR,
-    OpenApiParameter.HEADER,
-    required=False,
-    description="Echoed in the response and in the backend's log lines.",
-)
-EPOCH_PARAMETER = OpenApiParameter(
-    EPOCH_HEADER,
-    {"type": "integer", "minimum": 1, "maximum": MAX_EPOCH},
-    OpenApiParameter.HEADER,
-    required=False,
-    description=(
-        "The writer's lease epoch: applied only while it is the current, live lease "
-        "(else 409 lease_lost, nothing applied)."
-    ),
-)
-# Errors any endpoint may answer (Host or Content-Length header, auth, body size, database).
-COMMON = (400, 401, 413, 503)
-# Errors of every org-scoped endpoint.
-SCOPED = (*COMMON, 404)
-# Errors of a POST (or PATCH) with a body (the 409/422 come from Idempotency-Key).
-WRITE = (*SCOPED, 409, 415, 422)
-
-
-def require_organization(request: Request) -> str:
-    """The organization id from ``X-Organization-ID``; 400 without it, 404 if unknown."""
-    org_id = request.headers.get(ORG_HEADER, "").strip()
-    if not org_id:
-        raise APIError(
-            400, "organization_required", f"the {ORG_HEADER} header is required on this endpoint"
-        )
-    now = time.monotonic()
-    if _known_orgs.get(org_id, 0.0) > now:
-        return org_id
-    if len(org_id) > 64 or not Organization.objects.filter(pk=org_id).exists():
-        raise APIError(404, "organization_not_found", "no such organization")
-    _known_orgs[org_id] = now + settings.ORGANIZATION_CACHE_SECONDS
-    return org_id
-
-
-def lease_epoch(request: Request) -> int | None:
-    """The epoch in ``X-Lease-Epoch`` (ASCII digits, 1 to 2**31), None without the header;
-    400 naming the header for anything else."""
-    raw = request.headers.get(EPOCH_HEADER)
-    if raw is None:
-        return None
-    if not (_is_decimal(raw) and len(raw) <= 10 and 1 <= int(raw) <= MAX_EPOCH):
-        raise APIError(
-            400,
-            "validation_error",
-            f"{EPOCH_HEADER}: must be a whole number from 1 to {MAX_EPOCH} in ASCII digits",
-        )
-    return int(raw)
-
-
-def _is_decimal(text: str) -> bool:
-    """Only ASCII digits (``str.isdigit`` also accepts '²', which ``int`` refuses)."""
-    return text.isascii() and text.isdigit()
-
-
-def _validated(serializer_class: type[serializers.Serializer], data: Any) -> dict[str, Any]:
-    serializer = serializer_class(data=data)
-    serializer.is_valid(raise_exception=True)
-    return dict(serializer.validated_data)
-
-
-def _encode_cursor(row: WorkflowExecution | WebhookDelivery) -> str:
-    raw = f"{row.created_at.isoformat()}|{row.pk}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _page(request: Request, rows: QuerySet[Any]) -> tuple[list[Any], str | None]:
-    """Newest first, ``limit`` rows after ``cursor``; the cursor of the next page or None."""
-    raw_limit = request.query_params.get("limit", str(DEFAULT_PAGE))
-    if not _is_decimal(raw_limit) or not 1 <= int(raw_limit) <= MAX_PAGE:
-        raise APIError(400, "validation_error", f"limit: must be an integer from 1 to {MAX_PAGE}")
-    limit = int(raw_limit)
-    cursor = request.query_params.get("cursor")
-    if cursor:
-        try:
-            text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-            stamp, _, pk = text.partition("|")
-            created = datetime.fromisoformat(stamp)
-            last_id = uuid.UUID(pk)
-            if created.tzinfo is None:
-                raise ValueError("naive timestamp")
-        except (ValueError, binascii.Error, UnicodeDecodeError):
-            raise APIError(
-                400, "invalid_cursor", "cursor: not a cursor this API returned"
-            ) from None
-        rows = rows.filter(Q(created_at__lt=created) | Q(created_at=created, pk__lt=last_id))
-    items = list(rows.order_by("-created_at", "-pk")[: limit + 1])
-    more = len(items) > limit
-    items = items[:limit]
-    return items, (_encode_cursor(items[-1]) if more else None)
-
 
 class HealthView(APIView):
     """``GET health/``: the backend process answers, with the lifecycle's overdue counts."""
@@ -212,7 +103,7 @@ class HealthView(APIView):
     @extend_schema(
         operation_id="health",
         parameters=[REQUEST_ID_PARAMETER],
-        responses={200: HealthSerializer, **_errors(*COMMON)},
+        responses={200: HealthSerializer, **errors(*COMMON)},
     )
     def get(self, request: Request) -> Response:
         """Liveness for workers; ``lifecycle`` is null when the database cannot be read (the
@@ -270,125 +161,6 @@ class MetricsView(APIView):
         return HttpResponse(lifecycle.metrics_text(), content_type=CONTENT_TYPE_LATEST)
 
 
-class ExecutionListView(APIView):
-    """``GET/POST workflow-executions/``."""
-
-    @extend_schema(
-        operation_id="workflow_executions_list",
-        parameters=[
-            ORG_PARAMETER,
-            REQUEST_ID_PARAMETER,
-            OpenApiParameter(
-                "status", OpenApiTypes.STR, enum=ExecutionStatus.values, required=False
-            ),
-            OpenApiParameter("workflow_id", OpenApiTypes.STR, required=False),
-            OpenApiParameter(
-                "limit", OpenApiTypes.INT, required=False, description=f"1 to {MAX_PAGE}"
-            ),
-            OpenApiParameter("cursor", OpenApiTypes.STR, required=False),
-        ],
-        responses={200: ExecutionPageSerializer, **_errors(*SCOPED)},
-    )
-    def get(self, request: Request) -> Response:
-        """List the organization's executions, newest first, a page at a time."""
-        org_id = require_organization(request)
-        rows = WorkflowExecution.objects.filter(organization_id=org_id)
-        status = request.query_params.get("status")
-        if status is not None:
-            if status not in ExecutionStatus.values:
-                raise APIError(
-                    400,
-                    "validation_error",
-                    f'status: "{printable(status)}" is not a valid status; '
-                    f"allowed: {STATUS_VALUES}",
-                )
-            rows = rows.filter(status=status)
-        workflow_id = request.query_params.get("workflow_id")
-        if workflow_id is not None:
-            rows = rows.filter(workflow_id=workflow_id)
-        items, next_cursor = _page(request, rows)
-        return Response(
-            {"results": ExecutionSerializer(items, many=True).data, "next_cursor": next_cursor}
-        )
-
-    @extend_schema(
-        operation_id="workflow_executions_create",
-        parameters=[ORG_PARAMETER, IDEMPOTENCY_PARAMETER, REQUEST_ID_PARAMETER],
-        request=ExecutionCreateSerializer,
-        responses={201: ExecutionSerializer, **_errors(*WRITE)},
-    )
-    def post(self, request: Request) -> Response:
-        """Create an execution in status PENDING; with ``dispatch``, also its outbox row in
-        the same transaction, published after the commit (then QUEUED)."""
-        org_id = require_organization(request)
-        data = _validated(ExecutionCreateSerializer, request.data)
-        dispatch = data.pop("dispatch", None)
-        if dispatch is None:
-            execution = WorkflowExecution.objects.create(organization_id=org_id, **data)
-            return Response(ExecutionSerializer(execution).data, status=201)
-        published: list[WorkflowExecution] = []
-        with transaction.atomic():
-            execution = WorkflowExecution.objects.create(
-                organization_id=org_id,
-                dispatch_task=dispatch["task"],
-                dispatch_queue=dispatch["queue"],
-                **data,
-            )
-            row = Dispatch.objects.create(
-                execution=execution,
-                task=dispatch["task"],
-                queue=dispatch["queue"],
-                reason=DispatchReason.CREATED,
-            )
-            publish_after_commit(row, published)
-        return Response(ExecutionSerializer(published[-1] if published else execution).data, 201)
-
-
-class ExecutionDetailView(APIView):
-    """``GET/PATCH/DELETE workflow-executions/{id}/``."""
-
-    @extend_schema(
-        operation_id="workflow_executions_read",
-        parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER],
-        responses={200: ExecutionSerializer, **_errors(*SCOPED)},
-    )
-    def get(self, request: Request, pk: uuid.UUID) -> Response:
-        """Read one execution."""
-        org_id = require_organization(request)
-        return Response(ExecutionSerializer(read(org_id, pk)).data)
-
-    @extend_schema(
-        operation_id="workflow_executions_update",
-        parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER, EPOCH_PARAMETER],
-        request=ExecutionUpdateSerializer,
-        responses={200: ExecutionSerializer, **_errors(*WRITE)},
-    )
-    def patch(self, request: Request, pk: uuid.UUID) -> Response:
-        """Update result, file counts, task id or pipeline id (never the status)."""
-        org_id = require_organization(request)
-        epoch = lease_epoch(request)
-        data = _validated(ExecutionUpdateSerializer, request.data)
-        if data:
-            execution = update_fields(org_id, pk, data, epoch=epoch)
-        else:
-            execution = read(org_id, pk)
-            check_fence(execution, epoch)
-        return Response(ExecutionSerializer(execution).data)
-
-    @extend_schema(
-        operation_id="workflow_executions_delete",
-        parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER],
-        responses={204: None, **_errors(*SCOPED)},
-    )
-    def delete(self, request: Request, pk: uuid.UUID) -> Response:
-        """Delete one execution (its webhook deliveries stay, unlinked)."""
-        org_id = require_organization(request)
-        deleted = WorkflowExecution.objects.filter(pk=pk, organization_id=org_id).delete()[0]
-        if not deleted:
-            raise APIError(404, "not_found", "no such workflow execution")
-        return Response(status=204)
-
-
 class ExecutionStatusView(APIView):
     """``POST workflow-executions/{id}/status/``: one atomic status transition."""
 
@@ -396,14 +168,14 @@ class ExecutionStatusView(APIView):
         operation_id="workflow_executions_status",
         parameters=[ORG_PARAMETER, IDEMPOTENCY_PARAMETER, REQUEST_ID_PARAMETER, EPOCH_PARAMETER],
         request=StatusUpdateSerializer,
-        responses={200: ExecutionSerializer, **_errors(*WRITE)},
+        responses={200: ExecutionSerializer, **errors(*WRITE)},
     )
     def post(self, request: Request, pk: uuid.UUID) -> Response:
         """Apply a transition (rules in ``models``); 409 ``illegal_transition`` if forbidden.
         A terminal status with its result and file counts is the finish, in one call."""
         org_id = require_organization(request)
         epoch = lease_epoch(request)
-        data = _validated(StatusUpdateSerializer, request.data)
+        data = validated(StatusUpdateSerializer, request.data)
         execution = apply_status(org_id, pk, data.pop("status"), epoch=epoch, **data)
         return Response(ExecutionSerializer(execution).data)
 
@@ -415,7 +187,7 @@ class ExecutionClaimView(APIView):
         operation_id="workflow_executions_claim",
         parameters=[ORG_PARAMETER, IDEMPOTENCY_PARAMETER, REQUEST_ID_PARAMETER],
         request=ClaimSerializer,
-        responses={200: ClaimResultSerializer, **_errors(*WRITE)},
+        responses={200: ClaimResultSerializer, **errors(*WRITE)},
     )
     def post(self, request: Request, pk: uuid.UUID) -> Response:
         """Claim: -> IN_PROGRESS under a new lease; 409 ``lease_held`` (``Retry-After``) or
@@ -423,7 +195,7 @@ class ExecutionClaimView(APIView):
         the webhook only. The worker that holds the lease gets it back unchanged (its claim
         retried), so a claim needs no ``Idempotency-Key``."""
         org_id = require_organization(request)
-        data = _validated(ClaimSerializer, request.data)
+        data = validated(ClaimSerializer, request.data)
         dispatch = data.get("dispatch") or {}
         granted = claim(
             org_id,
@@ -448,12 +220,12 @@ class ExecutionHeartbeatView(APIView):
         operation_id="workflow_executions_heartbeat",
         parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER],
         request=HeartbeatSerializer,
-        responses={200: HeartbeatResultSerializer, **_errors(*WRITE)},
+        responses={200: HeartbeatResultSerializer, **errors(*WRITE)},
     )
     def post(self, request: Request, pk: uuid.UUID) -> Response:
         """Extend lease ``epoch``; 409 ``lease_lost`` when it is no longer current and live."""
         org_id = require_organization(request)
-        data = _validated(HeartbeatSerializer, request.data)
+        data = validated(HeartbeatSerializer, request.data)
         execution = heartbeat(org_id, pk, data["epoch"], data.get("lease_seconds"))
         return Response(
             {
@@ -473,12 +245,12 @@ class ExecutionReleaseView(APIView):
         operation_id="workflow_executions_release",
         parameters=[ORG_PARAMETER, IDEMPOTENCY_PARAMETER, REQUEST_ID_PARAMETER],
         request=ReleaseSerializer,
-        responses={200: ExecutionSerializer, **_errors(*WRITE)},
+        responses={200: ExecutionSerializer, **errors(*WRITE)},
     )
     def post(self, request: Request, pk: uuid.UUID) -> Response:
         """Release lease ``epoch``; due for dispatch again after ``retry_in`` seconds."""
         org_id = require_organization(request)
-        data = _validated(ReleaseSerializer, request.data)
+        data = validated(ReleaseSerializer, request.data)
         execution = release(org_id, pk, data["epoch"], data["retry_in"])
         return Response(ExecutionSerializer(execution).data)
 
@@ -489,7 +261,7 @@ class ExecutionEventsView(APIView):
     @extend_schema(
         operation_id="workflow_executions_events",
         parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER],
-        responses={200: EventListSerializer, **_errors(*SCOPED)},
+        responses={200: EventListSerializer, **errors(*SCOPED)},
     )
     def get(self, request: Request, pk: uuid.UUID) -> Response:
         """Every status change of the execution."""
@@ -514,107 +286,6 @@ class ExecutionEventsView(APIView):
         )
 
 
-class DeliveryListView(APIView):
-    """``GET/POST webhook-deliveries/``."""
-
-    @extend_schema(
-        operation_id="webhook_deliveries_list",
-        parameters=[
-            ORG_PARAMETER,
-            REQUEST_ID_PARAMETER,
-            OpenApiParameter("execution_id", OpenApiTypes.UUID, required=False),
-            OpenApiParameter(
-                "limit", OpenApiTypes.INT, required=False, description=f"1 to {MAX_PAGE}"
-            ),
-            OpenApiParameter("cursor", OpenApiTypes.STR, required=False),
-        ],
-        responses={200: DeliveryPageSerializer, **_errors(*SCOPED)},
-    )
-    def get(self, request: Request) -> Response:
-        """List the organization's deliveries (optionally of one execution), newest first."""
-        org_id = require_organization(request)
-        rows = WebhookDelivery.objects.filter(organization_id=org_id)
-        execution_id = request.query_params.get("execution_id")
-        if execution_id is not None:
-            if not UUID_TEXT.fullmatch(execution_id):
-                raise APIError(400, "validation_error", "execution_id: must be a UUID")
-            rows = rows.filter(execution_id=uuid.UUID(execution_id))
-        items, next_cursor = _page(request, rows)
-        return Response(
-            {
-                "results": WebhookDeliverySerializer(items, many=True).data,
-                "next_cursor": next_cursor,
-            }
-        )
-
-    @extend_schema(
-        operation_id="webhook_deliveries_create",
-        parameters=[ORG_PARAMETER, IDEMPOTENCY_PARAMETER, REQUEST_ID_PARAMETER, EPOCH_PARAMETER],
-        request=WebhookDeliveryCreateSerializer,
-        responses={
-            200: OpenApiResponse(
-                WebhookDeliverySerializer, "this webhook_id was already recorded delivered"
-            ),
-            201: WebhookDeliverySerializer,
-            **_errors(*WRITE),
-        },
-    )
-    def post(self, request: Request) -> Response:
-        """Record one delivery; ``execution_id`` must be one of the organization's. A
-        ``delivered`` record of a ``webhook_id`` is stored once (the webhook is then no
-        longer due); recording it again answers 200 with the stored record."""
-        org_id = require_organization(request)
-        epoch = lease_epoch(request)
-        data = _validated(WebhookDeliveryCreateSerializer, request.data)
-        execution_id = data.get("execution_id")
-        if epoch is not None and execution_id is None:
-            raise APIError(400, "validation_error", f"{EPOCH_HEADER}: only with an execution_id")
-        webhook_id = data["webhook_id"]
-        once = bool(webhook_id) and data["outcome"] == DeliveryOutcome.DELIVERED
-        with transaction.atomic():
-            due_id = ""
-            if execution_id is not None:
-                found = (
-                    WorkflowExecution.objects.select_for_update()
-                    .filter(pk=execution_id, organization_id=org_id)
-                    .values_list("lease_epoch", "webhook_id")
-                    .first()
-                )
-                if found is None:
-                    raise APIError(
-                        400, "validation_error", "execution_id: no such workflow execution"
-                    )
-                current_epoch, due_id = found
-                if epoch is not None and epoch != current_epoch:
-                    raise superseded(epoch)
-            ours = bool(webhook_id) and webhook_id == due_id
-            if once:
-                existing = _delivered(webhook_id, org_id)
-                if existing is not None:
-                    # The first record may not have named this execution: it is delivered.
-                    if ours:
-                        _mark_delivered(execution_id, existing)
-                    return Response(WebhookDeliverySerializer(existing).data)
-            try:
-                with transaction.atomic():
-                    delivery = WebhookDelivery.objects.create(organization_id=org_id, **data)
-            except IntegrityError:  # recorded by a concurrent request meanwhile
-                existing = _delivered(webhook_id, org_id) if once else None
-                if existing is None:
-                    raise
-                return Response(WebhookDeliverySerializer(existing).data)
-            if ours and once:
-                _mark_delivered(execution_id, delivery)
-            elif ours and data["outcome"] == DeliveryOutcome.BLOCKED:
-                # Refused by the worker's guard: it never will be delivered; no more hand-outs.
-                WorkflowExecution.objects.filter(
-                    pk=execution_id,
-                    webhook_delivered_at__isnull=True,
-                    webhook_failed_at__isnull=True,
-                ).update(webhook_failed_at=delivery.created_at)
-        return Response(WebhookDeliverySerializer(delivery).data, status=201)
-
-
 def _mark_delivered(execution_id: Any, delivery: WebhookDelivery) -> None:
     """The execution's due webhook is delivered (``delivery`` recorded it)."""
     WorkflowExecution.objects.filter(pk=execution_id, webhook_delivered_at__isnull=True).update(
@@ -632,18 +303,187 @@ def _delivered(webhook_id: str, org_id: str) -> WebhookDelivery | None:
     return existing
 
 
-class DeliveryDetailView(APIView):
-    """``GET webhook-deliveries/{id}/``."""
+def record_delivery(
+    resource: Resource, org_id: str, request: Request, data: dict[str, Any]
+) -> tuple[WebhookDelivery, int]:
+    """Record one delivery (``POST webhook-deliveries/``); ``execution_id`` must be one of
+    the organization's. A ``delivered`` record of a ``webhook_id`` is stored once (the webhook
+    is then no longer due); recording it again answers 200 with the stored record."""
+    epoch = lease_epoch(request)
+    execution_id = data.get("execution_id")
+    if epoch is not None and execution_id is None:
+        raise APIError(400, "validation_error", f"{EPOCH_HEADER}: only with an execution_id")
+    webhook_id = data["webhook_id"]
+    once = bool(webhook_id) and data["outcome"] == DeliveryOutcome.DELIVERED
+    with transaction.atomic():
+        due_id = ""
+        if execution_id is not None:
+            found = (
+                WorkflowExecution.objects.select_for_update()
+                .filter(pk=execution_id, organization_id=org_id)
+                .values_list("lease_epoch", "webhook_id")
+                .first()
+            )
+            if found is None:
+                raise APIError(400, "validation_error", "execution_id: no such workflow execution")
+            current_epoch, due_id = found
+            if epoch is not None and epoch != current_epoch:
+                raise superseded(epoch)
+        ours = bool(webhook_id) and webhook_id == due_id
+        if once:
+            existing = _delivered(webhook_id, org_id)
+            if existing is not None:
+                # The first record may not have named this execution: it is delivered.
+                if ours:
+                    _mark_delivered(execution_id, existing)
+                return existing, 200
+        try:
+            with transaction.atomic():
+                delivery = WebhookDelivery.objects.create(organization_id=org_id, **data)
+        except IntegrityError:  # recorded by a concurrent request meanwhile
+            existing = _delivered(webhook_id, org_id) if once else None
+            if existing is None:
+                raise
+            return existing, 200
+        if ours and once:
+            _mark_delivered(execution_id, delivery)
+        elif ours and data["outcome"] == DeliveryOutcome.BLOCKED:
+            # Refused by the worker's guard: it never will be delivered; no more hand-outs.
+            WorkflowExecution.objects.filter(
+                pk=execution_id,
+                webhook_delivered_at__isnull=True,
+                webhook_failed_at__isnull=True,
+            ).update(webhook_failed_at=delivery.created_at)
+    return delivery, 201
 
-    @extend_schema(
-        operation_id="webhook_deliveries_read",
-        parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER],
-        responses={200: WebhookDeliverySerializer, **_errors(*SCOPED)},
+
+def create_execution(
+    resource: Resource, org_id: str, request: Request, data: dict[str, Any]
+) -> tuple[WorkflowExecution, int]:
+    """Create an execution in status PENDING (``POST workflow-executions/``); with
+    ``dispatch``, also its outbox row in the same transaction, published after the commit
+    (then QUEUED)."""
+    dispatch = data.pop("dispatch", None)
+    if dispatch is None:
+        return WorkflowExecution.objects.create(organization_id=org_id, **data), 201
+    published: list[WorkflowExecution] = []
+    with transaction.atomic():
+        execution = WorkflowExecution.objects.create(
+            organization_id=org_id,
+            dispatch_task=dispatch["task"],
+            dispatch_queue=dispatch["queue"],
+            **data,
+        )
+        row = Dispatch.objects.create(
+            execution=execution,
+            task=dispatch["task"],
+            queue=dispatch["queue"],
+            reason=DispatchReason.CREATED,
+        )
+        publish_after_commit(row, published)
+    return (published[-1] if published else execution), 201
+
+
+def update_execution(
+    resource: Resource, org_id: str, request: Request, pk: Any, data: dict[str, Any]
+) -> WorkflowExecution:
+    """Update result, file counts, task id or pipeline id (``PATCH workflow-executions/{id}/``,
+    never the status) in one conditional UPDATE, fenced by ``X-Lease-Epoch``; with
+    ``If-Match``, under the row's lock after checking the version."""
+    epoch = lease_epoch(request)
+    if "If-Match" not in request.headers:
+        return _update_fields(org_id, pk, data, epoch)
+    with transaction.atomic():
+        resource.check_if_match(request, resource.locked(org_id, pk))
+        return _update_fields(org_id, pk, data, epoch)
+
+
+def _update_fields(
+    org_id: str, pk: Any, data: dict[str, Any], epoch: int | None
+) -> WorkflowExecution:
+    if data:
+        return update_fields(org_id, pk, data, epoch=epoch)
+    execution = read(org_id, pk)
+    check_fence(execution, epoch)
+    return execution
+
+
+def count_files(org_id: str, files: list[Any]) -> None:
+    """The file counts of the executions of ``files`` follow from their files, in the
+    write's transaction: ``total_files`` counts every file (any status, SKIPPED included),
+    ``successful_files`` the COMPLETED ones, ``failed_files`` the ERROR ones."""
+    execution_ids = {file.execution_id for file in files}
+    if not execution_ids:
+        return
+
+    def counted(**status: str) -> Coalesce:
+        rows = (
+            FileExecution.objects.filter(execution_id=OuterRef("pk"), **status)
+            .order_by()
+            .values("execution_id")
+            .annotate(n=Count("pk"))
+            .values("n")
+        )
+        return Coalesce(Subquery(rows), 0)
+
+    # The executions are locked already (``Reference.lock``), so this statement's snapshot
+    # has the files of every transaction that held them before: under READ COMMITTED an
+    # UPDATE that waited for the lock itself would count from its older snapshot instead.
+    WorkflowExecution.objects.filter(pk__in=execution_ids, organization_id=org_id).update(
+        total_files=counted(),
+        successful_files=counted(status=FileStatus.COMPLETED),
+        failed_files=counted(status=FileStatus.ERROR),
+        modified_at=timezone.now(),
     )
-    def get(self, request: Request, pk: uuid.UUID) -> Response:
-        """Read one delivery."""
-        org_id = require_organization(request)
-        delivery = WebhookDelivery.objects.filter(pk=pk, organization_id=org_id).first()
-        if delivery is None:
-            raise APIError(404, "not_found", "no such webhook delivery")
-        return Response(WebhookDeliverySerializer(delivery).data)
+
+
+WORKFLOW_EXECUTIONS = Resource(
+    name="workflow-executions",
+    model=WorkflowExecution,
+    serializer=ExecutionSerializer,
+    label="workflow execution",
+    create_serializer=ExecutionCreateSerializer,
+    update_serializer=ExecutionUpdateSerializer,
+    filters={
+        "status": Filter("choice", choices=tuple(ExecutionStatus.values)),
+        "workflow_id": Filter(),
+    },
+    create=create_execution,
+    update=update_execution,
+    update_parameters=(EPOCH_PARAMETER,),
+)
+WEBHOOK_DELIVERIES = Resource(
+    name="webhook-deliveries",
+    model=WebhookDelivery,
+    serializer=WebhookDeliverySerializer,
+    label="webhook delivery",
+    create_serializer=WebhookDeliveryCreateSerializer,
+    operations=frozenset({"list", "create", "read"}),
+    filters={"execution_id": Filter("uuid")},
+    create=record_delivery,
+    version_field="created_at",  # a delivery record never changes
+    create_parameters=(EPOCH_PARAMETER,),
+    create_responses={
+        200: OpenApiResponse(
+            WebhookDeliverySerializer, "this webhook_id was already recorded delivered"
+        ),
+        201: WebhookDeliverySerializer,
+    },
+)
+FILE_EXECUTIONS = Resource(
+    name="file-executions",
+    model=FileExecution,
+    serializer=FileExecutionSerializer,
+    label="file execution",
+    create_serializer=FileExecutionCreateSerializer,
+    update_serializer=FileExecutionUpdateSerializer,
+    filters={
+        "execution_id": Filter("uuid"),
+        "status": Filter("choice", choices=tuple(FileStatus.values)),
+    },
+    references={"execution_id": Reference(WorkflowExecution, "workflow execution", lock=True)},
+    transitions=Transitions("status", FILE_ALLOWED_SOURCES),
+    batch=True,
+    after_write=count_files,
+    version_field="modified_at",
+)

@@ -664,6 +664,9 @@ def test_schema_describes_every_endpoint(api: Api) -> None:
         "/internal/v1/workflow-executions/{id}/events/",
         "/internal/v1/webhook-deliveries/",
         "/internal/v1/webhook-deliveries/{id}/",
+        "/internal/v1/file-executions/",
+        "/internal/v1/file-executions/batch/",
+        "/internal/v1/file-executions/{id}/",
     }
     assert error_of(api.call("GET", "schema/", headers={})) == (401, "authentication_required")
 

@@ -1,5 +1,6 @@
-"""``test_api.py``, ``test_hostile.py`` and ``test_lifecycle_api.py`` again, on PostgreSQL: a
-separate pytest session with its own database.
+"""``test_api.py``, ``test_hostile.py``, ``test_lifecycle_api.py``, ``test_resources.py`` and
+``test_hostile_resources.py`` again, on PostgreSQL: a separate pytest session with its own
+database.
 
 pytest-django builds one test database per session from the settings, so the PostgreSQL run
 is a child session with ``BACKEND_TEST_DATABASE_URL`` naming a database nobody else uses
@@ -38,6 +39,7 @@ def test_api_suite_passes_on_postgresql() -> None:
         [
             sys.executable, "-m", "pytest", "tests/backend/test_api.py",
             "tests/backend/test_hostile.py", "tests/backend/test_lifecycle_api.py",
+            "tests/backend/test_resources.py", "tests/backend/test_hostile_resources.py",
             "-q", "-p", "no:cacheprovider", "--create-db",
         ],
         cwd=REPO_ROOT,

@@ -10,16 +10,18 @@ What no schema can state is given to schemathesis in its configuration (``CONFIG
 ``cursor`` is one this API returned (a made-up one is 400 ``invalid_cursor``), so the run sends
 none; 422 is this API's answer to an ``Idempotency-Key`` reused with another body (the
 generator repeats keys), so it counts as accepted; a delivery's ``execution_id`` must name an
-existing execution of the organization (400 otherwise), so for ``POST webhook-deliveries/``
-a 400 counts as accepted too. The organization header is a fixed parameter, not a ``-H``
-header: schemathesis would otherwise generate a bad one, send ours instead and report the
-accepted request as a schema violation. PATCH's ``result`` is any JSON without NUL in its
-strings and field names: OpenAPI 3.0 has no ``propertyNames`` to say so (the document's
-description does), so the run generates no NUL for PATCH. The stateful phase does not run
-the negative-data check: there schemathesis (4.32) reports valid requests as
+existing execution of the organization (400 otherwise), so for ``POST webhook-deliveries/`` a
+400 counts as accepted too, and so for ``POST file-executions/`` and its ``batch/`` (an item's
+``execution_id`` or ``id`` must name an existing object). A generated ``If-Match`` is a stale
+version: 412 counts as accepted (and as a refusal). The organization header is a fixed
+parameter, not a ``-H`` header: schemathesis would otherwise generate a bad one, send ours
+instead and report the accepted request as a schema violation. PATCH's ``result`` is any JSON
+without NUL in its strings and field names: OpenAPI 3.0 has no ``propertyNames`` to say so (the
+document's description does), so the run generates no NUL for PATCH. The stateful phase does
+not run the negative-data check: there schemathesis (4.32) reports valid requests as
 "Schema-violating request accepted", its own message saying "Invalid component: positive test
-case"; the coverage and fuzzing phases run it, where gunicorn's 414 and 431 (a generated
-query too long for its request line) count as refusals.
+case"; the coverage and fuzzing phases run it, where gunicorn's 414 and 431 (a generated query
+too long for its request line) count as refusals.
 """
 
 from __future__ import annotations
@@ -55,11 +57,11 @@ CONFIG = """
 "header.X-Organization-ID" = "{org_id}"
 
 [checks.positive_data_acceptance]
-expected-statuses = ["2XX", "3XX", "401", "403", "404", "409", "422", "429", "5XX"]
+expected-statuses = ["2XX", "3XX", "401", "403", "404", "409", "412", "422", "429", "5XX"]
 
 [checks.negative_data_rejection]
-expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "414", "415", "422",
-    "428", "429", "431", "5XX"]
+expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "412", "413", "414", "415",
+    "422", "428", "429", "431", "5XX"]
 
 [[operations]]
 include-method = "PATCH"
@@ -67,6 +69,13 @@ generation.allow-x00 = false
 
 [[operations]]
 include-path-regex = "/webhook-deliveries/$"
+include-method = "POST"
+checks.positive_data_acceptance.expected-statuses = [
+    "2XX", "3XX", "400", "401", "403", "404", "409", "422", "429", "5XX"
+]
+
+[[operations]]
+include-path-regex = "/file-executions/(batch/)?$"
 include-method = "POST"
 checks.positive_data_acceptance.expected-statuses = [
     "2XX", "3XX", "400", "401", "403", "404", "409", "422", "429", "5XX"
@@ -138,8 +147,11 @@ def test_the_document_states_the_bounds_the_server_checks(api: Api) -> None:
         assert (key["minLength"], key["maxLength"]) == (1, 255)
     components = document["components"]["schemas"]
     requests = [name for name in components if name.endswith("Request")]
-    assert len(requests) == 8  # 4 of the contract's start, 4 of the lifecycle (dispatch too)
-    assert all(components[name]["additionalProperties"] is False for name in requests)
+    # 4 of the contract's start, 4 of the lifecycle (dispatch too), 5 of file executions
+    # (create, update, batch, a batch item: one of create or batch update).
+    assert len(requests) == 13
+    objects = [name for name in requests if "oneOf" not in components[name]]
+    assert all(components[name]["additionalProperties"] is False for name in objects)
     url = components["WebhookDeliveryCreateRequest"]["properties"]["url"]
     assert (url["format"], url["maxLength"]) == ("uri", 2048)
     for path, method in [

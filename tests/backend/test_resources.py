@@ -1,0 +1,368 @@
+"""Declared resources (``backend.internal_api.resources``) through Django's test client: file
+executions and their batches, the execution's file counts, versions (ETag, 304, 412) on
+every declared resource and on workflow executions.
+
+Runs on SQLite here and on PostgreSQL through ``test_api_postgres.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+
+from backend.internal_api.models import FileExecution, WorkflowExecution
+from tests.backend.conftest import Api
+
+pytestmark = pytest.mark.django_db
+
+
+def error_of(response: Any) -> tuple[int, str]:
+    """Status and error code of an error answer, after checking the error shape."""
+    body = response.json()
+    assert set(body) == {"error", "detail"}, body
+    return response.status_code, body["error"]
+
+
+def execution(api: Api, **fields: Any) -> str:
+    response = api.call("POST", "workflow-executions/", {"workflow_id": "wf", **fields})
+    assert response.status_code == 201, response.content
+    return str(response.json()["id"])
+
+
+def add_file(api: Api, execution_id: str, **fields: Any) -> dict[str, Any]:
+    body = {"execution_id": execution_id, "file_name": "a.pdf", **fields}
+    response = api.call("POST", "file-executions/", body)
+    assert response.status_code == 201, response.content
+    return dict(response.json())
+
+
+def counts(api: Api, execution_id: str) -> tuple[int, int, int]:
+    found = api.call("GET", f"workflow-executions/{execution_id}/").json()
+    return found["total_files"], found["successful_files"], found["failed_files"]
+
+
+def batch(api: Api, items: Any, **headers: str) -> Any:
+    return api.call(
+        "POST", "file-executions/batch/", {"items": items}, headers={**api.headers(), **headers}
+    )
+
+
+def stored(api: Api) -> Any:
+    """The organization's files and executions as stored (to prove nothing was written)."""
+    files = list(FileExecution.objects.filter(organization_id=api.org_id).order_by("pk").values())
+    executions = WorkflowExecution.objects.filter(organization_id=api.org_id).order_by("pk")
+    return files, list(executions.values())
+
+
+# --- file executions, one at a time ----------------------------------------------------------
+
+
+def test_create_read_update_delete_and_the_counts_follow(api: Api) -> None:
+    eid = execution(api, total_files=9)
+    created = add_file(api, eid, file_hash="h1", result={"pages": 3})
+    assert created["status"] == "PENDING" and created["organization_id"] == api.org_id
+    assert (created["execution_id"], created["file_hash"]) == (eid, "h1")
+    assert counts(api, eid) == (1, 0, 0)  # total_files follows the files, whatever was declared
+    other = add_file(api, eid, file_name="b.pdf", status="ERROR", error_message="bad")
+    assert counts(api, eid) == (2, 0, 1)
+    read = api.call("GET", f"file-executions/{created['id']}/")
+    assert read.status_code == 200 and read.json() == created
+    patched = api.call(
+        "PATCH", f"file-executions/{created['id']}/", {"status": "COMPLETED", "execution_time": 1.5}
+    )
+    assert patched.status_code == 200, patched.content
+    assert (patched.json()["status"], patched.json()["execution_time"]) == ("COMPLETED", 1.5)
+    assert counts(api, eid) == (2, 1, 1)
+    assert api.call("DELETE", f"file-executions/{other['id']}/").status_code == 204
+    assert counts(api, eid) == (1, 1, 0)
+    assert error_of(api.call("GET", f"file-executions/{other['id']}/")) == (404, "not_found")
+
+
+def test_status_moves_forward_only(api: Api) -> None:
+    eid = execution(api)
+    file_id = add_file(api, eid)["id"]
+    for status, code in [
+        ("IN_PROGRESS", 200),
+        ("IN_PROGRESS", 200),  # the status it has: a no-op
+        ("PENDING", 409),
+        ("SKIPPED", 200),
+        ("COMPLETED", 409),
+    ]:
+        response = api.call("PATCH", f"file-executions/{file_id}/", {"status": status})
+        assert response.status_code == code, (status, response.content)
+        if code == 409:
+            assert error_of(response) == (409, "illegal_transition")
+
+
+def test_list_filters_and_cursor_pages(api: Api) -> None:
+    first, second = execution(api), execution(api)
+    ids = [add_file(api, first, file_name=f"f{i}")["id"] for i in range(5)]
+    add_file(api, second, status="COMPLETED")
+    page = api.call("GET", f"file-executions/?execution_id={first}&limit=2").json()
+    seen = [row["id"] for row in page["results"]]
+    while page["next_cursor"]:
+        cursor = page["next_cursor"]
+        page = api.call("GET", f"file-executions/?execution_id={first}&limit=2&cursor={cursor}")
+        page = page.json()
+        seen += [row["id"] for row in page["results"]]
+    assert seen == ids[::-1]
+    completed = api.call("GET", "file-executions/?status=COMPLETED").json()["results"]
+    assert [row["execution_id"] for row in completed] == [second]
+    for query in ("status=DONE", "execution_id=nope", "limit=501", "cursor=xyz"):
+        response = api.call("GET", f"file-executions/?{query}")
+        assert response.status_code == 400, query
+        assert response.json()["detail"].startswith(query.split("=")[0]), response.json()
+
+
+def test_scoping_fails_closed(api: Api, make_org: Any) -> None:
+    eid = execution(api)
+    file_id = add_file(api, eid)["id"]
+    other = make_org()
+    before = stored(api)
+    for method, path, body in [
+        ("GET", f"file-executions/{file_id}/", None),
+        ("PATCH", f"file-executions/{file_id}/", {"status": "ERROR"}),
+        ("DELETE", f"file-executions/{file_id}/", None),
+    ]:
+        assert error_of(api.call(method, path, body, org_id=other)) == (404, "not_found")
+    assert api.call("GET", "file-executions/", org_id=other).json()["results"] == []
+    # Another organization's execution named in a create or a batch item: 400, nothing written.
+    response = api.call(
+        "POST", "file-executions/", {"execution_id": eid, "file_name": "x"}, org_id=other
+    )
+    assert error_of(response) == (400, "validation_error")
+    assert response.json()["detail"] == "execution_id: no such workflow execution"
+    response = api.call(
+        "POST",
+        "file-executions/batch/",
+        {"items": [{"id": file_id, "status": "ERROR"}]},
+        org_id=other,
+    )
+    assert error_of(response) == (400, "validation_error")
+    assert response.json()["detail"] == "items[0].id: no such file execution"
+    assert stored(api) == before
+    headers = {"Authorization": f"Bearer {api.api_key}"}
+    for method, path, body in [
+        ("GET", "file-executions/", None),
+        ("POST", "file-executions/batch/", {"items": []}),
+    ]:
+        response = api.call(method, path, body, headers=headers)
+        assert error_of(response) == (400, "organization_required")
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+
+def test_a_batch_creates_and_updates_in_item_order_and_the_counts_follow(api: Api) -> None:
+    eid = execution(api)
+    items = [{"execution_id": eid, "file_name": f"f{i}"} for i in range(4)]
+    created = batch(api, items)
+    assert created.status_code == 200, created.content
+    files = created.json()["results"]
+    assert [f["file_name"] for f in files] == ["f0", "f1", "f2", "f3"]
+    assert counts(api, eid) == (4, 0, 0)
+    updates = [
+        {"id": files[0]["id"], "status": "COMPLETED", "result": {"ok": True}},
+        {"id": files[1]["id"], "status": "ERROR", "error_message": "boom"},
+        {"id": files[2]["id"], "status": "SKIPPED"},
+        {"execution_id": eid, "file_name": "late", "status": "COMPLETED"},
+    ]
+    answer = batch(api, updates).json()["results"]
+    assert [f["status"] for f in answer] == ["COMPLETED", "ERROR", "SKIPPED", "COMPLETED"]
+    assert answer[0]["result"] == {"ok": True} and answer[1]["error_message"] == "boom"
+    assert answer[0]["modified_at"] > files[0]["modified_at"]
+    assert counts(api, eid) == (5, 2, 1)
+    for row in answer:
+        assert api.call("GET", f"file-executions/{row['id']}/").json() == row
+
+
+def test_one_bad_item_writes_nothing_and_is_named(api: Api, make_org: Any) -> None:
+    eid = execution(api)
+    file_id = add_file(api, eid)["id"]
+    theirs = make_org()
+    their_execution = Api(api.client, api.api_key, theirs)
+    foreign = execution(their_execution)
+    good = {"execution_id": eid, "file_name": "ok"}
+    cases: list[tuple[Any, int, str]] = [
+        ([good, {"execution_id": eid}], 400, "items[1].file_name: "),
+        ([good, {"execution_id": eid, "file_name": "x", "status": "DONE"}], 400, "items[1].status"),
+        ([good, good, {"id": file_id, "execution_id": eid}], 400, "items[2].execution_id: "),
+        ([good, {"id": "nope", "status": "ERROR"}], 400, "items[1].id: must be a UUID"),
+        ([good, {"id": str(uuid.uuid4())}], 400, "items[1].id: no such file execution"),
+        (
+            [good, {"execution_id": foreign, "file_name": "x"}],
+            400,
+            "items[1].execution_id: no such",
+        ),
+        ([good, "x"], 400, "items[1]: must be an object"),
+        ([good, {"execution_id": eid, "file_name": "x", "size": 1}], 400, "items[1].size: "),
+        (
+            [{"id": file_id, "status": "COMPLETED"}, {"id": file_id, "status": "PENDING"}],
+            409,
+            "items[1].status: cannot change status from COMPLETED to PENDING",
+        ),
+        ([good] * 501, 400, "items: "),
+        ("not a list", 400, "items: "),
+        ({"0": good}, 400, "items: "),
+        (None, 400, "items: "),
+    ]
+    before = stored(api)
+    for items, code, detail in cases:
+        response = batch(api, items)
+        assert response.status_code == code, (items, response.content)
+        assert response.json()["detail"].startswith(detail), response.json()
+        assert stored(api) == before, detail
+    for body in ({}, {"items": [], "more": 1}, [good]):
+        response = api.call("POST", "file-executions/batch/", body)
+        assert error_of(response) == (400, "validation_error"), body
+    assert stored(api) == before
+    assert counts(api, eid) == (1, 0, 0)
+
+
+def test_a_batch_of_500_is_one_transaction(api: Api) -> None:
+    eid = execution(api)
+    items = [{"execution_id": eid, "file_name": f"f{i}", "file_hash": "h" * 64} for i in range(500)]
+    response = batch(api, items)
+    assert response.status_code == 200 and len(response.json()["results"]) == 500
+    ids = [row["id"] for row in response.json()["results"]]
+    updates = [{"id": i, "status": "COMPLETED" if n % 2 else "ERROR"} for n, i in enumerate(ids)]
+    assert batch(api, updates).status_code == 200
+    assert counts(api, eid) == (500, 250, 250)
+
+
+def test_a_batch_is_idempotent_with_its_key(api: Api) -> None:
+    eid = execution(api)
+    items = [{"execution_id": eid, "file_name": "once"}]
+    first = batch(api, items, **{"Idempotency-Key": "batch-1"})
+    again = batch(api, items, **{"Idempotency-Key": "batch-1"})
+    assert first.status_code == again.status_code == 200
+    assert again["Idempotent-Replayed"] == "true" and again.json() == first.json()
+    assert counts(api, eid) == (1, 0, 0)
+    other = batch(api, [*items, *items], **{"Idempotency-Key": "batch-1"})
+    assert error_of(other) == (422, "idempotency_key_reused")
+
+
+# --- versions --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "file-executions/{file}/",
+        "file-executions/",
+        "file-executions/?execution_id={execution}",
+        "workflow-executions/{execution}/",
+        "webhook-deliveries/{delivery}/",
+        "webhook-deliveries/",
+    ],
+)
+def test_every_read_has_an_etag_and_a_current_copy_costs_a_304(api: Api, path: str) -> None:
+    eid = execution(api)
+    file_id = add_file(api, eid)["id"]
+    delivery = api.call(
+        "POST", "webhook-deliveries/", {"url": "https://r.example/h", "outcome": "failed"}
+    ).json()
+    url = path.format(file=file_id, execution=eid, delivery=delivery["id"])
+    first = api.call("GET", url)
+    etag = first["ETag"]
+    assert first.status_code == 200 and etag.startswith('"') and etag.endswith('"')
+    for presented in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+        cached = api.call("GET", url, headers={**api.headers(), "If-None-Match": presented})
+        assert (cached.status_code, cached.content, cached["ETag"]) == (304, b"", etag)
+    stale = api.call("GET", url, headers={**api.headers(), "If-None-Match": '"other"'})
+    assert stale.status_code == 200 and stale.json() == first.json()
+    if "file-executions" in url:
+        api.call("PATCH", f"file-executions/{file_id}/", {"status": "IN_PROGRESS"})
+        changed = api.call("GET", url, headers={**api.headers(), "If-None-Match": etag})
+        assert changed.status_code == 200 and changed["ETag"] != etag
+
+
+def test_a_stale_if_match_is_412_and_changes_nothing(api: Api) -> None:
+    eid = execution(api)
+    created = api.call("POST", "file-executions/", {"execution_id": eid, "file_name": "a"})
+    path = f"file-executions/{created.json()['id']}/"
+    etag = created["ETag"]
+    assert api.call("GET", path)["ETag"] == etag  # a create's ETag is the object's version
+    first = api.call(
+        "PATCH", path, {"status": "IN_PROGRESS"}, headers={**api.headers(), "If-Match": etag}
+    )
+    assert first.status_code == 200 and first["ETag"] != etag
+    before = stored(api)
+    for method, body in (("PATCH", {"status": "ERROR"}), ("DELETE", None)):
+        for presented in (etag, "", '"nope"', f"W/{first['ETag']}"):
+            stale = api.call(method, path, body, headers={**api.headers(), "If-Match": presented})
+            assert error_of(stale) == (412, "precondition_failed"), presented
+    assert stored(api) == before
+    fresh = {**api.headers(), "If-Match": f'"x", {first["ETag"]}'}
+    assert api.call("PATCH", path, {"status": "ERROR"}, headers=fresh).status_code == 200
+    anything = {**api.headers(), "If-Match": "*"}
+    assert api.call("DELETE", path, headers=anything).status_code == 204
+
+
+def test_workflow_executions_are_a_declared_resource_with_versions(api: Api) -> None:
+    eid = execution(api)
+    path = f"workflow-executions/{eid}/"
+    etag = api.call("GET", path)["ETag"]
+    listed = api.call("GET", "workflow-executions/?status=PENDING")
+    assert listed.status_code == 200 and [row["id"] for row in listed.json()["results"]] == [eid]
+    cached = api.call(
+        "GET", "workflow-executions/", headers={**api.headers(), "If-None-Match": listed["ETag"]}
+    )
+    assert cached.status_code == 304
+    first = api.call("PATCH", path, {"total_files": 2}, headers={**api.headers(), "If-Match": etag})
+    assert first.status_code == 200 and first["ETag"] != etag
+    assert first["ETag"] == api.call("GET", path)["ETag"]
+    stale = api.call("PATCH", path, {"total_files": 3}, headers={**api.headers(), "If-Match": etag})
+    assert error_of(stale) == (412, "precondition_failed")
+    assert error_of(api.call("DELETE", path, headers={**api.headers(), "If-Match": etag})) == (
+        412,
+        "precondition_failed",
+    )
+    assert counts(api, eid) == (2, 0, 0)
+    # The lease fence still applies under If-Match: a superseded epoch is 409, nothing changed.
+    claimed = api.call("POST", f"{path}claim/", {"worker": "w"}).json()
+    current = api.call("GET", path)["ETag"]
+    fenced = {
+        **api.headers(),
+        "If-Match": current,
+        "X-Lease-Epoch": str(claimed["lease"]["epoch"] + 1),
+    }
+    assert error_of(api.call("PATCH", path, {"total_files": 5}, headers=fenced)) == (
+        409,
+        "lease_lost",
+    )
+    assert (
+        api.call("DELETE", path, headers={**api.headers(), "If-Match": current}).status_code == 204
+    )
+
+
+def test_the_schema_lists_the_versions_headers(api: Api) -> None:
+    document = json.loads(api.call("GET", "schema/?format=json").content)
+    paths = document["paths"]
+
+    def names(path: str, method: str) -> set[str]:
+        return {p["name"] for p in paths[f"/internal/v1/{path}"][method]["parameters"]}
+
+    assert "If-Match" in names("file-executions/{id}/", "patch")
+    assert "If-None-Match" in names("file-executions/{id}/", "get")
+    assert "If-None-Match" in names("workflow-executions/{id}/", "get")
+    assert "412" in paths["/internal/v1/file-executions/{id}/"]["patch"]["responses"]
+    assert "304" in paths["/internal/v1/file-executions/"]["get"]["responses"]
+    batch_body = document["components"]["schemas"]["FileExecutionBatchRequest"]
+    assert batch_body["properties"]["items"]["maxItems"] == 500
+
+
+def test_a_write_is_never_answered_304(api: Api) -> None:
+    body = {
+        "url": "https://r.example/h",
+        "outcome": "delivered",
+        "webhook_id": "msg_" + "0" * 32,
+    }
+    headers = {**api.headers(), "If-None-Match": "*"}
+    first = api.call("POST", "webhook-deliveries/", body, headers=headers)
+    again = api.call("POST", "webhook-deliveries/", body, headers=headers)  # already recorded
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json() == first.json() and again["ETag"] == first["ETag"]

@@ -1,0 +1,127 @@
+"""Declared resources under real concurrency: a gunicorn backend (SQLite, and PostgreSQL where
+transactions really run at once), requests racing from threads over HTTP.
+
+Two workers updating one file execution (or one workflow execution) with the same
+``If-Match``: exactly one applies, the other gets 412 and re-reads. Concurrent batches of one
+execution: its file counts are those of its files afterwards (each batch recounts in its own
+transaction).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+from tests.live_backend import LiveBackend
+
+BACKENDS = ["live_backend", pytest.param("live_backend_pg", marks=pytest.mark.postgres)]
+ROUNDS = 5
+
+
+def call(
+    backend: LiveBackend, method: str, path: str, body: Any = None, **headers: str
+) -> tuple[int, Any, str]:
+    """One request; (status, parsed JSON body or None, ETag or "")."""
+    request = urllib.request.Request(
+        f"{backend.url}/internal/v1/{path}",
+        data=json.dumps(body).encode() if body is not None else None,
+        method=method,
+        headers={**backend.headers(), "Content-Type": "application/json", **headers},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None, response.headers["ETag"]
+    except urllib.error.HTTPError as error:
+        raw = error.read()
+        return error.code, json.loads(raw) if raw else None, error.headers.get("ETag", "")
+
+
+def race(backend: LiveBackend, requests: list[tuple[Any, ...]]) -> list[tuple[int, Any, str]]:
+    """Send the requests (``(method, path, body, headers)``) at once, one thread each."""
+    answers: list[Any] = [None] * len(requests)
+    barrier = threading.Barrier(len(requests))
+
+    def send(index: int) -> None:
+        method, path, body, headers = requests[index]
+        barrier.wait()
+        answers[index] = call(backend, method, path, body, **headers)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+def new_execution(backend: LiveBackend) -> str:
+    code, body, _ = call(backend, "POST", "workflow-executions/", {"workflow_id": "race"})
+    assert code == 201, body
+    return str(body["id"])
+
+
+@pytest.mark.parametrize("backend_fixture", BACKENDS)
+@pytest.mark.parametrize("resource", ["file-executions", "workflow-executions"])
+def test_of_two_updates_with_the_same_if_match_exactly_one_applies(
+    backend_fixture: str, resource: str, request: pytest.FixtureRequest
+) -> None:
+    backend: LiveBackend = request.getfixturevalue(backend_fixture)
+    execution_id = new_execution(backend)
+    for _ in range(ROUNDS):
+        if resource == "file-executions":
+            body = {"execution_id": execution_id, "file_name": "f"}
+            code, created, etag = call(backend, "POST", "file-executions/", body)
+            assert code == 201 and etag, created
+            path = f"file-executions/{created['id']}/"
+        else:
+            path = f"workflow-executions/{new_execution(backend)}/"
+            code, _, etag = call(backend, "GET", path)
+        updates = [
+            ("PATCH", path, {"result": {"by": worker}}, {"If-Match": etag})
+            for worker in ("a", "b")
+        ]
+        answers = race(backend, updates)
+        assert sorted(code for code, _, _ in answers) == [200, 412], answers
+        (winner,) = [body for code, body, _ in answers if code == 200]
+        (loser,) = [body for code, body, _ in answers if code == 412]
+        assert loser["error"] == "precondition_failed"
+        # The loser re-reads: it sees the winner's write, and its version is the one answered.
+        code, current, current_etag = call(backend, "GET", path)
+        assert current == winner and current["result"] in ({"by": "a"}, {"by": "b"})
+        code, _, _ = call(backend, "PATCH", path, {"result": None}, **{"If-Match": etag})
+        assert code == 412
+        code, _, _ = call(backend, "PATCH", path, {"result": None}, **{"If-Match": current_etag})
+        assert code == 200
+
+
+@pytest.mark.parametrize("backend_fixture", BACKENDS)
+def test_concurrent_batches_keep_the_execution_counts_true(
+    backend_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    backend: LiveBackend = request.getfixturevalue(backend_fixture)
+    execution_id = new_execution(backend)
+    batches = [
+        (
+            "POST",
+            "file-executions/batch/",
+            {
+                "items": [
+                    {"execution_id": execution_id, "file_name": f"{b}-{i}", "status": status}
+                    for i, status in enumerate(["COMPLETED", "ERROR", "SKIPPED", "PENDING"] * 5)
+                ]
+            },
+            {},
+        )
+        for b in range(4)
+    ]
+    answers = race(backend, batches)
+    assert [code for code, _, _ in answers] == [200] * 4, answers
+    _, execution, _ = call(backend, "GET", f"workflow-executions/{execution_id}/")
+    assert (execution["total_files"], execution["successful_files"]) == (80, 20)
+    assert execution["failed_files"] == 20
