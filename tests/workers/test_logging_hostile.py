@@ -209,3 +209,20 @@ def test_exc_info_names_only_the_exception_it_gives(log_file: tuple[str, Path], 
     else:
         assert ("Traceback" in text or f"{named}: given" in text) == (named is not None)
         assert ("KeyError" in text) == (named == "KeyError")
+
+
+def test_non_string_keys_read_the_same_whether_or_not_the_line_needed_rewriting(
+    log_file: tuple[str, Path],
+) -> None:
+    log_format, path = log_file
+    keys = {True: 1, False: 2, None: 3, 1.5: 4, 7: 5}
+    with _our_handler_only():
+        log = WorkerLogger.get_logger("hostile")
+        log.info("plain", m=keys)
+        log.info("rewritten", m=keys, ratio=float("nan"))  # NaN: the first encode fails
+    lines = _lines(log_format, path)
+    if log_format == "structured":
+        plain, rewritten = (_strict(line)["m"] for line in lines)
+        assert plain == rewritten == json.loads(json.dumps(keys))
+    else:
+        assert all(f"m={keys}" in line for line in lines) and len(lines) == 2

@@ -289,12 +289,20 @@ def _jsonable(value: Any, depth: int, seen: frozenset[int]) -> Any:
             return f"<{type(value).__name__} nested deeper than {_MAX_DEPTH}>"
         seen = seen | {id(value)}
         if isinstance(value, dict):
-            return {
-                (key if type(key) is str else _repr(key)): _jsonable(item, depth + 1, seen)
-                for key, item in value.items()
-            }
+            return {_json_key(key): _jsonable(item, depth + 1, seen) for key, item in value.items()}
         return [_jsonable(item, depth + 1, seen) for item in value]
     return _json_default(value)
+
+
+def _json_key(key: Any) -> str:
+    """A key as ``json`` writes it (``true``, ``null``, ``1.5``), any other as its ``repr``."""
+    if type(key) is str:
+        return key
+    if key is None or isinstance(key, bool):
+        return json.dumps(key)
+    if isinstance(key, int | float):
+        return str(_jsonable(key, 0, frozenset()))  # nan, a huge int's placeholder
+    return _repr(key)
 
 
 _ENCODER = json.JSONEncoder(default=_json_default, ensure_ascii=False, allow_nan=False)
