@@ -61,7 +61,9 @@ class RequestContextMiddleware:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         response = self.get_response(request)
         response[REQUEST_ID_HEADER] = request_id
-        if not response.streaming and not response.has_header("Content-Length"):
+        # A 304 must not state a length other than its 200's, a 204 has none (RFC 9110).
+        bodiless = response.status_code in (204, 304)
+        if not response.streaming and not bodiless and not response.has_header("Content-Length"):
             response["Content-Length"] = str(len(response.content))
         access_logger.info(
             "request",

@@ -12,11 +12,11 @@ from the one implementation here and in the middleware:
   ``organization_required``, 404 for an unknown organization) and every query scoped by it
   (another organization's object is a 404);
 - cursor lists, newest first (:func:`page`: ``limit`` 1 to 500, ``next_cursor``);
-- versions: every object GET, list and write answers an ``ETag`` (a hash of the body it
-  answers), ``If-None-Match`` gives 304, a write with a stale ``If-Match`` 412
-  ``precondition_failed``; the check and the write run under the row's lock
-  (``SELECT ... FOR UPDATE``; SQLite: the ``BEGIN IMMEDIATE`` write lock), so of two writers
-  with the same ``If-Match`` exactly one applies;
+- versions: every object GET, list, create and PATCH answers an ``ETag`` (a hash of the body
+  it answers, or of the object's ``version_field``), ``If-None-Match`` gives 304, a write
+  with a stale ``If-Match`` 412 ``precondition_failed``; the check and the write run under
+  the row's lock (``SELECT ... FOR UPDATE``; SQLite: the ``BEGIN IMMEDIATE`` write lock), so
+  of two writers with the same ``If-Match`` exactly one applies;
 - ``POST <name>/batch/`` (``batch=True``): up to 500 creates and updates in one transaction,
   all or nothing, errors naming the item;
 - ``{"error", "detail"}`` errors (``errors``) and the OpenAPI document (``schema/``).
@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
@@ -179,7 +179,7 @@ def page(
     """Newest first by ``ordering`` (ties by primary key), ``limit`` rows after ``cursor``;
     the cursor of the next page or None."""
     raw_limit = request.query_params.get("limit", str(DEFAULT_PAGE))
-    if not is_decimal(raw_limit) or not 1 <= int(raw_limit) <= MAX_PAGE:
+    if not is_decimal(raw_limit) or len(raw_limit) > 3 or not 1 <= int(raw_limit) <= MAX_PAGE:
         raise APIError(400, "validation_error", f"limit: must be an integer from 1 to {MAX_PAGE}")
     limit = int(raw_limit)
     cursor = request.query_params.get("cursor")
@@ -191,7 +191,8 @@ def page(
             last_id = uuid.UUID(pk)
             if created.tzinfo is None:
                 raise ValueError("naive timestamp")
-        except (ValueError, binascii.Error, UnicodeDecodeError):
+            created = created.astimezone(UTC)  # a date the database cannot hold fails here
+        except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
             raise APIError(
                 400, "invalid_cursor", "cursor: not a cursor this API returned"
             ) from None
@@ -234,6 +235,7 @@ def not_modified(request: Request, etag: str) -> HttpResponse | None:
     if "*" not in tags and etag not in tags:
         return None
     response = HttpResponse(status=304)
+    del response["Content-Type"]  # a 304 has no body, hence no type
     response["ETag"] = etag
     return response
 
@@ -349,8 +351,8 @@ class Resource:
     """One model served under ``/internal/v1/<name>/`` (module docstring). The model has a
     UUID primary key and a direct foreign key ``organization_field`` to the organization;
     ``ordering`` is the time field lists are ordered by, newest first. ``version_field``, a
-    field every write changes (an ``auto_now`` timestamp; for an object never changed, its
-    creation time), makes an object's ETag the hash of its id and that field: a read with a
+    field that every change of the object's answer changes (an ``auto_now`` timestamp),
+    makes an object's ETag the hash of its id and that field: a read with a
     current ``If-None-Match`` then costs one narrow query, not the row and its rendering.
     Without it, the ETag is the hash of the body."""
 
@@ -374,6 +376,20 @@ class Resource:
     update: Updater | None = None
     update_parameters: tuple[OpenApiParameter, ...] = ()
     version_field: str | None = None
+
+    def __post_init__(self) -> None:
+        # References are checked where objects are made (creates, batch creates): an update
+        # that could re-point one at another organization's object is refused here.
+        if self.update_serializer is not None:
+            meta = getattr(self.update_serializer, "Meta", None)
+            updatable = set(getattr(self.update_serializer, "_declared_fields", {}))
+            updatable |= set(getattr(meta, "fields", ()) or ())
+            moved = sorted(updatable & set(self.references))
+            if moved:
+                raise ValueError(
+                    f"resource {self.name!r}: the update serializer must not change the "
+                    f"reference(s) {', '.join(moved)}"
+                )
 
     @property
     def operation_prefix(self) -> str:
@@ -642,7 +658,9 @@ def _detail_view(resource: Resource) -> type[APIView]:
                 resource.model.objects.filter(pk=instance.pk).delete()
                 if resource.after_write is not None:
                     resource.after_write(org_id, [instance])
-            return HttpResponse(status=204)
+            deleted = HttpResponse(status=204)
+            del deleted["Content-Type"]  # no body, as before the declaration (DRF's answer)
+            return deleted
 
         attributes["delete"] = delete
     return type(f"{resource.model.__name__}DetailView", (APIView,), attributes)

@@ -1,6 +1,6 @@
-"""Views of ``/internal/v1/``: health, workflow executions (and their lifecycle: claim,
-heartbeat, release, events), and the declared resources (``resources``): webhook deliveries
-and file executions.
+"""Views of ``/internal/v1/``: health, the lifecycle of workflow executions (status, claim,
+heartbeat, release, events), and the declared resources (``resources``): workflow executions'
+plain CRUD, webhook deliveries and file executions.
 
 Authentication, the body limit, request ids and idempotency are middleware (see
 ``middleware``); the views check the organization (``resources.require_organization``) and do
@@ -461,7 +461,8 @@ WEBHOOK_DELIVERIES = Resource(
     operations=frozenset({"list", "create", "read"}),
     filters={"execution_id": Filter("uuid")},
     create=record_delivery,
-    version_field="created_at",  # a delivery record never changes
+    # No version field: deleting its execution changes a delivery (execution_id becomes null)
+    # without any time of its own changing, so its ETag is the hash of its body.
     create_parameters=(EPOCH_PARAMETER,),
     create_responses={
         200: OpenApiResponse(

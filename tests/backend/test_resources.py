@@ -366,3 +366,65 @@ def test_a_write_is_never_answered_304(api: Api) -> None:
     again = api.call("POST", "webhook-deliveries/", body, headers=headers)  # already recorded
     assert (first.status_code, again.status_code) == (201, 200)
     assert again.json() == first.json() and again["ETag"] == first["ETag"]
+
+
+# --- found in review ---------------------------------------------------------------------------
+
+
+def test_a_delivery_whose_execution_is_deleted_gets_a_new_etag(api: Api) -> None:
+    eid = execution(api)
+    delivery = api.call("POST", "webhook-deliveries/", {
+        "url": "https://r.example/h", "outcome": "failed", "execution_id": eid}).json()
+    url = f"webhook-deliveries/{delivery['id']}/"
+    before = api.call("GET", url)
+    assert api.call("DELETE", f"workflow-executions/{eid}/").status_code == 204
+    after = api.call("GET", url, headers={**api.headers(), "If-None-Match": before["ETag"]})
+    assert after.status_code == 200 and after.json()["execution_id"] is None
+    assert after["ETag"] != before["ETag"]
+
+
+def test_bodiless_answers_state_no_type_and_no_length(api: Api) -> None:
+    eid = execution(api)
+    first = api.call("GET", f"workflow-executions/{eid}/")
+    cached = api.call("GET", f"workflow-executions/{eid}/",
+                      headers={**api.headers(), "If-None-Match": first["ETag"]})
+    deleted = api.call("DELETE", f"workflow-executions/{eid}/")
+    for response, status in ((cached, 304), (deleted, 204)):
+        assert response.status_code == status
+        assert not response.has_header("Content-Type") and not response.has_header(
+            "Content-Length")
+
+
+@pytest.mark.parametrize("stamp", [
+    "9999-12-31T23:59:59-14:00",  # after the last date a database holds, in UTC
+    "0001-01-01T00:00:00+14:00",  # before the first
+])
+@pytest.mark.parametrize("path", ["file-executions/", "workflow-executions/",
+                                  "webhook-deliveries/"])
+def test_a_cursor_past_the_calendar_is_refused(api: Api, stamp: str, path: str) -> None:
+    import base64
+
+    cursor = base64.urlsafe_b64encode(f"{stamp}|{uuid.uuid4()}".encode()).decode().rstrip("=")
+    assert error_of(api.call("GET", f"{path}?cursor={cursor}")) == (400, "invalid_cursor")
+
+
+@pytest.mark.parametrize("limit", ["1" * 5000, "0" * 4000 + "1", "٣"])
+def test_a_limit_of_many_digits_is_refused(api: Api, limit: str) -> None:
+    assert error_of(api.call("GET", f"file-executions/?limit={limit}")) == (400,
+                                                                            "validation_error")
+
+
+def test_a_reference_an_update_could_change_is_refused_at_declaration() -> None:
+    from rest_framework import serializers
+
+    from backend.internal_api.models import WorkflowExecution as Execution
+    from backend.internal_api.resources import Reference, Resource
+    from backend.internal_api.serializers import FileExecutionSerializer, StrictSerializer
+
+    class Repoint(StrictSerializer):
+        execution_id = serializers.UUIDField()
+
+    with pytest.raises(ValueError, match="must not change the reference.*execution_id"):
+        Resource(name="files-again", model=FileExecution, serializer=FileExecutionSerializer,
+                 label="file", update_serializer=Repoint,
+                 references={"execution_id": Reference(Execution, "workflow execution")})
