@@ -5,7 +5,9 @@ A call is prepared once (headers, JSON body, one ``Idempotency-Key`` for all the
 a ``POST``, ``X-Lease-Epoch`` under a lease); each attempt goes through the backend's circuit
 breaker to the process-wide pool (``_http.py``), within the call's deadline; the retry policy
 (``_policy.py``) decides on another attempt, with ``Retry-After`` read from the answer. Each
-attempt is logged (under the ``api_client`` logger) and measured.
+attempt is logged (under the ``api_client`` logger) and measured. A call may add headers of
+its own (a conditional request's ``If-Match`` / ``If-None-Match``); its :class:`Answer` holds
+the decoded body, the answer's ``ETag`` and whether it was a 304.
 """
 
 from __future__ import annotations
