@@ -99,6 +99,12 @@ def test_crud_with_typed_models_and_etags(client: InternalAPIClient) -> None:
     files.delete(created.id, if_match=files.get(created.id).etag)
     with pytest.raises(NotFoundError):
         files.get(created.id)
+    again = files.create(execution_id=execution.id, file_name="gone.pdf")
+    before = _resource.cached_entries()
+    client.delete(f"file-executions/{again.id}/")  # deleted behind the cache's back
+    with pytest.raises(NotFoundError):
+        files.get(again.id)
+    assert _resource.cached_entries() == before - 1  # its kept copy is dropped
     counts = client.get_workflow_execution(execution.id)
     assert (counts.total_files, counts.successful_files) == (0, 0)
 

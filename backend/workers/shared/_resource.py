@@ -23,7 +23,7 @@ from typing import Any, Final, Generic, TypeVar
 from . import _runtime
 from ._client_base import DEFAULT_ORG, DEFAULT_PAGE_SIZE, ClientBase, OrgArg, seg
 from ._fencing import lease_of
-from .errors import APIResponseError
+from .errors import APIResponseError, NotFoundError
 from .models import Record, ResultModel
 
 T = TypeVar("T", bound=ResultModel | Record)
@@ -102,11 +102,16 @@ class Resource(Generic[T]):
         A copy read before is revalidated with ``If-None-Match``: a 304 answers from it."""
         org = self._org(organization_id, "get")
         path = self._object_path(object_id)
-        cached = _CACHE.get().get((self.client.base_url, org, path))
+        cache, key = _CACHE.get(), (self.client.base_url, org, path)
+        cached = cache.get(key)
         headers = {"If-None-Match": cached[0]} if cached else None
-        answer = self.client._exchange(
-            "GET", path, org, endpoint=self._object_endpoint, headers=headers
-        )
+        try:
+            answer = self.client._exchange(
+                "GET", path, org, endpoint=self._object_endpoint, headers=headers
+            )
+        except NotFoundError:
+            cache.forget(key)  # deleted meanwhile: its kept copy is of no more use
+            raise
         if answer.not_modified and cached:
             return self._one(copy.deepcopy(cached[1]), "GET", answer.etag or cached[0])
         return self._remember(org, path, answer.value, answer.etag, "GET")
@@ -251,8 +256,12 @@ class Resource(Generic[T]):
         parsed = self._one(data, method, etag)
         if path is None and isinstance(data, dict) and isinstance(data.get("id"), str):
             path = self._object_path(data["id"])
-        if etag and path is not None:
-            _CACHE.get().put((self.client.base_url, org, path), etag, copy.deepcopy(data))
+        if path is not None:
+            key = (self.client.base_url, org, path)
+            if etag:
+                _CACHE.get().put(key, etag, copy.deepcopy(data))
+            else:  # an unversioned answer: what was kept is no longer known to be current
+                _CACHE.get().forget(key)
         return parsed
 
 
