@@ -251,9 +251,9 @@ def test_a_forked_child_starts_with_an_empty_cache(client: InternalAPIClient) ->
 def test_the_cache_is_bounded_and_drops_the_least_recently_used() -> None:
     cache = _resource._Cache()
     for i in range(_resource.CACHE_ENTRIES + 10):
-        cache.put(("u", "org", f"p{i}"), f"e{i}", {"i": i})
+        cache.put(("u", "org", f"p{i}"), f"e{i}", f'{{"i": {i}}}')
         if i == _resource.CACHE_ENTRIES - 1:  # full: the oldest, used now, is kept
-            assert cache.get(("u", "org", "p0")) == ("e0", {"i": 0})
+            assert cache.get(("u", "org", "p0")) == ("e0", '{"i": 0}')
     assert len(cache.entries) == _resource.CACHE_ENTRIES
     kept = [n for n in range(12) if cache.get(("u", "org", f"p{n}")) is not None]
     assert kept == [0, 11]

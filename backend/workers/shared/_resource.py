@@ -11,7 +11,7 @@ them; a model class makes its answers typed, else they are :class:`~.models.Reco
 from __future__ import annotations
 
 import builtins
-import copy
+import json
 import re
 import threading
 import uuid
@@ -42,20 +42,21 @@ _Key = tuple[str, str, str]  # base URL, organization, object path
 
 class _Cache:
     """The objects this process read, by backend URL, organization and path: the ETag and the
-    decoded body of the last 200 to a GET, at most :data:`CACHE_ENTRIES` of them."""
+    body (as JSON text: each hit decodes a copy of its own, cheaper than ``deepcopy``) of the
+    last versioned answer, at most :data:`CACHE_ENTRIES` of them."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.entries: OrderedDict[_Key, tuple[str, Any]] = OrderedDict()
+        self.entries: OrderedDict[_Key, tuple[str, str]] = OrderedDict()
 
-    def get(self, key: _Key) -> tuple[str, Any] | None:
+    def get(self, key: _Key) -> tuple[str, str] | None:
         with self.lock:
             entry = self.entries.get(key)
             if entry is not None:
                 self.entries.move_to_end(key)
             return entry
 
-    def put(self, key: _Key, etag: str, data: Any) -> None:
+    def put(self, key: _Key, etag: str, data: str) -> None:
         with self.lock:
             self.entries[key] = (etag, data)
             self.entries.move_to_end(key)
@@ -113,7 +114,7 @@ class Resource(Generic[T]):
             cache.forget(key)  # deleted meanwhile: its kept copy is of no more use
             raise
         if answer.not_modified and cached:
-            return self._one(copy.deepcopy(cached[1]), "GET", answer.etag or cached[0])
+            return self._one(json.loads(cached[1]), "GET", answer.etag or cached[0])
         return self._remember(org, path, answer.value, answer.etag, "GET")
 
     def list(
@@ -259,7 +260,7 @@ class Resource(Generic[T]):
         if path is not None:
             key = (self.client.base_url, org, path)
             if etag:
-                _CACHE.get().put(key, etag, copy.deepcopy(data))
+                _CACHE.get().put(key, etag, json.dumps(data))
             else:  # an unversioned answer: what was kept is no longer known to be current
                 _CACHE.get().forget(key)
         return parsed
