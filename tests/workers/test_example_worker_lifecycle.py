@@ -1,6 +1,7 @@
 """The example worker's task in a real process against the real backend, every request counted
-at a real server in front of it (tests/fault_server.py): fault-free, an execution costs three
-backend requests (claim, finish, webhook record) besides the webhook itself. And a task body
+at a real server in front of it (tests/fault_server.py): fault-free, an execution costs four
+backend requests (claim, one batch of its files, finish, webhook record) besides the webhook
+itself. And a task body
 that forks while its lease's heartbeat thread runs: the children are not wedged by it."""
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def client_of(live_backend: LiveBackend) -> InternalAPIClient:
     ))  # fmt: skip
 
 
-def test_the_example_worker_costs_three_requests_per_execution(
+def test_the_example_worker_costs_four_requests_per_execution(
     live_backend: LiveBackend, counted: FaultServer, tmp_path: Path
 ) -> None:
     with FaultServer(default=Respond(200, b"ok")) as receiver:
@@ -71,7 +72,8 @@ def test_the_example_worker_costs_three_requests_per_execution(
                              capture_output=True, text=True, timeout=90)  # fmt: skip
         assert run.returncode == 0 and run.stdout.startswith("SUCCESS"), run.stderr
         assert [(r.method, r.path.rstrip("/").rsplit("/", 1)[1]) for r in counted.requests] == [
-            ("POST", "claim"), ("POST", "status"), ("POST", "webhook-deliveries")
+            ("POST", "claim"), ("POST", "batch"), ("POST", "status"),
+            ("POST", "webhook-deliveries"),
         ]
         (hook,) = receiver.requests
         payload = Webhook(SIGNING_SECRET).verify(hook.body, hook.headers)
@@ -80,10 +82,47 @@ def test_the_example_worker_costs_three_requests_per_execution(
         deliveries = list(client.list_webhook_deliveries(execution.id))
     assert done.status == "COMPLETED" and done.total_files == done.successful_files == 3
     assert done.result is not None and len(done.result["files"]) == 3
+    with client_of(live_backend) as client:
+        files = list(client.resource("file-executions").list(execution_id=execution.id))
+    assert sorted(f["file_name"] for f in files) == ["file-0", "file-1", "file-2"]
+    assert {f["status"] for f in files} == {"COMPLETED"}
     assert done.webhook is not None and done.webhook.delivered
     assert hook.headers["webhook-id"] == done.webhook.id
     assert payload["execution_id"] == execution.id and payload["status"] == "COMPLETED"
     assert [d.outcome for d in deliveries] == ["delivered"]
+
+
+def test_a_later_run_updates_the_files_an_earlier_one_recorded(
+    live_backend: LiveBackend, counted: FaultServer, tmp_path: Path
+) -> None:
+    with client_of(live_backend) as client:
+        execution = client.create_workflow_execution("wf-example-rerun")
+        earlier = client.claim_execution(execution.id, worker="earlier", lease_seconds=30)
+        files = client.resource("file-executions")
+        files.batch([
+            {"execution_id": execution.id, "file_name": "file-0"},
+            {"execution_id": execution.id, "file_name": "file-1", "status": "ERROR"},
+        ])  # fmt: skip
+        client.release_execution(execution.id, earlier.lease.epoch)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXAMPLE_", "LOG_"))}
+    env.update({
+        "INTERNAL_SERVICE_API_KEY": live_backend.api_key,
+        "DJANGO_APP_BACKEND_URL": counted.url,
+        "ORGANIZATION_ID": live_backend.org_id,
+        "WORKER_NAME": "example-rerun",
+        "WORKER_DATA_DIR": str(tmp_path),
+        "EXAMPLE_WORK_SECONDS": "0",
+        "PYTHONPATH": str(REPO_ROOT),
+    })  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", SCRIPT, execution.id], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=90)  # fmt: skip
+    assert run.returncode == 0 and run.stdout.startswith("SUCCESS"), run.stderr
+    with client_of(live_backend) as client:
+        done = client.get_workflow_execution(execution.id)
+        stored = {f["file_name"]: f["status"] for f in
+                  client.resource("file-executions").list(execution_id=execution.id)}
+    assert stored == {"file-0": "COMPLETED", "file-1": "ERROR", "file-2": "COMPLETED"}
+    assert (done.total_files, done.successful_files, done.failed_files) == (3, 2, 1)
 
 
 def test_children_forked_while_the_heartbeat_runs_are_not_wedged(

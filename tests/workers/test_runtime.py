@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXPECTED_PARTS = {
     "http pools", "circuit breakers", "breaker redis clients", "retry budgets",
     "client guards", "recent task outcomes", "health servers", "rss reader",
-    "worker main process", "child heartbeat", "celery wiring",
+    "worker main process", "child heartbeat", "celery wiring", "conditional GET cache",
 }
 
 

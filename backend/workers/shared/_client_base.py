@@ -6,17 +6,17 @@ the arguments the operations share.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Final, Self
 from urllib.parse import quote
 
 from pydantic import ValidationError
 
 from ._fencing import HeldLease
-from ._pipeline import Pipeline, header_value
+from ._pipeline import Answer, Pipeline, header_value
 from .config import WorkerConfig
 from .errors import APIResponseError, OrganizationRequiredError
-from .models import ResultModel
+from .models import Record, ResultModel
 from .retry_utils import CircuitBreaker
 
 #: Page size used when iterating a list endpoint (the backend allows up to 500).
@@ -107,7 +107,7 @@ class ClientBase:
         self,
         path: str,
         params: dict[str, Any],
-        model: type[ResultModel],
+        model: type[ResultModel] | None,
         limit: int | None,
         page_size: int,
         org: str,
@@ -150,7 +150,15 @@ class ClientBase:
 
         return pages()
 
-    def _parse(self, model: type[Any], data: Any, method: str, path: str) -> Any:
+    def _parse(self, model: type[Any] | None, data: Any, method: str, path: str) -> Any:
+        if model is None:  # a plain object of a declared resource
+            if not isinstance(data, dict):
+                raise APIResponseError(
+                    f"response is not a JSON object ({type(data).__name__})",
+                    method=method,
+                    path=path,
+                )
+            return Record(data)
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -180,6 +188,38 @@ class ClientBase:
         lease: HeldLease | None = None,
         keyed: bool = True,
     ) -> Any:
+        return self._exchange(
+            method,
+            path,
+            organization_id,
+            params=params,
+            json_body=json_body,
+            idempotency_key=idempotency_key,
+            timeout=timeout,
+            deadline=deadline,
+            retry=retry,
+            endpoint=endpoint,
+            lease=lease,
+            keyed=keyed,
+        ).value
+
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        organization_id: str | None,
+        *,
+        params: dict[str, Any] | None = None,
+        json_body: Any = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        retry: bool = True,
+        endpoint: str | None = None,
+        lease: HeldLease | None = None,
+        keyed: bool = True,
+        headers: Mapping[str, str] | None = None,
+    ) -> Answer:
         if self._closed:
             raise RuntimeError("this InternalAPIClient is closed; open a new one")
         return self._pipeline.call(
@@ -195,6 +235,7 @@ class ClientBase:
             endpoint=endpoint,
             lease=lease,
             keyed=keyed,
+            headers=headers,
         )
 
 

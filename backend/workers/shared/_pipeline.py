@@ -5,7 +5,9 @@ A call is prepared once (headers, JSON body, one ``Idempotency-Key`` for all the
 a ``POST``, ``X-Lease-Epoch`` under a lease); each attempt goes through the backend's circuit
 breaker to the process-wide pool (``_http.py``), within the call's deadline; the retry policy
 (``_policy.py``) decides on another attempt, with ``Retry-After`` read from the answer. Each
-attempt is logged (under the ``api_client`` logger) and measured.
+attempt is logged (under the ``api_client`` logger) and measured. A call may add headers of
+its own (a conditional request's ``If-Match`` / ``If-None-Match``); its :class:`Answer` holds
+the decoded body, the answer's ``ETag`` and whether it was a 304.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -36,6 +39,7 @@ from .errors import (
     LeaseHeldError,
     LeaseLostError,
     NotFoundError,
+    PreconditionFailedError,
     RateLimitedError,
     ServerError,
     one_line,
@@ -70,6 +74,16 @@ def header_value(name: str, value: str) -> str:
 def endpoint_template(path: str) -> str:
     """``path`` with its ids replaced by ``{id}``: a bounded metric label."""
     return "/".join("{id}" if _ID_SEGMENT.match(p) else p for p in path.split("/"))
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A call's outcome: the decoded JSON body (``None`` for none), the answer's ``ETag``
+    (``None`` when it has none), and whether it was a 304 to the call's ``If-None-Match``."""
+
+    value: Any
+    etag: str | None = None
+    not_modified: bool = False
 
 
 @dataclass
@@ -115,8 +129,10 @@ class Pipeline:
         endpoint: str | None = None,
         lease: HeldLease | None = None,
         keyed: bool = True,
-    ) -> Any:
-        """Make the call, retried unless ``retry`` is false; the decoded JSON body."""
+        headers: Mapping[str, str] | None = None,
+    ) -> Answer:
+        """Make the call, retried unless ``retry`` is false, with ``headers`` added (a
+        conditional request's ``If-Match`` / ``If-None-Match``); its :class:`Answer`."""
         if timeout is not None:
             check_number("timeout", timeout, minimum=0, strict=True)
         if deadline is not None:
@@ -130,7 +146,9 @@ class Pipeline:
             )
         config = self.config
         deadline = deadline or config.api_deadline
+        extra = {name.lower(): header_value(name, value) for name, value in (headers or {}).items()}
         headers = {
+            **extra,
             "authorization": f"Bearer {config.api_key()}",
             "user-agent": self.user_agent,
             "accept": "application/json",
@@ -162,7 +180,7 @@ class Pipeline:
         )
         breaker = self.breaker
 
-        def attempt() -> Any:
+        def attempt() -> Answer:
             # Everything up to the bytes on the wire happens outside the breaker: only what
             # the backend (or the network to it) does may count as its failure.
             remaining = call.deadline - time.monotonic()
@@ -200,7 +218,7 @@ class Pipeline:
         return retry_policy(config, retry_if=retry_if, deadline=deadline).call(attempt)
 
 
-def _send(pool: httpx2.Client, request: httpx2.Request, call: _Call, limit: float) -> Any:
+def _send(pool: httpx2.Client, request: httpx2.Request, call: _Call, limit: float) -> Answer:
     import httpx2
 
     call.attempts += 1
@@ -240,19 +258,14 @@ def _send(pool: httpx2.Client, request: httpx2.Request, call: _Call, limit: floa
         status = response.status_code
         seconds = time.perf_counter() - started
         result = _result_of(response, call)
-        _record(call, status, seconds, None if isinstance(result, _Ok) else result)
-        if isinstance(result, _Ok):
-            return result.value
+        _record(call, status, seconds, None if isinstance(result, Answer) else result)
+        if isinstance(result, Answer):
+            return result
         call.last_failure = _reason(result)
         raise result
     _record(call, status, time.perf_counter() - started, error)
     call.last_failure = _reason(error)
     raise error
-
-
-@dataclass(frozen=True)
-class _Ok:
-    value: Any
 
 
 _ERROR_BY_STATUS: dict[int, type[InternalAPIError]] = {
@@ -262,6 +275,7 @@ _ERROR_BY_STATUS: dict[int, type[InternalAPIError]] = {
     404: NotFoundError,
     408: APITimeoutError,
     409: ConflictError,
+    412: PreconditionFailedError,
     422: APIValidationError,
     429: RateLimitedError,
 }
@@ -273,18 +287,21 @@ _ERROR_BY_CODE: dict[str | None, type[InternalAPIError]] = {
 }
 
 
-def _result_of(response: httpx2.Response, call: _Call) -> _Ok | InternalAPIError:
+def _result_of(response: httpx2.Response, call: _Call) -> Answer | InternalAPIError:
     status = response.status_code
     request_id = call.headers["x-request-id"]
     raw = response.content
+    etag = response.headers.get("etag")
     if status == 404 and call.method == "DELETE" and call.last_failure in _NO_ANSWER:
         # The attempt whose answer was lost deleted it: gone is what was asked.
-        return _Ok(None)
+        return Answer(None)
+    if status == 304 and "if-none-match" in call.headers:
+        return Answer(None, etag, not_modified=True)
     if 200 <= status < 300:
         if status == 204 or not raw:
-            return _Ok(None)
+            return Answer(None, etag)
         try:
-            return _Ok(json.loads(raw))
+            return Answer(json.loads(raw), etag)
         except (ValueError, RecursionError):
             return APIResponseError(
                 f"body is not JSON: {_excerpt(raw)}",

@@ -20,8 +20,10 @@ Operations: ``get_workflow_execution``, ``list_workflow_executions`` (lazy, ever
 ``update_workflow_execution_status``, ``delete_workflow_execution``, the execution lifecycle
 (``claim_execution``, ``heartbeat_execution``, ``release_execution``, ``finish_execution``,
 ``list_execution_events``), ``send_webhook``, ``get_webhook_delivery``,
-``list_webhook_deliveries``, ``health_check``, and ``get`` / ``post`` / ``patch`` / ``put`` /
-``delete`` for endpoints not modelled here. Results are ``WorkflowExecution``, ``Claim``,
+``list_webhook_deliveries``, ``health_check``, ``resource(name, model)`` for any declared
+resource (``file-executions``, ...: get, list, create, update, delete, batch, with ETags and
+a conditional-GET cache), and ``get`` / ``post`` / ``patch`` / ``put`` / ``delete`` for
+endpoints not modelled here. Results are ``WorkflowExecution``, ``Claim``,
 ``Lease``, ``ExecutionEvent``, ``WebhookDelivery``, ``BackendHealth`` (pydantic models that
 keep unknown fields in ``model_extra``) and ``WebhookResult``, defined in ``models.py``.
 
@@ -38,6 +40,8 @@ Exceptions (defined in ``errors.py``; every class is importable from this module
     |                                (also a ValueError)
     +-- AuthenticationError          401, 403
     +-- NotFoundError                404 (also another organization's object)
+    +-- PreconditionFailedError      412 precondition_failed: the If-Match version is stale,
+    |                                nothing applied; read the object again
     +-- ConflictError                409 (illegal status transition, ...)
     |   +-- LeaseLostError           409 lease_lost: the lease is gone, nothing applied;
     |   |                            stop writing (the new holder owns the execution)
@@ -68,7 +72,7 @@ retry starts past ``API_DEADLINE``. ``str()`` of any error is one line and never
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from ._client_base import (
     DEFAULT_ORG,
@@ -78,6 +82,7 @@ from ._client_base import (
 )
 from ._fencing import MAX_EPOCH as MAX_EPOCH, HeldLease, holding_lease
 from ._pipeline import BODY_EXCERPT as BODY_EXCERPT, MAX_REQUEST_ID as MAX_REQUEST_ID
+from ._resource import CACHE_ENTRIES as CACHE_ENTRIES, MAX_BATCH as MAX_BATCH, Resource
 from ._webhook_calls import WebhookCalls
 from .errors import (
     APICircuitOpenError,
@@ -92,6 +97,7 @@ from .errors import (
     LeaseLostError,
     NotFoundError,
     OrganizationRequiredError,
+    PreconditionFailedError,
     RateLimitedError,
     ServerError,
     WebhookError,
@@ -104,7 +110,11 @@ from .models import (
     ExecutionEvent,
     ExecutionStatus,
     ExecutionWebhook,
+    FileExecution,
+    FileStatus,
     Lease,
+    Record,
+    ResultModel,
     WebhookDelivery,
     WebhookResult,
     WorkflowExecution,
@@ -123,6 +133,8 @@ __all__ = [
     "ExecutionEvent",
     "ExecutionStatus",
     "ExecutionWebhook",
+    "FileExecution",
+    "FileStatus",
     "HeldLease",
     "InternalAPIClient",
     "InternalAPIError",
@@ -131,7 +143,10 @@ __all__ = [
     "LeaseLostError",
     "NotFoundError",
     "OrganizationRequiredError",
+    "PreconditionFailedError",
     "RateLimitedError",
+    "Record",
+    "Resource",
     "ServerError",
     "WebhookDelivery",
     "WebhookError",
@@ -143,6 +158,9 @@ __all__ = [
 ]
 
 
+M = TypeVar("M", bound=ResultModel)
+
+
 class InternalAPIClient(WebhookCalls):
     """Client of the backend's internal API (``/internal/v1/``) for one task or block.
 
@@ -152,6 +170,16 @@ class InternalAPIClient(WebhookCalls):
     The operations on executions are defined in ``_execution_calls.py``, those on webhooks
     in ``_webhook_calls.py``; the way a call reaches the backend in ``_pipeline.py``.
     """
+
+    # --- declared resources ---------------------------------------------------------------
+    @overload
+    def resource(self, name: str, model: None = None) -> Resource[Record]: ...
+    @overload
+    def resource(self, name: str, model: type[M]) -> Resource[M]: ...
+    def resource(self, name: str, model: type[ResultModel] | None = None) -> Resource[Any]:
+        """The declared resource ``/internal/v1/<name>/`` (``get``, ``list``, ``create``,
+        ``update``, ``delete``, ``batch``): ``model`` instances, or ``Record`` dicts."""
+        return Resource(self, name, model)
 
     # --- health and generic calls -----------------------------------------------------
     def health_check(self, *, timeout: float | None = None, retry: bool = True) -> BackendHealth:

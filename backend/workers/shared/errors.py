@@ -108,6 +108,11 @@ class ConflictError(InternalAPIError):
     """The request conflicts with the object's state (409), e.g. an illegal transition."""
 
 
+class PreconditionFailedError(InternalAPIError):
+    """The object changed since the version named by ``If-Match`` (412 ``precondition_failed``):
+    nothing was applied; read it again (its new ``etag``) and decide anew. Not transient."""
+
+
 class LeaseLostError(ConflictError):
     """The task's lease on the execution is gone (409 ``lease_lost``): another worker claimed
     it, or the reaper took it back. Nothing was applied; the new holder owns the execution,

@@ -3,10 +3,12 @@
 Its task ``example_worker.process_execution`` takes a workflow execution's id. Its base,
 :class:`ExecutionTask`, claims the execution (``IN_PROGRESS`` under a lease, heartbeats while
 it runs); the task does simulated work (its length and failure rates set by the
-environment) and finishes the execution ``COMPLETED`` with its result in one call (a
-permanent failure ends it ``ERROR``); then the completion webhook the backend made due (the
-execution's ``webhook_url``) is delivered, signed, and recorded. Fault-free, that is three
-requests to the backend per execution (claim, finish, webhook record) and the webhook itself.
+environment), records its files' outcomes in one batch (``file-executions/batch/``: the
+execution's file counts follow from them) and finishes the execution ``COMPLETED`` with its
+result in one call (a permanent failure ends it ``ERROR``); then the completion webhook the
+backend made due (the execution's ``webhook_url``) is delivered, signed, and recorded.
+Fault-free, that is four requests to the backend per execution (claim, files, finish,
+webhook record) and the webhook itself.
 
 Run it as a prefork worker with its health server on ``METRICS_PORT``::
 
@@ -43,6 +45,8 @@ from celery import Celery, signals
 from . import (
     CircuitBreaker,
     ConfigurationError,
+    FileExecution,
+    FileStatus,
     HealthChecker,
     HealthCheckResult,
     HealthServer,
@@ -58,6 +62,7 @@ from . import (
     monitor_performance,
     retry,
 )
+from .api_client import MAX_BATCH
 from .tasks import ExecutionTask
 
 TASK_NAME = "example_worker.process_execution"
@@ -200,20 +205,38 @@ def process_execution(
         result = do_work(execution_id)
         elapsed = round(time.monotonic() - started, 6)
         with InternalAPIClient(config, organization_id=organization_id) as client:
+            first_run = execution is None or execution.lease is None or execution.lease.epoch == 1
+            record_files(client, execution_id, result["files"], first_run=first_run)
             finished = client.finish_execution(
-                execution_id,
-                "COMPLETED",
-                result=result,
-                total_files=len(result["files"]),
-                successful_files=len(result["files"]),
-                failed_files=0,
-                execution_time=elapsed,
+                execution_id, "COMPLETED", result=result, execution_time=elapsed
             )
             logger.info("execution completed", execution_time=elapsed)
             # The webhook the backend made due is ExecutionTask's to deliver, once it returns.
             if finished.webhook_due is None and settings.webhook_url:
                 notify(client, settings.webhook_url, execution_id, elapsed)
     return {"execution_id": execution_id, "status": "COMPLETED"}
+
+
+def record_files(
+    client: InternalAPIClient, execution_id: str, outcomes: list[dict[str, Any]], *, first_run: bool
+) -> None:
+    """Record each processed file ``COMPLETED`` in one batch per execution (500 files a call).
+
+    A later run of the execution (a lease taken over) first reads the files an earlier run
+    recorded and updates those instead of adding them twice (a final one is left as it is).
+    """
+    files = client.resource("file-executions", FileExecution)
+    earlier = {} if first_run else {f.file_name: f for f in files.list(execution_id=execution_id)}
+    items: list[dict[str, Any]] = []
+    for outcome in outcomes:
+        done = {"status": FileStatus.COMPLETED.value, "result": outcome}
+        prior = earlier.get(outcome["file"])
+        if prior is None:
+            items.append({"execution_id": execution_id, "file_name": outcome["file"], **done})
+        elif not prior.is_final:
+            items.append({"id": prior.id, **done})
+    for start in range(0, len(items), MAX_BATCH):
+        files.batch(items[start : start + MAX_BATCH])
 
 
 def notify(client: InternalAPIClient, url: str, execution_id: str, elapsed: float) -> None:

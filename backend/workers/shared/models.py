@@ -1,8 +1,9 @@
 """The typed results of the internal API client: the backend's answers and a webhook's outcome.
 
 ``WorkflowExecution``, ``Claim``, ``Lease``, ``ExecutionEvent``, ``WebhookDelivery``,
-``BackendHealth`` and ``ExecutionWebhook`` are pydantic models that keep fields the backend
-adds later in ``model_extra``; ``WebhookResult`` is what ``send_webhook`` returns. This module
+``BackendHealth``, ``ExecutionWebhook`` and ``FileExecution`` are pydantic models that keep
+fields the backend adds later in ``model_extra``; ``WebhookResult`` is what ``send_webhook``
+returns; ``Record`` is a declared resource's object when no model is asked for. This module
 imports pydantic and nothing of the client (no ``httpx2``), so a type hint or a test can use
 the models without loading it; :mod:`backend.workers.shared.api_client` and the package
 re-export every class.
@@ -13,24 +14,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 __all__ = [
+    "FINAL_FILE_STATUSES",
     "FINAL_STATUSES",
     "BackendHealth",
     "Claim",
     "ExecutionEvent",
     "ExecutionStatus",
     "ExecutionWebhook",
+    "FileExecution",
+    "FileStatus",
     "Lease",
+    "Record",
+    "ResultModel",
     "WebhookDelivery",
     "WebhookResult",
     "WorkflowExecution",
 ]
 
 FINAL_STATUSES: Final = frozenset({"COMPLETED", "ERROR", "STOPPED"})
+FINAL_FILE_STATUSES: Final = frozenset({"COMPLETED", "ERROR", "SKIPPED"})
 
 
 class ExecutionStatus(StrEnum):
@@ -44,12 +51,61 @@ class ExecutionStatus(StrEnum):
     STOPPED = "STOPPED"
 
 
+class FileStatus(StrEnum):
+    """The statuses of a file of an execution: ``PENDING -> IN_PROGRESS -> COMPLETED | ERROR |
+    SKIPPED`` (forward only); the three last are final."""
+
+    PENDING = "PENDING"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    ERROR = "ERROR"
+    SKIPPED = "SKIPPED"
+
+
 class ResultModel(BaseModel):
     """The base of the backend's answers: immutable, and keeping the fields it adds later."""
 
     # Fields the backend adds later are kept (model_extra), never an error. The validator is
     # built on first use, not at import (worker start-up is measured).
     model_config = ConfigDict(extra="allow", frozen=True, defer_build=True)
+    _etag: str | None = PrivateAttr(None)
+
+    @property
+    def etag(self) -> str | None:
+        """The version of this object the backend answered with it (its ``ETag``), for an
+        ``If-Match``; ``None`` for an object read from a list or a batch answer."""
+        return self._etag
+
+    def stamped(self, etag: str | None) -> Self:
+        """This object carrying ``etag`` (set once, by the call that read it)."""
+        self._etag = etag
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        # The same fields are the same object, whichever answer (and ETag) brought it.
+        if not isinstance(other, BaseModel):
+            return NotImplemented
+        return (
+            type(self) is type(other)
+            and self.__dict__ == other.__dict__
+            and self.__pydantic_extra__ == other.__pydantic_extra__
+        )
+
+    __hash__ = BaseModel.__hash__
+
+
+class Record(dict[str, Any]):
+    """A declared resource's object as a plain ``dict``, with the ``etag`` it was answered
+    with (``None`` from a list or a batch answer)."""
+
+    def __init__(self, data: dict[str, Any], etag: str | None = None) -> None:
+        super().__init__(data)
+        self.etag = etag
+
+    def stamped(self, etag: str | None) -> Self:
+        """This record carrying ``etag`` (set once, by the call that read it)."""
+        self.etag = etag
+        return self
 
 
 class Lease(ResultModel):
@@ -139,6 +195,27 @@ class WebhookDelivery(ResultModel):
     outcome: str
     error_message: str = ""
     created_at: datetime | None = None
+
+
+class FileExecution(ResultModel):
+    """One file of a workflow execution and how its processing went (``file-executions/``)."""
+
+    id: str
+    organization_id: str | None = None
+    execution_id: str
+    file_name: str
+    file_hash: str = ""
+    status: str = FileStatus.PENDING
+    error_message: str = ""
+    execution_time: float | None = None
+    result: Any = None
+    created_at: datetime | None = None
+    modified_at: datetime | None = None
+
+    @property
+    def is_final(self) -> bool:
+        """True once the status can no longer change (``COMPLETED``, ``ERROR``, ``SKIPPED``)."""
+        return self.status in FINAL_FILE_STATUSES
 
 
 class BackendHealth(ResultModel):

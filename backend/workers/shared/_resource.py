@@ -1,0 +1,288 @@
+"""A declared resource of the internal API (``/internal/v1/<name>/``) as the client sees it:
+:class:`Resource`, which ``InternalAPIClient.resource()`` returns, and the process's
+conditional-GET cache its ``get`` answers from when the backend says 304.
+
+Every declared resource serves the same contract (cursor lists with filters, create, object
+GET/PATCH/DELETE, ``batch/`` where declared, ``ETag`` on every answer with a body, 304 on a
+current ``If-None-Match``, 412 on a stale ``If-Match``), so one class reads and writes all of
+them; a model class makes its answers typed, else they are :class:`~.models.Record` dicts.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import re
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from enum import Enum
+from typing import Any, Final, Generic, TypeVar
+
+from . import _runtime
+from ._client_base import DEFAULT_ORG, DEFAULT_PAGE_SIZE, ClientBase, OrgArg, seg
+from ._fencing import lease_of
+from .errors import APIResponseError, NotFoundError
+from .models import Record, ResultModel
+
+T = TypeVar("T", bound=ResultModel | Record)
+
+#: Entries the conditional-GET cache of a process keeps (least recently used dropped first).
+CACHE_ENTRIES: Final = 1024
+#: Most items one ``batch`` call sends (the backend's limit).
+MAX_BATCH: Final = 500
+#: Longest id sent (ids are UUIDs; a longer one would only meet the request-line limit).
+MAX_ID: Final = 255
+_NAME = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
+_FILTER = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_RESERVED = frozenset({"limit", "cursor"})
+_Key = tuple[str, str, str]  # base URL, organization, object path
+
+
+class _Cache:
+    """The objects this process read, by backend URL, organization and path: the ETag and the
+    body (as JSON text: each hit decodes a copy of its own, cheaper than ``deepcopy``) of the
+    last versioned answer, at most :data:`CACHE_ENTRIES` of them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.entries: OrderedDict[_Key, tuple[str, str]] = OrderedDict()
+
+    def get(self, key: _Key) -> tuple[str, str] | None:
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.entries.move_to_end(key)
+            return entry
+
+    def put(self, key: _Key, etag: str, data: str) -> None:
+        with self.lock:
+            self.entries[key] = (etag, data)
+            self.entries.move_to_end(key)
+            while len(self.entries) > CACHE_ENTRIES:
+                self.entries.popitem(last=False)
+
+    def forget(self, key: _Key) -> None:
+        with self.lock:
+            self.entries.pop(key, None)
+
+
+# A forked child starts empty (and with a lock no parent thread can hold).
+_CACHE = _runtime.part("conditional GET cache", _Cache, lambda _inherited: _Cache())
+
+
+def cached_entries() -> int:
+    """How many objects the process's conditional-GET cache holds now."""
+    state = _CACHE.get()
+    with state.lock:
+        return len(state.entries)
+
+
+class Resource(Generic[T]):
+    """The declared resource ``name`` reached through ``client``: each call is organization-
+    scoped (``organization_id=`` as everywhere in the client) and returns ``model`` instances,
+    or :class:`~.models.Record` dicts when no model was given. Objects answered by ``get``,
+    ``create`` and ``update`` carry their ``etag`` for an ``If-Match``."""
+
+    def __init__(self, client: ClientBase, name: str, model: type[ResultModel] | None) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"a resource name is lowercase words joined by '-', got {name!r}")
+        if model is not None and not (isinstance(model, type) and issubclass(model, ResultModel)):
+            raise TypeError(f"model must be a ResultModel subclass or None, got {model!r}")
+        self.client = client
+        self.name = name
+        self.model = model
+
+    def __repr__(self) -> str:
+        model = self.model.__name__ if self.model else "Record"
+        return f"Resource({self.name!r}, model={model})"
+
+    def get(self, object_id: str | uuid.UUID, *, organization_id: OrgArg = DEFAULT_ORG) -> T:
+        """Read one object (:class:`NotFoundError` when unknown or another organization's).
+        A copy read before is revalidated with ``If-None-Match``: a 304 answers from it."""
+        org = self._org(organization_id, "get")
+        path = self._object_path(object_id)
+        cache, key = _CACHE.get(), (self.client.base_url, org, path)
+        cached = cache.get(key)
+        headers = {"If-None-Match": cached[0]} if cached else None
+        try:
+            answer = self.client._exchange(
+                "GET", path, org, endpoint=self._object_endpoint, headers=headers
+            )
+        except NotFoundError:
+            cache.forget(key)  # deleted meanwhile: its kept copy is of no more use
+            raise
+        if answer.not_modified and cached:
+            return self._one(json.loads(cached[1]), "GET", answer.etag or cached[0])
+        return self._remember(org, path, answer.value, answer.etag, "GET")
+
+    def list(
+        self,
+        limit: int | None = None,
+        *,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        organization_id: OrgArg = DEFAULT_ORG,
+        **filters: str | int | bool | uuid.UUID | Enum | None,
+    ) -> Iterator[T]:
+        """The objects newest first, page by page as the iterator is consumed; ``filters``
+        are the resource's query parameters (``None`` ones are left out). ``limit`` caps how
+        many are yielded, ``page_size`` (1-500) is what each page asks for."""
+        org = self._org(organization_id, "list")
+        params = {name: _filter_value(name, value) for name, value in filters.items()}
+        if isinstance(page_size, bool) or not isinstance(page_size, int):
+            raise TypeError(f"page_size must be an int, got {page_size!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+            raise TypeError(f"limit must be an int or None, got {limit!r}")
+        return self.client._paginate(
+            f"{self.name}/",
+            {name: value for name, value in params.items() if value is not None},
+            self.model,
+            limit,
+            page_size,
+            org,
+        )
+
+    def create(
+        self,
+        *,
+        idempotency_key: str | None = None,
+        organization_id: OrgArg = DEFAULT_ORG,
+        **fields: Any,
+    ) -> T:
+        """Create one object from ``fields``; retries reuse one ``Idempotency-Key``
+        (``idempotency_key``, or a fresh one), so a retried create makes one object."""
+        org = self._org(organization_id, "create")
+        answer = self.client._exchange(
+            "POST", f"{self.name}/", org, json_body=fields, idempotency_key=idempotency_key
+        )
+        return self._remember(org, None, answer.value, answer.etag, "POST")
+
+    def update(
+        self,
+        object_id: str | uuid.UUID,
+        *,
+        if_match: str | None = None,
+        organization_id: OrgArg = DEFAULT_ORG,
+        **fields: Any,
+    ) -> T:
+        """Change ``fields`` of one object. With ``if_match`` (an ``etag``) only while the
+        object is still that version: else :class:`PreconditionFailedError`, nothing changed."""
+        if not fields:
+            raise ValueError("update needs at least one field to change")
+        org = self._org(organization_id, "update")
+        path = self._object_path(object_id)
+        answer = self.client._exchange(
+            "PATCH",
+            path,
+            org,
+            json_body=fields,
+            endpoint=self._object_endpoint,
+            lease=lease_of(str(object_id)),
+            headers=_if_match(if_match),
+        )
+        return self._remember(org, path, answer.value, answer.etag, "PATCH")
+
+    def delete(
+        self,
+        object_id: str | uuid.UUID,
+        *,
+        if_match: str | None = None,
+        organization_id: OrgArg = DEFAULT_ORG,
+    ) -> None:
+        """Delete one object (with ``if_match``, only while it is still that version)."""
+        org = self._org(organization_id, "delete")
+        path = self._object_path(object_id)
+        _CACHE.get().forget((self.client.base_url, org, path))
+        self.client._exchange(
+            "DELETE", path, org, endpoint=self._object_endpoint, headers=_if_match(if_match)
+        )
+
+    def batch(
+        self,
+        items: builtins.list[dict[str, Any]],
+        *,
+        idempotency_key: str | None = None,
+        organization_id: OrgArg = DEFAULT_ORG,
+    ) -> builtins.list[T]:
+        """Apply up to 500 creates (no ``id``) and updates (``id`` and the fields to change)
+        in one transaction, all or nothing (``POST <name>/batch/``, for resources declared
+        with it; another answers :class:`NotFoundError`). The objects as stored, in order."""
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise TypeError("items must be a list of dicts")
+        if len(items) > MAX_BATCH:
+            raise ValueError(f"a batch holds at most {MAX_BATCH} items, got {len(items)}")
+        org = self._org(organization_id, "batch")
+        if not items:
+            return []
+        cache = _CACHE.get()
+        for item in items:
+            if "id" in item:
+                cache.forget((self.client.base_url, org, self._object_path(item["id"])))
+        path = f"{self.name}/batch/"
+        data = self.client._exchange(
+            "POST", path, org, json_body={"items": items}, idempotency_key=idempotency_key
+        ).value
+        results = data.get("results") if isinstance(data, dict) else None
+        if not isinstance(results, list) or len(results) != len(items):
+            raise APIResponseError(
+                f"batch answer has no 'results' list of {len(items)}", method="POST", path=path
+            )
+        return [self._one(result, "POST", None) for result in results]
+
+    # --- internals ----------------------------------------------------------------------
+    @property
+    def _object_endpoint(self) -> str:
+        return f"{self.name}/{{id}}/"
+
+    def _org(self, organization_id: OrgArg, operation: str) -> str:
+        return self.client._require_org(organization_id, f"{self.name}.{operation}")
+
+    def _object_path(self, object_id: object) -> str:
+        if not isinstance(object_id, str | uuid.UUID):
+            raise TypeError(f"an id must be a str or UUID, got {type(object_id).__name__}")
+        text = str(object_id)
+        if len(text) > MAX_ID:
+            raise ValueError(f"an id is at most {MAX_ID} characters, got {len(text)}")
+        return f"{self.name}/{seg(text)}/"
+
+    def _one(self, data: Any, method: str, etag: str | None) -> T:
+        parsed: T = self.client._parse(self.model, data, method, self._object_endpoint)
+        parsed.stamped(etag)
+        return parsed
+
+    def _remember(self, org: str, path: str | None, data: Any, etag: str | None, method: str) -> T:
+        """The object ``data`` answered to ``org`` with ``etag``, kept for a later ``get`` of
+        ``path`` (else of its own id's) once it parsed (an error or a bad body never is)."""
+        parsed = self._one(data, method, etag)
+        if path is None and isinstance(data, dict) and isinstance(data.get("id"), str):
+            path = self._object_path(data["id"])
+        if path is not None:
+            key = (self.client.base_url, org, path)
+            if etag:
+                _CACHE.get().put(key, etag, json.dumps(data))
+            else:  # an unversioned answer: what was kept is no longer known to be current
+                _CACHE.get().forget(key)
+        return parsed
+
+
+def _if_match(etag: str | None) -> dict[str, str] | None:
+    if etag is None:
+        return None
+    if not isinstance(etag, str):
+        raise TypeError(f"if_match must be an etag (str), got {type(etag).__name__}")
+    return {"If-Match": etag}
+
+
+def _filter_value(name: str, value: object) -> str | None:
+    if name in _RESERVED or not _FILTER.match(name):
+        raise ValueError(f"{name!r} is not a filter name (limit and cursor are set by list)")
+    if value is None:
+        return None
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | uuid.UUID):
+        return str(value)
+    raise TypeError(f"filter {name} must be a str, int, bool or UUID, got {type(value).__name__}")

@@ -1,0 +1,432 @@
+"""``InternalAPIClient.resource()`` against the real backend: a declared resource's get, list,
+create, update, delete and batch, its ETags (``If-Match``: 412 as ``PreconditionFailedError``),
+the conditional-GET cache (a second read of an unchanged object is a 304, a changed one is read
+again, organizations never share an entry, a forked child starts empty) and hostile arguments.
+Requests are counted through a forwarding fault proxy in front of the backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from backend.workers.shared import _resource
+from backend.workers.shared.api_client import (
+    APIValidationError,
+    ConflictError,
+    FileExecution,
+    FileStatus,
+    InternalAPIClient,
+    NotFoundError,
+    OrganizationRequiredError,
+    PreconditionFailedError,
+    Record,
+    WorkflowExecution,
+)
+from backend.workers.shared.config import WorkerConfig
+from tests.fault_server import FaultServer, Forward
+from tests.live_backend import LiveBackend
+
+pytestmark = pytest.mark.usefixtures("no_sleep")
+
+
+def make_config(url: str, backend: LiveBackend, **overrides: Any) -> WorkerConfig:
+    values: dict[str, Any] = {
+        "internal_service_api_key": backend.api_key,
+        "django_app_backend_url": url,
+        "organization_id": backend.org_id,
+        "worker_name": "resource-worker",
+        "api_retry_base_delay": 0.01,
+        "api_retry_max_delay": 0.1,
+        "api_retry_budget_min_per_second": 1000.0,
+        "_env_file": None,
+    }
+    values.update(overrides)
+    return WorkerConfig(**values)
+
+
+@pytest.fixture
+def proxy(live_backend: LiveBackend) -> Iterator[FaultServer]:
+    with FaultServer(default=Forward(live_backend.url)) as server:
+        yield server
+
+
+@pytest.fixture
+def client(proxy: FaultServer, live_backend: LiveBackend) -> Iterator[InternalAPIClient]:
+    with InternalAPIClient(make_config(proxy.url, live_backend)) as api:
+        yield api
+
+
+def new_execution(client: InternalAPIClient, **kwargs: Any) -> WorkflowExecution:
+    return client.create_workflow_execution(f"wf-res-{uuid.uuid4().hex[:10]}", **kwargs)
+
+
+def answers_to(proxy: FaultServer, method: str) -> list[int]:
+    return [status for request, status, _ in proxy.answers if request.method == method]
+
+
+def test_crud_with_typed_models_and_etags(client: InternalAPIClient) -> None:
+    execution = new_execution(client)
+    files = client.resource("file-executions", FileExecution)
+    created = files.create(execution_id=execution.id, file_name="a.pdf", file_hash="h1")
+    assert isinstance(created, FileExecution) and created.status == FileStatus.PENDING
+    assert created.execution_id == execution.id and created.etag
+
+    read = files.get(created.id)
+    assert read.file_name == "a.pdf" and read.etag == created.etag
+    assert list(files.list(execution_id=execution.id)) == [read]  # etag is not compared
+
+    moved = files.update(created.id, if_match=read.etag, status="IN_PROGRESS")
+    assert moved.status == "IN_PROGRESS" and moved.etag and moved.etag != read.etag
+    with pytest.raises(PreconditionFailedError) as stale:
+        files.update(created.id, if_match=read.etag, status="COMPLETED")
+    assert stale.value.status == 412 and stale.value.error_code == "precondition_failed"
+    assert not stale.value.transient
+    assert files.get(created.id).status == "IN_PROGRESS"  # nothing applied
+    with pytest.raises(PreconditionFailedError):
+        files.delete(created.id, if_match=read.etag)
+    with pytest.raises(ConflictError):  # a final status cannot be left
+        files.update(files.update(created.id, status="COMPLETED").id, status="PENDING")
+
+    files.delete(created.id, if_match=files.get(created.id).etag)
+    with pytest.raises(NotFoundError):
+        files.get(created.id)
+    again = files.create(execution_id=execution.id, file_name="gone.pdf")
+    before = _resource.cached_entries()
+    client.delete(f"file-executions/{again.id}/")  # deleted behind the cache's back
+    with pytest.raises(NotFoundError):
+        files.get(again.id)
+    assert _resource.cached_entries() == before - 1  # its kept copy is dropped
+    counts = client.get_workflow_execution(execution.id)
+    assert (counts.total_files, counts.successful_files) == (0, 0)
+
+
+def test_plain_records_when_no_model_is_given(client: InternalAPIClient) -> None:
+    execution = new_execution(client)
+    files = client.resource("file-executions")
+    created = files.create(execution_id=execution.id, file_name="b.txt")
+    assert isinstance(created, Record) and isinstance(created, dict)
+    assert created["file_name"] == "b.txt" and created.etag
+    listed = list(files.list(execution_id=execution.id))
+    assert listed == [created] and listed[0].etag is None  # a list answers no object's ETag
+
+
+def test_list_pages_and_filters(client: InternalAPIClient, proxy: FaultServer) -> None:
+    execution = new_execution(client)
+    files = client.resource("file-executions", FileExecution)
+    made = files.batch([{"execution_id": execution.id, "file_name": f"f{i}"} for i in range(7)])
+    files.update(made[0].id, status=FileStatus.SKIPPED)
+    proxy.reset()
+    listed = files.list(execution_id=uuid.UUID(execution.id), page_size=3)
+    assert proxy.requests == []  # lazy
+    assert sorted(f.file_name for f in listed) == [f"f{i}" for i in range(7)]
+    assert len(proxy.requests) == 3
+    assert [f.id for f in files.list(execution_id=execution.id, status=FileStatus.SKIPPED)] == [
+        made[0].id
+    ]
+    assert len(list(files.list(limit=2, execution_id=execution.id, status=None))) == 2
+    deliveries = client.resource("webhook-deliveries")
+    assert list(deliveries.list(execution_id=execution.id)) == []
+
+
+def test_batch_records_an_executions_files_in_one_call(
+    client: InternalAPIClient, proxy: FaultServer
+) -> None:
+    execution = new_execution(client, total_files=99)
+    files = client.resource("file-executions", FileExecution)
+    proxy.reset()
+    made = files.batch([{"execution_id": execution.id, "file_name": f"x{i}"} for i in range(3)])
+    assert [f.file_name for f in made] == ["x0", "x1", "x2"]
+    assert all(isinstance(f, FileExecution) and f.etag is None for f in made)
+    outcomes = ["COMPLETED", "ERROR", "SKIPPED"]
+    done = files.batch(
+        [{"id": f.id, "status": s} for f, s in zip(made, outcomes, strict=True)],
+        idempotency_key=f"files-{execution.id}",
+    )
+    assert [f.status for f in done] == outcomes
+    assert [r.method for r in proxy.requests] == ["POST", "POST"]
+    counts = client.get_workflow_execution(execution.id)
+    assert (counts.total_files, counts.successful_files, counts.failed_files) == (3, 1, 1)
+
+    with pytest.raises(APIValidationError) as bad:  # all or nothing
+        files.batch([{"id": made[0].id, "error_message": "x"}, {"id": str(uuid.uuid4())}])
+    assert "items[1].id" in bad.value.detail
+    assert files.get(made[0].id).error_message == ""
+    assert files.batch([]) == []
+    with pytest.raises(NotFoundError):  # a resource declared without batch/
+        client.resource("webhook-deliveries").batch([{"url": "http://x"}])
+
+
+def test_a_second_read_of_an_unchanged_object_is_a_304(
+    client: InternalAPIClient, proxy: FaultServer
+) -> None:
+    execution = new_execution(client)
+    files = client.resource("file-executions", FileExecution)
+    created = files.create(execution_id=execution.id, file_name="c.pdf", result={"pages": [1]})
+    proxy.reset()
+    first = files.get(created.id)
+    second = files.get(created.id)
+    assert answers_to(proxy, "GET") == [304, 304]  # the create's answer was kept already
+    assert proxy.requests[0].headers["if-none-match"] == created.etag
+    assert second == first and second.result == {"pages": [1]} and second.etag == created.etag
+    assert second is not first and second.result is not first.result
+
+    # Changed behind the cache's back (a generic PATCH): the next get reads it again.
+    client.patch(f"file-executions/{created.id}/", {"file_hash": "changed"})
+    proxy.reset()
+    again = files.get(created.id)
+    assert answers_to(proxy, "GET") == [200]
+    assert again.file_hash == "changed" and again.etag != created.etag
+    assert files.get(created.id).file_hash == "changed"
+    assert answers_to(proxy, "GET") == [200, 304]
+
+    as_record = client.resource("file-executions").get(created.id)  # the same entry, a dict
+    assert isinstance(as_record, Record) and as_record["file_hash"] == "changed"
+    assert answers_to(proxy, "GET") == [200, 304, 304]
+
+
+def test_organizations_never_share_a_cache_entry(
+    client: InternalAPIClient, proxy: FaultServer, live_backend: LiveBackend
+) -> None:
+    other_org = live_backend.create_organization(f"org-res-{uuid.uuid4().hex[:8]}")
+    other = InternalAPIClient(make_config(proxy.url, live_backend, organization_id=other_org))
+    execution = new_execution(client)
+    mine = client.resource("file-executions").create(execution_id=execution.id, file_name="m")
+    proxy.reset()
+    with pytest.raises(NotFoundError):
+        other.resource("file-executions").get(mine["id"])
+    with pytest.raises(NotFoundError):
+        client.resource("file-executions").get(mine["id"], organization_id=other_org)
+    assert [r.headers.get("if-none-match") for r in proxy.requests] == [None, None]
+    assert answers_to(proxy, "GET") == [404, 404]
+    assert client.resource("file-executions").get(mine["id"]) == mine  # still cached for mine
+    assert answers_to(proxy, "GET") == [404, 404, 304]
+
+
+def test_errors_are_never_cached(client: InternalAPIClient, proxy: FaultServer) -> None:
+    files = client.resource("file-executions")
+    missing = str(uuid.uuid4())
+    before = _resource.cached_entries()
+    for _ in range(2):
+        with pytest.raises(NotFoundError):
+            files.get(missing)
+    assert _resource.cached_entries() == before
+    assert all("if-none-match" not in r.headers for r in proxy.requests)
+
+
+def in_child(report: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Fork; the child runs ``report`` and sends its JSON back; the child's answer."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        signal.alarm(20)
+        try:
+            os.close(read)
+            os.write(write, json.dumps(report()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        answer = pipe.read()
+    os.waitpid(pid, 0)
+    assert answer, "the child reported nothing"
+    return dict(json.loads(answer))
+
+
+def test_a_forked_child_starts_with_an_empty_cache(client: InternalAPIClient) -> None:
+    execution = new_execution(client)
+    client.resource("file-executions").create(execution_id=execution.id, file_name="fork")
+    assert _resource.cached_entries() > 0
+    assert in_child(lambda: {"entries": _resource.cached_entries()}) == {"entries": 0}
+
+
+def test_the_cache_is_bounded_and_drops_the_least_recently_used() -> None:
+    cache = _resource._Cache()
+    for i in range(_resource.CACHE_ENTRIES + 10):
+        cache.put(("u", "org", f"p{i}"), f"e{i}", f'{{"i": {i}}}')
+        if i == _resource.CACHE_ENTRIES - 1:  # full: the oldest, used now, is kept
+            assert cache.get(("u", "org", "p0")) == ("e0", '{"i": 0}')
+    assert len(cache.entries) == _resource.CACHE_ENTRIES
+    kept = [n for n in range(12) if cache.get(("u", "org", f"p{n}")) is not None]
+    assert kept == [0, 11]
+    assert cache.get(("u", "other-org", "p20")) is None
+
+
+class NotAResult(BaseModel):
+    x: int = 0
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "error"),
+    [
+        ("", None, ValueError),
+        ("File-Executions", None, ValueError),
+        ("../health", None, ValueError),
+        ("file-executions/", None, ValueError),
+        ("a b", None, ValueError),
+        ("fichiers-é", None, ValueError),
+        ("-x", None, ValueError),
+        (5, None, ValueError),
+        (None, None, ValueError),
+        ("file-executions", dict, TypeError),
+        ("file-executions", NotAResult, TypeError),
+        ("file-executions", FileExecution(id="1", execution_id="2", file_name="f"), TypeError),
+    ],
+)
+def test_hostile_resource_names_and_models(
+    client: InternalAPIClient, name: Any, model: Any, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        client.resource(name, model)
+
+
+@pytest.mark.parametrize(
+    ("object_id", "error"),
+    [
+        ("", ValueError),
+        ("   ", ValueError),
+        (None, TypeError),
+        (5, TypeError),
+        (2.5, TypeError),
+        (["x"], TypeError),
+        (b"abc", TypeError),
+        ("../../health", NotFoundError),  # one quoted path segment: never another endpoint
+        ("not-a-uuid", NotFoundError),
+        ("x" * 256, ValueError),
+        ("x" * 5000, ValueError),
+        ("x" * 255, NotFoundError),
+        (str(uuid.uuid4()), NotFoundError),
+    ],
+)
+def test_hostile_ids(
+    client: InternalAPIClient, proxy: FaultServer, object_id: Any, error: type[Exception]
+) -> None:
+    files = client.resource("file-executions")
+    for call in (
+        lambda: files.get(object_id),
+        lambda: files.update(object_id, file_hash="x"),
+        lambda: files.delete(object_id),
+    ):
+        with pytest.raises(error):
+            call()
+    if error is not NotFoundError:
+        assert proxy.requests == []  # refused before anything was sent
+    else:
+        assert {r.path.split("?")[0].count("/") for r in proxy.requests} == {5}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"page_size": 0}, ValueError),
+        ({"page_size": 501}, ValueError),
+        ({"page_size": 10**12}, ValueError),
+        ({"page_size": -1}, ValueError),
+        ({"page_size": "10"}, TypeError),
+        ({"page_size": 2.5}, TypeError),
+        ({"page_size": True}, TypeError),
+        ({"limit": -1}, ValueError),
+        ({"limit": "3"}, TypeError),
+        ({"limit": 1.5}, TypeError),
+        ({"cursor": "abc"}, ValueError),
+        ({"Bad-Name": "x"}, ValueError),
+        ({"status": ["COMPLETED"]}, TypeError),
+        ({"status": {"a": 1}}, TypeError),
+        ({"execution_id": 2.5}, TypeError),
+    ],
+)
+def test_hostile_list_arguments(
+    client: InternalAPIClient, proxy: FaultServer, kwargs: dict[str, Any], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        client.resource("file-executions").list(**kwargs)
+    assert proxy.requests == []
+
+
+@pytest.mark.parametrize(
+    ("params", "detail"),
+    [
+        ({"status": "FINISHED"}, "status"),
+        ({"execution_id": "not-a-uuid"}, "execution_id"),
+    ],
+)
+def test_bad_filter_values_are_the_backends_400(
+    client: InternalAPIClient, params: dict[str, Any], detail: str
+) -> None:
+    with pytest.raises(APIValidationError) as bad:
+        list(client.resource("file-executions").list(**params))
+    assert detail in bad.value.detail
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"file_name": 123}, APIValidationError),
+        ({"file_name": ""}, APIValidationError),
+        ({"file_name": "x" * 2000}, APIValidationError),
+        ({"file_name": "f", "status": "DONE"}, APIValidationError),
+        ({"file_name": "f", "bogus": 1}, APIValidationError),
+        ({"file_name": "f", "execution_time": math.nan}, ValueError),
+        ({"file_name": "f", "execution_time": "slow"}, APIValidationError),
+    ],
+)
+def test_hostile_create_fields(
+    client: InternalAPIClient, fields: dict[str, Any], error: type[Exception]
+) -> None:
+    execution = new_execution(client)
+    with pytest.raises(error):
+        client.resource("file-executions").create(execution_id=execution.id, **fields)
+    assert client.get_workflow_execution(execution.id).total_files == 0
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda r, i: r.update(i), ValueError),  # nothing to change
+        (lambda r, i: r.update(i, if_match=5, file_hash="x"), TypeError),
+        (lambda r, i: r.update(i, if_match="", file_hash="x"), ValueError),
+        (lambda r, i: r.update(i, if_match="a\nb", file_hash="x"), ValueError),
+        (lambda r, i: r.update(i, if_match='"nope"', file_hash="x"), PreconditionFailedError),
+        (lambda r, i: r.delete(i, if_match='"nope"'), PreconditionFailedError),
+        (lambda r, i: r.update(i, execution_id=str(uuid.uuid4())), APIValidationError),
+        (lambda r, i: r.batch({"items": []}), TypeError),
+        (lambda r, i: r.batch(["x"]), TypeError),
+        (lambda r, i: r.batch([{"id": i}] * 501), ValueError),
+        (lambda r, i: r.batch([{"id": i, "status": "DONE"}]), APIValidationError),
+        (lambda r, i: r.batch([{"id": 5}]), TypeError),
+        (lambda r, i: r.create(idempotency_key="k" * 300, file_name="f"), ValueError),
+    ],
+)
+def test_hostile_writes(
+    client: InternalAPIClient, call: Callable[[Any, str], Any], error: type[Exception]
+) -> None:
+    execution = new_execution(client)
+    files = client.resource("file-executions", FileExecution)
+    made = files.create(execution_id=execution.id, file_name="keep")
+    with pytest.raises(error):
+        call(files, made.id)
+    after = files.get(made.id)
+    assert (after.file_name, after.file_hash, after.status) == ("keep", "", "PENDING")
+
+
+def test_calls_need_an_organization(proxy: FaultServer, live_backend: LiveBackend) -> None:
+    files = InternalAPIClient(make_config(proxy.url, live_backend, organization_id=None)).resource(
+        "file-executions"
+    )
+    for call in (
+        lambda: files.get(str(uuid.uuid4())),
+        lambda: files.list(),
+        lambda: files.create(file_name="x"),
+        lambda: files.batch([{"file_name": "x"}]),
+    ):
+        with pytest.raises(OrganizationRequiredError):
+            call()
+    assert proxy.requests == []
