@@ -424,7 +424,7 @@ def test_a_reference_an_update_could_change_is_refused_at_declaration() -> None:
     class Repoint(StrictSerializer):
         execution_id = serializers.UUIDField()
 
-    with pytest.raises(ValueError, match="must not change the reference.*execution_id"):
+    with pytest.raises(ValueError, match=r"must not change the reference.*execution_id"):
         Resource(name="files-again", model=FileExecution, serializer=FileExecutionSerializer,
                  label="file", update_serializer=Repoint,
                  references={"execution_id": Reference(Execution, "workflow execution")})
