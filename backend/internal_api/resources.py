@@ -335,6 +335,10 @@ class Reference:
     label: str
     organization_field: str = "organization"
     lock: bool = False
+    #: ``fence(referenced, epoch)`` raises when a write under ``X-Lease-Epoch`` ``epoch`` may
+    #: not touch objects of ``referenced`` (an execution whose lease that epoch lost: 409
+    #: ``lease_lost``); the resource's writes then read the header (400 when malformed).
+    fence: Callable[[Any, int], None] | None = None
 
 
 # ``create(resource, org_id, request, data)`` -> (object, HTTP status): a resource's own create.
@@ -449,14 +453,21 @@ class Resource:
         org_id: str,
         values: Iterable[tuple[str, str, Any]],
         stored: Iterable[Any] = (),
+        epoch: int | None = None,
     ) -> None:
         """400 naming the first ``(where, field, value)`` whose referenced object the
         organization does not have (one query per referenced model); the references to lock
-        (``Reference.lock``) are locked, those of the ``stored`` objects too."""
+        (``Reference.lock``) are locked, those of the ``stored`` objects too; under ``epoch``
+        (``X-Lease-Epoch``) every referenced object passes the reference's ``fence``."""
         values, stored = list(values), list(stored)
         for name, reference in self.references.items():
+            fenced = reference.fence is not None and epoch is not None
             uses = [(where, v) for where, n, v in values if n == name and v is not None]
-            held = {getattr(instance, name) for instance in stored} if reference.lock else set()
+            held = (
+                {getattr(instance, name) for instance in stored}
+                if reference.lock or fenced
+                else set()
+            )
             if not uses and not held:
                 continue
             rows = reference.model.objects.filter(
@@ -465,19 +476,35 @@ class Resource:
             )
             if reference.lock:
                 rows = rows.select_for_update(no_key=True).order_by("pk")
-            found = set(rows.values_list("pk", flat=True))
+            if fenced:
+                assert reference.fence is not None and epoch is not None
+                referenced = list(rows)
+                for row in referenced:
+                    reference.fence(row, epoch)
+                found = {row.pk for row in referenced}
+            else:
+                found = set(rows.values_list("pk", flat=True))
             for where, value in uses:
                 if value not in found:
                     raise APIError(
                         400, "validation_error", f"{where}{name}: no such {reference.label}"
                     )
 
-    def locked(self, org_id: str, pk: Any) -> Any:
+    def locked(self, org_id: str, pk: Any, epoch: int | None = None) -> Any:
         """The organization's object ``pk`` locked for a write, after the references it holds
-        (``Reference.lock``); 404 when there is none."""
-        if any(reference.lock for reference in self.references.values()):
-            self.check_references(org_id, (), [self.get(org_id, pk)])
+        (``Reference.lock``; fenced under ``epoch``); 404 when there is none."""
+        if epoch is not None or any(reference.lock for reference in self.references.values()):
+            self.check_references(org_id, (), [self.get(org_id, pk)], epoch)
         return self.get(org_id, pk, lock=True)
+
+    @property
+    def fenced(self) -> bool:
+        """Whether a reference fences this resource's writes by ``X-Lease-Epoch``."""
+        return any(reference.fence is not None for reference in self.references.values())
+
+    def write_epoch(self, request: Request) -> int | None:
+        """The ``X-Lease-Epoch`` a write of this resource is fenced by (None: unfenced)."""
+        return lease_epoch(request) if self.fenced else None
 
     def new(self, org_id: str, data: dict[str, Any]) -> Any:
         """An unsaved object of the organization with ``data``."""
@@ -522,6 +549,7 @@ def _page_serializer(resource: Resource) -> type[serializers.Serializer]:
 def _list_view(resource: Resource) -> type[APIView]:
     """``GET`` (list) and ``POST`` (create) of ``<name>/``, as declared."""
     prefix = resource.operation_prefix
+    fence = (EPOCH_PARAMETER,) if resource.fenced else ()
     attributes: dict[str, Any] = {"__doc__": f"``GET/POST {resource.name}/``."}
     if "list" in resource.operations:
         filter_parameters = [f.parameter(name) for name, f in resource.filters.items()]
@@ -565,6 +593,7 @@ def _list_view(resource: Resource) -> type[APIView]:
                 IDEMPOTENCY_PARAMETER,
                 REQUEST_ID_PARAMETER,
                 *resource.create_parameters,
+                *fence,
             ],
             request=create_serializer,
             responses={**responses, **errors(*WRITE)},
@@ -576,8 +605,11 @@ def _list_view(resource: Resource) -> type[APIView]:
             if resource.create is not None:
                 instance, status = resource.create(resource, org_id, request, data)
                 return resource.answer(request, instance, status)
+            epoch = resource.write_epoch(request)
             with transaction.atomic():
-                resource.check_references(org_id, [("", k, v) for k, v in data.items()])
+                resource.check_references(
+                    org_id, [("", k, v) for k, v in data.items()], epoch=epoch
+                )
                 instance = resource.new(org_id, data)
                 instance.save(force_insert=True)
                 if resource.after_write is not None:
@@ -591,6 +623,7 @@ def _list_view(resource: Resource) -> type[APIView]:
 def _detail_view(resource: Resource) -> type[APIView]:
     """``GET``, ``PATCH`` and ``DELETE`` of ``<name>/<id>/``, as declared."""
     prefix = resource.operation_prefix
+    fence = (EPOCH_PARAMETER,) if resource.fenced else ()
     attributes: dict[str, Any] = {"__doc__": f"``{resource.name}/{{id}}/``."}
     if "read" in resource.operations:
 
@@ -621,6 +654,7 @@ def _detail_view(resource: Resource) -> type[APIView]:
                 REQUEST_ID_PARAMETER,
                 IF_MATCH_PARAMETER,
                 *resource.update_parameters,
+                *fence,
             ],
             request=update_serializer,
             responses={200: resource.serializer, **errors(*WRITE, 412)},
@@ -632,8 +666,9 @@ def _detail_view(resource: Resource) -> type[APIView]:
             if resource.update is not None:
                 updated = resource.update(resource, org_id, request, pk, data)
                 return resource.answer(request, updated)
+            epoch = resource.write_epoch(request)
             with transaction.atomic():
-                instance = resource.locked(org_id, pk)
+                instance = resource.locked(org_id, pk, epoch)
                 resource.check_if_match(request, instance)
                 resource.change(instance, data)
                 instance.save()
@@ -646,14 +681,15 @@ def _detail_view(resource: Resource) -> type[APIView]:
 
         @extend_schema(
             operation_id=f"{prefix}_delete",
-            parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER, IF_MATCH_PARAMETER],
-            responses={204: None, **errors(*SCOPED, 412)},
+            parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER, IF_MATCH_PARAMETER, *fence],
+            responses={204: None, **errors(*SCOPED, 412, *((409,) if fence else ()))},
         )
         def delete(self: APIView, request: Request, pk: uuid.UUID) -> HttpResponse:
             """Delete one object; with ``If-Match``, only that version of it."""
             org_id = require_organization(request)
+            epoch = resource.write_epoch(request)
             with transaction.atomic():
-                instance = resource.locked(org_id, pk)
+                instance = resource.locked(org_id, pk, epoch)
                 resource.check_if_match(request, instance)
                 resource.model.objects.filter(pk=instance.pk).delete()
                 if resource.after_write is not None:
@@ -696,7 +732,7 @@ def _batch_serializer(resource: Resource) -> type[serializers.Serializer]:
         {
             "__doc__": f"Up to {MAX_BATCH} creates (no ``id``) and updates (``id``) of "
             f"{resource.name}, applied together or not at all.",
-            "items": serializers.ListField(child=item_field(), max_length=MAX_BATCH),
+            "items": serializers.ListField(child=item_field(), min_length=1, max_length=MAX_BATCH),
         },
     )
 
@@ -727,7 +763,12 @@ def _batch_view(resource: Resource) -> type[APIView]:
 
     @extend_schema(
         operation_id=f"{resource.operation_prefix}_batch",
-        parameters=[ORG_PARAMETER, IDEMPOTENCY_PARAMETER, REQUEST_ID_PARAMETER],
+        parameters=[
+            ORG_PARAMETER,
+            IDEMPOTENCY_PARAMETER,
+            REQUEST_ID_PARAMETER,
+            *((EPOCH_PARAMETER,) if resource.fenced else ()),
+        ],
         request=body_serializer,
         responses={200: page_serializer, **errors(*WRITE)},
     )
@@ -736,7 +777,8 @@ def _batch_view(resource: Resource) -> type[APIView]:
         (409 for an illegal status move), and nothing is written."""
         org_id = require_organization(request)
         items = validated(body_serializer, request.data)["items"]
-        return versioned(request, {"results": apply_batch(resource, org_id, items)})
+        epoch = resource.write_epoch(request)
+        return versioned(request, {"results": apply_batch(resource, org_id, items, epoch)})
 
     return type(
         f"{resource.model.__name__}BatchView",
@@ -765,9 +807,12 @@ def _validated_item(resource: Resource, index: int, item: Any) -> tuple[Any, dic
     return (None if pk is None else uuid.UUID(pk)), dict(serializer.validated_data)
 
 
-def apply_batch(resource: Resource, org_id: str, items: list[Any]) -> list[Any]:
-    """Create (no ``id``) or update (``id``) every item in one transaction; the objects'
-    representations in item order. All or nothing: any refusal raises before the commit."""
+def apply_batch(
+    resource: Resource, org_id: str, items: list[Any], epoch: int | None = None
+) -> list[Any]:
+    """Create (no ``id``) or update (``id``) every item in one transaction, fenced by
+    ``epoch``; the objects' representations in item order. All or nothing: any refusal raises
+    before the commit."""
     checked = [_validated_item(resource, index, item) for index, item in enumerate(items)]
     wanted = {pk for pk, _ in checked if pk is not None}
     with transaction.atomic():
@@ -782,6 +827,7 @@ def apply_batch(resource: Resource, org_id: str, items: list[Any]) -> list[Any]:
             resource.scoped(org_id).filter(pk__in=wanted).only("pk", *resource.references)
             if wanted
             else (),
+            epoch,
         )
         stored = {
             row.pk: row

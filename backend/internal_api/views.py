@@ -482,7 +482,11 @@ FILE_EXECUTIONS = Resource(
         "execution_id": Filter("uuid"),
         "status": Filter("choice", choices=tuple(FileStatus.values)),
     },
-    references={"execution_id": Reference(WorkflowExecution, "workflow execution", lock=True)},
+    references={
+        "execution_id": Reference(
+            WorkflowExecution, "workflow execution", lock=True, fence=check_fence
+        )
+    },
     transitions=Transitions("status", FILE_ALLOWED_SOURCES),
     batch=True,
     after_write=count_files,

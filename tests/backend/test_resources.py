@@ -428,3 +428,66 @@ def test_a_reference_an_update_could_change_is_refused_at_declaration() -> None:
         Resource(name="files-again", model=FileExecution, serializer=FileExecutionSerializer,
                  label="file", update_serializer=Repoint,
                  references={"execution_id": Reference(Execution, "workflow execution")})
+
+
+# --- lease fencing of file writes --------------------------------------------------------------
+
+
+def claimed_twice(api: Api) -> tuple[str, int, str]:
+    """An execution claimed, released and claimed again (epoch 2), with one file: its id, the
+    lost epoch (1) and the file's id."""
+    eid = execution(api)
+    file_id = add_file(api, eid)["id"]
+    epochs = []
+    for _ in range(2):
+        claimed = api.call("POST", f"workflow-executions/{eid}/claim/", {"worker": "host:1"})
+        assert claimed.status_code == 200, claimed.content
+        epochs.append(claimed.json()["lease"]["epoch"])
+        if len(epochs) == 1:
+            released = api.call("POST", f"workflow-executions/{eid}/release/",
+                                {"epoch": epochs[0]})
+            assert released.status_code == 200, released.content
+    assert epochs[1] > epochs[0]
+    return eid, epochs[0], file_id
+
+
+def file_writes(eid: str, file_id: str) -> list[tuple[str, str, Any]]:
+    return [
+        ("POST", "file-executions/", {"execution_id": eid, "file_name": "late.pdf"}),
+        ("PATCH", f"file-executions/{file_id}/", {"status": "ERROR"}),
+        ("DELETE", f"file-executions/{file_id}/", None),
+        ("POST", "file-executions/batch/", {"items": [
+            {"execution_id": eid, "file_name": "late.pdf"}, {"id": file_id, "status": "ERROR"}]}),
+    ]
+
+
+@pytest.mark.parametrize("write", range(4), ids=["create", "patch", "delete", "batch"])
+def test_a_file_write_under_a_lost_lease_is_refused_and_writes_nothing(api: Api,
+                                                                       write: int) -> None:
+    eid, lost, file_id = claimed_twice(api)
+    before = stored(api)
+    method, path, body = file_writes(eid, file_id)[write]
+    answer = api.call(method, path, body, headers={**api.headers(), "X-Lease-Epoch": str(lost)})
+    assert error_of(answer) == (409, "lease_lost")
+    assert stored(api) == before
+
+
+@pytest.mark.parametrize("epoch", ["garbage", "0", "-1", "2" * 40, "٣", "1.5", ""])
+@pytest.mark.parametrize("write", range(4), ids=["create", "patch", "delete", "batch"])
+def test_a_malformed_lease_epoch_on_a_file_write_is_a_400(api: Api, write: int,
+                                                          epoch: str) -> None:
+    eid, _lost, file_id = claimed_twice(api)
+    before = stored(api)
+    method, path, body = file_writes(eid, file_id)[write]
+    answer = api.call(method, path, body, headers={**api.headers(), "X-Lease-Epoch": epoch})
+    assert error_of(answer)[0] == 400
+    assert stored(api) == before
+
+
+@pytest.mark.parametrize("write", range(4), ids=["create", "patch", "delete", "batch"])
+def test_a_file_write_under_the_current_lease_applies(api: Api, write: int) -> None:
+    eid, lost, file_id = claimed_twice(api)
+    method, path, body = file_writes(eid, file_id)[write]
+    answer = api.call(method, path, body,
+                      headers={**api.headers(), "X-Lease-Epoch": str(lost + 1)})
+    assert answer.status_code in (200, 201, 204), answer.content

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from backend.workers.shared import InternalAPIClient, WorkerConfig
-from tests.e2e.harness import REPO_ROOT
+from backend.workers.shared import InternalAPIClient
+from tests.e2e.harness import REPO_ROOT, client_config
 from tests.live_backend import LiveBackend
 
 pytestmark = pytest.mark.timeout(180)
@@ -74,8 +74,7 @@ def test_the_orm_task_and_its_client_twin_leave_the_same_results(
     (tmp_path / "orm_tasks.py").write_text(orm_source)
     (tmp_path / "client_tasks.py").write_text(client_source)
     org = live_backend.org_id
-    config = WorkerConfig(_env_file=None, internal_service_api_key=live_backend.api_key,
-                          django_app_backend_url=live_backend.url, organization_id=org)
+    config = client_config(live_backend, org)  # the breaker settings of every test-side client
     with InternalAPIClient(config) as client:
         ids = []
         for _ in range(2):

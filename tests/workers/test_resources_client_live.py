@@ -430,3 +430,29 @@ def test_calls_need_an_organization(proxy: FaultServer, live_backend: LiveBacken
         with pytest.raises(OrganizationRequiredError):
             call()
     assert proxy.requests == []
+
+
+def test_file_writes_naming_the_held_execution_are_fenced_by_its_lease(
+    client: InternalAPIClient, proxy: FaultServer
+) -> None:
+    from backend.workers.shared._fencing import holding_lease
+    from backend.workers.shared.api_client import LeaseLostError
+
+    execution = new_execution(client)
+    lost = client.claim_execution(execution.id, worker="w:1", lease_seconds=60).lease.epoch
+    client.release_execution(execution.id, lost)
+    current = client.claim_execution(execution.id, worker="w:2", lease_seconds=60).lease.epoch
+    files = client.resource("file-executions", FileExecution)
+    item = {"execution_id": execution.id, "file_name": "late.pdf"}
+    with holding_lease(execution.id, lost):
+        with pytest.raises(LeaseLostError):
+            files.batch([item])
+        with pytest.raises(LeaseLostError):
+            files.create(**item)
+    assert list(files.list(execution_id=execution.id)) == []  # nothing was written
+    proxy.reset()
+    with holding_lease(execution.id, current):
+        assert files.batch([item])[0].file_name == "late.pdf"
+    assert [r.headers.get("x-lease-epoch") for r in proxy.requests] == [str(current)]
+    unheld = files.batch([{"execution_id": execution.id, "file_name": "free.pdf"}])
+    assert unheld[0].file_name == "free.pdf"  # no lease held here: the write is not fenced

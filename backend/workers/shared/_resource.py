@@ -22,7 +22,7 @@ from typing import Any, Final, Generic, TypeVar
 
 from . import _runtime
 from ._client_base import DEFAULT_ORG, DEFAULT_PAGE_SIZE, ClientBase, OrgArg, seg
-from ._fencing import lease_of
+from ._fencing import HeldLease, lease_of
 from .errors import APIResponseError, NotFoundError
 from .models import Record, ResultModel
 
@@ -154,7 +154,12 @@ class Resource(Generic[T]):
         (``idempotency_key``, or a fresh one), so a retried create makes one object."""
         org = self._org(organization_id, "create")
         answer = self.client._exchange(
-            "POST", f"{self.name}/", org, json_body=fields, idempotency_key=idempotency_key
+            "POST",
+            f"{self.name}/",
+            org,
+            json_body=fields,
+            idempotency_key=idempotency_key,
+            lease=_held_for([fields]),
         )
         return self._remember(org, None, answer.value, answer.etag, "POST")
 
@@ -221,7 +226,12 @@ class Resource(Generic[T]):
                 cache.forget((self.client.base_url, org, self._object_path(item["id"])))
         path = f"{self.name}/batch/"
         data = self.client._exchange(
-            "POST", path, org, json_body={"items": items}, idempotency_key=idempotency_key
+            "POST",
+            path,
+            org,
+            json_body={"items": items},
+            idempotency_key=idempotency_key,
+            lease=_held_for(items),
         ).value
         results = data.get("results") if isinstance(data, dict) else None
         if not isinstance(results, list) or len(results) != len(items):
@@ -264,6 +274,13 @@ class Resource(Generic[T]):
             else:  # an unversioned answer: what was kept is no longer known to be current
                 _CACHE.get().forget(key)
         return parsed
+
+
+def _held_for(bodies: builtins.list[dict[str, Any]]) -> HeldLease | None:
+    """The lease this context holds on the one execution that ``bodies`` name
+    (``execution_id``), if it holds it: the write is then fenced by its epoch."""
+    named = {str(body["execution_id"]) for body in bodies if body.get("execution_id")}
+    return lease_of(named.pop()) if len(named) == 1 else None
 
 
 def _if_match(etag: str | None) -> dict[str, str] | None:
