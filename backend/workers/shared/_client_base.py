@@ -7,7 +7,7 @@ the arguments the operations share.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypedDict, Unpack
 from urllib.parse import quote
 
 from pydantic import ValidationError
@@ -18,6 +18,23 @@ from .config import WorkerConfig
 from .errors import APIResponseError, OrganizationRequiredError
 from .models import Record, ResultModel
 from .retry_utils import CircuitBreaker
+
+
+class CallOptions(TypedDict, total=False):
+    """The options of one call, as :meth:`Pipeline.call <._pipeline.Pipeline.call>` takes
+    them (its defaults apply to those left out)."""
+
+    params: dict[str, Any] | None
+    json_body: Any
+    idempotency_key: str | None
+    timeout: float | None
+    deadline: float | None
+    retry: bool
+    endpoint: str | None
+    lease: HeldLease | None
+    keyed: bool
+    headers: Mapping[str, str] | None
+
 
 #: Page size used when iterating a list endpoint (the backend allows up to 500).
 DEFAULT_PAGE_SIZE = 100
@@ -173,70 +190,18 @@ class ClientBase:
             ) from None
 
     def _call(
-        self,
-        method: str,
-        path: str,
-        organization_id: str | None,
-        *,
-        params: dict[str, Any] | None = None,
-        json_body: Any = None,
-        idempotency_key: str | None = None,
-        timeout: float | None = None,
-        deadline: float | None = None,
-        retry: bool = True,
-        endpoint: str | None = None,
-        lease: HeldLease | None = None,
-        keyed: bool = True,
+        self, method: str, path: str, organization_id: str | None, **options: Unpack[CallOptions]
     ) -> Any:
-        return self._exchange(
-            method,
-            path,
-            organization_id,
-            params=params,
-            json_body=json_body,
-            idempotency_key=idempotency_key,
-            timeout=timeout,
-            deadline=deadline,
-            retry=retry,
-            endpoint=endpoint,
-            lease=lease,
-            keyed=keyed,
-        ).value
+        """The call's parsed body (see :meth:`_exchange`)."""
+        return self._exchange(method, path, organization_id, **options).value
 
     def _exchange(
-        self,
-        method: str,
-        path: str,
-        organization_id: str | None,
-        *,
-        params: dict[str, Any] | None = None,
-        json_body: Any = None,
-        idempotency_key: str | None = None,
-        timeout: float | None = None,
-        deadline: float | None = None,
-        retry: bool = True,
-        endpoint: str | None = None,
-        lease: HeldLease | None = None,
-        keyed: bool = True,
-        headers: Mapping[str, str] | None = None,
+        self, method: str, path: str, organization_id: str | None, **options: Unpack[CallOptions]
     ) -> Answer:
+        """The call through the attempt pipeline, with its ETag and whether it was a 304."""
         if self._closed:
             raise RuntimeError("this InternalAPIClient is closed; open a new one")
-        return self._pipeline.call(
-            method,
-            path,
-            organization_id,
-            params=params,
-            json_body=json_body,
-            idempotency_key=idempotency_key,
-            timeout=timeout,
-            deadline=deadline,
-            retry=retry,
-            endpoint=endpoint,
-            lease=lease,
-            keyed=keyed,
-            headers=headers,
-        )
+        return self._pipeline.call(method, path, organization_id, **options)
 
 
 def seg(value: str) -> str:
