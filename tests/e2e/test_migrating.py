@@ -1,34 +1,53 @@
 """docs/migrating.md's two tasks, the Django ORM one and its twin on the internal API client,
-each run as a Celery task in a process of its own against the same live backend's database:
-they leave the same execution and the same files. The client's process never imports Django.
+each run by a real ``celery worker`` of its own (the ORM one in the backend's environment, the
+client one in the worker environment, which has no Django) fed through a real broker, against
+one live backend's database: they leave the same execution and the same files. On SQLite with
+the embedded filesystem broker, and on PostgreSQL with Redis.
+
+The guide's tasks are run as written: the workers get their broker from a Celery configuration
+module (``CELERY_CONFIG_MODULE``), which the guide's ``Celery(...)`` apps read by themselves.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import random
 import re
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
 from backend.workers.shared import InternalAPIClient
-from tests.e2e.harness import REPO_ROOT, client_config
-from tests.live_backend import LiveBackend
+from tests.conftest import REDIS_URL
+from tests.e2e.harness import REPO_ROOT, WorkerProcess, client_config, wait_until
+from tests.live_backend import LiveBackend, backend_python
 
 pytestmark = pytest.mark.timeout(180)
 
 GUIDE = REPO_ROOT / "docs" / "migrating.md"
 WORKER_PYTHON = REPO_ROOT / ".venv-worker" / "bin" / "python"
-RUN = """
-import sys
-sys.path.insert(0, sys.argv[1])
-module = __import__(sys.argv[2])
-outcome = module.process_files.apply(args=[sys.argv[3], sys.argv[4]])
-print(outcome.state, outcome.result, "django" in sys.modules)
+# The broker and result store of both workers and of the test's producer, by broker kind.
+FILESYSTEM_CONFIG = """
+from pathlib import Path
+
+from backend.workers.shared import _fs_transport
+
+globals().update(_fs_transport.celery_conf(Path({broker_dir!r})))
+broker_url = "filesystem://"
+result_backend = {results!r}
+"""
+REDIS_CONFIG = """
+broker_url = {url!r}
+result_backend = {url!r}
 """
 FILES = [
     {"file_name": "a.pdf"},
@@ -45,12 +64,56 @@ def guide_tasks() -> tuple[str, str]:
     return blocks[0], blocks[1]
 
 
-def run_task(python: str, module: str, folder: Path, execution_id: str, org: str,
-             env: dict[str, str]) -> str:
-    run = subprocess.run([python, "-c", RUN, str(folder), module, execution_id, org],
-                         env=env, cwd=folder, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    return run.stdout.strip()
+def celery_config(kind: str, folder: Path) -> str:
+    """The text of the Celery configuration module of one broker kind."""
+    if kind == "filesystem":
+        (folder / "results").mkdir()
+        return FILESYSTEM_CONFIG.format(broker_dir=str(folder / "broker"),
+                                        results=f"file://{folder / 'results'}")
+    return REDIS_CONFIG.format(url=f"{REDIS_URL.rsplit('/', 1)[0]}/{random.randint(1, 15)}")
+
+
+def config_module(path: Path) -> ModuleType:
+    """The Celery configuration module at ``path``, loaded for the test's producer."""
+    spec = importlib.util.spec_from_file_location("migrating_celeryconfig", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def celery_env(base: dict[str, str], folder: Path) -> dict[str, str]:
+    """``base`` without inherited Celery variables (they would override the configuration
+    module's broker), with the configuration module and the tasks' folder importable."""
+    env = {k: v for k, v in base.items() if not k.startswith("CELERY_")}
+    env["CELERY_CONFIG_MODULE"] = "celeryconfig"
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), str(REPO_ROOT)])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def celery_worker(python: str, module: str, folder: Path, env: dict[str, str]) -> WorkerProcess:
+    """A ``celery worker`` of the guide's module ``module`` on a queue named after it."""
+    queue = f"{module}-{uuid.uuid4().hex[:8]}"
+    command = [python, "-m", "celery", "-A", module, "worker", "-Q", queue, "--pool=solo",
+               f"--hostname={queue}@%h", "--without-gossip", "--without-mingle",
+               "--loglevel=INFO"]
+    worker = WorkerProcess(env, folder / f"{module}.log", command=command, cwd=folder)
+    worker.env["QUEUE"] = queue  # where the test sends the module's task
+    return worker.launch()
+
+
+def worker_ready(worker: WorkerProcess) -> bool:
+    """True once the Celery worker logged that it is ready (an exit is an error)."""
+    if not worker.alive():
+        raise RuntimeError(f"celery worker exited: {worker.log_tail()}")
+    return " ready." in worker.log_path.read_text(errors="replace")
+
+
+def stop_all(workers: list[WorkerProcess]) -> None:
+    """SIGTERM every worker at once (each warm shutdown takes a few seconds); wait for all."""
+    with ThreadPoolExecutor() as pool:
+        list(pool.map(lambda worker: worker.terminate(30), workers))
 
 
 def outcome(client: InternalAPIClient, execution_id: str) -> dict[str, Any]:
@@ -66,43 +129,78 @@ def outcome(client: InternalAPIClient, execution_id: str) -> dict[str, Any]:
     }
 
 
+def has_django(python: str) -> bool:
+    """True when the interpreter ``python`` can import Django."""
+    probe = "import importlib.util; print(importlib.util.find_spec('django') is not None)"
+    return subprocess.run([python, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "True"
+
+
+@pytest.fixture(params=[
+    pytest.param(("sqlite", "filesystem"), id="sqlite-filesystem"),
+    pytest.param(("postgres", "redis"), marks=[pytest.mark.postgres, pytest.mark.redis],
+                 id="postgres-redis"),
+])
+def stack(request: pytest.FixtureRequest) -> Iterator[tuple[LiveBackend, str]]:
+    """The live backend of one database and the broker kind the guide's workers use there."""
+    database, kind = request.param
+    fixture = "live_backend" if database == "sqlite" else "live_backend_pg"
+    yield request.getfixturevalue(fixture), kind
+
+
 def test_the_orm_task_and_its_client_twin_leave_the_same_results(
-    live_backend: LiveBackend, tmp_path: Path
+    stack: tuple[LiveBackend, str], tmp_path: Path
 ) -> None:
+    from celery import Celery
+
+    backend, kind = stack
     orm_source, client_source = guide_tasks()
     assert "django" not in client_source.lower().replace("no django", "")
     (tmp_path / "orm_tasks.py").write_text(orm_source)
     (tmp_path / "client_tasks.py").write_text(client_source)
-    org = live_backend.org_id
-    config = client_config(live_backend, org)  # the breaker settings of every test-side client
-    with InternalAPIClient(config) as client:
+    (tmp_path / "celeryconfig.py").write_text(celery_config(kind, tmp_path))
+    worker_python = str(WORKER_PYTHON) if WORKER_PYTHON.exists() else sys.executable
+    if WORKER_PYTHON.exists():
+        assert not has_django(worker_python), "the worker environment has no Django"
+
+    org = f"org-migrate-{uuid.uuid4().hex[:8]}"
+    backend.create_organization(org)
+    orm_env = celery_env({k: v for k, v in backend.env.items() if not k.startswith("LOG_")},
+                         tmp_path)
+    client_env = {k: v for k, v in os.environ.items()
+                  if k not in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL")}
+    client_env.update({"INTERNAL_SERVICE_API_KEY": backend.api_key,
+                       "DJANGO_APP_BACKEND_URL": backend.url, "ORGANIZATION_ID": org,
+                       "WORKER_DATA_DIR": str(tmp_path), "ENV_FILE": os.devnull})
+    with ExitStack() as running, InternalAPIClient(client_config(backend, org)) as client:
+        workers = [celery_worker(backend_python(), "orm_tasks", tmp_path, orm_env),
+                   celery_worker(worker_python, "client_tasks", tmp_path,
+                                 celery_env(client_env, tmp_path))]
+        running.callback(stop_all, workers)
         ids = []
-        for _ in range(2):
+        for _ in workers:
             execution = client.create_workflow_execution(f"wf-migrate-{uuid.uuid4().hex[:8]}")
             client.resource("file-executions").batch(
                 [{"execution_id": execution.id, **item} for item in FILES])
-            ids.append(execution.id)
+            ids.append(str(execution.id))
+        for worker in workers:
+            wait_until(lambda w=worker: worker_ready(w), 60, f"{worker.log_path.name} ready", 0.2)
 
-        orm_env = {k: v for k, v in live_backend.env.items() if not k.startswith("LOG_")}
-        orm = run_task(sys.executable, "orm_tasks", tmp_path, ids[0], org, orm_env)
-
-        worker_env = {k: v for k, v in os.environ.items()
-                      if k not in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL")}
-        worker_env.update({
-            "INTERNAL_SERVICE_API_KEY": live_backend.api_key,
-            "DJANGO_APP_BACKEND_URL": live_backend.url,
-            "ORGANIZATION_ID": org,
-            "WORKER_DATA_DIR": str(tmp_path),
-            "PYTHONPATH": str(REPO_ROOT),
-        })
-        python = str(WORKER_PYTHON) if WORKER_PYTHON.exists() else sys.executable
-        twin = run_task(python, "client_tasks", tmp_path, ids[1], org, worker_env)
-
-        assert orm.startswith("SUCCESS") and orm.endswith("True")
-        assert twin.startswith("SUCCESS") and twin.endswith("False")  # no Django imported
+        producer = Celery("migrating-producer")
+        producer.config_from_object(config_module(tmp_path / "celeryconfig.py"))
+        running.callback(producer.close)
+        results = [
+            producer.send_task(f"{module}.process_files", args=[execution_id, org],
+                               queue=worker.env["QUEUE"])
+            for module, worker, execution_id in zip(
+                ("orm_tasks", "client_tasks"), workers, ids, strict=True)
+        ]
+        answers = [result.get(timeout=60) for result in results]
+        assert answers == [{"execution_id": i, "status": "COMPLETED"} for i in ids]
         before, after = outcome(client, ids[0]), outcome(client, ids[1])
     assert before == after
     assert before["status"] == "COMPLETED" and before["counts"] == (4, 3, 1)
     assert before["result"] == {"processed": 3}
+    assert before["stamped"] == (True, True)
     assert ("b.bad", "ERROR", "b.bad: not a document", None) in before["files"]
     assert ("a.pdf", "COMPLETED", "", {"length": 5}) in before["files"]
