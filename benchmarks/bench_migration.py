@@ -2,13 +2,14 @@
 client twin, in one run against one backend (gunicorn, 2 ``gthread`` workers, PostgreSQL on
 loopback, a fresh database dropped afterwards).
 
-The guide's code blocks are taken as ``tests/e2e/test_migrating.py`` takes them and run as it
-runs them (Celery's ``.apply()``; the ORM task on this interpreter with the backend's
-settings and database, the client task on the worker venv without Django), but each in one
-long-lived process that imports its task module once: only the loop over a round's
-executions is timed. Every execution holds the e2e test's four files. Rounds alternate the
-order of the two (the machine is shared and noisy); printed: the median executions per second
-of each and the median ratio client / ORM.
+The guide's code blocks are taken as ``tests/e2e/test_migrating.py`` takes them, and run in
+the environments it runs them in (the ORM task on this interpreter with the backend's settings
+and database, the client task on the worker venv without Django), but with Celery's
+``.apply()`` rather than through a broker and a worker (whose polling would be timed too),
+each in one long-lived process that imports its task module once: only the loop over a
+round's executions is timed. Every execution holds the e2e test's four files. Rounds
+alternate the order of the two (the machine is shared and noisy); printed: the median
+executions per second of each and the median ratio client / ORM.
 
 Run: ``.venv/bin/python benchmarks/bench_migration.py``; needs PostgreSQL on 127.0.0.1:5432.
 """
