@@ -92,15 +92,13 @@ def celery_env(base: dict[str, str], folder: Path) -> dict[str, str]:
     return env
 
 
-def celery_worker(python: str, module: str, folder: Path, env: dict[str, str]) -> WorkerProcess:
-    """A ``celery worker`` of the guide's module ``module`` on a queue named after it."""
-    queue = f"{module}-{uuid.uuid4().hex[:8]}"
+def celery_worker(python: str, module: str, queue: str, folder: Path,
+                  env: dict[str, str]) -> WorkerProcess:
+    """A ``celery worker`` of the guide's module ``module`` (in ``folder``) on ``queue``."""
     command = [python, "-m", "celery", "-A", module, "worker", "-Q", queue, "--pool=solo",
                f"--hostname={queue}@%h", "--without-gossip", "--without-mingle",
                "--loglevel=INFO"]
-    worker = WorkerProcess(env, folder / f"{module}.log", command=command, cwd=folder)
-    worker.env["QUEUE"] = queue  # where the test sends the module's task
-    return worker.launch()
+    return WorkerProcess(env, folder / f"{module}.log", command=command, cwd=folder).launch()
 
 
 def worker_ready(worker: WorkerProcess) -> bool:
@@ -173,8 +171,10 @@ def test_the_orm_task_and_its_client_twin_leave_the_same_results(
                        "DJANGO_APP_BACKEND_URL": backend.url, "ORGANIZATION_ID": org,
                        "WORKER_DATA_DIR": str(tmp_path), "ENV_FILE": os.devnull})
     with ExitStack() as running, InternalAPIClient(client_config(backend, org)) as client:
-        workers = [celery_worker(backend_python(), "orm_tasks", tmp_path, orm_env),
-                   celery_worker(worker_python, "client_tasks", tmp_path,
+        modules = ("orm_tasks", "client_tasks")
+        queues = [f"{module}-{uuid.uuid4().hex[:8]}" for module in modules]
+        workers = [celery_worker(backend_python(), modules[0], queues[0], tmp_path, orm_env),
+                   celery_worker(worker_python, modules[1], queues[1], tmp_path,
                                  celery_env(client_env, tmp_path))]
         running.callback(stop_all, workers)
         ids = []
@@ -190,12 +190,13 @@ def test_the_orm_task_and_its_client_twin_leave_the_same_results(
         producer.config_from_object(config_module(tmp_path / "celeryconfig.py"))
         running.callback(producer.close)
         results = [
-            producer.send_task(f"{module}.process_files", args=[execution_id, org],
-                               queue=worker.env["QUEUE"])
-            for module, worker, execution_id in zip(
-                ("orm_tasks", "client_tasks"), workers, ids, strict=True)
+            producer.send_task(f"{module}.process_files", args=[execution_id, org], queue=queue)
+            for module, queue, execution_id in zip(modules, queues, ids, strict=True)
         ]
-        answers = [result.get(timeout=60) for result in results]
+        try:
+            answers = [result.get(timeout=60) for result in results]
+        except Exception as exc:
+            pytest.fail(f"{exc!r}; logs:\n" + "\n".join(w.log_tail() for w in workers))
         assert answers == [{"execution_id": i, "status": "COMPLETED"} for i in ids]
         before, after = outcome(client, ids[0]), outcome(client, ids[1])
     assert before == after

@@ -26,7 +26,6 @@ from backend.workers.shared import (
     InternalAPIClient,
     InternalAPIError,
 )
-from tests.conftest import require_service
 from tests.e2e.harness import REPO_ROOT, client_config
 from tests.e2e.readme_snippets import code_blocks
 from tests.live_backend import LiveBackend
@@ -83,26 +82,16 @@ def write_project(folder: Path) -> None:
         root_urls.replace(mounted, 'include("invoice_api_urls")'))
 
 
-@pytest.fixture(scope="module", params=[
-    pytest.param("sqlite", id="sqlite"),
-    pytest.param("postgres", marks=pytest.mark.postgres, id="postgres"),
-])
-def invoices_backend(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LiveBackend]:
-    """The real backend serving the README's invoices on one database, its migration made
-    first by ``manage.py makemigrations``."""
-    folder = tmp_path_factory.mktemp(f"invoices-{request.param}")
+@pytest.fixture(scope="module")
+def invoices_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBackend]:
+    """The real backend serving the README's invoices (SQLite: the declared resources' own
+    suites run on both databases), its migration made first by ``manage.py makemigrations``."""
+    folder = tmp_path_factory.mktemp("invoices-project")
     write_project(folder)
-    options: dict[str, Any] = {"data_dir": folder / "data", "extra_env": {
+    backend = LiveBackend(data_dir=folder / "data", extra_env={
         "DJANGO_SETTINGS_MODULE": "invoice_settings",
         "PYTHONPATH": f"{folder}:{REPO_ROOT}",
-    }}
-    if request.param == "postgres":
-        require_service("postgres")
-        backend = LiveBackend.postgres(**options)
-    else:
-        backend = LiveBackend(**options)
+    })
     try:
         made = backend.manage("makemigrations", APP)
         assert "Create model Invoice" in made, made
