@@ -1,11 +1,11 @@
 """The backend README's "How a team adds its own" example runs as written.
 
-Its Python block is cut where its comments say (``# models.py``, ``# api.py``, the urls line)
-into a temporary Django app ``invoices`` beside a settings module that adds it to the
-backend's; the urls line is appended to a copy of ``backend/internal_api/urls.py`` (its
-``...`` are the patterns already there). ``manage.py makemigrations`` writes the app's
-migration, and the real backend (gunicorn) serves it; the worker's client then uses
-``client.resource("invoices")`` as the README says it can.
+Its Python block is cut where its comments say (``# models.py``, ``# api.py``,
+``# backend/internal_api/urls.py``) into a temporary Django app ``invoices`` beside a settings
+module that adds it to the backend's; the urls part is appended to a copy of
+``backend/internal_api/urls.py`` (its ``...`` are the patterns already there).
+``manage.py makemigrations`` writes the app's migration, and the real backend (gunicorn)
+serves it; the worker's client then uses ``client.resource("invoices")`` as the README says.
 """
 
 from __future__ import annotations
@@ -69,12 +69,11 @@ def write_project(folder: Path) -> None:
     (app / "models.py").write_text(parts["models.py"])
     (app / "api.py").write_text(parts["api.py"])
     (folder / "invoice_settings.py").write_text(SETTINGS)
-    # The team's edit of backend/internal_api/urls.py: the README's line appended to it.
-    urls_line = parts["urls.py"].replace("[...,", "[*urlpatterns,", 1)
-    assert urls_line != parts["urls.py"], "the urls line extends the patterns already there"
+    # The team's edit of backend/internal_api/urls.py: the README's part appended to it.
+    urls_part = parts["urls.py"].replace("[...,", "[*urlpatterns,", 1)
+    assert urls_part != parts["urls.py"], "the urls part extends the patterns already there"
     internal_urls = (REPO_ROOT / "backend" / "internal_api" / "urls.py").read_text()
-    (folder / "invoice_api_urls.py").write_text(
-        f"{internal_urls}\n{urls_line}")
+    (folder / "invoice_api_urls.py").write_text(f"{internal_urls}\n{urls_part}")
     root_urls = (REPO_ROOT / "backend" / "urls.py").read_text()
     mounted = 'include("backend.internal_api.urls")'
     assert mounted in root_urls
