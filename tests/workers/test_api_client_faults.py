@@ -453,6 +453,26 @@ def test_json_of_the_wrong_shape_is_a_response_error(server: FaultServer) -> Non
         client.get_workflow_execution("x")
 
 
+@pytest.mark.parametrize(
+    ("call", "method", "path"),
+    [
+        (lambda c: c.get_workflow_execution("x"), "GET", "workflow-executions/{id}/"),
+        (lambda c: c.create_workflow_execution("wf"), "POST", "workflow-executions/"),
+        (lambda c: c.update_workflow_execution("x", result={}), "PATCH",
+         "workflow-executions/{id}/"),
+        (lambda c: c.get_webhook_delivery("x"), "GET", "webhook-deliveries/{id}/"),
+        (lambda c: next(c.list_webhook_deliveries()), "GET", "webhook-deliveries/"),
+    ],
+)
+def test_a_wrong_shape_names_the_endpoint_that_answered_it(
+    server: FaultServer, call: Any, method: str, path: str
+) -> None:
+    server.reset(default=Respond(200, {"id": "x", "results": [{"id": 5}]}))
+    with pytest.raises(APIResponseError, match="not a valid") as info:
+        call(InternalAPIClient(make_config(server)))
+    assert (info.value.method, info.value.path) == (method, path)
+
+
 def test_error_without_json_body_keeps_status_and_excerpt(server: FaultServer) -> None:
     server.push(Respond(404, "<h1>Not Found</h1>"))
     with pytest.raises(NotFoundError) as info:

@@ -1,36 +1,46 @@
 """The workflow-execution operations of
-:class:`~backend.workers.shared.api_client.InternalAPIClient`: reading, listing, creating and
-updating executions, and their lifecycle under a lease (claim, heartbeat, release, finish,
-events).
+:class:`~backend.workers.shared.api_client.InternalAPIClient`: reading, listing, creating,
+updating and deleting executions (the declared resource ``workflow-executions``, through
+:class:`~._resource.Resource`), and their lifecycle under a lease (claim, heartbeat, release,
+finish, events).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final, Unpack
 
-from ._client_base import DEFAULT_ORG, DEFAULT_PAGE_SIZE, ClientBase, OrgArg, seg
+from ._client_base import DEFAULT_ORG, DEFAULT_PAGE_SIZE, CallOptions, ClientBase, OrgArg, seg
 from ._fencing import check_epoch, lease_of, note_final
+from ._resource import Resource
 from .errors import APIResponseError
 from .models import FINAL_STATUSES, Claim, ExecutionEvent, Lease, WorkflowExecution
+
+# The resource's operations as this class's methods name them (in OrganizationRequiredError).
+_LABELS: Final = {
+    "get": "get_workflow_execution",
+    "list": "list_workflow_executions",
+    "create": "create_workflow_execution",
+    "update": "update_workflow_execution",
+    "delete": "delete_workflow_execution",
+}
 
 
 class ExecutionCalls(ClientBase):
     """The client's calls about workflow executions (``workflow-executions/``)."""
 
+    @property
+    def _executions(self) -> Resource[WorkflowExecution]:
+        """The ``workflow-executions`` resource, its operations named as this class's."""
+        return Resource(self, "workflow-executions", WorkflowExecution, labels=_LABELS)
+
     # --- workflow executions ----------------------------------------------------------
     def get_workflow_execution(
         self, execution_id: str, *, organization_id: OrgArg = DEFAULT_ORG
     ) -> WorkflowExecution:
-        """Read one execution; :class:`NotFoundError` when unknown or another org's."""
-        data = self._org_call(
-            "GET",
-            f"workflow-executions/{seg(execution_id)}/",
-            organization_id,
-            "get_workflow_execution",
-            endpoint="workflow-executions/{id}/",
-        )
-        return self._parse(WorkflowExecution, data, "GET", "workflow-executions/{id}/")
+        """Read one execution; :class:`NotFoundError` when unknown or another org's. A copy
+        read before is revalidated (``If-None-Match``): a 304 answers from it."""
+        return self._executions.get(execution_id, organization_id=organization_id)
 
     def list_workflow_executions(
         self,
@@ -47,10 +57,12 @@ class ExecutionCalls(ClientBase):
         (1-500) is how many each request asks for. Arguments and the organization are checked
         now, before anything is sent.
         """
-        org = self._require_org(organization_id, "list_workflow_executions")
-        params = {k: v for k, v in (("status", status), ("workflow_id", workflow_id)) if v}
-        return self._paginate(
-            "workflow-executions/", params, WorkflowExecution, limit, page_size, org
+        return self._executions.list(
+            limit,
+            page_size=page_size,
+            organization_id=organization_id,
+            status=status or None,
+            workflow_id=workflow_id or None,
         )
 
     def create_workflow_execution(
@@ -79,32 +91,16 @@ class ExecutionCalls(ClientBase):
             if not isinstance(dispatch, dict) or not isinstance(dispatch.get("task"), str):
                 raise ValueError('dispatch must be {"task": "<celery task name>", "queue": ...}')
             body["dispatch"] = dispatch
-        data = self._org_call(
-            "POST",
-            "workflow-executions/",
-            organization_id,
-            "create_workflow_execution",
-            json_body=body,
-            idempotency_key=idempotency_key,
+        return self._executions.create(
+            idempotency_key=idempotency_key, organization_id=organization_id, **body
         )
-        return self._parse(WorkflowExecution, data, "POST", "workflow-executions/")
 
     def update_workflow_execution(
         self, execution_id: str, *, organization_id: OrgArg = DEFAULT_ORG, **fields: Any
     ) -> WorkflowExecution:
-        """Update non-status fields (``result``, file counts, ``task_id``) of an execution."""
-        if not fields:
-            raise ValueError("update_workflow_execution needs at least one field to update")
-        data = self._org_call(
-            "PATCH",
-            f"workflow-executions/{seg(execution_id)}/",
-            organization_id,
-            "update_workflow_execution",
-            json_body=fields,
-            endpoint="workflow-executions/{id}/",
-            lease=lease_of(execution_id),
-        )
-        return self._parse(WorkflowExecution, data, "PATCH", "workflow-executions/{id}/")
+        """Update non-status fields (``result``, file counts, ``task_id``) of an execution;
+        under its lease (:func:`holding_lease`) the write carries the lease's epoch."""
+        return self._executions.update(execution_id, organization_id=organization_id, **fields)
 
     def update_workflow_execution_status(
         self,
@@ -131,13 +127,12 @@ class ExecutionCalls(ClientBase):
         self, execution_id: str, body: dict[str, Any], organization_id: OrgArg, operation: str
     ) -> WorkflowExecution:
         lease = lease_of(execution_id)
-        data = self._org_call(
-            "POST",
-            f"workflow-executions/{seg(execution_id)}/status/",
+        data = self._lifecycle_post(
+            execution_id,
+            "status",
             organization_id,
             operation,
             json_body=body,
-            endpoint="workflow-executions/{id}/status/",
             lease=lease,
             keyed=lease is None,  # under a lease a write is idempotent by itself
         )
@@ -176,13 +171,12 @@ class ExecutionCalls(ClientBase):
             body["dispatch"] = {"task": _check_name("task", task)}
             if queue is not None:
                 body["dispatch"]["queue"] = _check_name("queue", queue)
-        data = self._org_call(
-            "POST",
-            f"workflow-executions/{seg(execution_id)}/claim/",
+        data = self._lifecycle_post(
+            execution_id,
+            "claim",
             organization_id,
             "claim_execution",
             json_body=body,
-            endpoint="workflow-executions/{id}/claim/",
             keyed=False,  # a claim retried by its worker gets its own lease back
         )
         claim: Claim = self._parse(Claim, data, "POST", "workflow-executions/{id}/claim/")
@@ -208,13 +202,12 @@ class ExecutionCalls(ClientBase):
         body: dict[str, Any] = {"epoch": check_epoch(epoch)}
         if lease_seconds is not None:
             body["lease_seconds"] = _check_lease_seconds(lease_seconds)
-        data = self._org_call(
-            "POST",
-            f"workflow-executions/{seg(execution_id)}/heartbeat/",
+        data = self._lifecycle_post(
+            execution_id,
+            "heartbeat",
             organization_id,
             "heartbeat_execution",
             json_body=body,
-            endpoint="workflow-executions/{id}/heartbeat/",
             timeout=timeout,
             deadline=deadline,
         )
@@ -242,13 +235,8 @@ class ExecutionCalls(ClientBase):
             ):
                 raise ValueError(f"retry_in must be from 0 to 86400 seconds, got {retry_in!r}")
             body["retry_in"] = round(float(retry_in), 3)
-        data = self._org_call(
-            "POST",
-            f"workflow-executions/{seg(execution_id)}/release/",
-            organization_id,
-            "release_execution",
-            json_body=body,
-            endpoint="workflow-executions/{id}/release/",
+        data = self._lifecycle_post(
+            execution_id, "release", organization_id, "release_execution", json_body=body
         )
         return self._parse(WorkflowExecution, data, "POST", "workflow-executions/{id}/release/")
 
@@ -308,13 +296,25 @@ class ExecutionCalls(ClientBase):
     ) -> None:
         """Delete an execution. A 404 after an attempt whose answer was lost counts as
         deleted (that attempt did it); otherwise :class:`NotFoundError`."""
-        self._org_call(
-            "DELETE",
-            f"workflow-executions/{seg(execution_id)}/",
-            organization_id,
-            "delete_workflow_execution",
-            endpoint="workflow-executions/{id}/",
-        )
+        self._executions.delete(execution_id, organization_id=organization_id)
+
+    def _lifecycle_post(
+        self,
+        execution_id: str,
+        action: str,
+        organization_id: OrgArg,
+        operation: str,
+        **options: Unpack[CallOptions],
+    ) -> Any:
+        """``POST workflow-executions/{id}/<action>/``, a lifecycle write; once it is
+        applied, the copy of the execution the conditional-GET cache kept is dropped: it is
+        no longer current, and the answer carries no ``ETag`` to keep in its place."""
+        path = f"workflow-executions/{seg(execution_id)}/{action}/"
+        org = self._require_org(organization_id, operation)
+        options["endpoint"] = f"workflow-executions/{{id}}/{action}/"
+        data = self._call("POST", path, org, **options)
+        self._executions.forget(execution_id, organization_id=org)
+        return data
 
 
 def _check_name(what: str, value: str) -> str:

@@ -16,13 +16,14 @@ import re
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from enum import Enum
 from typing import Any, Final, Generic, TypeVar
 
 from . import _runtime
 from ._client_base import DEFAULT_ORG, DEFAULT_PAGE_SIZE, ClientBase, OrgArg, seg
 from ._fencing import HeldLease, lease_of
+from ._pipeline import Answer
 from .errors import APIResponseError, NotFoundError
 from .models import Record, ResultModel
 
@@ -83,9 +84,20 @@ class Resource(Generic[T]):
     """The declared resource ``name`` reached through ``client``: each call is organization-
     scoped (``organization_id=`` as everywhere in the client) and returns ``model`` instances,
     or :class:`~.models.Record` dicts when no model was given. Objects answered by ``get``,
-    ``create`` and ``update`` carry their ``etag`` for an ``If-Match``."""
+    ``create`` and ``update`` carry their ``etag`` for an ``If-Match``.
 
-    def __init__(self, client: ClientBase, name: str, model: type[ResultModel] | None) -> None:
+    ``labels`` name its operations in the errors it raises before sending (``{"get":
+    "get_workflow_execution"}`` for the client's own methods built on it); an operation not
+    named there is ``<name>.<operation>``."""
+
+    def __init__(
+        self,
+        client: ClientBase,
+        name: str,
+        model: type[ResultModel] | None,
+        *,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(f"a resource name is lowercase words joined by '-', got {name!r}")
         if model is not None and not (isinstance(model, type) and issubclass(model, ResultModel)):
@@ -93,6 +105,7 @@ class Resource(Generic[T]):
         self.client = client
         self.name = name
         self.model = model
+        self.labels: Mapping[str, str] = labels or {}
 
     def __repr__(self) -> str:
         model = self.model.__name__ if self.model else "Record"
@@ -103,7 +116,7 @@ class Resource(Generic[T]):
         A copy read before is revalidated with ``If-None-Match``: a 304 answers from it."""
         org = self._org(organization_id, "get")
         path = self._object_path(object_id)
-        cache, key = _CACHE.get(), (self.client.base_url, org, path)
+        cache, key = _CACHE.get(), self._key(org, path)
         cached = cache.get(key)
         headers = {"If-None-Match": cached[0]} if cached else None
         try:
@@ -114,8 +127,9 @@ class Resource(Generic[T]):
             cache.forget(key)  # deleted meanwhile: its kept copy is of no more use
             raise
         if answer.not_modified and cached:
-            return self._one(json.loads(cached[1]), "GET", answer.etag or cached[0])
-        return self._remember(org, path, answer.value, answer.etag, "GET")
+            kept = json.loads(cached[1])
+            return self._one(kept, "GET", self._object_endpoint, answer.etag or cached[0])
+        return self._remember(org, path, answer, "GET", self._object_endpoint)
 
     def list(
         self,
@@ -153,15 +167,16 @@ class Resource(Generic[T]):
         """Create one object from ``fields``; retries reuse one ``Idempotency-Key``
         (``idempotency_key``, or a fresh one), so a retried create makes one object."""
         org = self._org(organization_id, "create")
+        path = f"{self.name}/"
         answer = self.client._exchange(
             "POST",
-            f"{self.name}/",
+            path,
             org,
             json_body=fields,
             idempotency_key=idempotency_key,
             lease=_held_for([fields]),
         )
-        return self._remember(org, None, answer.value, answer.etag, "POST")
+        return self._remember(org, None, answer, "POST", path)
 
     def update(
         self,
@@ -174,7 +189,7 @@ class Resource(Generic[T]):
         """Change ``fields`` of one object. With ``if_match`` (an ``etag``) only while the
         object is still that version: else :class:`PreconditionFailedError`, nothing changed."""
         if not fields:
-            raise ValueError("update needs at least one field to change")
+            raise ValueError(f"{self._label('update')} needs at least one field to change")
         org = self._org(organization_id, "update")
         path = self._object_path(object_id)
         answer = self.client._exchange(
@@ -186,7 +201,7 @@ class Resource(Generic[T]):
             lease=lease_of(str(object_id)),
             headers=_if_match(if_match),
         )
-        return self._remember(org, path, answer.value, answer.etag, "PATCH")
+        return self._remember(org, path, answer, "PATCH", self._object_endpoint)
 
     def delete(
         self,
@@ -198,10 +213,17 @@ class Resource(Generic[T]):
         """Delete one object (with ``if_match``, only while it is still that version)."""
         org = self._org(organization_id, "delete")
         path = self._object_path(object_id)
-        _CACHE.get().forget((self.client.base_url, org, path))
+        _CACHE.get().forget(self._key(org, path))
         self.client._exchange(
             "DELETE", path, org, endpoint=self._object_endpoint, headers=_if_match(if_match)
         )
+
+    def forget(self, object_id: str | uuid.UUID, *, organization_id: OrgArg = DEFAULT_ORG) -> None:
+        """Drop the copy of one object this process keeps, after a change made by a call
+        that is not this resource's (a lifecycle ``POST``, a generic ``patch``): the next
+        ``get`` reads it in full instead of sending an ``If-None-Match`` known to be stale."""
+        org = self._org(organization_id, "forget")
+        _CACHE.get().forget(self._key(org, self._object_path(object_id)))
 
     def batch(
         self,
@@ -223,7 +245,7 @@ class Resource(Generic[T]):
         cache = _CACHE.get()
         for item in items:
             if "id" in item:
-                cache.forget((self.client.base_url, org, self._object_path(item["id"])))
+                cache.forget(self._key(org, self._object_path(item["id"])))
         path = f"{self.name}/batch/"
         data = self.client._exchange(
             "POST",
@@ -238,15 +260,21 @@ class Resource(Generic[T]):
             raise APIResponseError(
                 f"batch answer has no 'results' list of {len(items)}", method="POST", path=path
             )
-        return [self._one(result, "POST", None) for result in results]
+        return [self._one(result, "POST", path, None) for result in results]
 
     # --- internals ----------------------------------------------------------------------
     @property
     def _object_endpoint(self) -> str:
         return f"{self.name}/{{id}}/"
 
+    def _label(self, operation: str) -> str:
+        return self.labels.get(operation) or f"{self.name}.{operation}"
+
     def _org(self, organization_id: OrgArg, operation: str) -> str:
-        return self.client._require_org(organization_id, f"{self.name}.{operation}")
+        return self.client._require_org(organization_id, self._label(operation))
+
+    def _key(self, org: str, path: str) -> _Key:
+        return (self.client.base_url, org, path)
 
     def _object_path(self, object_id: object) -> str:
         if not isinstance(object_id, str | uuid.UUID):
@@ -256,19 +284,24 @@ class Resource(Generic[T]):
             raise ValueError(f"an id is at most {MAX_ID} characters, got {len(text)}")
         return f"{self.name}/{seg(text)}/"
 
-    def _one(self, data: Any, method: str, etag: str | None) -> T:
-        parsed: T = self.client._parse(self.model, data, method, self._object_endpoint)
+    def _one(self, data: Any, method: str, endpoint: str, etag: str | None) -> T:
+        """``data``, answered to ``method`` on ``endpoint``, as the resource's model."""
+        parsed: T = self.client._parse(self.model, data, method, endpoint)
         parsed.stamped(etag)
         return parsed
 
-    def _remember(self, org: str, path: str | None, data: Any, etag: str | None, method: str) -> T:
-        """The object ``data`` answered to ``org`` with ``etag``, kept for a later ``get`` of
-        ``path`` (else of its own id's) once it parsed (an error or a bad body never is)."""
-        parsed = self._one(data, method, etag)
-        if path is None and isinstance(data, dict) and isinstance(data.get("id"), str):
-            path = self._object_path(data["id"])
-        if path is not None:
-            key = (self.client.base_url, org, path)
+    def _remember(
+        self, org: str, kept: str | None, answer: Answer, method: str, endpoint: str
+    ) -> T:
+        """The object ``answer`` (to ``method`` on ``endpoint``) holds, kept with its ETag
+        for a later ``get`` of ``kept`` (else of its own id's) by ``org`` once it parsed (an
+        error or a bad body never is)."""
+        data, etag = answer.value, answer.etag
+        parsed = self._one(data, method, endpoint, etag)
+        if kept is None and isinstance(data, dict) and isinstance(data.get("id"), str):
+            kept = self._object_path(data["id"])
+        if kept is not None:
+            key = self._key(org, kept)
             if etag:
                 _CACHE.get().put(key, etag, json.dumps(data))
             else:  # an unversioned answer: what was kept is no longer known to be current

@@ -1,6 +1,7 @@
 """The webhook operations of :class:`~backend.workers.shared.api_client.InternalAPIClient`:
 sending a webhook from the worker (``_webhooks.py`` delivers it) and recording the delivery
-with the backend, and reading the recorded deliveries.
+with the backend, and reading the recorded deliveries (the declared resource
+``webhook-deliveries``, through :class:`~._resource.Resource`).
 """
 
 from __future__ import annotations
@@ -10,23 +11,32 @@ import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, Final
 
 from . import _redact
-from ._client_base import DEFAULT_ORG, DEFAULT_PAGE_SIZE, OrgArg, seg
+from ._client_base import DEFAULT_ORG, DEFAULT_PAGE_SIZE, OrgArg
 from ._execution_calls import ExecutionCalls
 from ._fencing import lease_of
 from ._policy import retry_policy, should_retry_transient
 from ._resilience import check_number
+from ._resource import Resource
 from .errors import InternalAPIError, WebhookError, WebhookNotRecordedError
 from .models import WebhookDelivery, WebhookResult
 
 _WEBHOOK_ID = re.compile(r"msg_[0-9a-f]{32}")
+# The resource's operations as this class's methods name them (in OrganizationRequiredError).
+# (send_webhook's record is created with the organization it resolved: nothing to name.)
+_LABELS: Final = {"get": "get_webhook_delivery", "list": "list_webhook_deliveries"}
 
 
 class WebhookCalls(ExecutionCalls):
     """The client's calls about webhooks (``send_webhook``, ``webhook-deliveries/``); built
     on the execution calls (a webhook of an execution reads it first)."""
+
+    @property
+    def _deliveries(self) -> Resource[WebhookDelivery]:
+        """The ``webhook-deliveries`` resource, its operations named as this class's."""
+        return Resource(self, "webhook-deliveries", WebhookDelivery, labels=_LABELS)
 
     def send_webhook(
         self,
@@ -123,17 +133,14 @@ class WebhookCalls(ExecutionCalls):
             response_body=report.response_body,
         )
         try:
-            data = self._call(
-                "POST",
-                "webhook-deliveries/",
-                org,
-                json_body=record,
-                # A due webhook may be delivered again (handed to another worker): the
-                # backend keeps one delivered record per webhook_id, each record its own key.
+            # Fenced by the lease held on execution_id, if any (Resource.create). A due
+            # webhook may be delivered again (handed to another worker): the backend keeps
+            # one delivered record per webhook_id, each record its own key.
+            delivery = self._deliveries.create(
                 idempotency_key=uuid.uuid4().hex if webhook_id else message_id,
-                lease=lease_of(execution_id),
+                organization_id=org,
+                **record,
             )
-            delivery = self._parse(WebhookDelivery, data, "POST", "webhook-deliveries/")
         except InternalAPIError as exc:
             raise WebhookNotRecordedError(result, record, exc) from exc
         recorded = replace(result, delivery_id=delivery.id)
@@ -145,15 +152,8 @@ class WebhookCalls(ExecutionCalls):
     def get_webhook_delivery(
         self, delivery_id: str, *, organization_id: OrgArg = DEFAULT_ORG
     ) -> WebhookDelivery:
-        """Read one recorded webhook delivery."""
-        data = self._org_call(
-            "GET",
-            f"webhook-deliveries/{seg(delivery_id)}/",
-            organization_id,
-            "get_webhook_delivery",
-            endpoint="webhook-deliveries/{id}/",
-        )
-        return self._parse(WebhookDelivery, data, "GET", "webhook-deliveries/{id}/")
+        """Read one recorded webhook delivery (revalidated as ``get_workflow_execution``)."""
+        return self._deliveries.get(delivery_id, organization_id=organization_id)
 
     def list_webhook_deliveries(
         self,
@@ -164,6 +164,9 @@ class WebhookCalls(ExecutionCalls):
         organization_id: OrgArg = DEFAULT_ORG,
     ) -> Iterator[WebhookDelivery]:
         """Recorded deliveries newest first (of one execution when given), page by page."""
-        org = self._require_org(organization_id, "list_webhook_deliveries")
-        params = {"execution_id": execution_id} if execution_id else {}
-        return self._paginate("webhook-deliveries/", params, WebhookDelivery, limit, page_size, org)
+        return self._deliveries.list(
+            limit,
+            page_size=page_size,
+            organization_id=organization_id,
+            execution_id=execution_id or None,
+        )

@@ -21,11 +21,13 @@ Operations: ``get_workflow_execution``, ``list_workflow_executions`` (lazy, ever
 (``claim_execution``, ``heartbeat_execution``, ``release_execution``, ``finish_execution``,
 ``list_execution_events``), ``send_webhook``, ``get_webhook_delivery``,
 ``list_webhook_deliveries``, ``health_check``, ``resource(name, model)`` for any declared
-resource (``file-executions``, ...: get, list, create, update, delete, batch, with ETags and
-a conditional-GET cache), and ``get`` / ``post`` / ``patch`` / ``put`` / ``delete`` for
-endpoints not modelled here. Results are ``WorkflowExecution``, ``Claim``,
-``Lease``, ``ExecutionEvent``, ``WebhookDelivery``, ``BackendHealth`` (pydantic models that
-keep unknown fields in ``model_extra``) and ``WebhookResult``, defined in ``models.py``.
+resource (``file-executions``, ...: get, list, create, update, delete, forget, batch, with
+ETags and a conditional-GET cache; the execution and delivery reads and writes above are its
+calls on ``workflow-executions`` and ``webhook-deliveries``), and ``get`` / ``post`` /
+``patch`` / ``put`` / ``delete`` for endpoints not modelled here. Results are
+``WorkflowExecution``, ``Claim``, ``Lease``, ``ExecutionEvent``, ``WebhookDelivery``,
+``BackendHealth`` (pydantic models that keep unknown fields in ``model_extra``) and
+``WebhookResult``, defined in ``models.py``.
 
 Fencing: inside :func:`holding_lease` (``ExecutionTask`` enters it for the execution it
 claimed) the writes about that execution (status, ``PATCH``, webhook record) carry
@@ -168,7 +170,8 @@ class InternalAPIClient(WebhookCalls):
     organization for org-scoped calls is ``ORGANIZATION_ID`` unless changed with
     :meth:`set_organization_context` or overridden per call with ``organization_id=``.
     The operations on executions are defined in ``_execution_calls.py``, those on webhooks
-    in ``_webhook_calls.py``; the way a call reaches the backend in ``_pipeline.py``.
+    in ``_webhook_calls.py``, those of every declared resource (which both build on) in
+    ``_resource.py``; the way a call reaches the backend in ``_pipeline.py``.
     """
 
     # --- declared resources ---------------------------------------------------------------
@@ -178,7 +181,8 @@ class InternalAPIClient(WebhookCalls):
     def resource(self, name: str, model: type[M]) -> Resource[M]: ...
     def resource(self, name: str, model: type[ResultModel] | None = None) -> Resource[Any]:
         """The declared resource ``/internal/v1/<name>/`` (``get``, ``list``, ``create``,
-        ``update``, ``delete``, ``batch``): ``model`` instances, or ``Record`` dicts."""
+        ``update``, ``delete``, ``forget``, ``batch``): ``model`` instances, or ``Record``
+        dicts."""
         return Resource(self, name, model)
 
     # --- health and generic calls -----------------------------------------------------
