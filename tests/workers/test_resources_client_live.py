@@ -260,6 +260,25 @@ def test_the_cache_is_bounded_and_drops_the_least_recently_used() -> None:
     assert cache.get(("u", "other-org", "p20")) is None
 
 
+def test_the_cache_bounds_the_text_it_keeps() -> None:
+    cache = _resource._Cache()
+    largest = _resource.CACHE_CHARS // 16
+    cache.put(("u", "org", "small"), "e0", "{}")
+    cache.put(("u", "org", "huge"), "e1", "x" * (largest + 1))  # not kept
+    assert cache.get(("u", "org", "huge")) is None
+    cache.put(("u", "org", "small"), "e2", "x" * (largest + 1))  # a newer, too large version
+    assert cache.get(("u", "org", "small")) is None  # the older one is not answered either
+    for i in range(20):  # 20 of the largest kept bodies hold more than the cache's total
+        cache.put(("u", "org", f"p{i}"), f"e{i}", "y" * largest)
+    assert cache.chars <= _resource.CACHE_CHARS
+    assert cache.chars == sum(len(body) for _, body in cache.entries.values())
+    kept = [i for i in range(20) if cache.get(("u", "org", f"p{i}")) is not None]
+    assert kept == list(range(4, 20))  # the oldest four dropped
+    for i in range(20):
+        cache.forget(("u", "org", f"p{i}"))
+    assert cache.chars == 0 and not cache.entries
+
+
 class NotAResult(BaseModel):
     x: int = 0
 

@@ -31,6 +31,9 @@ T = TypeVar("T", bound=ResultModel | Record)
 
 #: Entries the conditional-GET cache of a process keeps (least recently used dropped first).
 CACHE_ENTRIES: Final = 1024
+#: Characters of kept bodies the cache holds at most in all (a body longer than a sixteenth of
+#: it is not kept: one large object must not push out hundreds of others).
+CACHE_CHARS: Final = 32 * 1024 * 1024
 #: Most items one ``batch`` call sends (the backend's limit).
 MAX_BATCH: Final = 500
 #: Longest id sent (ids are UUIDs; a longer one would only meet the request-line limit).
@@ -44,11 +47,13 @@ _Key = tuple[str, str, str]  # base URL, organization, object path
 class _Cache:
     """The objects this process read, by backend URL, organization and path: the ETag and the
     body (as JSON text: each hit decodes a copy of its own, cheaper than ``deepcopy``) of the
-    last versioned answer, at most :data:`CACHE_ENTRIES` of them."""
+    last versioned answer, at most :data:`CACHE_ENTRIES` of them and :data:`CACHE_CHARS` of
+    body text in all."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.entries: OrderedDict[_Key, tuple[str, str]] = OrderedDict()
+        self.chars = 0
 
     def get(self, key: _Key) -> tuple[str, str] | None:
         with self.lock:
@@ -59,14 +64,23 @@ class _Cache:
 
     def put(self, key: _Key, etag: str, data: str) -> None:
         with self.lock:
+            self._drop(key)
+            if len(data) > CACHE_CHARS // 16:
+                return  # too large to keep: the next get reads it whole
             self.entries[key] = (etag, data)
-            self.entries.move_to_end(key)
-            while len(self.entries) > CACHE_ENTRIES:
-                self.entries.popitem(last=False)
+            self.chars += len(data)
+            while len(self.entries) > CACHE_ENTRIES or self.chars > CACHE_CHARS:
+                _, (_, dropped) = self.entries.popitem(last=False)
+                self.chars -= len(dropped)
 
     def forget(self, key: _Key) -> None:
         with self.lock:
-            self.entries.pop(key, None)
+            self._drop(key)
+
+    def _drop(self, key: _Key) -> None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.chars -= len(entry[1])
 
 
 # A forked child starts empty (and with a lock no parent thread can hold).

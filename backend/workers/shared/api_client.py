@@ -84,7 +84,12 @@ from ._client_base import (
 )
 from ._fencing import MAX_EPOCH as MAX_EPOCH, HeldLease, holding_lease
 from ._pipeline import BODY_EXCERPT as BODY_EXCERPT, MAX_REQUEST_ID as MAX_REQUEST_ID
-from ._resource import CACHE_ENTRIES as CACHE_ENTRIES, MAX_BATCH as MAX_BATCH, Resource
+from ._resource import (
+    CACHE_CHARS as CACHE_CHARS,
+    CACHE_ENTRIES as CACHE_ENTRIES,
+    MAX_BATCH as MAX_BATCH,
+    Resource,
+)
 from ._webhook_calls import WebhookCalls
 from .errors import (
     APICircuitOpenError,
