@@ -275,22 +275,23 @@ class RetryPolicy:
 
     def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Call ``fn(*args, **kwargs)`` under this policy."""
-        return self._run(fn, fn, args, kwargs)
+        return self.call_as(fn, fn, args, kwargs)
 
     async def acall(self, fn: Callable[..., Awaitable[R]], /, *args: Any, **kwargs: Any) -> R:
         """Await ``fn(*args, **kwargs)`` under this policy."""
-        return await self._arun(fn, fn, args, kwargs)
+        return await self.acall_as(fn, fn, args, kwargs)
 
-    # ``invoke(*args, **kwargs)`` is one attempt; ``fn`` names the call in logs and events.
     # The first attempt runs directly; tenacity decides about the rest (see _next_sleep).
 
-    def _run(
+    def call_as(
         self,
         invoke: Callable[..., Any],
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
+        """Call ``invoke(*args, **kwargs)`` under this policy, each attempt named ``fn`` in
+        logs and events (``ResilientExecutor``: ``invoke`` is the breaker's call of ``fn``)."""
         if self.budget is not None:
             self.budget.record_call()
         start = time.monotonic() if self.deadline is not None else 0.0
@@ -309,13 +310,14 @@ class RetryPolicy:
             except BaseException as exc:
                 state.set_exception((type(exc), exc, exc.__traceback__))
 
-    async def _arun(
+    async def acall_as(
         self,
         invoke: Callable[..., Awaitable[Any]],
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
+        """Await ``invoke(*args, **kwargs)`` under this policy, named ``fn`` (see ``call_as``)."""
         if self.budget is not None:
             self.budget.record_call()
         start = time.monotonic() if self.deadline is not None else 0.0

@@ -204,8 +204,8 @@ class ResilientExecutor:
         """Call ``fn(*args, **kwargs)`` with retries through the breaker, then the fallback."""
         try:
             if self.breaker is None:
-                return self.policy._run(fn, fn, args, kwargs)
-            return self.policy._run(self.breaker.call, fn, (fn, *args), kwargs)
+                return self.policy.call(fn, *args, **kwargs)
+            return self.policy.call_as(self.breaker.call, fn, (fn, *args), kwargs)
         except Exception as exc:
             if self.fallback is None:
                 raise
@@ -215,8 +215,8 @@ class ResilientExecutor:
         """Await ``fn(*args, **kwargs)`` with retries through the breaker, then the fallback."""
         try:
             if self.breaker is None:
-                return await self.policy._arun(fn, fn, args, kwargs)
-            return await self.policy._arun(self.breaker.acall, fn, (fn, *args), kwargs)
+                return await self.policy.acall(fn, *args, **kwargs)
+            return await self.policy.acall_as(self.breaker.acall, fn, (fn, *args), kwargs)
         except Exception as exc:
             if self.fallback is None:
                 raise
