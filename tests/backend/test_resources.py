@@ -245,6 +245,29 @@ def test_a_batch_is_idempotent_with_its_key(api: Api) -> None:
     assert error_of(other) == (422, "idempotency_key_reused")
 
 
+@pytest.mark.parametrize("write", ["file", "batch", "execution", "delivery", "status"])
+def test_a_replayed_post_answers_the_headers_of_the_first(api: Api, write: str) -> None:
+    eid = execution(api)
+    path, body = {
+        "file": ("file-executions/", {"execution_id": eid, "file_name": "a"}),
+        "batch": ("file-executions/batch/", {"items": [{"execution_id": eid, "file_name": "a"}]}),
+        "execution": ("workflow-executions/", {"workflow_id": "wf"}),
+        "delivery": ("webhook-deliveries/", {"url": "https://r.example/h", "outcome": "failed"}),
+        "status": (f"workflow-executions/{eid}/status/", {"status": "IN_PROGRESS"}),
+    }[write]
+    headers = {**api.headers(), "Idempotency-Key": f"replay-{write}"}
+    first = api.call("POST", path, body, headers=headers)
+    assert first.status_code in (200, 201), first.content
+    # The object moves on meanwhile: the replay is still the first answer, headers included.
+    api.call("POST", f"workflow-executions/{eid}/status/", {"status": "COMPLETED"})
+    again = api.call("POST", path, body, headers=headers)
+    assert again["Idempotent-Replayed"] == "true"
+    assert (again.status_code, again.content) == (first.status_code, first.content)
+    for name in ("ETag", "Content-Type", "Location"):
+        assert again.get(name) == first.get(name), name
+    assert first.has_header("ETag") == (write != "status")
+
+
 # --- versions --------------------------------------------------------------------------------
 
 
