@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import time
 import uuid
@@ -35,6 +36,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ObjectDoesNotExist
 from django.db import connection, models, transaction
 from django.db.models import Q, QuerySet
 from django.http import HttpResponse
@@ -68,7 +70,6 @@ OPERATIONS = frozenset({"list", "create", "read", "update", "delete"})
 # Organization id -> monotonic time until which its existence is trusted without a query.
 _known_orgs: dict[str, float] = {}
 _RENDERER = JSONRenderer()
-
 
 def errors(*codes: int) -> dict[int, OpenApiResponse]:
     """The OpenAPI error responses ``{error, detail}`` for ``codes``."""
@@ -438,6 +439,15 @@ class Resource:
         etag = None if self.version_field is None else self.etag(instance)
         return versioned(request, self.represent(instance), status, etag)
 
+    def answer_write(self, request: Request, instance: Any, status: int = 200) -> HttpResponse:
+        """:meth:`answer` for an object just written from the request's values, read back
+        first: the database may store a JSON value otherwise than it was sent (``jsonb``
+        reorders keys, writes ``-0.0`` as ``0.0`` and a float of 1e16 or more as an integer),
+        and the body and ETag answered must be those a later read gives."""
+        with contextlib.suppress(ObjectDoesNotExist):  # deleted meanwhile: as written
+            instance.refresh_from_db()
+        return self.answer(request, instance, status)
+
     def check_if_match(self, request: Request, instance: Any) -> None:
         """:func:`check_if_match` against ``instance`` (locked by the caller); nothing to
         compute without the header."""
@@ -604,7 +614,7 @@ def _list_view(resource: Resource) -> type[APIView]:
             data = validated(create_serializer, request.data)
             if resource.create is not None:
                 instance, status = resource.create(resource, org_id, request, data)
-                return resource.answer(request, instance, status)
+                return resource.answer_write(request, instance, status)
             epoch = resource.write_epoch(request)
             with transaction.atomic():
                 resource.check_references(
@@ -614,7 +624,7 @@ def _list_view(resource: Resource) -> type[APIView]:
                 instance.save(force_insert=True)
                 if resource.after_write is not None:
                     resource.after_write(org_id, [instance])
-            return resource.answer(request, instance, 201)
+            return resource.answer_write(request, instance, 201)
 
         attributes["post"] = post
     return type(f"{resource.model.__name__}ListView", (APIView,), attributes)
@@ -674,7 +684,7 @@ def _detail_view(resource: Resource) -> type[APIView]:
                 instance.save()
                 if resource.after_write is not None:
                     resource.after_write(org_id, [instance])
-            return resource.answer(request, instance)
+            return resource.answer_write(request, instance)
 
         attributes["patch"] = patch
     if "delete" in resource.operations:
@@ -865,7 +875,9 @@ def apply_batch(
         _save_all(resource, created, list(changed.values()), names)
         if resource.after_write is not None:
             resource.after_write(org_id, out)
-    return list(resource.serializer(out, many=True).data)
+        # Answered as stored (see ``Resource.answer_write``), one query for the batch.
+        rows = resource.model.objects.in_bulk([instance.pk for instance in out])
+    return list(resource.serializer([rows[instance.pk] for instance in out], many=True).data)
 
 
 def _save_all(resource: Resource, created: list[Any], changed: list[Any], names: set[str]) -> None:
