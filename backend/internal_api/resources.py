@@ -122,6 +122,14 @@ IF_MATCH_PARAMETER = OpenApiParameter(
     description="Apply only while the object's ETag is one of these (or `*`): else 412 "
     "precondition_failed, nothing applied.",
 )
+IF_MATCH_READ_PARAMETER = OpenApiParameter(
+    "If-Match",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    required=False,
+    description="Answer only while the current ETag is one of these (or `*`): else 412 "
+    "precondition_failed.",
+)
 NOT_MODIFIED = OpenApiResponse(description="not modified: the If-None-Match copy is current")
 # Errors any endpoint may answer (Host or Content-Length header, auth, body size, database).
 COMMON = (400, 401, 413, 503)
@@ -129,6 +137,25 @@ COMMON = (400, 401, 413, 503)
 SCOPED = (*COMMON, 404)
 # Errors of a POST (or PATCH) with a body (the 409/422 come from Idempotency-Key).
 WRITE = (*SCOPED, 409, 415, 422)
+
+
+class InternalView(APIView):
+    """An endpoint of ``/internal/v1/``: ``If-Match`` is honoured by the methods in
+    ``if_match_methods`` and refused elsewhere (400 naming the header), never ignored: a
+    precondition the server does not check would let the caller believe it held."""
+
+    if_match_methods: frozenset[str] = frozenset()
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        """DRF's checks, then the refusal of an ``If-Match`` this method cannot honour."""
+        super().initial(request, *args, **kwargs)
+        if "If-Match" in request.headers and request.method not in self.if_match_methods:
+            raise APIError(
+                400,
+                "validation_error",
+                f"If-Match: {request.method} {printable(request.path)} cannot honour it; only "
+                "the GET, PATCH and DELETE of one object and the GET of a list take it",
+            )
 
 
 def require_organization(request: Request) -> str:
@@ -244,11 +271,12 @@ def not_modified(request: Request, etag: str) -> HttpResponse | None:
 def versioned(
     request: Request, data: Any, status: int = 200, etag: str | None = None
 ) -> HttpResponse:
-    """The JSON answer with its ``ETag`` (given, or the hash of the body); for a GET, the 304
-    when ``If-None-Match`` names it."""
+    """The JSON answer with its ``ETag`` (given, or the hash of the body); for a GET (or HEAD),
+    the 412 when ``If-Match`` does not name it, the 304 when ``If-None-Match`` does."""
     body = render(data)
     etag = etag or etag_of(body)
-    if status == 200 and request.method == "GET":
+    if status == 200 and request.method in ("GET", "HEAD"):
+        check_if_match(request, etag)
         unchanged = not_modified(request, etag)
         if unchanged is not None:
             return unchanged
@@ -560,7 +588,10 @@ def _list_view(resource: Resource) -> type[APIView]:
     """``GET`` (list) and ``POST`` (create) of ``<name>/``, as declared."""
     prefix = resource.operation_prefix
     fence = (EPOCH_PARAMETER,) if resource.fenced else ()
-    attributes: dict[str, Any] = {"__doc__": f"``GET/POST {resource.name}/``."}
+    attributes: dict[str, Any] = {
+        "__doc__": f"``GET/POST {resource.name}/``.",
+        "if_match_methods": frozenset({"GET", "HEAD"}),
+    }
     if "list" in resource.operations:
         filter_parameters = [f.parameter(name) for name, f in resource.filters.items()]
 
@@ -570,13 +601,18 @@ def _list_view(resource: Resource) -> type[APIView]:
                 ORG_PARAMETER,
                 REQUEST_ID_PARAMETER,
                 IF_NONE_MATCH_PARAMETER,
+                IF_MATCH_READ_PARAMETER,
                 *filter_parameters,
                 OpenApiParameter(
                     "limit", OpenApiTypes.INT, required=False, description=f"1 to {MAX_PAGE}"
                 ),
                 OpenApiParameter("cursor", OpenApiTypes.STR, required=False),
             ],
-            responses={200: _page_serializer(resource), 304: NOT_MODIFIED, **errors(*SCOPED)},
+            responses={
+                200: _page_serializer(resource),
+                304: NOT_MODIFIED,
+                **errors(*SCOPED, 412),
+            },
         )
         def get(self: APIView, request: Request) -> HttpResponse:
             """List the organization's objects, newest first, a page at a time."""
@@ -627,29 +663,40 @@ def _list_view(resource: Resource) -> type[APIView]:
             return resource.answer_write(request, instance, 201)
 
         attributes["post"] = post
-    return type(f"{resource.model.__name__}ListView", (APIView,), attributes)
+    return type(f"{resource.model.__name__}ListView", (InternalView,), attributes)
 
 
 def _detail_view(resource: Resource) -> type[APIView]:
     """``GET``, ``PATCH`` and ``DELETE`` of ``<name>/<id>/``, as declared."""
     prefix = resource.operation_prefix
     fence = (EPOCH_PARAMETER,) if resource.fenced else ()
-    attributes: dict[str, Any] = {"__doc__": f"``{resource.name}/{{id}}/``."}
+    attributes: dict[str, Any] = {
+        "__doc__": f"``{resource.name}/{{id}}/``.",
+        "if_match_methods": frozenset({"GET", "HEAD", "PATCH", "DELETE"}),
+    }
     if "read" in resource.operations:
 
         @extend_schema(
             operation_id=f"{prefix}_read",
-            parameters=[ORG_PARAMETER, REQUEST_ID_PARAMETER, IF_NONE_MATCH_PARAMETER],
-            responses={200: resource.serializer, 304: NOT_MODIFIED, **errors(*SCOPED)},
+            parameters=[
+                ORG_PARAMETER,
+                REQUEST_ID_PARAMETER,
+                IF_NONE_MATCH_PARAMETER,
+                IF_MATCH_READ_PARAMETER,
+            ],
+            responses={200: resource.serializer, 304: NOT_MODIFIED, **errors(*SCOPED, 412)},
         )
         def get(self: APIView, request: Request, pk: uuid.UUID) -> HttpResponse:
-            """Read one object."""
+            """Read one object (412 for a stale ``If-Match``, 304 for a current
+            ``If-None-Match``)."""
             org_id = require_organization(request)
-            if "If-None-Match" in request.headers:
+            if "If-None-Match" in request.headers or "If-Match" in request.headers:
                 etag = resource.current_etag(org_id, pk)
-                unchanged = None if etag is None else not_modified(request, etag)
-                if unchanged is not None:
-                    return unchanged
+                if etag is not None:
+                    check_if_match(request, etag)
+                    unchanged = not_modified(request, etag)
+                    if unchanged is not None:
+                        return unchanged
             return resource.answer(request, resource.get(org_id, pk))
 
         attributes["get"] = get
@@ -709,7 +756,7 @@ def _detail_view(resource: Resource) -> type[APIView]:
             return deleted
 
         attributes["delete"] = delete
-    return type(f"{resource.model.__name__}DetailView", (APIView,), attributes)
+    return type(f"{resource.model.__name__}DetailView", (InternalView,), attributes)
 
 
 # --- batches -----------------------------------------------------------------------------------
@@ -792,7 +839,7 @@ def _batch_view(resource: Resource) -> type[APIView]:
 
     return type(
         f"{resource.model.__name__}BatchView",
-        (APIView,),
+        (InternalView,),
         {"__doc__": f"``POST {resource.name}/batch/``.", "post": post},
     )
 

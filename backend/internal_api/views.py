@@ -25,7 +25,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from rest_framework import renderers
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from backend.internal_api import lifecycle
 from backend.internal_api.errors import APIError
@@ -52,6 +51,7 @@ from backend.internal_api.resources import (
     SCOPED,
     WRITE,
     Filter,
+    InternalView,
     Reference,
     Resource,
     Transitions,
@@ -97,7 +97,7 @@ except PackageNotFoundError:
     BACKEND_VERSION = "unknown"
 
 
-class HealthView(APIView):
+class HealthView(InternalView):
     """``GET health/``: the backend process answers, with the lifecycle's overdue counts."""
 
     @extend_schema(
@@ -136,7 +136,7 @@ class PrometheusRenderer(renderers.BaseRenderer):
         return bytes(data)
 
 
-class MetricsView(APIView):
+class MetricsView(InternalView):
     """``GET metrics/``: the lifecycle's gauges and counters, read from the database."""
 
     renderer_classes = [PrometheusRenderer]
@@ -161,7 +161,7 @@ class MetricsView(APIView):
         return HttpResponse(lifecycle.metrics_text(), content_type=CONTENT_TYPE_LATEST)
 
 
-class ExecutionStatusView(APIView):
+class ExecutionStatusView(InternalView):
     """``POST workflow-executions/{id}/status/``: one atomic status transition."""
 
     @extend_schema(
@@ -180,7 +180,7 @@ class ExecutionStatusView(APIView):
         return Response(ExecutionSerializer(execution).data)
 
 
-class ExecutionClaimView(APIView):
+class ExecutionClaimView(InternalView):
     """``POST workflow-executions/{id}/claim/``: take the execution's lease."""
 
     @extend_schema(
@@ -213,7 +213,7 @@ class ExecutionClaimView(APIView):
         )
 
 
-class ExecutionHeartbeatView(APIView):
+class ExecutionHeartbeatView(InternalView):
     """``POST workflow-executions/{id}/heartbeat/``: extend a live lease."""
 
     @extend_schema(
@@ -238,7 +238,7 @@ class ExecutionHeartbeatView(APIView):
         )
 
 
-class ExecutionReleaseView(APIView):
+class ExecutionReleaseView(InternalView):
     """``POST workflow-executions/{id}/release/``: give a lease back (IN_PROGRESS -> QUEUED)."""
 
     @extend_schema(
@@ -255,7 +255,7 @@ class ExecutionReleaseView(APIView):
         return Response(ExecutionSerializer(execution).data)
 
 
-class ExecutionEventsView(APIView):
+class ExecutionEventsView(InternalView):
     """``GET workflow-executions/{id}/events/``: the status history, oldest first."""
 
     @extend_schema(

@@ -308,6 +308,28 @@ def test_every_read_has_an_etag_and_a_current_copy_costs_a_304(api: Api, path: s
         assert changed.status_code == 200 and changed["ETag"] != etag
 
 
+@pytest.mark.parametrize("path", [
+    "file-executions/{file}/", "file-executions/", "file-executions/?execution_id={execution}",
+    "workflow-executions/{execution}/", "workflow-executions/", "webhook-deliveries/{delivery}/",
+    "webhook-deliveries/"])
+def test_head_and_get_agree_on_the_etag_and_the_304(api: Api, path: str) -> None:
+    eid = execution(api)
+    delivery = api.call(
+        "POST", "webhook-deliveries/", {"url": "https://r.example/h", "outcome": "failed"}
+    ).json()
+    url = path.format(file=add_file(api, eid)["id"], execution=eid, delivery=delivery["id"])
+    got, head = api.call("GET", url), api.call("HEAD", url)
+    assert (head.status_code, head.content) == (200, b"")
+    for name in ("ETag", "Content-Type", "Content-Length"):
+        assert head[name] == got[name], name
+    for presented, code in [(got["ETag"], 304), ("*", 304), ('"other"', 200)]:
+        conditional = {**api.headers(), "If-None-Match": presented}
+        answers = [api.call(method, url, headers=conditional) for method in ("GET", "HEAD")]
+        assert [answer.status_code for answer in answers] == [code, code], presented
+        assert answers[0]["ETag"] == answers[1]["ETag"] == got["ETag"]
+        assert not answers[1].content
+
+
 def test_a_stale_if_match_is_412_and_changes_nothing(api: Api) -> None:
     eid = execution(api)
     created = api.call("POST", "file-executions/", {"execution_id": eid, "file_name": "a"})
@@ -400,6 +422,64 @@ def test_workflow_executions_are_a_declared_resource_with_versions(api: Api) -> 
     assert (
         api.call("DELETE", path, headers={**api.headers(), "If-Match": current}).status_code == 204
     )
+
+
+def refusing_if_match(eid: str, file_id: str) -> list[tuple[str, str, Any]]:
+    """Every endpoint that cannot honour an ``If-Match``: its method, path and a body."""
+    execution_path = f"workflow-executions/{eid}/"
+    return [
+        ("POST", "file-executions/", {"execution_id": eid, "file_name": "x"}),
+        ("POST", "file-executions/batch/", {"items": [{"id": file_id, "status": "ERROR"}]}),
+        ("POST", "workflow-executions/", {"workflow_id": "wf"}),
+        ("POST", "webhook-deliveries/", {"url": "https://r.example/h", "outcome": "failed"}),
+        ("POST", f"{execution_path}status/", {"status": "COMPLETED"}),
+        ("POST", f"{execution_path}claim/", {"worker": "w"}),
+        ("POST", f"{execution_path}heartbeat/", {"epoch": 1}),
+        ("POST", f"{execution_path}release/", {"epoch": 1}),
+        ("GET", f"{execution_path}events/", None),
+        ("GET", "health/", None),
+        ("GET", "metrics/", None),
+        ("OPTIONS", "file-executions/", None),
+    ]
+
+
+@pytest.mark.parametrize("endpoint", range(12))
+@pytest.mark.parametrize("presented", ["*", "current", '"stale"'])
+def test_an_if_match_an_endpoint_cannot_honour_is_a_400_and_changes_nothing(
+    api: Api, endpoint: int, presented: str
+) -> None:
+    eid = execution(api)
+    file_id = add_file(api, eid)["id"]
+    method, path, body = refusing_if_match(eid, file_id)[endpoint]
+    tag = api.call("GET", f"workflow-executions/{eid}/")["ETag"] if presented == "current" else (
+        presented)
+    before = stored(api)
+    answer = api.call(method, path, body, headers={**api.headers(), "If-Match": tag,
+                                                   "Idempotency-Key": f"k-{endpoint}"})
+    assert error_of(answer) == (400, "validation_error"), (method, path)
+    assert answer.json()["detail"].startswith(f"If-Match: {method} /internal/v1/{path} ")
+    assert stored(api) == before
+
+
+@pytest.mark.parametrize("path", [
+    "file-executions/{file}/", "file-executions/?execution_id={execution}",
+    "workflow-executions/{execution}/", "workflow-executions/", "webhook-deliveries/"])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_read_honours_if_match(api: Api, path: str, method: str) -> None:
+    eid = execution(api)
+    url = path.format(file=add_file(api, eid)["id"], execution=eid)
+    etag = api.call("GET", url)["ETag"]
+    for presented, code in [(etag, 200), ("*", 200), (f'"x", {etag}', 200), ('"stale"', 412),
+                            (f"W/{etag}", 412), ("", 412)]:
+        answer = api.call(method, url, headers={**api.headers(), "If-Match": presented})
+        assert answer.status_code == code, (presented, answer.content)
+        if code == 200:
+            assert answer["ETag"] == etag
+        elif method == "GET":
+            assert error_of(answer) == (412, "precondition_failed")
+    # If-Match is checked first: a stale one is 412 even when If-None-Match names the copy.
+    both = {**api.headers(), "If-Match": '"stale"', "If-None-Match": etag}
+    assert api.call(method, url, headers=both).status_code == 412
 
 
 def test_the_schema_lists_the_versions_headers(api: Api) -> None:
