@@ -85,7 +85,6 @@ from backend.internal_api.transitions import (
     check_fence,
     claim,
     heartbeat,
-    read,
     release,
     superseded,
     update_fields,
@@ -318,6 +317,8 @@ def record_delivery(
     with transaction.atomic():
         due_id = ""
         if execution_id is not None:
+            # Not a declared Reference: this one look-up locks the row FOR UPDATE and reads
+            # its lease epoch and due webhook, which a Reference's existence check does not.
             found = (
                 WorkflowExecution.objects.select_for_update()
                 .filter(pk=execution_id, organization_id=org_id)
@@ -392,18 +393,18 @@ def update_execution(
     ``If-Match``, under the row's lock after checking the version."""
     epoch = lease_epoch(request)
     if "If-Match" not in request.headers:
-        return _update_fields(org_id, pk, data, epoch)
+        return _update_fields(resource, org_id, pk, data, epoch)
     with transaction.atomic():
         resource.check_if_match(request, resource.locked(org_id, pk))
-        return _update_fields(org_id, pk, data, epoch)
+        return _update_fields(resource, org_id, pk, data, epoch)
 
 
 def _update_fields(
-    org_id: str, pk: Any, data: dict[str, Any], epoch: int | None
+    resource: Resource, org_id: str, pk: Any, data: dict[str, Any], epoch: int | None
 ) -> WorkflowExecution:
     if data:
         return update_fields(org_id, pk, data, epoch=epoch)
-    execution = read(org_id, pk)
+    execution = resource.get(org_id, pk)
     check_fence(execution, epoch)
     return execution
 
