@@ -5,7 +5,8 @@ keyed POST runs in one transaction that
 
 1. takes a transaction-scoped lock on the key (PostgreSQL ``pg_try_advisory_xact_lock``; it
    never waits) and, in the same statement, looks the key up;
-2. answers from the record when one exists (unexpired): the stored response with
+2. answers from the record when one exists (unexpired): the stored response (status, body,
+   ``Content-Type`` and the ``REPLAYED_HEADERS`` it had, such as its ``ETag``) with
    ``Idempotent-Replayed: true`` when method, path and body are the same, else 422
    ``idempotency_key_reused``;
 3. otherwise runs the view and, when it succeeded (2xx), inserts the record with its
@@ -28,6 +29,7 @@ Cost over a plain POST: BEGIN, the lock-and-look-up statement, the INSERT and CO
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -48,6 +50,8 @@ logger = logging.getLogger("backend.internal_api")
 HEADER = "Idempotency-Key"
 REPLAY_HEADER = "Idempotent-Replayed"
 MAX_KEY_LENGTH = 255
+# Headers of the first answer a replay repeats (Content-Type is stored on its own).
+REPLAYED_HEADERS = ("ETag", "Location")
 PURGE_INTERVAL = 300.0
 _TABLE = IdempotencyRecord._meta.db_table
 
@@ -135,7 +139,7 @@ def _in_flight() -> HttpResponse:
 
 
 def _answer_from(record: tuple[Any, ...], fingerprint: str) -> HttpResponse:
-    stored_fingerprint, status, body, content_type = record
+    stored_fingerprint, status, body, content_type, headers = record
     if stored_fingerprint != fingerprint:
         logger.info("idempotency key reused", extra={"idempotency": "mismatch"})
         return json_error(
@@ -145,6 +149,8 @@ def _answer_from(record: tuple[Any, ...], fingerprint: str) -> HttpResponse:
         )
     logger.info("idempotent replay", extra={"idempotency": "replay"})
     replay = HttpResponse(bytes(body), status=status, content_type=content_type)
+    for name, value in json.loads(headers).items():
+        replay[name] = value
     replay[REPLAY_HEADER] = "true"
     return replay
 
@@ -166,11 +172,12 @@ def _lock_and_look_up(
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT {lock}, r.fingerprint, r.response_status, r.response_body, "
-            f"r.response_content_type, r.expires_at > %s FROM (SELECT 1 AS one) AS o "
+            f"r.response_content_type, r.response_headers, r.expires_at > %s "
+            f"FROM (SELECT 1 AS one) AS o "
             f"LEFT JOIN {_TABLE} AS r ON r.key_hash = %s",
             [lock_id, ops.adapt_datetimefield_value(now), key_hash],
         )
-        locked, fingerprint, status, body, content_type, fresh = cursor.fetchone()
+        locked, fingerprint, status, body, content_type, headers, fresh = cursor.fetchone()
         if not locked:
             return False, None
         if fingerprint is None:
@@ -178,7 +185,7 @@ def _lock_and_look_up(
         if not fresh:
             cursor.execute(f"DELETE FROM {_TABLE} WHERE key_hash = %s", [key_hash])
             return True, None
-    return True, (fingerprint, status, body, content_type)
+    return True, (fingerprint, status, body, content_type, headers)
 
 
 def _insert(key_hash: str, fingerprint: str, response: HttpResponse, now: datetime) -> bool:
@@ -188,10 +195,12 @@ def _insert(key_hash: str, fingerprint: str, response: HttpResponse, now: dateti
         bytes(response.content), connection
     )
     expires = now + timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS)
+    headers = {name: response[name] for name in REPLAYED_HEADERS if response.has_header(name)}
     with connection.cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {_TABLE} (key_hash, fingerprint, response_status, response_body, "
-            "response_content_type, created_at, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+            "response_content_type, response_headers, created_at, expires_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
             "ON CONFLICT (key_hash) DO NOTHING RETURNING key_hash",
             [
                 key_hash,
@@ -199,6 +208,7 @@ def _insert(key_hash: str, fingerprint: str, response: HttpResponse, now: dateti
                 response.status_code,
                 body,
                 response.get("Content-Type", "application/json"),
+                json.dumps(headers),
                 ops.adapt_datetimefield_value(now),
                 ops.adapt_datetimefield_value(expires),
             ],

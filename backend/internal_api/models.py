@@ -339,6 +339,9 @@ class IdempotencyRecord(models.Model):
     response_status = models.PositiveSmallIntegerField()
     response_body = models.BinaryField()
     response_content_type = models.CharField(max_length=100)
+    response_headers = models.TextField(
+        default="{}", help_text="JSON object of the replayed headers (ETag, Location) answered"
+    )
     created_at = models.DateTimeField()
     expires_at = models.DateTimeField(db_index=True)
 

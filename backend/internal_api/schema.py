@@ -91,8 +91,8 @@ def state_enforced_constraints(
     result: dict[str, Any], generator: Any, request: Any, public: bool
 ) -> dict[str, Any]:
     """drf-spectacular postprocessing hook: bound the parameters checked by name (above)."""
-    # Imported here: the views' ``extend_schema`` loads this module while ``resources`` loads.
-    from backend.internal_api.resources import DEFAULT_PAGE, MAX_PAGE, ORG_HEADER
+    # Imported here: the views' ``extend_schema`` loads this module while the views load.
+    from backend.internal_api.contract import DEFAULT_PAGE, MAX_PAGE, ORG_HEADER
 
     parameters: dict[tuple[str, str], dict[str, Any]] = {
         ("query", "limit"): {"minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE},

@@ -533,19 +533,13 @@ class FileExecutionUpdateSerializer(StrictSerializer):
     result = ResultField(required=False, allow_null=True)
 
 
-class FileExecutionCreateSerializer(StrictSerializer):
-    """Body of ``POST file-executions/`` (and a batch create): ``execution_id`` names one of
-    the organization's executions."""
+class FileExecutionCreateSerializer(FileExecutionUpdateSerializer):
+    """Body of ``POST file-executions/`` (and a batch create): the update's fields, with
+    ``file_name`` required and ``execution_id`` naming one of the organization's executions;
+    a field left out takes the model's default (``PENDING``, no hash, no error message)."""
 
     execution_id = serializers.UUIDField()
     file_name = serializers.CharField(max_length=1024)
-    file_hash = serializers.CharField(max_length=128, required=False, allow_blank=True, default="")
-    status = _file_status(required=False, default=FileStatus.PENDING)
-    error_message = serializers.CharField(
-        max_length=10000, required=False, allow_blank=True, default="", trim_whitespace=False
-    )
-    execution_time = _seconds(required=False, allow_null=True)
-    result = ResultField(required=False, allow_null=True)
 
 
 class LifecycleCountsSerializer(serializers.Serializer):

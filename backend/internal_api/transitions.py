@@ -154,7 +154,8 @@ def _apply_postgresql(
 
 
 def read(organization_id: str, execution_id: Any) -> WorkflowExecution:
-    """The execution as stored; 404 when unknown (or another organization's)."""
+    """The execution as stored; 404 when unknown (or another organization's). The
+    transitions' own: they sit below the declarations (``views.WORKFLOW_EXECUTIONS.get``)."""
     execution = WorkflowExecution.objects.filter(
         pk=execution_id, organization_id=organization_id
     ).first()

@@ -25,7 +25,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from rest_framework import renderers
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from backend.internal_api import lifecycle
 from backend.internal_api.errors import APIError
@@ -52,6 +51,7 @@ from backend.internal_api.resources import (
     SCOPED,
     WRITE,
     Filter,
+    InternalView,
     Reference,
     Resource,
     Transitions,
@@ -85,7 +85,6 @@ from backend.internal_api.transitions import (
     check_fence,
     claim,
     heartbeat,
-    read,
     release,
     superseded,
     update_fields,
@@ -97,7 +96,7 @@ except PackageNotFoundError:
     BACKEND_VERSION = "unknown"
 
 
-class HealthView(APIView):
+class HealthView(InternalView):
     """``GET health/``: the backend process answers, with the lifecycle's overdue counts."""
 
     @extend_schema(
@@ -136,7 +135,7 @@ class PrometheusRenderer(renderers.BaseRenderer):
         return bytes(data)
 
 
-class MetricsView(APIView):
+class MetricsView(InternalView):
     """``GET metrics/``: the lifecycle's gauges and counters, read from the database."""
 
     renderer_classes = [PrometheusRenderer]
@@ -161,7 +160,7 @@ class MetricsView(APIView):
         return HttpResponse(lifecycle.metrics_text(), content_type=CONTENT_TYPE_LATEST)
 
 
-class ExecutionStatusView(APIView):
+class ExecutionStatusView(InternalView):
     """``POST workflow-executions/{id}/status/``: one atomic status transition."""
 
     @extend_schema(
@@ -180,7 +179,7 @@ class ExecutionStatusView(APIView):
         return Response(ExecutionSerializer(execution).data)
 
 
-class ExecutionClaimView(APIView):
+class ExecutionClaimView(InternalView):
     """``POST workflow-executions/{id}/claim/``: take the execution's lease."""
 
     @extend_schema(
@@ -213,7 +212,7 @@ class ExecutionClaimView(APIView):
         )
 
 
-class ExecutionHeartbeatView(APIView):
+class ExecutionHeartbeatView(InternalView):
     """``POST workflow-executions/{id}/heartbeat/``: extend a live lease."""
 
     @extend_schema(
@@ -238,7 +237,7 @@ class ExecutionHeartbeatView(APIView):
         )
 
 
-class ExecutionReleaseView(APIView):
+class ExecutionReleaseView(InternalView):
     """``POST workflow-executions/{id}/release/``: give a lease back (IN_PROGRESS -> QUEUED)."""
 
     @extend_schema(
@@ -255,7 +254,7 @@ class ExecutionReleaseView(APIView):
         return Response(ExecutionSerializer(execution).data)
 
 
-class ExecutionEventsView(APIView):
+class ExecutionEventsView(InternalView):
     """``GET workflow-executions/{id}/events/``: the status history, oldest first."""
 
     @extend_schema(
@@ -318,6 +317,8 @@ def record_delivery(
     with transaction.atomic():
         due_id = ""
         if execution_id is not None:
+            # Not a declared Reference: this one look-up locks the row FOR UPDATE and reads
+            # its lease epoch and due webhook, which a Reference's existence check does not.
             found = (
                 WorkflowExecution.objects.select_for_update()
                 .filter(pk=execution_id, organization_id=org_id)
@@ -392,18 +393,18 @@ def update_execution(
     ``If-Match``, under the row's lock after checking the version."""
     epoch = lease_epoch(request)
     if "If-Match" not in request.headers:
-        return _update_fields(org_id, pk, data, epoch)
+        return _update_fields(resource, org_id, pk, data, epoch)
     with transaction.atomic():
         resource.check_if_match(request, resource.locked(org_id, pk))
-        return _update_fields(org_id, pk, data, epoch)
+        return _update_fields(resource, org_id, pk, data, epoch)
 
 
 def _update_fields(
-    org_id: str, pk: Any, data: dict[str, Any], epoch: int | None
+    resource: Resource, org_id: str, pk: Any, data: dict[str, Any], epoch: int | None
 ) -> WorkflowExecution:
     if data:
         return update_fields(org_id, pk, data, epoch=epoch)
-    execution = read(org_id, pk)
+    execution = resource.get(org_id, pk)
     check_fence(execution, epoch)
     return execution
 

@@ -215,8 +215,11 @@ def test_every_header_with_hostile_values(
     unstorable = "\x00" in value or any(0xD800 <= ord(c) <= 0xDFFF for c in value)
     if unstorable and header not in ("Content-Type", "X-Request-ID"):
         assert response.status_code == 400 and header.lower() in body["detail"].lower(), body
-    if header == "If-Match" and endpoint in ("patch", "delete") and not unstorable:
+    if header == "If-Match" and endpoint in ("patch", "delete", "read") and not unstorable:
         assert (response.status_code, body["error"]) == (412, "precondition_failed"), body
+    if header == "If-Match" and endpoint in ("create", "batch") and not unstorable:
+        assert (response.status_code, body["error"]) == (400, "validation_error"), body
+        assert body["detail"].startswith("If-Match: POST "), body
     if header == "If-None-Match" and endpoint == "read" and response.status_code == 200:
         assert value.strip() != "*"
     if response.status_code >= 400:
@@ -231,8 +234,9 @@ def test_every_header_with_hostile_values(
 def test_version_headers_of_workflow_executions_with_hostile_values(
     api: Api, ids: dict[str, str], method: str, header: str, value: str
 ) -> None:
-    """``If-Match`` that is not the current ETag: 412, nothing changed; ``If-None-Match``
-    that is not it: a full answer (NUL and surrogates: 400 naming the header)."""
+    """``If-Match`` that is not the current ETag: 412 (a GET too), nothing changed;
+    ``If-None-Match`` that is not it: a full answer (NUL and surrogates: 400 naming the
+    header)."""
     before = snapshot(api)
     path = f"/internal/v1/workflow-executions/{ids['execution']}/"
     response = api.client.generic(
@@ -246,7 +250,7 @@ def test_version_headers_of_workflow_executions_with_hostile_values(
     unstorable = "\x00" in value or any(0xD800 <= ord(c) <= 0xDFFF for c in value)
     if unstorable:
         assert response.status_code == 400 and header.lower() in body["detail"].lower(), body
-    elif header == "If-Match" and method != "GET":
+    elif header == "If-Match":
         assert (response.status_code, body["error"]) == (412, "precondition_failed"), body
     elif method == "GET":
         assert response.status_code == 200, body

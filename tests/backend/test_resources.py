@@ -45,8 +45,12 @@ def counts(api: Api, execution_id: str) -> tuple[int, int, int]:
 
 
 def batch(api: Api, items: Any, **headers: str) -> Any:
+    return batch_of(api, "file-executions", items, **headers)
+
+
+def batch_of(api: Api, resource: str, items: Any, **headers: str) -> Any:
     return api.call(
-        "POST", "file-executions/batch/", {"items": items}, headers={**api.headers(), **headers}
+        "POST", f"{resource}/batch/", {"items": items}, headers={**api.headers(), **headers}
     )
 
 
@@ -176,7 +180,8 @@ def test_a_batch_creates_and_updates_in_item_order_and_the_counts_follow(api: Ap
     assert answer[0]["modified_at"] > files[0]["modified_at"]
     assert counts(api, eid) == (5, 2, 1)
     for row in answer:
-        assert api.call("GET", f"file-executions/{row['id']}/").json() == row
+        again = api.call("GET", f"file-executions/{row['id']}/").json()
+        assert json.dumps(again, sort_keys=True) == json.dumps(row, sort_keys=True)
 
 
 def test_one_bad_item_writes_nothing_and_is_named(api: Api, make_org: Any) -> None:
@@ -245,6 +250,29 @@ def test_a_batch_is_idempotent_with_its_key(api: Api) -> None:
     assert error_of(other) == (422, "idempotency_key_reused")
 
 
+@pytest.mark.parametrize("write", ["file", "batch", "execution", "delivery", "status"])
+def test_a_replayed_post_answers_the_headers_of_the_first(api: Api, write: str) -> None:
+    eid = execution(api)
+    path, body = {
+        "file": ("file-executions/", {"execution_id": eid, "file_name": "a"}),
+        "batch": ("file-executions/batch/", {"items": [{"execution_id": eid, "file_name": "a"}]}),
+        "execution": ("workflow-executions/", {"workflow_id": "wf"}),
+        "delivery": ("webhook-deliveries/", {"url": "https://r.example/h", "outcome": "failed"}),
+        "status": (f"workflow-executions/{eid}/status/", {"status": "IN_PROGRESS"}),
+    }[write]
+    headers = {**api.headers(), "Idempotency-Key": f"replay-{write}"}
+    first = api.call("POST", path, body, headers=headers)
+    assert first.status_code in (200, 201), first.content
+    # The object moves on meanwhile: the replay is still the first answer, headers included.
+    api.call("POST", f"workflow-executions/{eid}/status/", {"status": "COMPLETED"})
+    again = api.call("POST", path, body, headers=headers)
+    assert again["Idempotent-Replayed"] == "true"
+    assert (again.status_code, again.content) == (first.status_code, first.content)
+    for name in ("ETag", "Content-Type", "Location"):
+        assert again.get(name) == first.get(name), name
+    assert first.has_header("ETag") == (write != "status")
+
+
 # --- versions --------------------------------------------------------------------------------
 
 
@@ -280,6 +308,28 @@ def test_every_read_has_an_etag_and_a_current_copy_costs_a_304(api: Api, path: s
         assert changed.status_code == 200 and changed["ETag"] != etag
 
 
+@pytest.mark.parametrize("path", [
+    "file-executions/{file}/", "file-executions/", "file-executions/?execution_id={execution}",
+    "workflow-executions/{execution}/", "workflow-executions/", "webhook-deliveries/{delivery}/",
+    "webhook-deliveries/"])
+def test_head_and_get_agree_on_the_etag_and_the_304(api: Api, path: str) -> None:
+    eid = execution(api)
+    delivery = api.call(
+        "POST", "webhook-deliveries/", {"url": "https://r.example/h", "outcome": "failed"}
+    ).json()
+    url = path.format(file=add_file(api, eid)["id"], execution=eid, delivery=delivery["id"])
+    got, head = api.call("GET", url), api.call("HEAD", url)
+    assert (head.status_code, head.content) == (200, b"")
+    for name in ("ETag", "Content-Type", "Content-Length"):
+        assert head[name] == got[name], name
+    for presented, code in [(got["ETag"], 304), ("*", 304), ('"other"', 200)]:
+        conditional = {**api.headers(), "If-None-Match": presented}
+        answers = [api.call(method, url, headers=conditional) for method in ("GET", "HEAD")]
+        assert [answer.status_code for answer in answers] == [code, code], presented
+        assert answers[0]["ETag"] == answers[1]["ETag"] == got["ETag"]
+        assert not answers[1].content
+
+
 def test_a_stale_if_match_is_412_and_changes_nothing(api: Api) -> None:
     eid = execution(api)
     created = api.call("POST", "file-executions/", {"execution_id": eid, "file_name": "a"})
@@ -300,6 +350,41 @@ def test_a_stale_if_match_is_412_and_changes_nothing(api: Api) -> None:
     assert api.call("PATCH", path, {"status": "ERROR"}, headers=fresh).status_code == 200
     anything = {**api.headers(), "If-Match": "*"}
     assert api.call("DELETE", path, headers=anything).status_code == 204
+
+
+# A JSON value as PostgreSQL's jsonb stores it differs from the one sent: keys reordered,
+# -0.0 written 0.0, a float of 1e16 or more written as an integer.
+UNORDERED = {"zeta": 1, "alpha": {"y": [1, {"b": 2, "a": 1}], "x": -0.0}, "big": 1e16, "mid": 2}
+
+
+@pytest.mark.urls("tests.backend.body_hashed_urls")
+@pytest.mark.parametrize("resource", ["file-executions", "files-by-body", "workflow-executions"])
+def test_the_etag_of_a_write_is_the_one_a_read_gives(api: Api, resource: str) -> None:
+    eid = execution(api)
+    if resource == "workflow-executions":
+        path = f"workflow-executions/{eid}/"
+        written = api.call("PATCH", path, {"result": UNORDERED})
+    else:
+        written = api.call("POST", f"{resource}/", {
+            "execution_id": eid, "file_name": "a", "result": UNORDERED})
+        path = f"{resource}/{written.json()['id']}/"
+        # A batch answers its objects as stored too.
+        listed = batch_of(api, resource, [
+            {"execution_id": eid, "file_name": "b", "result": UNORDERED}])
+        (row,) = listed.json()["results"]
+        again = api.call("GET", f"{resource}/{row['id']}/").json()
+        assert json.dumps(again, sort_keys=True) == json.dumps(row, sort_keys=True)
+    assert written.status_code in (200, 201), written.content
+    read = api.call("GET", path)
+    assert read["ETag"] == written["ETag"] and read.content == written.content
+    cached = api.call("GET", path, headers={**api.headers(), "If-None-Match": written["ETag"]})
+    assert cached.status_code == 304
+    again = api.call("PATCH", path, {"result": UNORDERED},
+                     headers={**api.headers(), "If-Match": written["ETag"]})
+    assert again.status_code == 200, again.content
+    final = api.call("PATCH", path, {"result": None},
+                     headers={**api.headers(), "If-Match": again["ETag"]})
+    assert final.status_code == 200, final.content
 
 
 def test_workflow_executions_are_a_declared_resource_with_versions(api: Api) -> None:
@@ -337,6 +422,64 @@ def test_workflow_executions_are_a_declared_resource_with_versions(api: Api) -> 
     assert (
         api.call("DELETE", path, headers={**api.headers(), "If-Match": current}).status_code == 204
     )
+
+
+def refusing_if_match(eid: str, file_id: str) -> list[tuple[str, str, Any]]:
+    """Every endpoint that cannot honour an ``If-Match``: its method, path and a body."""
+    execution_path = f"workflow-executions/{eid}/"
+    return [
+        ("POST", "file-executions/", {"execution_id": eid, "file_name": "x"}),
+        ("POST", "file-executions/batch/", {"items": [{"id": file_id, "status": "ERROR"}]}),
+        ("POST", "workflow-executions/", {"workflow_id": "wf"}),
+        ("POST", "webhook-deliveries/", {"url": "https://r.example/h", "outcome": "failed"}),
+        ("POST", f"{execution_path}status/", {"status": "COMPLETED"}),
+        ("POST", f"{execution_path}claim/", {"worker": "w"}),
+        ("POST", f"{execution_path}heartbeat/", {"epoch": 1}),
+        ("POST", f"{execution_path}release/", {"epoch": 1}),
+        ("GET", f"{execution_path}events/", None),
+        ("GET", "health/", None),
+        ("GET", "metrics/", None),
+        ("OPTIONS", "file-executions/", None),
+    ]
+
+
+@pytest.mark.parametrize("endpoint", range(12))
+@pytest.mark.parametrize("presented", ["*", "current", '"stale"'])
+def test_an_if_match_an_endpoint_cannot_honour_is_a_400_and_changes_nothing(
+    api: Api, endpoint: int, presented: str
+) -> None:
+    eid = execution(api)
+    file_id = add_file(api, eid)["id"]
+    method, path, body = refusing_if_match(eid, file_id)[endpoint]
+    tag = api.call("GET", f"workflow-executions/{eid}/")["ETag"] if presented == "current" else (
+        presented)
+    before = stored(api)
+    answer = api.call(method, path, body, headers={**api.headers(), "If-Match": tag,
+                                                   "Idempotency-Key": f"k-{endpoint}"})
+    assert error_of(answer) == (400, "validation_error"), (method, path)
+    assert answer.json()["detail"].startswith(f"If-Match: {method} /internal/v1/{path} ")
+    assert stored(api) == before
+
+
+@pytest.mark.parametrize("path", [
+    "file-executions/{file}/", "file-executions/?execution_id={execution}",
+    "workflow-executions/{execution}/", "workflow-executions/", "webhook-deliveries/"])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_read_honours_if_match(api: Api, path: str, method: str) -> None:
+    eid = execution(api)
+    url = path.format(file=add_file(api, eid)["id"], execution=eid)
+    etag = api.call("GET", url)["ETag"]
+    for presented, code in [(etag, 200), ("*", 200), (f'"x", {etag}', 200), ('"stale"', 412),
+                            (f"W/{etag}", 412), ("", 412)]:
+        answer = api.call(method, url, headers={**api.headers(), "If-Match": presented})
+        assert answer.status_code == code, (presented, answer.content)
+        if code == 200:
+            assert answer["ETag"] == etag
+        elif method == "GET":
+            assert error_of(answer) == (412, "precondition_failed")
+    # If-Match is checked first: a stale one is 412 even when If-None-Match names the copy.
+    both = {**api.headers(), "If-Match": '"stale"', "If-None-Match": etag}
+    assert api.call(method, url, headers=both).status_code == 412
 
 
 def test_the_schema_lists_the_versions_headers(api: Api) -> None:

@@ -6,22 +6,22 @@ document states what the server enforces: every request it calls valid is accept
 (``positive_data_acceptance``) and every request it calls invalid is refused
 (``negative_data_rejection``, schemathesis' ST202/ST203 findings).
 
-What no schema can state is given to schemathesis in its configuration (``CONFIG``): a
-``cursor`` is one this API returned (a made-up one is 400 ``invalid_cursor``), so the run sends
-none; 422 is this API's answer to an ``Idempotency-Key`` reused with another body (the
-generator repeats keys), so it counts as accepted; a delivery's ``execution_id`` must name an
-existing execution of the organization (400 otherwise), so for ``POST webhook-deliveries/`` a
-400 counts as accepted too, and so for ``POST file-executions/`` and its ``batch/`` (an item's
-``execution_id`` or ``id`` must name an existing object). A generated ``If-Match`` is a stale
-version: 412 counts as accepted (and as a refusal). The organization header is a fixed
-parameter, not a ``-H`` header: schemathesis would otherwise generate a bad one, send ours
-instead and report the accepted request as a schema violation. PATCH's ``result`` is any JSON
-without NUL in its strings and field names: OpenAPI 3.0 has no ``propertyNames`` to say so (the
-document's description does), so the run generates no NUL for PATCH. The stateful phase does
-not run the negative-data check: there schemathesis (4.32) reports valid requests as
-"Schema-violating request accepted", its own message saying "Invalid component: positive test
-case"; the coverage and fuzzing phases run it, where gunicorn's 414 and 431 (a generated query
-too long for its request line) count as refusals.
+What no schema can state is given to schemathesis in its configuration (``CONFIG``): a ``cursor`` is
+one this API returned (a made-up one is 400 ``invalid_cursor``), so the run sends none; 422 is this
+API's answer to an ``Idempotency-Key`` reused with another body (the generator repeats keys), so it
+counts as accepted; a delivery's ``execution_id`` must name an existing execution of the
+organization (400 otherwise), so for ``POST webhook-deliveries/`` a 400 counts as accepted too, and
+so for ``POST file-executions/`` and its ``batch/`` (an item's ``execution_id`` or ``id`` must name
+an existing object). A generated ``If-Match`` is a stale version: 412 counts as accepted (and as a
+refusal), in the POSTs' overrides too (schemathesis 4.32 applies them to the GET of the same path,
+which honours ``If-Match``). The organization header is a fixed parameter, not a ``-H`` header:
+schemathesis would otherwise generate a bad one, send ours instead and report the accepted request
+as a schema violation. PATCH's ``result`` is any JSON without NUL in its strings and field names:
+OpenAPI 3.0 has no ``propertyNames`` to say so (the document's description does), so the run
+generates no NUL for PATCH. The stateful phase does not run the negative-data check: there
+schemathesis (4.32) reports valid requests as "Schema-violating request accepted", its own message
+saying "Invalid component: positive test case"; the coverage and fuzzing phases run it, where
+gunicorn's 414 and 431 (a generated query too long for its request line) count as refusals.
 """
 
 from __future__ import annotations
@@ -71,14 +71,14 @@ generation.allow-x00 = false
 include-path-regex = "/webhook-deliveries/$"
 include-method = "POST"
 checks.positive_data_acceptance.expected-statuses = [
-    "2XX", "3XX", "400", "401", "403", "404", "409", "422", "429", "5XX"
+    "2XX", "3XX", "400", "401", "403", "404", "409", "412", "422", "429", "5XX"
 ]
 
 [[operations]]
 include-path-regex = "/file-executions/(batch/)?$"
 include-method = "POST"
 checks.positive_data_acceptance.expected-statuses = [
-    "2XX", "3XX", "400", "401", "403", "404", "409", "422", "429", "5XX"
+    "2XX", "3XX", "400", "401", "403", "404", "409", "412", "422", "429", "5XX"
 ]
 """
 
