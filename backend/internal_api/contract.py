@@ -1,6 +1,6 @@
 """What every endpoint of ``/internal/v1/`` shares: the organization (``X-Organization-ID``,
 failing closed), the lease epoch (``X-Lease-Epoch``), body validation, cursor pages, the
-refusal of an ``If-Match`` an endpoint cannot honour (:class:`InternalView`), and the OpenAPI
+refusal of a precondition an endpoint cannot honour (:class:`InternalView`), and the OpenAPI
 parameters and error responses that say so."""
 
 from __future__ import annotations
@@ -105,19 +105,26 @@ WRITE = (*SCOPED, 409, 415, 422)
 class InternalView(APIView):
     """An endpoint of ``/internal/v1/``: ``If-Match`` is honoured by the methods in
     ``if_match_methods`` and refused elsewhere (400 naming the header), never ignored: a
-    precondition the server does not check would let the caller believe it held."""
+    precondition the server does not check would let the caller believe it held. So is
+    ``If-None-Match`` on any method but GET and HEAD (where an unversioned answer is simply
+    never a 304)."""
 
     if_match_methods: frozenset[str] = frozenset()
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
-        """DRF's checks, then the refusal of an ``If-Match`` this method cannot honour."""
+        """DRF's checks, then the refusal of a precondition this method cannot honour."""
         super().initial(request, *args, **kwargs)
+        where = f"{request.method} {printable(request.path)} cannot honour it"
         if "If-Match" in request.headers and request.method not in self.if_match_methods:
             raise APIError(
                 400,
                 "validation_error",
-                f"If-Match: {request.method} {printable(request.path)} cannot honour it; only "
-                "the GET, PATCH and DELETE of one object and the GET of a list take it",
+                f"If-Match: {where}; only the GET, PATCH and DELETE of one object and the GET "
+                "of a list take it",
+            )
+        if "If-None-Match" in request.headers and request.method not in ("GET", "HEAD"):
+            raise APIError(
+                400, "validation_error", f"If-None-Match: {where}; only a GET or HEAD takes it"
             )
 
 

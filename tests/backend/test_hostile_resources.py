@@ -222,6 +222,9 @@ def test_every_header_with_hostile_values(
         assert body["detail"].startswith("If-Match: POST "), body
     if header == "If-None-Match" and endpoint == "read" and response.status_code == 200:
         assert value.strip() != "*"
+    if header == "If-None-Match" and endpoint != "read" and not unstorable:
+        assert (response.status_code, body["error"]) == (400, "validation_error"), body
+        assert body["detail"].startswith(f"If-None-Match: {method} "), body
     if response.status_code >= 400:
         assert snapshot(api) == before
     elif endpoint != "delete":
@@ -235,8 +238,8 @@ def test_version_headers_of_workflow_executions_with_hostile_values(
     api: Api, ids: dict[str, str], method: str, header: str, value: str
 ) -> None:
     """``If-Match`` that is not the current ETag: 412 (a GET too), nothing changed;
-    ``If-None-Match`` that is not it: a full answer (NUL and surrogates: 400 naming the
-    header)."""
+    ``If-None-Match`` that is not it: a full answer to a GET, a 400 to a write (NUL and
+    surrogates: 400 naming the header)."""
     before = snapshot(api)
     path = f"/internal/v1/workflow-executions/{ids['execution']}/"
     response = api.client.generic(
@@ -254,6 +257,8 @@ def test_version_headers_of_workflow_executions_with_hostile_values(
         assert (response.status_code, body["error"]) == (412, "precondition_failed"), body
     elif method == "GET":
         assert response.status_code == 200, body
+    else:  # If-None-Match on a write: refused, never ignored
+        assert (response.status_code, body["error"]) == (400, "validation_error"), body
     if response.status_code >= 400:
         assert snapshot(api) == before
 

@@ -461,6 +461,37 @@ def test_an_if_match_an_endpoint_cannot_honour_is_a_400_and_changes_nothing(
     assert stored(api) == before
 
 
+def refusing_if_none_match(eid: str, file_id: str) -> list[tuple[str, str, Any]]:
+    """Every method but GET and HEAD, on each kind of endpoint: its method, path and a body."""
+    writes = [entry for entry in refusing_if_match(eid, file_id) if entry[0] != "GET"]
+    return [
+        *writes,
+        ("PATCH", f"file-executions/{file_id}/", {"status": "ERROR"}),
+        ("DELETE", f"file-executions/{file_id}/", None),
+        ("PATCH", f"workflow-executions/{eid}/", {"total_files": 3}),
+        ("DELETE", f"workflow-executions/{eid}/", None),
+        ("OPTIONS", f"workflow-executions/{eid}/events/", None),
+    ]
+
+
+@pytest.mark.parametrize("endpoint", range(14))
+@pytest.mark.parametrize("presented", ["*", "current", '"stale"'])
+def test_an_if_none_match_on_a_write_is_a_400_and_changes_nothing(
+    api: Api, endpoint: int, presented: str
+) -> None:
+    eid = execution(api)
+    file_id = add_file(api, eid)["id"]
+    method, path, body = refusing_if_none_match(eid, file_id)[endpoint]
+    tag = api.call("GET", f"workflow-executions/{eid}/")["ETag"] if presented == "current" else (
+        presented)
+    before = stored(api)
+    answer = api.call(method, path, body, headers={**api.headers(), "If-None-Match": tag,
+                                                   "Idempotency-Key": f"k-{endpoint}"})
+    assert error_of(answer) == (400, "validation_error"), (method, path)
+    assert answer.json()["detail"].startswith(f"If-None-Match: {method} /internal/v1/{path} ")
+    assert stored(api) == before
+
+
 @pytest.mark.parametrize("path", [
     "file-executions/{file}/", "file-executions/?execution_id={execution}",
     "workflow-executions/{execution}/", "workflow-executions/", "webhook-deliveries/"])
@@ -498,17 +529,21 @@ def test_the_schema_lists_the_versions_headers(api: Api) -> None:
     assert batch_body["properties"]["items"]["maxItems"] == 500
 
 
-def test_a_write_is_never_answered_304(api: Api) -> None:
+def test_a_write_with_if_none_match_is_refused_not_answered_304(api: Api) -> None:
     body = {
         "url": "https://r.example/h",
         "outcome": "delivered",
         "webhook_id": "msg_" + "0" * 32,
     }
-    headers = {**api.headers(), "If-None-Match": "*"}
-    first = api.call("POST", "webhook-deliveries/", body, headers=headers)
-    again = api.call("POST", "webhook-deliveries/", body, headers=headers)  # already recorded
+    first = api.call("POST", "webhook-deliveries/", body)
+    again = api.call("POST", "webhook-deliveries/", body)  # already recorded
     assert (first.status_code, again.status_code) == (201, 200)
     assert again.json() == first.json() and again["ETag"] == first["ETag"]
+    for presented in ("*", first["ETag"]):
+        conditional = {**api.headers(), "If-None-Match": presented}
+        refused = api.call("POST", "webhook-deliveries/", body, headers=conditional)
+        assert refused.status_code == 400, refused.content
+        assert refused.json()["detail"].startswith("If-None-Match: POST /internal/v1/")
 
 
 # --- found in review ---------------------------------------------------------------------------
