@@ -282,7 +282,7 @@ class ExecutionCalls(ClientBase):
         path = "workflow-executions/{id}/events/"
         data = self._org_call(
             "GET",
-            f"workflow-executions/{seg(execution_id)}/events/",
+            f"workflow-executions/{seg(execution_id, 'execution_id')}/events/",
             organization_id,
             "list_execution_events",
             endpoint=path,
@@ -309,7 +309,7 @@ class ExecutionCalls(ClientBase):
         """``POST workflow-executions/{id}/<action>/``, a lifecycle write; once it is
         applied, the copy of the execution the conditional-GET cache kept is dropped: it is
         no longer current, and the answer carries no ``ETag`` to keep in its place."""
-        path = f"workflow-executions/{seg(execution_id)}/{action}/"
+        path = f"workflow-executions/{seg(execution_id, 'execution_id')}/{action}/"
         org = self._require_org(organization_id, operation)
         options["endpoint"] = f"workflow-executions/{{id}}/{action}/"
         data = self._call("POST", path, org, **options)
