@@ -568,7 +568,7 @@ def test_org_scoped_call_without_organization_sends_nothing(server: FaultServer)
 
 
 def test_ids_that_could_reach_another_path_are_refused(server: FaultServer) -> None:
-    with pytest.raises(ValueError, match="object_id must be letters"):
+    with pytest.raises(ValueError, match="execution_id must be letters"):
         InternalAPIClient(make_config(server)).get_workflow_execution("../../admin?x=1")
     assert server.requests == []
 

@@ -397,7 +397,7 @@ def test_hostile_execution_ids(
             with pytest.raises(NotFoundError):
                 call()
             continue
-        with pytest.raises(error, match=r"id|for_execution"):
+        with pytest.raises(error, match=r"execution_id|for_execution"):
             call()
     if error is not NotFoundError:
         assert proxy.requests == []

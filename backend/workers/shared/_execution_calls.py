@@ -16,8 +16,9 @@ from ._resource import Resource
 from .errors import APIResponseError
 from .models import FINAL_STATUSES, Claim, ExecutionEvent, Lease, WorkflowExecution
 
-# The resource's operations as this class's methods name them (in OrganizationRequiredError).
+# The resource's operations (and id) as this class's methods name them (in their errors).
 _LABELS: Final = {
+    "id": "execution_id",
     "get": "get_workflow_execution",
     "list": "list_workflow_executions",
     "create": "create_workflow_execution",

@@ -103,7 +103,8 @@ class Resource(Generic[T]):
 
     ``labels`` name its operations in the errors it raises before sending (``{"get":
     "get_workflow_execution"}`` for the client's own methods built on it); an operation not
-    named there is ``<name>.<operation>``."""
+    named there is ``<name>.<operation>``; ``"id"`` names the id argument (``object_id``
+    when not given)."""
 
     def __init__(
         self,
@@ -310,8 +311,8 @@ class Resource(Generic[T]):
     def _key(self, org: str, path: str) -> _Key:
         return (self.client.base_url, org, path)
 
-    def _object_path(self, object_id: object, what: str = "object_id") -> str:
-        return f"{self.name}/{seg(object_id, what)}/"
+    def _object_path(self, object_id: object, what: str | None = None) -> str:
+        return f"{self.name}/{seg(object_id, what or self.labels.get('id', 'object_id'))}/"
 
     def _one(self, data: Any, method: str, endpoint: str, etag: str | None) -> T:
         """``data``, answered to ``method`` on ``endpoint``, as the resource's model."""
