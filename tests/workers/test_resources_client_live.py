@@ -307,39 +307,110 @@ def test_hostile_resource_names_and_models(
         client.resource(name, model)
 
 
-@pytest.mark.parametrize(
-    ("object_id", "error"),
-    [
-        ("", ValueError),
-        ("   ", ValueError),
-        (None, TypeError),
-        (5, TypeError),
-        (2.5, TypeError),
-        (["x"], TypeError),
-        (b"abc", TypeError),
-        ("../../health", NotFoundError),  # one quoted path segment: never another endpoint
-        ("not-a-uuid", NotFoundError),
-        ("x" * 256, ValueError),
-        ("x" * 5000, ValueError),
-        ("x" * 255, NotFoundError),
-        (str(uuid.uuid4()), NotFoundError),
-    ],
-)
+A_UUID = str(uuid.uuid4())
+HOSTILE_IDS: list[tuple[Any, type[Exception]]] = [
+    ("", ValueError),
+    ("   ", ValueError),
+    (None, TypeError),
+    (5, TypeError),
+    (2.5, TypeError),
+    (["x"], TypeError),
+    (b"abc", TypeError),
+    (".", ValueError),  # a dot segment httpx would drop: the list endpoint would answer
+    ("..", ValueError),
+    (".hidden", ValueError),
+    ("../../health", ValueError),
+    (f"{A_UUID}/events", ValueError),  # decoded by the server: the events endpoint
+    (f"{A_UUID}/claim", ValueError),
+    ("a\\b", ValueError),
+    ("%2e", ValueError),
+    ("%2e%2e", ValueError),
+    ("%2F", ValueError),
+    ("\uff0e\uff0e", ValueError),  # fullwidth full stops
+    ("\u2024", ValueError),  # one dot leader
+    ("caf\u00e9", ValueError),
+    ("a b", ValueError),
+    ("a\x00b", ValueError),
+    ("a\r\nX-Evil: 1", ValueError),
+    ("a?b=c", ValueError),
+    ("a#b", ValueError),
+    ("x" * 256, ValueError),
+    ("x" * 5000, ValueError),
+    ("not-a-uuid", NotFoundError),
+    ("x" * 255, NotFoundError),
+    (A_UUID, NotFoundError),
+    (uuid.UUID(A_UUID), NotFoundError),
+]
+
+
+@pytest.mark.parametrize(("object_id", "error"), HOSTILE_IDS)
 def test_hostile_ids(
     client: InternalAPIClient, proxy: FaultServer, object_id: Any, error: type[Exception]
 ) -> None:
     files = client.resource("file-executions")
-    for call in (
+    calls: list[Callable[[], Any]] = [
         lambda: files.get(object_id),
         lambda: files.update(object_id, file_hash="x"),
         lambda: files.delete(object_id),
-    ):
-        with pytest.raises(error):
+    ]
+    if error is not NotFoundError:
+        calls += [
+            lambda: files.forget(object_id),
+            lambda: files.batch([{"id": object_id, "file_hash": "x"}]),
+        ]
+    for call in calls:
+        with pytest.raises(error, match=None if error is NotFoundError else "id"):
             call()
     if error is not NotFoundError:
-        assert proxy.requests == []  # refused before anything was sent
-    else:
-        assert {r.path.split("?")[0].count("/") for r in proxy.requests} == {5}
+        assert proxy.requests == []  # refused before anything was sent (nothing cached)
+        return
+    # What answered is the object's own endpoint: the backend saw that one path, and
+    # answered each call with its 404.
+    wanted = f"/internal/v1/file-executions/{object_id}/"
+    assert [r.path.split("?")[0] for r in proxy.requests] == [wanted] * 3
+    assert [status for _, status, _ in proxy.answers] == [404] * 3
+
+
+@pytest.mark.parametrize(("execution_id", "error"), HOSTILE_IDS)
+def test_hostile_execution_ids(
+    client: InternalAPIClient, proxy: FaultServer, execution_id: Any, error: type[Exception]
+) -> None:
+    calls: list[Callable[[], Any]] = [
+        lambda: client.get_workflow_execution(execution_id),
+        lambda: client.update_workflow_execution(execution_id, result={}),
+        lambda: client.delete_workflow_execution(execution_id),
+        lambda: client.list_execution_events(execution_id),
+        lambda: client.claim_execution(execution_id, worker="w", lease_seconds=5),
+        lambda: client.heartbeat_execution(execution_id, 1),
+        lambda: client.release_execution(execution_id, 1),
+        lambda: client.update_workflow_execution_status(execution_id, "IN_PROGRESS"),
+        lambda: client.finish_execution(execution_id, "COMPLETED"),
+    ]
+    if execution_id is not None:  # None names no execution: the write is simply unfenced
+        calls.append(
+            lambda: client.resource("file-executions").update(
+                A_UUID, for_execution=execution_id, file_hash="x"
+            )
+        )
+    for call in calls:
+        if error is NotFoundError:
+            with pytest.raises(NotFoundError):
+                call()
+            continue
+        with pytest.raises(error, match=r"execution_id|for_execution"):
+            call()
+    if error is not NotFoundError:
+        assert proxy.requests == []
+        return
+    # Every call reached its own endpoint of that execution, and the answer was its 404.
+    paths = [r.path.split("?")[0] for r in proxy.requests]
+    base = f"/internal/v1/workflow-executions/{execution_id}/"
+    assert paths[:3] == [base] * 3
+    assert paths[3:-1] == [
+        base + action + "/"
+        for action in ("events", "claim", "heartbeat", "release", "status", "status")
+    ]
+    assert {status for _, status, _ in proxy.answers} == {404}
 
 
 @pytest.mark.parametrize(
@@ -360,14 +431,17 @@ def test_hostile_ids(
         ({"status": ["COMPLETED"]}, TypeError),
         ({"status": {"a": 1}}, TypeError),
         ({"execution_id": 2.5}, TypeError),
+        ({"execution_id": "y" * 200_000}, ValueError),
+        ({"file_name": "y" * 1025}, ValueError),
     ],
 )
 def test_hostile_list_arguments(
     client: InternalAPIClient, proxy: FaultServer, kwargs: dict[str, Any], error: type[Exception]
 ) -> None:
-    with pytest.raises(error):
-        client.resource("file-executions").list(**kwargs)
+    with pytest.raises(error) as refused:
+        client.resource("file-executions").list(**kwargs)  # refused now, not on first next()
     assert proxy.requests == []
+    assert len(str(refused.value)) < 300  # a huge value is shown shortened
 
 
 @pytest.mark.parametrize(
@@ -422,6 +496,17 @@ def test_hostile_create_fields(
         (lambda r, i: r.batch([{"id": i, "status": "DONE"}]), APIValidationError),
         (lambda r, i: r.batch([{"id": 5}]), TypeError),
         (lambda r, i: r.create(idempotency_key="k" * 300, file_name="f"), ValueError),
+        (lambda r, i: r.update(i, if_match="x" * 200_000, file_hash="x"), ValueError),
+        (lambda r, i: r.update(i, if_match='"' + "x" * 1100 + '"', file_hash="x"), ValueError),
+        (lambda r, i: r.delete(i, if_match="x" * 200_000), ValueError),
+        (lambda r, i: r.update(i, if_match="nope", file_hash="x"), ValueError),
+        (lambda r, i: r.update(i, if_match='"a"\r\nX: y', file_hash="x"), ValueError),
+        (lambda r, i: r.update(i, if_match='"a" b', file_hash="x"), ValueError),
+        (lambda r, i: r.update(i, if_match='w/"a"', file_hash="x"), ValueError),
+        (lambda r, i: r.update(i, if_match='"\u00e9"', file_hash="x"), ValueError),
+        (lambda r, i: r.delete(i, if_match='W/"nope"'), PreconditionFailedError),
+        (lambda r, i: r.batch([{"id": i, "file_hash": "x"}], for_execution="../x"), ValueError),
+        (lambda r, i: r.update(i, for_execution=5, file_hash="x"), TypeError),
     ],
 )
 def test_hostile_writes(
@@ -430,8 +515,9 @@ def test_hostile_writes(
     execution = new_execution(client)
     files = client.resource("file-executions", FileExecution)
     made = files.create(execution_id=execution.id, file_name="keep")
-    with pytest.raises(error):
+    with pytest.raises(error) as raised:
         call(files, made.id)
+    assert len(str(raised.value)) < 400  # a huge value is shown shortened
     after = files.get(made.id)
     assert (after.file_name, after.file_hash, after.status) == ("keep", "", "PENDING")
 
@@ -475,3 +561,93 @@ def test_file_writes_naming_the_held_execution_are_fenced_by_its_lease(
     assert [r.headers.get("x-lease-epoch") for r in proxy.requests] == [str(current)]
     unheld = files.batch([{"execution_id": execution.id, "file_name": "free.pdf"}])
     assert unheld[0].file_name == "free.pdf"  # no lease held here: the write is not fenced
+
+
+def test_writes_of_an_executions_files_by_id_are_fenced_with_for_execution(
+    client: InternalAPIClient, proxy: FaultServer
+) -> None:
+    """``for_execution=`` says the objects are the files of that execution: an id-only
+    batch, an update and a delete under a lost lease raise ``LeaseLostError`` and change
+    nothing; under the live lease they apply, each carrying its epoch."""
+    from backend.workers.shared._fencing import holding_lease
+    from backend.workers.shared.api_client import LeaseLostError
+
+    execution = new_execution(client)
+    files = client.resource("file-executions", FileExecution)
+    first, second, third = files.batch(
+        [{"execution_id": execution.id, "file_name": name} for name in ("a", "b", "c")]
+    )
+    lost = client.claim_execution(execution.id, worker="w:1", lease_seconds=60).lease.epoch
+    client.release_execution(execution.id, lost)
+    current = client.claim_execution(execution.id, worker="w:2", lease_seconds=60).lease.epoch
+    writes: list[Callable[[], Any]] = [
+        lambda: files.batch(
+            [{"id": first.id, "status": "COMPLETED"}], for_execution=execution.id
+        ),
+        lambda: files.update(
+            second.id, for_execution=uuid.UUID(execution.id), status="ERROR", error_message="z"
+        ),
+        lambda: files.delete(third.id, for_execution=execution.id),
+    ]
+    with holding_lease(execution.id, lost):
+        for write in writes:
+            with pytest.raises(LeaseLostError):
+                write()
+    stored = {f.file_name: f.status for f in files.list(execution_id=execution.id)}
+    assert stored == {"a": "PENDING", "b": "PENDING", "c": "PENDING"}  # nothing changed
+    proxy.reset()
+    with holding_lease(execution.id, current):
+        for write in writes:
+            write()
+    assert [r.headers.get("x-lease-epoch") for r in proxy.requests] == [str(current)] * 3
+    stored = {f.file_name: f.status for f in files.list(execution_id=execution.id)}
+    assert stored == {"a": "COMPLETED", "b": "ERROR"}
+
+
+def test_a_batch_is_fenced_only_when_every_item_is_the_held_executions(
+    client: InternalAPIClient, proxy: FaultServer
+) -> None:
+    """Under a live lease on A, a batch of a create for A and an update of a file of B (by
+    id) carries no epoch (the backend would fence B's file by B's lease and refuse it); one
+    whose items all name A carries A's; ``for_execution=A`` with an item naming B is a
+    ``ValueError`` before anything is sent."""
+    from backend.workers.shared._fencing import holding_lease
+
+    a, b = new_execution(client), new_execution(client)
+    files = client.resource("file-executions", FileExecution)
+    of_b = files.create(execution_id=b.id, file_name="b1")
+    epoch = client.claim_execution(a.id, worker="w:a", lease_seconds=60).lease.epoch
+    proxy.reset()
+    with holding_lease(a.id, epoch):
+        mixed = files.batch(
+            [{"execution_id": a.id, "file_name": "a1"}, {"id": of_b.id, "status": "COMPLETED"}]
+        )
+        assert [f.file_name for f in mixed] == ["a1", "b1"]
+        files.batch([{"execution_id": a.id, "file_name": "a2"}] * 2)
+        with pytest.raises(ValueError, match="for_execution"):
+            files.batch([{"execution_id": b.id, "file_name": "b2"}], for_execution=a.id)
+    assert [r.headers.get("x-lease-epoch") for r in proxy.requests] == [None, str(epoch)]
+    assert files.get(of_b.id).status == "COMPLETED"
+
+
+NAME = uuid.uuid4()
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda files, eid, fid: files.create(execution_id=uuid.UUID(eid), file_name=NAME),
+        lambda files, eid, fid: files.batch([{"execution_id": uuid.UUID(eid), "file_name": NAME}]),
+        lambda files, eid, fid: files.update(fid, file_name=NAME),
+        lambda files, eid, fid: files.batch([{"id": uuid.UUID(fid), "file_name": NAME}]),
+    ],
+)
+def test_uuid_field_values_are_sent_as_their_text(
+    client: InternalAPIClient, write: Callable[[Any, str, str], Any]
+) -> None:
+    """A ``UUID`` value of a field is sent as its text, as a filter's is."""
+    execution = new_execution(client)
+    files = client.resource("file-executions", FileExecution)
+    made = files.create(execution_id=execution.id, file_name="f")
+    write(files, execution.id, made.id)
+    assert str(NAME) in {f.file_name for f in files.list(execution_id=execution.id)}

@@ -6,9 +6,10 @@ the arguments the operations share.
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any, Final, Self, TypedDict, Unpack
-from urllib.parse import quote
 
 from pydantic import ValidationError
 
@@ -204,10 +205,32 @@ class ClientBase:
         return self._pipeline.call(method, path, organization_id, **options)
 
 
-def seg(value: str) -> str:
-    """``value`` quoted as one path segment; a ``ValueError`` when it is blank."""
+#: Longest id sent (ids are UUIDs; a longer one would only meet the request-line limit).
+MAX_ID: Final = 255
+# What an id may hold: sent as it is, it is one path segment that neither the client (``.``,
+# ``..``) nor the server (a ``/`` or ``%`` decoded) can turn into another path.
+_ID = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")
+
+
+def seg(value: object, what: str = "an id") -> str:
+    """``value`` (a ``str`` or ``UUID``) as one path segment: ASCII letters, digits, ``-``,
+    ``_``, ``~`` and ``.`` (not first), at most :data:`MAX_ID` characters; else a
+    ``TypeError``/``ValueError`` naming ``what``, before anything is sent."""
+    if not isinstance(value, str | uuid.UUID):
+        raise TypeError(f"{what} must be a str or UUID, got {type(value).__name__}")
     text = str(value)
     if not text.strip():
-        raise ValueError("an id must be a non-empty string")
-    return quote(text, safe="")
+        raise ValueError(f"{what} must be a non-empty string")
+    if len(text) > MAX_ID:
+        raise ValueError(f"{what} is at most {MAX_ID} characters, got {len(text)}")
+    if not _ID.fullmatch(text):
+        raise ValueError(
+            f"{what} must be letters, digits, '-', '_', '~' and '.' (not first), "
+            f"got {shorten(text)!r}"
+        )
+    return text
 
+
+def shorten(text: str, keep: int = 40) -> str:
+    """``text`` for an error message: its first ``keep`` characters, and how long it was."""
+    return text if len(text) <= keep else f"{text[:keep]}... ({len(text)} characters)"

@@ -16,8 +16,9 @@ from ._resource import Resource
 from .errors import APIResponseError
 from .models import FINAL_STATUSES, Claim, ExecutionEvent, Lease, WorkflowExecution
 
-# The resource's operations as this class's methods name them (in OrganizationRequiredError).
+# The resource's operations (and id) as this class's methods name them (in their errors).
 _LABELS: Final = {
+    "id": "execution_id",
     "get": "get_workflow_execution",
     "list": "list_workflow_executions",
     "create": "create_workflow_execution",
@@ -282,7 +283,7 @@ class ExecutionCalls(ClientBase):
         path = "workflow-executions/{id}/events/"
         data = self._org_call(
             "GET",
-            f"workflow-executions/{seg(execution_id)}/events/",
+            f"workflow-executions/{seg(execution_id, 'execution_id')}/events/",
             organization_id,
             "list_execution_events",
             endpoint=path,
@@ -309,7 +310,7 @@ class ExecutionCalls(ClientBase):
         """``POST workflow-executions/{id}/<action>/``, a lifecycle write; once it is
         applied, the copy of the execution the conditional-GET cache kept is dropped: it is
         no longer current, and the answer carries no ``ETag`` to keep in its place."""
-        path = f"workflow-executions/{seg(execution_id)}/{action}/"
+        path = f"workflow-executions/{seg(execution_id, 'execution_id')}/{action}/"
         org = self._require_org(organization_id, operation)
         options["endpoint"] = f"workflow-executions/{{id}}/{action}/"
         data = self._call("POST", path, org, **options)

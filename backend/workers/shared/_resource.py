@@ -21,7 +21,7 @@ from enum import Enum
 from typing import Any, Final, Generic, TypeVar
 
 from . import _runtime
-from ._client_base import DEFAULT_ORG, DEFAULT_PAGE_SIZE, ClientBase, OrgArg, seg
+from ._client_base import DEFAULT_ORG, DEFAULT_PAGE_SIZE, ClientBase, OrgArg, seg, shorten
 from ._fencing import HeldLease, lease_of
 from ._pipeline import Answer
 from .errors import APIResponseError, NotFoundError
@@ -36,8 +36,9 @@ CACHE_ENTRIES: Final = 1024
 CACHE_CHARS: Final = 32 * 1024 * 1024
 #: Most items one ``batch`` call sends (the backend's limit).
 MAX_BATCH: Final = 500
-#: Longest id sent (ids are UUIDs; a longer one would only meet the request-line limit).
-MAX_ID: Final = 255
+#: Longest ``if_match`` and filter value sent (an ETag is a few dozen characters; a longer
+#: value would only meet the request-line or header limit).
+MAX_VALUE: Final = 1024
 _NAME = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
 _FILTER = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _RESERVED = frozenset({"limit", "cursor"})
@@ -102,7 +103,8 @@ class Resource(Generic[T]):
 
     ``labels`` name its operations in the errors it raises before sending (``{"get":
     "get_workflow_execution"}`` for the client's own methods built on it); an operation not
-    named there is ``<name>.<operation>``."""
+    named there is ``<name>.<operation>``; ``"id"`` names the id argument (``object_id``
+    when not given)."""
 
     def __init__(
         self,
@@ -186,9 +188,9 @@ class Resource(Generic[T]):
             "POST",
             path,
             org,
-            json_body=fields,
+            json_body=_body(fields, "create"),
             idempotency_key=idempotency_key,
-            lease=_held_for([fields]),
+            lease=_held_for([fields], None),
         )
         return self._remember(org, None, answer, "POST", path)
 
@@ -197,22 +199,27 @@ class Resource(Generic[T]):
         object_id: str | uuid.UUID,
         *,
         if_match: str | None = None,
+        for_execution: str | uuid.UUID | None = None,
         organization_id: OrgArg = DEFAULT_ORG,
         **fields: Any,
     ) -> T:
         """Change ``fields`` of one object. With ``if_match`` (an ``etag``) only while the
-        object is still that version: else :class:`PreconditionFailedError`, nothing changed."""
+        object is still that version: else :class:`PreconditionFailedError`, nothing changed.
+        ``for_execution``: the object belongs to that execution (a file of it), and the lease
+        this context holds on it fences the write; an execution's own update is fenced by
+        its lease without it."""
         if not fields:
             raise ValueError(f"{self._label('update')} needs at least one field to change")
         org = self._org(organization_id, "update")
         path = self._object_path(object_id)
+        owner = _execution(for_execution) or str(object_id)
         answer = self.client._exchange(
             "PATCH",
             path,
             org,
-            json_body=fields,
+            json_body=_body(fields, "update"),
             endpoint=self._object_endpoint,
-            lease=lease_of(str(object_id)),
+            lease=lease_of(owner),
             headers=_if_match(if_match),
         )
         return self._remember(org, path, answer, "PATCH", self._object_endpoint)
@@ -222,14 +229,18 @@ class Resource(Generic[T]):
         object_id: str | uuid.UUID,
         *,
         if_match: str | None = None,
+        for_execution: str | uuid.UUID | None = None,
         organization_id: OrgArg = DEFAULT_ORG,
     ) -> None:
-        """Delete one object (with ``if_match``, only while it is still that version)."""
+        """Delete one object (with ``if_match``, only while it is still that version;
+        ``for_execution`` as for :meth:`update`)."""
         org = self._org(organization_id, "delete")
         path = self._object_path(object_id)
+        headers = _if_match(if_match)
+        lease = lease_of(_execution(for_execution))
         _CACHE.get().forget(self._key(org, path))
         self.client._exchange(
-            "DELETE", path, org, endpoint=self._object_endpoint, headers=_if_match(if_match)
+            "DELETE", path, org, endpoint=self._object_endpoint, headers=headers, lease=lease
         )
 
     def forget(self, object_id: str | uuid.UUID, *, organization_id: OrgArg = DEFAULT_ORG) -> None:
@@ -244,11 +255,15 @@ class Resource(Generic[T]):
         items: builtins.list[dict[str, Any]],
         *,
         idempotency_key: str | None = None,
+        for_execution: str | uuid.UUID | None = None,
         organization_id: OrgArg = DEFAULT_ORG,
     ) -> builtins.list[T]:
         """Apply up to 500 creates (no ``id``) and updates (``id`` and the fields to change)
         in one transaction, all or nothing (``POST <name>/batch/``, for resources declared
-        with it; another answers :class:`NotFoundError`). The objects as stored, in order."""
+        with it; another answers :class:`NotFoundError`). The objects as stored, in order.
+        ``for_execution``: every item is a file of that execution (an item naming another
+        ``execution_id`` is a ``ValueError``), and the lease this context holds on it fences
+        the batch; without it, only a batch whose items all name the held execution is."""
         if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
             raise TypeError("items must be a list of dicts")
         if len(items) > MAX_BATCH:
@@ -256,18 +271,24 @@ class Resource(Generic[T]):
         org = self._org(organization_id, "batch")
         if not items:
             return []
+        paths = [
+            self._object_path(item["id"], f"items[{index}]['id']")
+            for index, item in enumerate(items)
+            if "id" in item
+        ]
+        body = [_body(item, f"items[{index}]") for index, item in enumerate(items)]
+        lease = _held_for(items, _execution(for_execution))
         cache = _CACHE.get()
-        for item in items:
-            if "id" in item:
-                cache.forget(self._key(org, self._object_path(item["id"])))
+        for kept in paths:
+            cache.forget(self._key(org, kept))
         path = f"{self.name}/batch/"
         data = self.client._exchange(
             "POST",
             path,
             org,
-            json_body={"items": items},
+            json_body={"items": body},
             idempotency_key=idempotency_key,
-            lease=_held_for(items),
+            lease=lease,
         ).value
         results = data.get("results") if isinstance(data, dict) else None
         if not isinstance(results, list) or len(results) != len(items):
@@ -290,13 +311,8 @@ class Resource(Generic[T]):
     def _key(self, org: str, path: str) -> _Key:
         return (self.client.base_url, org, path)
 
-    def _object_path(self, object_id: object) -> str:
-        if not isinstance(object_id, str | uuid.UUID):
-            raise TypeError(f"an id must be a str or UUID, got {type(object_id).__name__}")
-        text = str(object_id)
-        if len(text) > MAX_ID:
-            raise ValueError(f"an id is at most {MAX_ID} characters, got {len(text)}")
-        return f"{self.name}/{seg(text)}/"
+    def _object_path(self, object_id: object, what: str | None = None) -> str:
+        return f"{self.name}/{seg(object_id, what or self.labels.get('id', 'object_id'))}/"
 
     def _one(self, data: Any, method: str, endpoint: str, etag: str | None) -> T:
         """``data``, answered to ``method`` on ``endpoint``, as the resource's model."""
@@ -323,11 +339,41 @@ class Resource(Generic[T]):
         return parsed
 
 
-def _held_for(bodies: builtins.list[dict[str, Any]]) -> HeldLease | None:
-    """The lease this context holds on the one execution that ``bodies`` name
-    (``execution_id``), if it holds it: the write is then fenced by its epoch."""
-    named = {str(body["execution_id"]) for body in bodies if body.get("execution_id")}
-    return lease_of(named.pop()) if len(named) == 1 else None
+def _held_for(bodies: builtins.list[dict[str, Any]], owner: str | None) -> HeldLease | None:
+    """The lease that fences a write of ``bodies``: the one this context holds on ``owner``
+    (the execution the caller says they belong to: a body naming another ``execution_id``
+    is a ``ValueError``), else on the execution that every body names (``execution_id``);
+    ``None`` when the context holds neither (a batch mixing executions, or id-only items
+    without ``owner``, is not fenced: the backend would fence each by its own execution)."""
+    named = [str(body["execution_id"]) if body.get("execution_id") else None for body in bodies]
+    if owner is not None:
+        other = next((name for name in named if name is not None and name != owner), None)
+        if other is not None:
+            raise ValueError(f"for_execution is {owner!r} but an item names execution_id {other!r}")
+        return lease_of(owner)
+    first = named[0]
+    return lease_of(first) if first is not None and named.count(first) == len(named) else None
+
+
+def _execution(for_execution: object) -> str | None:
+    """The execution id ``for_execution`` names (``None``: none named)."""
+    if for_execution is None:
+        return None
+    return seg(for_execution, "for_execution")
+
+
+def _body(fields: dict[str, Any], where: str) -> dict[str, Any]:
+    """``fields`` as sent: a ``UUID`` value as its text (as filters send it)."""
+    body = {}
+    for name, value in fields.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{where}: a field name must be a str, got {name!r}")
+        body[name] = str(value) if isinstance(value, uuid.UUID) else value
+    return body
+
+
+# An entity tag (RFC 9110), weak or strong, or ``*``: visible ASCII between the quotes.
+_ETAG = re.compile(r'\*|(?:W/)?"[\x21\x23-\x7e]*"')
 
 
 def _if_match(etag: str | None) -> dict[str, str] | None:
@@ -335,6 +381,10 @@ def _if_match(etag: str | None) -> dict[str, str] | None:
         return None
     if not isinstance(etag, str):
         raise TypeError(f"if_match must be an etag (str), got {type(etag).__name__}")
+    if len(etag) > MAX_VALUE:
+        raise ValueError(f"if_match is at most {MAX_VALUE} characters, got {shorten(etag)!r}")
+    if not _ETAG.fullmatch(etag):
+        raise ValueError(f'if_match must be an ETag ("...", W/"..." or *), got {shorten(etag)!r}')
     return {"If-Match": etag}
 
 
@@ -348,5 +398,10 @@ def _filter_value(name: str, value: object) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str | int | uuid.UUID):
-        return str(value)
+        text = str(value)
+        if len(text) > MAX_VALUE:
+            raise ValueError(
+                f"filter {name} is at most {MAX_VALUE} characters, got {shorten(text)!r}"
+            )
+        return text
     raise TypeError(f"filter {name} must be a str, int, bool or UUID, got {type(value).__name__}")

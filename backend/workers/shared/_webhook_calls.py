@@ -24,9 +24,13 @@ from .errors import InternalAPIError, WebhookError, WebhookNotRecordedError
 from .models import WebhookDelivery, WebhookResult
 
 _WEBHOOK_ID = re.compile(r"msg_[0-9a-f]{32}")
-# The resource's operations as this class's methods name them (in OrganizationRequiredError).
+# The resource's operations (and id) as this class's methods name them (in their errors).
 # (send_webhook's record is created with the organization it resolved: nothing to name.)
-_LABELS: Final = {"get": "get_webhook_delivery", "list": "list_webhook_deliveries"}
+_LABELS: Final = {
+    "id": "delivery_id",
+    "get": "get_webhook_delivery",
+    "list": "list_webhook_deliveries",
+}
 
 
 class WebhookCalls(ExecutionCalls):

@@ -224,6 +224,8 @@ def record_files(
 
     A later run of the execution (a lease taken over) first reads the files an earlier run
     recorded and updates those instead of adding them twice (a final one is left as it is).
+    Each batch is fenced by the run's lease (``for_execution``): a run whose lease was taken
+    over writes none of them (``LeaseLostError``).
     """
     files = client.resource("file-executions", FileExecution)
     earlier = {} if first_run else {f.file_name: f for f in files.list(execution_id=execution_id)}
@@ -236,7 +238,7 @@ def record_files(
         elif not prior.is_final:
             items.append({"id": prior.id, **done})
     for start in range(0, len(items), MAX_BATCH):
-        files.batch(items[start : start + MAX_BATCH])
+        files.batch(items[start : start + MAX_BATCH], for_execution=execution_id)
 
 
 def notify(client: InternalAPIClient, url: str, execution_id: str, elapsed: float) -> None:
