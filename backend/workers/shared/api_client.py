@@ -30,9 +30,11 @@ calls on ``workflow-executions`` and ``webhook-deliveries``), and ``get`` / ``po
 ``WebhookResult``, defined in ``models.py``.
 
 Fencing: inside :func:`holding_lease` (``ExecutionTask`` enters it for the execution it
-claimed) the writes about that execution (status, ``PATCH``, webhook record) carry
-``X-Lease-Epoch``, so the backend refuses them with ``lease_lost`` once another worker holds
-the execution. The lease lives in a context variable: never on the client, never shared.
+claimed) the writes about that execution carry ``X-Lease-Epoch`` (status, ``PATCH``, webhook
+record, file creates naming it, and the file updates, deletes and batches a resource call
+says are its files with ``for_execution=``), so the backend refuses them with ``lease_lost``
+once another worker holds the execution. The lease lives in a context variable: never on the
+client, never shared.
 
 Exceptions (defined in ``errors.py``; every class is importable from this module)::
 
