@@ -99,7 +99,9 @@ def wait_for(server: FaultServer, entry: str) -> None:
 
 def make_task(config: WorkerConfig, body: Any, **options: Any) -> Any:
     app = Celery(f"lease-unit-{id(body)}")
-    return app.task(bind=True, base=ExecutionTask, worker_config=config, **options)(body)
+    # shared=False: a later test's app must not be handed this body under the same name.
+    return app.task(bind=True, base=ExecutionTask, worker_config=config, shared=False,
+                    **options)(body)  # fmt: skip
 
 
 def test_the_worker_name_is_one_per_process_and_thread(backend: FaultServer) -> None:
@@ -188,7 +190,7 @@ def test_the_claim_names_the_queue_the_message_came_from(
         return None
 
     options = {"name": settings["name"]} if "name" in settings else {}
-    task = app.task(bind=True, base=ExecutionTask, worker_config=make_config(backend),
+    task = app.task(bind=True, base=ExecutionTask, worker_config=make_config(backend), shared=False,
                     **options)(body)  # fmt: skip
     backend.push(claim(), Respond(200, execution("COMPLETED")))
     assert task.apply(args=[EXECUTION_ID], **delivery).successful()

@@ -74,7 +74,9 @@ def client(backend: LiveBackend) -> Iterator[InternalAPIClient]:
 
 def make_task(config: WorkerConfig, body: Any, **options: Any) -> Any:
     app = Celery(f"lifecycle-live-{id(body)}")
-    return app.task(bind=True, base=ExecutionTask, worker_config=config, **options)(body)
+    # shared=False: a later test's app must not be handed this body under the same name.
+    return app.task(bind=True, base=ExecutionTask, worker_config=config, shared=False,
+                    **options)(body)  # fmt: skip
 
 
 def history(client: InternalAPIClient, execution_id: str) -> list[tuple[Any, ...]]:
