@@ -443,24 +443,6 @@ def refusing_if_match(eid: str, file_id: str) -> list[tuple[str, str, Any]]:
     ]
 
 
-@pytest.mark.parametrize("endpoint", range(12))
-@pytest.mark.parametrize("presented", ["*", "current", '"stale"'])
-def test_an_if_match_an_endpoint_cannot_honour_is_a_400_and_changes_nothing(
-    api: Api, endpoint: int, presented: str
-) -> None:
-    eid = execution(api)
-    file_id = add_file(api, eid)["id"]
-    method, path, body = refusing_if_match(eid, file_id)[endpoint]
-    tag = api.call("GET", f"workflow-executions/{eid}/")["ETag"] if presented == "current" else (
-        presented)
-    before = stored(api)
-    answer = api.call(method, path, body, headers={**api.headers(), "If-Match": tag,
-                                                   "Idempotency-Key": f"k-{endpoint}"})
-    assert error_of(answer) == (400, "validation_error"), (method, path)
-    assert answer.json()["detail"].startswith(f"If-Match: {method} /internal/v1/{path} ")
-    assert stored(api) == before
-
-
 def refusing_if_none_match(eid: str, file_id: str) -> list[tuple[str, str, Any]]:
     """Every method but GET and HEAD, on each kind of endpoint: its method, path and a body."""
     writes = [entry for entry in refusing_if_match(eid, file_id) if entry[0] != "GET"]
@@ -474,21 +456,25 @@ def refusing_if_none_match(eid: str, file_id: str) -> list[tuple[str, str, Any]]
     ]
 
 
-@pytest.mark.parametrize("endpoint", range(14))
+REFUSING = {"If-Match": refusing_if_match, "If-None-Match": refusing_if_none_match}
+
+
+@pytest.mark.parametrize(("header", "endpoint"), [
+    *(("If-Match", n) for n in range(12)), *(("If-None-Match", n) for n in range(14))])
 @pytest.mark.parametrize("presented", ["*", "current", '"stale"'])
-def test_an_if_none_match_on_a_write_is_a_400_and_changes_nothing(
-    api: Api, endpoint: int, presented: str
+def test_a_precondition_an_endpoint_cannot_honour_is_a_400_and_changes_nothing(
+    api: Api, header: str, endpoint: int, presented: str
 ) -> None:
     eid = execution(api)
     file_id = add_file(api, eid)["id"]
-    method, path, body = refusing_if_none_match(eid, file_id)[endpoint]
+    method, path, body = REFUSING[header](eid, file_id)[endpoint]
     tag = api.call("GET", f"workflow-executions/{eid}/")["ETag"] if presented == "current" else (
         presented)
     before = stored(api)
-    answer = api.call(method, path, body, headers={**api.headers(), "If-None-Match": tag,
+    answer = api.call(method, path, body, headers={**api.headers(), header: tag,
                                                    "Idempotency-Key": f"k-{endpoint}"})
     assert error_of(answer) == (400, "validation_error"), (method, path)
-    assert answer.json()["detail"].startswith(f"If-None-Match: {method} /internal/v1/{path} ")
+    assert answer.json()["detail"].startswith(f"{header}: {method} /internal/v1/{path} ")
     assert stored(api) == before
 
 
