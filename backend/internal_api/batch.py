@@ -122,12 +122,13 @@ def _validated_item(resource: Declaration, index: int, item: Any) -> tuple[Any, 
     if not isinstance(item, dict):
         raise APIError(400, "validation_error", f"items[{index}]: must be an object")
     fields = dict(item)
+    is_update = "id" in fields  # {"id": null} is a bad id, never a create
     pk = fields.pop("id", None)
-    serializer = (resource.create_serializer if pk is None else resource.update_serializer)(
+    serializer = (resource.update_serializer if is_update else resource.create_serializer)(
         data=fields
     )
     problems: dict[str, Any] = {}
-    if pk is not None and not (isinstance(pk, str) and UUID_TEXT.fullmatch(pk)):
+    if is_update and not (isinstance(pk, str) and UUID_TEXT.fullmatch(pk)):
         problems["id"] = ["must be a UUID"]
     if not serializer.is_valid():
         problems.update(serializer.errors)

@@ -51,7 +51,7 @@ HEADER = "Idempotency-Key"
 REPLAY_HEADER = "Idempotent-Replayed"
 MAX_KEY_LENGTH = 255
 # Headers of the first answer a replay repeats (Content-Type is stored on its own).
-REPLAYED_HEADERS = ("ETag", "Location")
+REPLAYED_HEADERS = ("ETag",)
 PURGE_INTERVAL = 300.0
 _TABLE = IdempotencyRecord._meta.db_table
 
@@ -72,6 +72,10 @@ class IdempotencyMiddleware:
         """Serve a keyed POST under the key's rules; anything else passes straight through."""
         key = request.headers.get(HEADER)
         if key is None or request.method != "POST" or not request.path.startswith("/internal/"):
+            return self.get_response(request)
+        if "If-Match" in request.headers or "If-None-Match" in request.headers:
+            # The view refuses a precondition on a POST (``contract.InternalView``): a replay
+            # must not answer past that refusal, and a 400 is never stored.
             return self.get_response(request)
         if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
             return json_error(

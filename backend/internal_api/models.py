@@ -340,7 +340,7 @@ class IdempotencyRecord(models.Model):
     response_body = models.BinaryField()
     response_content_type = models.CharField(max_length=100)
     response_headers = models.TextField(
-        default="{}", help_text="JSON object of the replayed headers (ETag, Location) answered"
+        default="{}", help_text="JSON object of the replayed headers (the ETag) answered"
     )
     created_at = models.DateTimeField()
     expires_at = models.DateTimeField(db_index=True)

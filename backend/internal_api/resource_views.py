@@ -125,7 +125,8 @@ def list_view(resource: Declaration) -> type[APIView]:
                 instance.save(force_insert=True)
                 if resource.after_write is not None:
                     resource.after_write(org_id, [instance])
-            return resource.answer_write(request, instance, 201)
+                # Read back in the write's transaction: no other writer's version is answered.
+                return resource.answer_write(request, instance, 201)
 
         attributes["post"] = post
     return type(f"{resource.model.__name__}ListView", (InternalView,), attributes)
@@ -196,7 +197,8 @@ def detail_view(resource: Declaration) -> type[APIView]:
                 instance.save()
                 if resource.after_write is not None:
                     resource.after_write(org_id, [instance])
-            return resource.answer_write(request, instance)
+                # Under the row's lock: the version answered is this write's, not a later one.
+                return resource.answer_write(request, instance)
 
         attributes["patch"] = patch
     if "delete" in resource.operations:

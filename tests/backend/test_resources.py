@@ -196,6 +196,9 @@ def test_one_bad_item_writes_nothing_and_is_named(api: Api, make_org: Any) -> No
         ([good, {"execution_id": eid, "file_name": "x", "status": "DONE"}], 400, "items[1].status"),
         ([good, good, {"id": file_id, "execution_id": eid}], 400, "items[2].execution_id: "),
         ([good, {"id": "nope", "status": "ERROR"}], 400, "items[1].id: must be a UUID"),
+        # A null id is a bad id (its look-up failed), never a create of a new object.
+        ([good, {"id": None, **good}], 400, "items[1].id: must be a UUID"),
+        ([good, {"id": 7, "status": "ERROR"}], 400, "items[1].id: must be a UUID"),
         ([good, {"id": str(uuid.uuid4())}], 400, "items[1].id: no such file execution"),
         (
             [good, {"execution_id": foreign, "file_name": "x"}],
@@ -268,9 +271,16 @@ def test_a_replayed_post_answers_the_headers_of_the_first(api: Api, write: str) 
     again = api.call("POST", path, body, headers=headers)
     assert again["Idempotent-Replayed"] == "true"
     assert (again.status_code, again.content) == (first.status_code, first.content)
-    for name in ("ETag", "Content-Type", "Location"):
+    for name in ("ETag", "Content-Type"):
         assert again.get(name) == first.get(name), name
     assert first.has_header("ETag") == (write != "status")
+    # A precondition on the repeat is refused as on any POST, not replayed past.
+    for header, value in (("If-Match", '"x"'), ("If-Match", "*"), ("If-None-Match", "*")):
+        refused = api.call("POST", path, body, headers={**headers, header: value})
+        assert error_of(refused) == (400, "validation_error"), (header, refused.content)
+        assert refused.json()["detail"].startswith(f"{header}: POST "), refused.content
+        assert not refused.has_header("Idempotent-Replayed")
+    assert api.call("POST", path, body, headers=headers)["Idempotent-Replayed"] == "true"
 
 
 # --- versions --------------------------------------------------------------------------------

@@ -105,6 +105,28 @@ def test_of_two_updates_with_the_same_if_match_exactly_one_applies(
 
 
 @pytest.mark.parametrize("backend_fixture", BACKENDS)
+def test_each_of_racing_updates_is_answered_its_own_version(
+    backend_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """A write's answer is read back under the row's lock: never another writer's version
+    (whose ETag would let this writer's next If-Match pass over a change it never saw)."""
+    backend: LiveBackend = request.getfixturevalue(backend_fixture)
+    execution_id = new_execution(backend)
+    body = {"execution_id": execution_id, "file_name": "f"}
+    code, created, _ = call(backend, "POST", "file-executions/", body)
+    assert code == 201, created
+    path = f"file-executions/{created['id']}/"
+    answered: list[tuple[str, str]] = []
+    for round_ in range(3 * ROUNDS):
+        names = [f"w{writer}-{round_}" for writer in range(12)]
+        answers = race(backend, [("PATCH", path, {"file_name": name}, {}) for name in names])
+        assert [code for code, _, _ in answers] == [200] * len(names), answers
+        answered += [(name, answer["file_name"]) for name, (_, answer, _) in
+                     zip(names, answers, strict=True)]
+    assert [pair for pair in answered if pair[0] != pair[1]] == []
+
+
+@pytest.mark.parametrize("backend_fixture", BACKENDS)
 def test_concurrent_batches_keep_the_execution_counts_true(
     backend_fixture: str, request: pytest.FixtureRequest
 ) -> None:

@@ -1,5 +1,5 @@
 # A replayed response carries the headers of the first answer that matter to a client (its
-# ETag, a Location), not only its status, body and type.
+# ETag), not only its status, body and type.
 
 from django.db import migrations, models
 
@@ -13,7 +13,7 @@ class Migration(migrations.Migration):
             name="response_headers",
             field=models.TextField(
                 default="{}",
-                help_text="JSON object of the replayed headers (ETag, Location) answered",
+                help_text="JSON object of the replayed headers (the ETag) answered",
             ),
         ),
     ]
