@@ -24,6 +24,7 @@ from backend.workers.shared.api_client import (
     InternalAPIClient,
     NotFoundError,
     OrganizationRequiredError,
+    PreconditionFailedError,
     WebhookDelivery,
     WorkflowExecution,
 )
@@ -305,3 +306,17 @@ def test_forget_drops_the_copy_a_generic_call_made_stale(
             executions.forget(bad)
     with pytest.raises(OrganizationRequiredError, match=r"^workflow-executions\.forget "):
         executions.forget(created.id, organization_id=None)
+
+
+def test_update_workflow_execution_with_if_match_is_the_conditional_patch(
+    client: InternalAPIClient, proxy: FaultServer, backend: LiveBackend
+) -> None:
+    execution = client.create_workflow_execution(f"wf-{uuid.uuid4().hex[:8]}")
+    read = client.get_workflow_execution(execution.id)
+    assert read.etag
+    updated = client.update_workflow_execution(execution.id, if_match=read.etag, total_files=2)
+    assert updated.total_files == 2 and updated.etag and updated.etag != read.etag
+    with pytest.raises(PreconditionFailedError):  # that version is gone: nothing applied
+        client.update_workflow_execution(execution.id, if_match=read.etag, total_files=9)
+    assert in_other_process(proxy, backend, "get_workflow_execution", execution.id)[
+        "total_files"] == 2

@@ -100,7 +100,9 @@ class ExecutionCalls(ClientBase):
         self, execution_id: str, *, organization_id: OrgArg = DEFAULT_ORG, **fields: Any
     ) -> WorkflowExecution:
         """Update non-status fields (``result``, file counts, ``task_id``) of an execution;
-        under its lease (:func:`holding_lease`) the write carries the lease's epoch."""
+        under its lease (:func:`holding_lease`) the write carries the lease's epoch. With
+        ``if_match=`` (an ``etag``), only while it is still that version
+        (:class:`PreconditionFailedError` otherwise, nothing changed)."""
         return self._executions.update(execution_id, organization_id=organization_id, **fields)
 
     def update_workflow_execution_status(
