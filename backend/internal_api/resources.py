@@ -28,48 +28,12 @@ from __future__ import annotations
 
 from django.urls import URLPattern, path
 
-from backend.internal_api.batch import MAX_BATCH, apply_batch, batch_view
-from backend.internal_api.contract import (
-    COMMON,
-    EPOCH_HEADER,
-    EPOCH_PARAMETER,
-    IDEMPOTENCY_PARAMETER,
-    ORG_PARAMETER,
-    REQUEST_ID_PARAMETER,
-    SCOPED,
-    WRITE,
-    InternalView,
-    errors,
-    lease_epoch,
-    require_organization,
-    validated,
-)
+from backend.internal_api.batch import batch_view
 from backend.internal_api.declaration import Declaration, Filter, Reference, Transitions
 from backend.internal_api.resource_views import detail_view, list_view
 
-# What a team's declaration and the views of views.py import from here (their homes:
-# ``declaration``, ``contract``, ``batch``, ``resource_views``, ``versions``).
-__all__ = [
-    "COMMON",
-    "EPOCH_HEADER",
-    "EPOCH_PARAMETER",
-    "IDEMPOTENCY_PARAMETER",
-    "MAX_BATCH",
-    "ORG_PARAMETER",
-    "REQUEST_ID_PARAMETER",
-    "SCOPED",
-    "WRITE",
-    "Filter",
-    "InternalView",
-    "Reference",
-    "Resource",
-    "Transitions",
-    "apply_batch",
-    "errors",
-    "lease_epoch",
-    "require_organization",
-    "validated",
-]
+# The names a team's declaration imports from here (README, "How a team adds its own").
+__all__ = ["Filter", "Reference", "Resource", "Transitions"]
 
 
 class Resource(Declaration):

@@ -3,7 +3,7 @@ heartbeat, release, events), and the declared resources (``resources``): workflo
 plain CRUD, webhook deliveries and file executions.
 
 Authentication, the body limit, request ids and idempotency are middleware (see
-``middleware``); the views check the organization (``resources.require_organization``) and do
+``middleware``); the views check the organization (``contract.require_organization``) and do
 the work. Org-scoped endpoints fail closed: no ``X-Organization-ID`` is 400
 ``organization_required``, an unknown organization 404, another organization's object 404.
 """
@@ -27,6 +27,21 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from backend.internal_api import lifecycle
+from backend.internal_api.contract import (
+    COMMON,
+    EPOCH_HEADER,
+    EPOCH_PARAMETER,
+    IDEMPOTENCY_PARAMETER,
+    ORG_PARAMETER,
+    REQUEST_ID_PARAMETER,
+    SCOPED,
+    WRITE,
+    InternalView,
+    errors,
+    lease_epoch,
+    require_organization,
+    validated,
+)
 from backend.internal_api.errors import APIError
 from backend.internal_api.models import (
     FILE_ALLOWED_SOURCES,
@@ -41,25 +56,7 @@ from backend.internal_api.models import (
     WorkflowExecution,
 )
 from backend.internal_api.publish import publish_after_commit
-from backend.internal_api.resources import (
-    COMMON,
-    EPOCH_HEADER,
-    EPOCH_PARAMETER,
-    IDEMPOTENCY_PARAMETER,
-    ORG_PARAMETER,
-    REQUEST_ID_PARAMETER,
-    SCOPED,
-    WRITE,
-    Filter,
-    InternalView,
-    Reference,
-    Resource,
-    Transitions,
-    errors,
-    lease_epoch,
-    require_organization,
-    validated,
-)
+from backend.internal_api.resources import Filter, Reference, Resource, Transitions
 from backend.internal_api.serializers import (
     ClaimResultSerializer,
     ClaimSerializer,
